@@ -1,0 +1,210 @@
+"""The ``kiln`` command line: one command per user action.
+
+With ``--json`` stdout carries exactly one JSON document (DESIGN.md); people get rich tables.
+Errors print one line on stderr saying how to fix the input, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kiln.errors import KilnError
+from kiln.settings import Settings, apply_privacy_env, get_settings
+
+app = typer.Typer(
+    help="Kiln: take a trained PyTorch model to a fast, safely rolled-out HTTP endpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc, default=str) + "\n")
+
+
+def handled(func: F) -> F:
+    """Turn Kiln's errors into one stderr line and the error's exit code."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except KilnError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings() -> Settings:
+    apply_privacy_env()
+    return get_settings()
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition("@")
+    return name, version or None
+
+
+@app.command()
+@handled
+def upload(
+    name: Annotated[str, typer.Argument(help="Model name, a slug such as 'digits'.")],
+    source: Annotated[str, typer.Argument(help="A .pt2, an .onnx, or a folder with kiln.yaml.")],
+    version: Annotated[str | None, typer.Option(help="Semver; default: next patch.")] = None,
+    dataset: Annotated[str | None, typer.Option(help=".npz (inputs, labels) or .parquet.")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="classification | regression | embedding.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a model version (and its dataset) in the registry and the artifact store."""
+    from kiln.upload import upload as do_upload
+
+    result = do_upload(settings=_settings(), name=name, source=source, version=version,
+                       dataset=dataset, task=task)
+    if as_json:
+        _emit({"name": result.name, "version": result.version, "sha256": result.sha256,
+               "status": str(result.status), "created": result.created,
+               "dataset": result.dataset.model_dump() if result.dataset else None})
+        return
+    verb = "registered" if result.created else "unchanged (same content already stored as)"
+    out.print(f"{verb} [bold]{result.name}@{result.version}[/bold] sha256 {result.sha256}")
+    if result.dataset is not None:
+        ds = result.dataset
+        state = "[green]passed[/green]" if ds.check_passed else "[red]FAILED (not used)[/red]"
+        out.print(f"dataset {ds.name}: {ds.rows} rows, checks {state}")
+        for failure in ds.failures:
+            out.print(f"  - {failure}", highlight=False)
+
+
+@app.command()
+@handled
+def models(as_json: JsonOpt = False) -> None:
+    """List models and their versions."""
+    from kiln.views import list_models_view
+
+    doc = list_models_view(_settings())
+    if as_json:
+        _emit(doc)
+        return
+    table = Table("model", "task", "version", "status", "sha256")
+    for model in doc["models"]:
+        for v in model["versions"]:
+            table.add_row(model["name"], model["task"], v["version"], v["status"],
+                          v["sha256"][:16])
+    out.print(table)
+
+
+@app.command()
+@handled
+def show(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="Default: newest.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one version: status, spec, artifacts, datasets and jobs."""
+    from kiln.views import show_version_view
+
+    name, version = _split_ref(ref)
+    doc = show_version_view(_settings(), name=name, version=version)
+    if as_json:
+        _emit(doc)
+        return
+    out.print(f"[bold]{doc['name']}@{doc['version']}[/bold]  status {doc['status']}  "
+              f"task {doc['task']}")
+    for io in ("inputs", "outputs"):
+        for t in doc["spec"].get(io, []):
+            out.print(f"  {io[:-1]} {t['name']}: {t['datatype']} {t['shape']}")
+    table = Table("kind", "backend", "precision", "sha256", "size", "selected", "path")
+    for a in doc["artifacts"]:
+        table.add_row(a["kind"], a["backend"], a["precision"], a["sha256"][:16], str(a["size"]),
+                      "yes" if a["selected"] else "", a["path"])
+    out.print(table)
+    for d in doc["datasets"]:
+        out.print(f"  dataset {d['name']} ({d['rows']} rows): "
+                  f"{'passed' if d['check_passed'] else 'failed'}")
+
+
+@app.command("backup")
+@handled
+def backup_cmd(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A new or empty folder.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Snapshot the registry and the manifest of the artifacts it references."""
+    from kiln.backup import backup
+
+    manifest = backup(_settings(), directory)
+    doc = {"dir": str(directory), "database": manifest["database"],
+           "artifacts": len(manifest["artifacts"])}
+    _emit(doc) if as_json else out.print(
+        f"backed up the {doc['database']} registry and {doc['artifacts']} artifact pointers "
+        f"to {directory}")
+
+
+@app.command("restore")
+@handled
+def restore_cmd(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A `kiln backup` folder.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a backup into an empty KILN_HOME, pulling artifacts from the DVC remote."""
+    from kiln.backup import restore
+
+    doc = restore(_settings(), directory)
+    _emit(doc) if as_json else out.print(
+        f"restored the {doc['database']} registry and {doc['restored']} artifacts "
+        f"(hashes checked) from {doc['remote']}")
+
+
+@app.command()
+@handled
+def demo(
+    project: Annotated[Path, typer.Option(help="The Kiln checkout (holds dvc.yaml).")] = Path("."),
+) -> None:
+    """The journey so far: reproduce the examples with DVC, register them, show them."""
+    settings = _settings()
+    err.print("[bold]1. dvc repro[/bold]: example data and models (cached after the first run)")
+    dvc = Path(sys.executable).with_name("dvc")
+    env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([str(dvc), "repro"], cwd=project, env=env)
+    if proc.returncode != 0:
+        err.print("[red]error:[/red] dvc repro failed: see its output above")
+        raise typer.Exit(6)
+    from flows.register import EXAMPLES, register_examples
+
+    err.print("[bold]2. register_examples[/bold] (a Prefect flow): upload + dataset checks")
+    results = register_examples(project=str(project.absolute()))
+    table = Table("model", "version", "status", "sha256", "dataset check", title="registered")
+    for r in results:
+        ds = r["dataset"]
+        table.add_row(r["name"], r["version"], r["status"], r["sha256"][:16],
+                      "passed" if ds and ds["check_passed"] else "failed" if ds else "-")
+    out.print(table)
+    out.print(f"registry: {settings.db_url}   artifacts: {settings.home / 'objects'}")
+    out.print(f"try: .venv/bin/kiln show {EXAMPLES[0].name} --json")
+
+
+def main() -> None:
+    apply_privacy_env()
+    app()
+
+
+if __name__ == "__main__":
+    main()

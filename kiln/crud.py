@@ -1,0 +1,312 @@
+"""Registry CRUD: keyword-only functions over a session.
+
+They ``flush`` but never ``commit``: the caller owns the transaction, so an operation that writes
+several rows (an upload: model, version, artifact, dataset) lands whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import semver
+from sqlmodel import Session, col, select
+
+from kiln.errors import Conflict, IllegalTransition, InvalidInput, NotFound
+from kiln.registry import (
+    TRANSITIONS,
+    ApiKey,
+    Artifact,
+    ArtifactKind,
+    Dataset,
+    Deployment,
+    Model,
+    ModelVersion,
+    OptimizationJob,
+    Task,
+    VersionStatus,
+    utcnow,
+)
+
+
+# --- models
+def create_model(
+    *, session: Session, name: str, task: Task, settings: dict[str, Any] | None = None
+) -> Model:
+    if get_model(session=session, name=name) is not None:
+        raise Conflict(f"model {name!r} already exists")
+    model = Model(name=name, task=Task(task), settings=settings or {})
+    session.add(model)
+    session.flush()
+    return model
+
+
+def get_model(*, session: Session, name: str) -> Model | None:
+    return session.exec(select(Model).where(Model.name == name)).first()
+
+
+def require_model(*, session: Session, name: str) -> Model:
+    model = get_model(session=session, name=name)
+    if model is None:
+        raise NotFound(f"no model named {name!r}: `kiln models` lists them")
+    return model
+
+
+def list_models(*, session: Session) -> Sequence[Model]:
+    return session.exec(select(Model).order_by(col(Model.name))).all()
+
+
+# --- versions
+def parse_version(version: str) -> semver.Version:
+    try:
+        return semver.Version.parse(version)
+    except (ValueError, TypeError):
+        raise InvalidInput(
+            f"version {version!r} is not semver: use MAJOR.MINOR.PATCH such as 0.1.0"
+        ) from None
+
+
+def list_versions(*, session: Session, model: Model) -> list[ModelVersion]:
+    rows = session.exec(select(ModelVersion).where(ModelVersion.model_id == model.id)).all()
+    return sorted(rows, key=lambda v: parse_version(v.version))
+
+
+def latest_version(*, session: Session, model: Model) -> ModelVersion | None:
+    versions = list_versions(session=session, model=model)
+    return versions[-1] if versions else None
+
+
+def next_version(*, session: Session, model: Model | None) -> str:
+    """The patch after the newest version, or 0.1.0 for a new model."""
+    latest = latest_version(session=session, model=model) if model is not None else None
+    return str(parse_version(latest.version).bump_patch()) if latest else "0.1.0"
+
+
+def get_version(*, session: Session, model: Model, version: str) -> ModelVersion | None:
+    return session.exec(
+        select(ModelVersion).where(
+            ModelVersion.model_id == model.id, ModelVersion.version == version
+        )
+    ).first()
+
+
+def require_version(*, session: Session, name: str, version: str | None = None) -> ModelVersion:
+    """``name`` at ``version``, or its newest version when ``version`` is None."""
+    model = require_model(session=session, name=name)
+    found = (
+        latest_version(session=session, model=model)
+        if version is None
+        else get_version(session=session, model=model, version=version)
+    )
+    if found is None:
+        raise NotFound(f"model {name!r} has no version {version or '(none yet)'}")
+    return found
+
+
+def create_version(
+    *,
+    session: Session,
+    model: Model,
+    version: str,
+    source_format: str,
+    source_sha256: str,
+    spec: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+) -> ModelVersion:
+    parse_version(version)
+    if get_version(session=session, model=model, version=version) is not None:
+        raise Conflict(f"{model.name}@{version} already exists; versions are immutable")
+    row = ModelVersion(
+        model_id=model.id,  # type: ignore[arg-type]
+        version=version,
+        source_format=source_format,
+        source_sha256=source_sha256,
+        spec=spec,
+        meta=meta or {},
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def set_version_status(
+    *, session: Session, version: ModelVersion, status: VersionStatus
+) -> ModelVersion:
+    """Move ``version`` along the lifecycle; any edge not in DESIGN.md is IllegalTransition."""
+    status = VersionStatus(status)
+    current = VersionStatus(version.status)
+    if status not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "none (terminal)"
+        raise IllegalTransition(
+            f"version {version.version} cannot go from {current} to {status}; allowed: {allowed}"
+        )
+    version.status = status
+    session.add(version)
+    session.flush()
+    return version
+
+
+# --- artifacts
+def add_artifact(
+    *,
+    session: Session,
+    version: ModelVersion,
+    kind: ArtifactKind,
+    path: str,
+    sha256: str,
+    size: int,
+    dvc_hash: str = "",
+    backend: str = "torch-eager",
+    precision: str = "fp32",
+    selected: bool = False,
+) -> Artifact:
+    artifact = Artifact(
+        version_id=version.id,  # type: ignore[arg-type]
+        kind=ArtifactKind(kind),
+        backend=backend,
+        precision=precision,
+        path=path,
+        sha256=sha256,
+        size=size,
+        dvc_hash=dvc_hash,
+        selected=selected,
+    )
+    session.add(artifact)
+    session.flush()
+    return artifact
+
+
+def list_artifacts(*, session: Session, version: ModelVersion) -> Sequence[Artifact]:
+    return session.exec(
+        select(Artifact).where(Artifact.version_id == version.id).order_by(col(Artifact.id))
+    ).all()
+
+
+def all_artifacts(*, session: Session) -> Sequence[Artifact]:
+    return session.exec(select(Artifact).order_by(col(Artifact.id))).all()
+
+
+# --- datasets
+def add_dataset(
+    *,
+    session: Session,
+    model: Model,
+    name: str,
+    path: str,
+    sha256: str,
+    size: int,
+    rows: int,
+    check_passed: bool,
+    check: dict[str, Any],
+    version: ModelVersion | None = None,
+) -> Dataset:
+    dataset = Dataset(
+        model_id=model.id,  # type: ignore[arg-type]
+        version_id=version.id if version else None,
+        name=name,
+        path=path,
+        sha256=sha256,
+        size=size,
+        rows=rows,
+        check_passed=check_passed,
+        check=check,
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def list_datasets(*, session: Session, model: Model) -> Sequence[Dataset]:
+    return session.exec(
+        select(Dataset).where(Dataset.model_id == model.id).order_by(col(Dataset.id))
+    ).all()
+
+
+def all_datasets(*, session: Session) -> Sequence[Dataset]:
+    return session.exec(select(Dataset).order_by(col(Dataset.id))).all()
+
+
+def dataset_for(*, session: Session, version: ModelVersion) -> Dataset | None:
+    """The dataset that serves ``version``: its own, else the model's newest one that passed."""
+    rows = session.exec(
+        select(Dataset)
+        .where(Dataset.model_id == version.model_id, col(Dataset.check_passed).is_(True))
+        .order_by(col(Dataset.id).desc())
+    ).all()
+    own = [d for d in rows if d.version_id == version.id]
+    return own[0] if own else next((d for d in rows if d.version_id is None or
+                                     d.version_id < (version.id or 0)), None)
+
+
+# --- optimization jobs
+def list_jobs(*, session: Session, version: ModelVersion) -> Sequence[OptimizationJob]:
+    return session.exec(
+        select(OptimizationJob)
+        .where(OptimizationJob.version_id == version.id)
+        .order_by(col(OptimizationJob.id))
+    ).all()
+
+
+def create_job(
+    *, session: Session, version: ModelVersion, optimization_type: str
+) -> OptimizationJob:
+    job = OptimizationJob(version_id=version.id, optimization_type=optimization_type)  # type: ignore[arg-type]
+    session.add(job)
+    session.flush()
+    return job
+
+
+def update_job(*, session: Session, job: OptimizationJob, **changes: Any) -> OptimizationJob:
+    for key, value in changes.items():
+        setattr(job, key, value)
+    job.updated_at = utcnow()
+    session.add(job)
+    session.flush()
+    return job
+
+
+# --- deployments
+def get_deployment(*, session: Session, model: Model) -> Deployment | None:
+    return session.exec(select(Deployment).where(Deployment.model_id == model.id)).first()
+
+
+# --- API keys: only the sha256 is stored; the plaintext is returned once.
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(
+    *,
+    session: Session,
+    scopes: list[str],
+    models: list[str] | None = None,
+    rate_per_second: float | None = None,
+) -> tuple[str, ApiKey]:
+    unknown = set(scopes) - {"infer", "deploy", "admin"}
+    if not scopes or unknown:
+        raise InvalidInput("scope must be one or more of infer, deploy, admin")
+    prefix = "kiln_" + secrets.token_hex(4)
+    key = f"{prefix}.{secrets.token_urlsafe(32)}"
+    row = ApiKey(prefix=prefix, key_hash=hash_key(key), scopes=sorted(set(scopes)),
+                 models=models, rate_per_second=rate_per_second)
+    session.add(row)
+    session.flush()
+    return key, row
+
+
+def find_api_key(*, session: Session, key: str) -> ApiKey | None:
+    """The live key matching ``key``; revoked and unknown keys both give None."""
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).first()
+    return row if row is not None and not row.revoked else None
+
+
+def revoke_api_key(*, session: Session, prefix: str) -> ApiKey:
+    row = session.exec(select(ApiKey).where(ApiKey.prefix == prefix)).first()
+    if row is None:
+        raise NotFound(f"no key with prefix {prefix!r}")
+    row.revoked = True
+    session.add(row)
+    session.flush()
+    return row

@@ -1,0 +1,73 @@
+"""Kiln's domain exceptions, in one place.
+
+Each class says what it becomes at the edge: ``http_status`` for the gateway, ``exit_code`` for
+the CLI (which prints the message, one line, and exits with it). Messages say how to fix the
+input, never internals such as tracebacks or absolute paths.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base of every error Kiln raises on purpose. HTTP 500 / exit 1 unless a subclass says."""
+
+    http_status: int = 500
+    exit_code: int = 1
+
+
+class InvalidInput(KilnError):
+    """Bad user input (a name, a file, a field). HTTP 400, exit 2."""
+
+    http_status = 400
+    exit_code = 2
+
+
+class UnsafeSource(InvalidInput):
+    """A model source Kiln refuses to read: pickle, URL, archive escaping its folder. HTTP 400."""
+
+
+class TooLarge(InvalidInput):
+    """A file or body over the configured size limit. HTTP 413."""
+
+    http_status = 413
+
+
+class NotFound(KilnError):
+    """Unknown model, version, artifact or key. HTTP 404, exit 3."""
+
+    http_status = 404
+    exit_code = 3
+
+
+class Conflict(KilnError):
+    """A write that contradicts stored state: same version with other content, a concurrent
+    promote. HTTP 409, exit 4."""
+
+    http_status = 409
+    exit_code = 4
+
+
+class IllegalTransition(Conflict):
+    """A version status change not on the lifecycle in DESIGN.md. HTTP 409, exit 4."""
+
+
+class IntegrityError(KilnError):
+    """A stored artifact whose sha256 no longer matches the registry: refused, never served.
+    HTTP 500 (the operator must restore it: ``kiln restore`` or a DVC pull), exit 5."""
+
+    exit_code = 5
+
+
+class ModelLoadError(InvalidInput):
+    """The model could not be loaded or run on a sample input (in its sandbox subprocess).
+    HTTP 400, exit 2; the upload changes nothing."""
+
+
+class DatasetCheckFailed(InvalidInput):
+    """A dataset failed its Great Expectations checks; the message lists each expectation."""
+
+
+class ExternalToolError(KilnError):
+    """A tool Kiln drives (DVC, pg_dump) failed; the message carries its own reason. Exit 6."""
+
+    exit_code = 6

@@ -1,0 +1,255 @@
+"""The artifact store: content-addressed files in ``KILN_HOME``, tracked and pushed with DVC.
+
+Lifecycle of a file: ``put`` hashes it (sha256), writes it atomically (temp file, fsync, rename)
+to ``objects/<sha[:2]>/<sha><suffix>`` (a path only the store generates), ``dvc add``s it and
+pushes it to the remote. ``verified_path`` re-hashes before anything is served, ``restore``
+pulls files back from the remote onto an empty cache, ``sweep`` removes what a killed upload
+left behind. ``KILN_HOME`` is its own DVC repository (``dvc init --no-scm``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from kiln.errors import ExternalToolError, IntegrityError, InvalidInput, NotFound
+from kiln.faults import failpoint
+
+OBJECTS = "objects"
+STAGING = "tmp"
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str  # relative to KILN_HOME
+    sha256: str
+    size: int
+    dvc_hash: str
+    created: bool  # False when the same content was already stored
+
+
+class ArtifactStore:
+    """Kiln's artifact store in ``home`` with the DVC remote at ``remote_url``."""
+
+    def __init__(self, home: Path, remote_url: str) -> None:
+        self.home = home
+        self.remote_url = remote_url
+        self._lock = FileLock(str(home / "store.lock"))
+
+    # ------------------------------------------------------------------ setup
+    def ensure(self) -> ArtifactStore:
+        """Create the DVC repository and its default remote (idempotent)."""
+        (self.home / OBJECTS).mkdir(parents=True, exist_ok=True)
+        (self.home / STAGING).mkdir(parents=True, exist_ok=True)
+        if not (self.home / ".dvc").is_dir():
+            with self._lock:
+                if not (self.home / ".dvc").is_dir():
+                    self._dvc_init()
+        return self
+
+    def _dvc_init(self) -> None:
+        Repo = _dvc_repo_class()
+        with redirect_stdout(sys.stderr):  # DVC prints; Kiln's stdout is for --json
+            repo = Repo.init(str(self.home), no_scm=True, force=True)
+        with repo.config.edit() as conf:
+            conf["remote"]["kiln"] = {"url": self.remote_url}
+            conf["core"]["remote"] = "kiln"
+        # The registry, staging and lock files are not artifacts.
+        (self.home / ".dvcignore").write_text(
+            "/registry.db*\n/tmp/\n/store.lock\n/prefect/\n/dvc-remote/\n"
+        )
+        if "://" not in self.remote_url:
+            Path(self.remote_url).mkdir(parents=True, exist_ok=True)
+
+    def _repo(self):  # type: ignore[no-untyped-def]
+        return _dvc_repo_class()(str(self.home))
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive use of the store across processes (uploads, sweeps, restores)."""
+        with self._lock:
+            yield
+
+    # ---------------------------------------------------------------- staging
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private folder for one operation's temporary files; removed on exit."""
+        path = self.home / STAGING / f"op-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ----------------------------------------------------------------- writes
+    def object_path(self, sha256: str, suffix: str) -> str:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise InvalidInput("sha256 must be 64 lowercase hex digits")
+        if suffix and not (suffix.startswith(".") and suffix[1:].isalnum()):
+            raise InvalidInput(f"bad artifact suffix {suffix!r}")
+        return f"{OBJECTS}/{sha256[:2]}/{sha256}{suffix}"
+
+    def put(self, src: Path, *, suffix: str) -> StoredFile:
+        """Store ``src`` under its content address, track it with DVC and push it.
+
+        Callers hold ``locked()`` so that a sweep never sees a file before its registry row.
+        """
+        sha = sha256_file(src)
+        rel = self.object_path(sha, suffix)
+        final = self.home / rel
+        if final.is_file() and sha256_file(final) == sha and Path(f"{final}.dvc").is_file():
+            return StoredFile(rel, sha, final.stat().st_size, self._dvc_hash(final), False)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+        with src.open("rb") as fin, tmp.open("wb") as fout:
+            shutil.copyfileobj(fin, fout, CHUNK)
+            fout.flush()
+            os.fsync(fout.fileno())
+        if sha256_file(tmp) != sha:  # the source changed while we copied it
+            tmp.unlink()
+            raise InvalidInput(f"{src.name} changed while it was being stored; try again")
+        failpoint("store.before_rename")
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        failpoint("store.after_rename")
+        try:
+            with redirect_stdout(sys.stderr):
+                repo = self._repo()
+                stages = repo.add([str(final)])
+                dvc_hash = stages[0].outs[0].hash_info.value
+                repo.push(targets=[f"{final}.dvc"])
+        except Exception as exc:
+            self.discard(rel)
+            raise ExternalToolError(f"DVC could not track {rel}: {exc}") from exc
+        return StoredFile(rel, sha, final.stat().st_size, dvc_hash, True)
+
+    def _dvc_hash(self, final: Path) -> str:
+        import yaml
+
+        meta = yaml.safe_load(Path(f"{final}.dvc").read_text())
+        return str(meta["outs"][0]["md5"])
+
+    def discard(self, rel: str) -> None:
+        """Remove a stored file and its .dvc pointer (the DVC cache is left to `dvc gc`)."""
+        final = self.resolve(rel)
+        for path in (final, Path(f"{final}.dvc"), final.parent / ".gitignore"):
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reads
+    def resolve(self, rel: str) -> Path:
+        """The absolute path of ``rel``, refusing anything outside ``objects/`` (RELIABILITY 18)."""
+        root = (self.home / OBJECTS).resolve()
+        target = (self.home / rel).resolve()
+        if not target.is_relative_to(root) or target == root:
+            raise NotFound(f"no artifact at {rel!r}")
+        return target
+
+    def verified_path(self, rel: str, sha256: str) -> Path:
+        """``rel``'s path after checking its sha256; a mismatch is refused, never served."""
+        path = self.resolve(rel)
+        if not path.is_file():
+            raise IntegrityError(
+                f"artifact {rel} is missing: restore it with `kiln restore` or a DVC pull"
+            )
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise IntegrityError(
+                f"artifact {rel} is corrupt (sha256 {actual[:12]}..., registry says "
+                f"{sha256[:12]}...): restore it from the DVC remote"
+            )
+        return path
+
+    def restore(self, items: Iterable[tuple[str, str]]) -> list[Path]:
+        """Pull ``(path, sha256)`` files from the DVC remote, then check every hash."""
+        items = list(items)
+        targets = [f"{self.resolve(rel)}.dvc" for rel, _ in items]
+        missing = [t for t in targets if not Path(t).is_file()]
+        if missing:
+            raise NotFound(f"no DVC pointer for {len(missing)} artifact(s); restore a backup")
+        try:
+            with self._lock, redirect_stdout(sys.stderr):
+                self._repo().pull(targets=targets, force=True)
+        except Exception as exc:
+            raise ExternalToolError(f"DVC pull from {self.remote_url} failed: {exc}") from exc
+        return [self.verified_path(rel, sha) for rel, sha in items]
+
+    # ---------------------------------------------------------------- cleanup
+    def sweep(self, referenced: set[str]) -> list[str]:
+        """Remove staging folders of dead processes and objects no registry row references.
+
+        Skipped (returns []) while another process holds the store.
+        """
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return []
+        removed: list[str] = []
+        try:
+            for entry in (self.home / STAGING).glob("op-*"):
+                pid = int(entry.name.split("-")[1])
+                if not _alive(pid):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry.relative_to(self.home).as_posix())
+            for path in sorted((self.home / OBJECTS).glob("*/*")):
+                if path.name == ".gitignore" or path.suffix == ".dvc":
+                    continue
+                rel = path.relative_to(self.home).as_posix()
+                if path.name.endswith(".tmp"):
+                    path.unlink()
+                elif rel not in referenced:
+                    self.discard(rel)
+                else:
+                    continue
+                removed.append(rel)
+            for pointer in (self.home / OBJECTS).glob("*/*.dvc"):
+                rel = pointer.relative_to(self.home).as_posix().removesuffix(".dvc")
+                if rel not in referenced:
+                    self.discard(rel)
+        finally:
+            self._lock.release()
+        return removed
+
+
+def _dvc_repo_class():  # type: ignore[no-untyped-def]
+    """DVC's Repo, with DVC's info logging (which it sends to stdout) turned down."""
+    from dvc.repo import Repo
+
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    return Repo
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,65 @@
+"""Settings, specs and the package layout."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+
+from kiln.settings import PRIVACY_ENV, Settings, get_settings
+from kiln.spec import ModelSpec, TensorSpec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KILN_HOME", raising=False)
+    monkeypatch.delenv("KILN_DATABASE_URL", raising=False)
+    settings = Settings()
+    assert settings.home == tmp_path / ".kiln"
+    assert settings.db_url == f"sqlite:///{tmp_path / '.kiln' / 'registry.db'}"
+    assert settings.remote_url == str(tmp_path / ".kiln" / "dvc-remote")
+    assert settings.gateway_host == "127.0.0.1"
+    monkeypatch.setenv("KILN_DATABASE_URL", "postgresql+psycopg://u@127.0.0.1/db")
+    monkeypatch.setenv("KILN_MAX_UPLOAD_BYTES", "1234")
+    settings = Settings()
+    assert settings.db_url.startswith("postgresql") and settings.max_upload_bytes == 1234
+
+
+def test_invalid_values_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_INFERENCE_LOG_SAMPLE", "1.5")
+    with pytest.raises(ValueError, match="inference_log_sample"):
+        Settings()
+
+
+def test_get_settings_is_cached_and_turns_telemetry_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in PRIVACY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    get_settings.cache_clear()
+    assert get_settings() is get_settings()
+    for key in ("DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED", "DVC_NO_ANALYTICS",
+                "GX_ANALYTICS_ENABLED", "HF_HUB_OFFLINE"):
+        assert os.environ[key] == PRIVACY_ENV[key]
+    get_settings.cache_clear()
+
+
+def test_tensor_spec() -> None:
+    spec = TensorSpec(name="x", datatype="float32", shape=[4, 1, 8, 8])
+    assert spec.datatype == "FP32" and spec.shape == [-1, 1, 8, 8]  # batch is always dynamic
+    assert spec.matches((7, 1, 8, 8)) and not spec.matches((7, 8, 8))
+    assert spec.sample_shape(batch=3) == (3, 1, 8, 8)
+    with pytest.raises(ValueError):
+        TensorSpec(name="x", datatype="FP32", shape=[-1, 0])
+    text = ModelSpec(inputs=[spec], outputs=[spec], preprocess={"kind": "tokenizer"})
+    assert text.served_inputs()[0].datatype == "BYTES"
+
+
+@pytest.mark.parametrize("package", ["kiln", "tasks", "flows", "serving"])
+def test_packages_resolve_to_this_repo(package: str) -> None:
+    module = importlib.import_module(package)
+    assert Path(module.__file__).resolve().parent == REPO / package
