@@ -96,8 +96,23 @@ def _stage(source: Source, stage: Path) -> tuple[Path, Path, str]:
     return source.path, source.path, f".{source.format}"
 
 
+def _task_from_outputs(spec: ModelSpec) -> Task | None:
+    """The task a lone float output implies, when nothing else tells: ``[batch, C]`` with C >= 2
+    is class scores (judged by top-1 agreement with the baseline), ``[batch]`` or ``[batch, 1]``
+    a regression; anything else stays ambiguous (an embedding needs ``--task embedding``)."""
+    if len(spec.outputs) != 1 or spec.outputs[0].datatype not in ("FP16", "BF16", "FP32", "FP64"):
+        return None
+    shape = spec.outputs[0].shape
+    if len(shape) == 2 and shape[1] >= 2:
+        return Task.classification
+    if len(shape) == 1 or (len(shape) == 2 and shape[1] == 1):
+        return Task.regression
+    return None
+
+
 def _resolve_task(
-    *, task: str | None, source: Source, probe_dir: Path, model: Model | None, labels: Any
+    *, task: str | None, source: Source, probe_dir: Path, model: Model | None, labels: Any,
+    spec: ModelSpec,
 ) -> Task:
     if task is not None:
         try:
@@ -112,6 +127,8 @@ def _resolve_task(
         return Task(declared)
     if labels is not None:
         return Task.classification if labels.dtype.kind in "iu" else Task.regression
+    if (inferred := _task_from_outputs(spec)) is not None:
+        return inferred
     raise InvalidInput(
         "cannot tell the model's task: pass --task classification|regression|embedding, "
         "or a --dataset with labels"
@@ -177,7 +194,7 @@ def upload(
 
             data = load_dataset(dataset_path)
         resolved = _resolve_task(task=task, source=src, probe_dir=to_probe, model=model,
-                                 labels=data.labels if data is not None else None)
+                                 labels=data.labels if data is not None else None, spec=spec)
         if data is not None:
             check = check_dataset(data, spec=spec, task=str(resolved),
                                   num_classes=_num_classes(spec, resolved))

@@ -125,3 +125,25 @@ def run_kiln(*args: str, env: dict[str, str] | None = None, timeout: float = 300
     kiln = Path(sys.executable).with_name("kiln")
     return subprocess.run([str(kiln), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def run_data_script(script: str, *args: str | Path) -> None:
+    """Run one of data/'s scripts as `dvc repro` does (a subprocess from the repo root)."""
+    proc = subprocess.run([sys.executable, str(REPO / "data" / script), *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="session")
+def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example models and data, built once per session as `dvc repro` builds them.
+
+    Layout: ``digits/{train,val,test}.npz, model.pt2``, ``breast_cancer/...`` and
+    ``minilm/{model/, sentences.npz}``.
+    """
+    root = tmp_path_factory.mktemp("examples")
+    for name in ("digits", "breast_cancer"):
+        run_data_script(f"prepare_{name}.py", "--out", root / name)
+        run_data_script(f"train_{name}.py", "--data", root / name, "--out", root / name)
+    run_data_script("build_minilm.py", "--out", root / "minilm")
+    return root
