@@ -142,6 +142,71 @@ def show(
                   f"{'passed' if d['check_passed'] else 'failed'}")
 
 
+@app.command()
+@handled
+def optimize(
+    ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="Default: newest.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Extract, quantize, compile and validate a version; select the fastest passing variant."""
+    doc = _run_with_progress(_settings(), ref)
+    rejected = doc["status"] == "rejected"
+    if as_json:
+        _emit({k: v for k, v in doc.items() if k != "markdown"})
+        raise typer.Exit(7 if rejected else 0)
+    if rejected:
+        err.print(f"[red]rejected:[/red] {doc['reason']}", highlight=False)
+        raise typer.Exit(7)
+    table = Table("backend", "precision", "metric", "drop", "p50 b1 ms", "p50 b32 ms",
+                  "speedup", "size", "passed", title=f"{ref}: variants")
+    for v in [doc["baseline"], *doc["variants"]]:
+        lat = v["latency_ms"]
+        table.add_row(v["backend"], v["precision"], f"{v['metric']:.4f}",
+                      f"{v['metric_drop']:+.4f}",
+                      f"{lat.get('1', {}).get('p50', float('nan')):.3f}",
+                      f"{lat.get('32', {}).get('p50', float('nan')):.3f}",
+                      f"{v.get('speedup') or 1.0:.2f}x", str(v["size_bytes"]),
+                      "[green]yes[/green]" if v["passed"] else "[red]no[/red]")
+    out.print(table)
+    out.print(f"selected [bold]{doc['selected']['backend']}/{doc['selected']['precision']}"
+              f"[/bold]: {doc['reason']}", highlight=False)
+    for note in doc.get("skipped", []):
+        out.print(f"  note: {note}", highlight=False)
+    out.print(f"chart: {doc['chart']}")
+
+
+def _run_with_progress(settings: Settings, ref: str) -> dict[str, Any]:
+    """Run the optimize flow in a thread; draw its progress from the registry's job rows."""
+    import threading
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.optimize import optimize_model
+    from kiln.views import job_progress
+
+    name, version = _split_ref(ref)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["doc"] = optimize_model(name=name, version=version)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[jobs]}"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(f"optimizing {ref}", total=100, jobs="")
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            done, total, running = job_progress(settings, name=name, version=version)
+            bar.update(task, completed=done, jobs=running)
+    if "error" in result:
+        raise result["error"]
+    return result["doc"]
+
+
 @app.command("backup")
 @handled
 def backup_cmd(

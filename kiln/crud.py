@@ -54,6 +54,15 @@ def require_model(*, session: Session, name: str) -> Model:
     return model
 
 
+def update_model_settings(*, session: Session, model: Model, settings: dict[str, Any]
+                          ) -> Model:
+    """Merge ``settings`` into the model's (gates, optimize, batching, replicas...)."""
+    model.settings = {**model.settings, **settings}
+    session.add(model)
+    session.flush()
+    return model
+
+
 def list_models(*, session: Session) -> Sequence[Model]:
     return session.exec(select(Model).order_by(col(Model.name))).all()
 

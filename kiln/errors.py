@@ -71,3 +71,21 @@ class ExternalToolError(KilnError):
     """A tool Kiln drives (DVC, pg_dump) failed; the message carries its own reason. Exit 6."""
 
     exit_code = 6
+
+
+class ExtractionError(KilnError):
+    """torch.export (or the ONNX exporter) could not capture the model, or the captured graph
+    disagrees with the eager model. The message is the exporter's reason in one paragraph.
+    HTTP 422, exit 7; the version becomes ``rejected`` and nothing else changes."""
+
+    http_status = 422
+    exit_code = 7
+
+
+class VariantUnavailable(KilnError):
+    """A backend or precision this host cannot build or run (no CUDA device, a package that
+    does not import, calibration data missing). The compile stage skips that variant and reports
+    the reason; the version is not rejected. HTTP 422, exit 8."""
+
+    http_status = 422
+    exit_code = 8

@@ -62,6 +62,7 @@ class ArtifactKind(StrEnum):
     onnx = "onnx"
     quantized = "quantized"
     compiled = "compiled"
+    report = "report"  # a run's chart or report, stored with its artifacts
 
 
 # --- Model: a named thing users deploy; versions hang off it.

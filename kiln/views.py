@@ -62,3 +62,19 @@ def show_version_view(settings: Settings, *, name: str, version: str | None) -> 
                 for j in crud.list_jobs(session=session, version=row)
             ],
         }
+
+
+def job_progress(settings: Settings, *, name: str, version: str | None) -> tuple[int, int, str]:
+    """(percent done, variants, what is running) of a version's optimize jobs, for progress bars."""
+    try:
+        with session_scope(settings.db_url) as session:
+            row = crud.require_version(session=session, name=name, version=version)
+            jobs = [j for j in crud.list_jobs(session=session, version=row)
+                    if j.optimization_type != "optimize"]
+    except Exception:  # the run may not have created its rows yet
+        return 0, 0, ""
+    if not jobs:
+        return 5, 0, "extracting"
+    running = [j.optimization_type for j in jobs if j.status == "running"]
+    done = sum(j.progress for j in jobs) / len(jobs)
+    return int(5 + 0.95 * done), len(jobs), ", ".join(running)

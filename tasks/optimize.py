@@ -1,0 +1,159 @@
+"""Prefect tasks of the optimize pipeline: thin wrappers over ``kiln.optimize``'s stages.
+
+Inputs are in-process objects (arrays, paths), so caching by input hash is off (NO_CACHE); the
+registry, not Prefect's result store, is the record of a run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from kiln import crud
+from kiln import optimize as stages
+from kiln.backends import get_backend
+from kiln.backends.base import ExtractedModel
+from kiln.db import session_scope
+from kiln.registry import ArtifactKind, OptimizationJob
+from kiln.settings import get_settings
+from kiln.store import ArtifactStore
+from kiln.validate import VariantReport, judge
+
+KIND_OF = {"onnxruntime": ArtifactKind.onnx, "inductor": ArtifactKind.compiled,
+           "tensorrt": ArtifactKind.compiled, "torch-eager": ArtifactKind.exported}
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare(name: str, version: str | None, work_dir: Path, flow_run_id: str | None
+            ) -> stages.Prepared:
+    return stages.start(get_settings(), name=name, version=version, work_dir=work_dir,
+                        flow_run_id=flow_run_id)
+
+
+@task(name="extract", cache_policy=NO_CACHE)
+def extract(prepared: stages.Prepared, work_dir: Path) -> tuple[ExtractedModel, dict[str, Any]]:
+    return stages.extract_stage(get_settings(), prepared, work_dir)
+
+
+@task(name="baseline", cache_policy=NO_CACHE)
+def baseline(prepared: stages.Prepared, extracted: ExtractedModel
+             ) -> tuple[VariantReport, np.ndarray]:
+    backend = get_backend("torch-eager")
+    built = backend.build(extracted, "fp32", extracted.onnx.parent)
+    runner = backend.load(built.path, spec=prepared.spec)
+    report, outputs = stages.measure(prepared, runner, None)
+    report.backend, report.precision = "torch-eager", "fp32"
+    report.size_bytes = built.path.stat().st_size
+    report.passed = True
+    report.meta = {"path": str(built.path), **built.meta}
+    return report, outputs
+
+
+def _job(prepared: stages.Prepared, kind: str) -> int:
+    with session_scope(get_settings().db_url) as session:
+        row = session.get(crud.ModelVersion, prepared.version_id)
+        job = crud.create_job(session=session, version=row, optimization_type=kind)
+        crud.update_job(session=session, job=job, status="running", progress=5)
+        return job.id  # type: ignore[return-value]
+
+
+def _update_job(job_id: int, **changes: Any) -> None:
+    with session_scope(get_settings().db_url) as session:
+        crud.update_job(session=session, job=session.get(OptimizationJob, job_id), **changes)
+
+
+@task(name="build-and-validate-variant", cache_policy=NO_CACHE)
+def variant(prepared: stages.Prepared, extracted: ExtractedModel, base: VariantReport,
+            base_outputs: np.ndarray, backend_name: str, precision: str, work_dir: Path
+            ) -> VariantReport:
+    """Build one variant, judge it against the baseline; failures are recorded, not raised."""
+    job_id = _job(prepared, f"{backend_name}/{precision}")
+    started = time.perf_counter()
+    out_dir = work_dir / f"{backend_name}-{precision}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backend = get_backend(backend_name)
+    try:
+        built = backend.build(extracted, precision, out_dir, calibration=prepared.calibration)
+        _update_job(job_id, progress=40)
+        report = _measure(prepared, backend, precision, built.path, base_outputs, base)
+        report.meta.update(built.meta)
+        if (precision == "int8-static" and not report.passed
+                and any("drop" in r or "cosine" in r or "RMSE" in r for r in report.reasons)):
+            report = _accuracy_aware(prepared, extracted, backend, base, base_outputs, out_dir,
+                                     report)
+        report.meta["build_and_validate_s"] = stages.seconds_since(started)
+        _update_job(job_id, progress=90)
+        artifact_id = _store(prepared, report, Path(report.meta["path"]))
+        _update_job(job_id, status="passed" if report.passed else "failed-gate", progress=100,
+                    metrics=report.model_dump(mode="json"), result_artifact_id=artifact_id)
+    except Exception as exc:  # a variant that cannot be built is a row, not a failed run
+        reason = stages.error_summary(exc)
+        report = VariantReport(backend=backend_name, precision=precision, metric=float("nan"),
+                               passed=False, reasons=[f"build failed: {reason}"])
+        _update_job(job_id, status="failed", progress=100, error=reason)
+    return report
+
+
+def _measure(prepared: stages.Prepared, backend: Any, precision: str, path: Path,
+             base_outputs: np.ndarray, base: VariantReport) -> VariantReport:
+    runner = backend.load(path, spec=prepared.spec)
+    report, _ = stages.measure(prepared, runner, base_outputs)
+    report.backend, report.precision = backend.name, precision
+    report.size_bytes = path.stat().st_size
+    report.meta = {"path": str(path)}
+    return judge(prepared.task, report, base, prepared.settings.gates)
+
+
+def _accuracy_aware(prepared: stages.Prepared, extracted: ExtractedModel, backend: Any,
+                    base: VariantReport, base_outputs: np.ndarray, out_dir: Path,
+                    first: VariantReport) -> VariantReport:
+    """Retry static int8 with the most sensitive nodes kept in float (kiln.quantize)."""
+    from kiln.quantize import accuracy_aware_quantize
+    from kiln.validate import quality, run_all
+
+    def metric_of(path: Path) -> float:
+        outputs = run_all(backend.load(path, spec=prepared.spec), prepared.inputs,
+                          mask_index=prepared.mask_index)[0]
+        return quality(prepared.task, outputs, base_outputs, prepared.labels).metric
+
+    gates = prepared.settings.gates
+    max_drop = (gates.max_accuracy_drop if prepared.task.value == "classification"
+                else base.metric - gates.min_mean_cosine if prepared.task.value == "embedding"
+                else gates.max_relative_error_increase * abs(base.metric))
+    target = out_dir / "model.accuracy-aware.onnx"
+    result = accuracy_aware_quantize(
+        extracted.onnx, target, calibration=prepared.calibration or [], evaluate=metric_of,
+        baseline_metric=base.metric, max_drop=max_drop,
+        budget=prepared.settings.accuracy_aware_budget)
+    report = _measure(prepared, backend, "int8-static", target, base_outputs, base)
+    report.meta.update({"accuracy_aware": result.model_dump(mode="json"),
+                        "nodes_in_float": result.nodes_excluded,
+                        "first_attempt": {"metric": first.metric, "reasons": first.reasons}})
+    return report
+
+
+def _store(prepared: stages.Prepared, report: VariantReport, path: Path) -> int:
+    settings = get_settings()
+    store = ArtifactStore(settings.home, settings.remote_url)
+    with store.locked(), session_scope(settings.db_url) as session:
+        stored = store.put(path, suffix=path.suffix or ".bin")
+        kind = (ArtifactKind.quantized if report.precision.startswith("int8")
+                else KIND_OF[report.backend])
+        row = crud.add_artifact(
+            session=session, version=session.get(crud.ModelVersion, prepared.version_id),
+            kind=kind, backend=report.backend, precision=report.precision, path=stored.path,
+            sha256=stored.sha256, size=stored.size, dvc_hash=stored.dvc_hash)
+        report.meta["path"] = stored.path
+        report.meta["sha256"] = stored.sha256
+        return row.id  # type: ignore[return-value]
+
+
+@task(name="record", cache_policy=NO_CACHE)
+def record(prepared: stages.Prepared, extracted: ExtractedModel, parity: dict[str, Any],
+           base: VariantReport, reports: list[VariantReport]) -> dict[str, Any]:
+    return stages.finish(get_settings(), prepared, extracted, parity, base, reports)
