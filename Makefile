@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-unit demo lock clean
+.PHONY: setup test test-unit demo bench lock clean
 
 setup: $(STAMP)  ## create .venv and install the locked dependencies (idempotent)
 
@@ -30,6 +30,10 @@ test-unit: setup
 
 demo: setup  ## the journey so far, end to end on the embedded defaults
 	$(VENV)/bin/kiln demo
+
+bench: setup  ## optimize benchmark: every variant of digits and MiniLM -> bench/results.{json,md}
+	$(VENV)/bin/dvc repro train_digits build_minilm
+	$(PY) bench/optimize_bench.py
 
 lock:  ## re-resolve requirements.in into exact pins in requirements.lock
 	rm -rf /tmp/kiln-lock && $(PYTHON) -m venv /tmp/kiln-lock

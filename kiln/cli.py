@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+# `kiln demo` reproduces the example data and models (optimize_digits is DVC's own showcase).
+DEMO_STAGES = ("train_digits", "train_breast_cancer", "build_minilm")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -244,12 +246,12 @@ def restore_cmd(
 def demo(
     project: Annotated[Path, typer.Option(help="The Kiln checkout (holds dvc.yaml).")] = Path("."),
 ) -> None:
-    """The journey so far: reproduce the examples with DVC, register them, show them."""
+    """The journey so far: reproduce the examples with DVC, register them, optimize digits."""
     settings = _settings()
     err.print("[bold]1. dvc repro[/bold]: example data and models (cached after the first run)")
     dvc = Path(sys.executable).with_name("dvc")
     env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([str(dvc), "repro"], cwd=project, env=env)
+    proc = subprocess.run([str(dvc), "repro", *DEMO_STAGES], cwd=project, env=env)
     if proc.returncode != 0:
         err.print("[red]error:[/red] dvc repro failed: see its output above")
         raise typer.Exit(6)
@@ -263,6 +265,16 @@ def demo(
         table.add_row(r["name"], r["version"], r["status"], r["sha256"][:16],
                       "passed" if ds and ds["check_passed"] else "failed" if ds else "-")
     out.print(table)
+    err.print("[bold]3. optimize-model[/bold] (a Prefect flow) on digits: extract, quantize, "
+              "compile, validate, select")
+    from kiln.views import show_version_view
+
+    if show_version_view(settings, name="digits", version=None)["status"] == "uploaded":
+        doc = _run_with_progress(settings, "digits")
+        out.print(doc["markdown"], highlight=False)
+    else:
+        out.print("digits is already optimized (versions are optimized once): "
+                  "kiln show digits lists its variants")
     out.print(f"registry: {settings.db_url}   artifacts: {settings.home / 'objects'}")
     out.print(f"try: .venv/bin/kiln show {EXAMPLES[0].name} --json")
 

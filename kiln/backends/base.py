@@ -70,6 +70,18 @@ class Backend(ABC):
             )
         return self.available()
 
+    def require(self, precision: str, model: ExtractedModel | None = None) -> None:
+        """Raise VariantUnavailable unless this host can build ``precision`` (and, for
+        backends that compile a torch program, unless ``model`` has one)."""
+        from kiln.errors import VariantUnavailable
+
+        verdict = self.supports(precision)
+        if not verdict.ok:
+            raise VariantUnavailable(verdict.reason)
+        if model is not None and model.program is None:
+            raise VariantUnavailable(f"{self.name} compiles a torch program, and this model was "
+                                     "uploaded as ONNX: upload a .pt2 or kiln.yaml folder")
+
     @abstractmethod
     def build(
         self, model: ExtractedModel, precision: str, out_dir: Path, **options: Any

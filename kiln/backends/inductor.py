@@ -81,12 +81,7 @@ class InductorBackend(Backend):
 
         from kiln.backends._torch import FLOAT_DTYPES, cast_program, resolve_device
 
-        verdict = self.supports(precision)
-        if not verdict.ok:
-            raise VariantUnavailable(verdict.reason)
-        if model.program is None:
-            raise VariantUnavailable("inductor compiles a torch program, and this model was "
-                                     "uploaded as ONNX: upload a .pt2 or kiln.yaml folder")
+        self.require(precision, model)
         if options:
             raise TypeError(f"inductor build got unknown options: {sorted(options)}")
         device = resolve_device(device)

@@ -123,9 +123,7 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         **options: Any,
     ) -> BuildResult:
-        verdict = self.supports(precision)
-        if not verdict.ok:
-            raise VariantUnavailable(verdict.reason)
+        self.require(precision)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "model.onnx"
         in_place = path.resolve() == model.onnx.resolve()

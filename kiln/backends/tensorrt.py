@@ -84,12 +84,7 @@ class TensorRTBackend(Backend):
               calibration: list[np.ndarray] | None = None, max_batch: int | None = None,
               opt_batch: int = OPT_BATCH, compile_options: dict[str, Any] | None = None,
               threads: int | None = None, **options: Any) -> BuildResult:
-        verdict = self.supports(precision)
-        if not verdict.ok:
-            raise VariantUnavailable(verdict.reason)
-        if model.program is None:
-            raise VariantUnavailable("tensorrt compiles a torch program, and this model was "
-                                     "uploaded as ONNX: upload a .pt2 or kiln.yaml folder")
+        self.require(precision, model)
         if options:
             raise TypeError(f"tensorrt build got unknown options: {sorted(options)}")
         if precision in ("int8", "fp8") and not calibration:

@@ -19,7 +19,6 @@ from kiln.backends.base import (
     Runner,
     default_threads,
 )
-from kiln.errors import VariantUnavailable
 from kiln.spec import ModelSpec
 
 ONNX_FALLBACK = "onnxruntime fp32: the model was uploaded as ONNX, so there is no torch program"
@@ -40,9 +39,7 @@ class TorchEagerBackend(Backend):
 
     def build(self, model: ExtractedModel, precision: str, out_dir: Path,
               **options: Any) -> BuildResult:
-        verdict = self.supports(precision)
-        if not verdict.ok:
-            raise VariantUnavailable(verdict.reason)
+        self.require(precision)
         out_dir.mkdir(parents=True, exist_ok=True)
         source = model.program if model.program is not None else model.onnx
         path = out_dir / source.name

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from kiln import crud
 from kiln.db import session_scope
