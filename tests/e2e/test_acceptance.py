@@ -130,3 +130,32 @@ def test_upload_examples_with_their_datasets(repo: Path, home: Path) -> None:
     assert sorted(m["name"] for m in models["models"]) == ["breast-cancer", "minilm"]
     for model in models["models"]:
         assert [v["version"] for v in model["versions"]] == ["0.1.0"]
+
+
+def test_dvc_metrics_and_plots_of_the_optimize_stage(repo: Path) -> None:
+    """`dvc repro` ran Kiln's optimize flow on digits: its metrics and plots are readable."""
+    metrics = json.loads((repo / "data/digits/optimize/metrics.json").read_text())
+    assert metrics["variants_passed"] >= 1 and metrics["speedup_serving_batch"] > 1.0
+    assert metrics["accuracy_drop"] <= 0.005
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    shown = subprocess.run([str(VENV_BIN / "dvc"), "metrics", "show", "--json"], cwd=repo,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "speedup_serving_batch" in shown.stdout
+    plots = subprocess.run([str(VENV_BIN / "dvc"), "plots", "show", "--json"], cwd=repo,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert plots.returncode == 0, plots.stderr
+    assert "variants.csv" in plots.stdout
+
+
+def test_optimize_digits_on_a_clean_clone(repo: Path, home: Path) -> None:
+    """The issue's acceptance: upload digits, `kiln optimize digits --json` selects a passing
+    variant faster than the baseline."""
+    _kiln_json("upload", "digits", "data/digits/model.pt2", "--dataset", "data/digits/val.npz",
+               cwd=repo)
+    proc = run_kiln("optimize", "digits", "--json", cwd=repo, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    selected = doc["selected"]
+    assert selected["passed"] and selected["backend"] != "torch-eager"
+    assert selected["speedup"] >= 1.1
