@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-unit demo bench lock clean
+.PHONY: setup test test-unit demo bench gpu-check lock clean
 
 setup: $(STAMP)  ## create .venv and install the locked dependencies (idempotent)
 
@@ -34,6 +34,18 @@ demo: setup  ## the journey so far, end to end on the embedded defaults
 bench: setup  ## optimize benchmark: every variant of digits and MiniLM -> bench/results.{json,md}
 	$(VENV)/bin/dvc repro train_digits build_minilm
 	$(PY) bench/optimize_bench.py
+
+# GPU check (issue 3, item 8; bench/README-gpu.md). Builds bench/gpu-carry/ (git-ignored, ~45 MiB)
+# from data/, then runs bench/gpu_check.py here: on a host without CUDA it prints "no CUDA device:
+# nothing to check" and exits 0; with CUDA it writes bench/gpu_check.{md,json}. A session whose
+# task has a device machine runs it there in one call, after `make gpu-check` here:
+#   run(command="PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --carry bench/gpu-carry --out $OUT",
+#       carry=["bench/gpu-carry"], timeout_s=420)
+# and copies gpu_check.md and gpu_check.json from the reply's files into bench/.
+gpu-check: setup  ## GPU check: carry folder for the GPU machine, then the check (no CUDA: says so)
+	test -f data/digits/model.pt2 -a -f data/minilm/model/model.safetensors || $(VENV)/bin/dvc repro
+	$(PY) bench/prepare_gpu_check.py --data-root data --out bench/gpu-carry
+	$(PY) bench/gpu_check.py --carry bench/gpu-carry --out bench
 
 lock:  ## re-resolve requirements.in into exact pins in requirements.lock
 	rm -rf /tmp/kiln-lock && $(PYTHON) -m venv /tmp/kiln-lock

@@ -1,7 +1,10 @@
 """Helpers the torch-based backends (and extraction) share: reading an ExportedProgram's dynamic
 dimensions back, re-exporting it cast to another dtype or device, and a numpy-in/numpy-out runner.
 
-Torch is imported inside the functions, so importing this module stays cheap.
+Torch is imported inside the functions, so importing this module stays cheap. It imports nothing
+from Kiln at module level (``kiln.spec`` only where ``to_tensors`` runs): ``bench/gpu_check.py``
+loads this file by path on GPU hosts that have torch but not pydantic, and reuses
+:func:`cast_program` and friends from it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.spec import TensorSpec
-
 if TYPE_CHECKING:
     import torch
     from torch.export import ExportedProgram
+
+    from kiln.spec import TensorSpec
 
 #: precision name -> torch dtype name, for the float casts the GPU backends build
 FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
