@@ -39,6 +39,10 @@ def optimize_model(name: str, version: str | None = None) -> dict[str, Any]:
             t.variant(prepared, extracted, base, base_outputs, backend, precision, work)
             for backend, precision in t.stages.plan(prepared)
         ]
+        if prepared.settings.prune and (pruned := t.prune(prepared, extracted, work)):
+            backend, precision, label = t.stages.PRUNED
+            reports.append(t.variant(prepared, pruned[0], base, base_outputs, backend, precision,
+                                     work, label=label, notes={"pruning": pruned[1]}))
         doc = t.record(prepared, extracted, parity, base, reports)
     key = f"optimize-{name}".lower()
     create_markdown_artifact(markdown=doc["markdown"] + f"\n\nChart: `{doc['chart']}`", key=key,

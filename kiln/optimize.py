@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kiln import crud
 from kiln.backends.base import ExtractedModel
@@ -31,6 +31,7 @@ from kiln.validate import GateSettings, TimingSettings, VariantReport
 
 CALIBRATION_ROWS = 128
 SAMPLE_ROWS = 64  # rows of random input when a model has no registered dataset
+PRUNED = ("onnxruntime", "fp32", "fp32-pruned")  # backend, precision built, precision reported
 
 
 class OptimizeSettings(BaseModel):
@@ -45,7 +46,8 @@ class OptimizeSettings(BaseModel):
         "tensorrt": ["fp32", "fp16"],
     }
     accuracy_aware_budget: int = 4
-    prune: bool = False  # structured pruning pass (off by default)
+    prune: bool = False  # structured pruning pass (off by default): one more variant, PRUNED
+    prune_ratio: float = Field(default=0.3, gt=0.0, lt=1.0)  # share of each layer's channels
 
     @classmethod
     def for_model(cls, model_settings: dict[str, Any]) -> OptimizeSettings:
@@ -193,6 +195,36 @@ def finish_rejected(settings: Settings, prepared: Prepared, reason: str) -> None
         crud.set_version_status(session=session, version=row, status=VersionStatus.rejected)
         job = session.get(crud.OptimizationJob, prepared.parent_job_id)
         crud.update_job(session=session, job=job, status="failed", error=reason, progress=100)
+
+
+def prune_stage(prepared: Prepared, extracted: ExtractedModel, work_dir: Path
+                ) -> tuple[ExtractedModel, dict[str, Any]] | None:
+    """The structured-pruning pass: the program pruned (``kiln.prune``), then extracted again
+    (ONNX, parity), for the ``PRUNED`` variant. None, with the reason in ``prepared.skipped``,
+    when it cannot be built: the other variants proceed."""
+    from kiln.backends import get_backend
+    from kiln.extract import extract
+    from kiln.prune import prune_structured
+
+    label = f"{PRUNED[0]}/{PRUNED[2]} skipped"
+    if extracted.program is None:
+        prepared.skipped.append(f"{label}: pruning edits a torch program, and this model was "
+                                "uploaded as ONNX (upload a .pt2 or kiln.yaml folder)")
+        return None
+    if not (availability := get_backend(PRUNED[0]).available()).ok:
+        prepared.skipped.append(f"{label}: {availability.reason}")
+        return None
+    out = work_dir / "pruned"
+    try:
+        record = prune_structured(extracted.program, out / "pruned.pt2",
+                                  ratio=prepared.settings.prune_ratio, spec=prepared.spec)
+        pruned, report = extract(source_format="pt2", source_path=out / "pruned.pt2",
+                                 spec=prepared.spec, out_dir=out,
+                                 check_inputs=[x[:8] for x in prepared.inputs])
+    except Exception as exc:  # a variant that cannot be built is a note, not a failed run
+        prepared.skipped.append(f"{label}: {error_summary(exc)}")
+        return None
+    return pruned, {**record, "parity": report["parity"]}
 
 
 def plan(prepared: Prepared) -> list[tuple[str, str]]:

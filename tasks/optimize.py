@@ -40,6 +40,12 @@ def extract(prepared: stages.Prepared, work_dir: Path) -> tuple[ExtractedModel, 
     return stages.extract_stage(get_settings(), prepared, work_dir)
 
 
+@task(name="prune", cache_policy=NO_CACHE)
+def prune(prepared: stages.Prepared, extracted: ExtractedModel, work_dir: Path
+          ) -> tuple[ExtractedModel, dict[str, Any]] | None:
+    return stages.prune_stage(prepared, extracted, work_dir)
+
+
 @task(name="baseline", cache_policy=NO_CACHE)
 def baseline(prepared: stages.Prepared, extracted: ExtractedModel
              ) -> tuple[VariantReport, np.ndarray]:
@@ -69,19 +75,24 @@ def _update_job(job_id: int, **changes: Any) -> None:
 
 @task(name="build-and-validate-variant", cache_policy=NO_CACHE)
 def variant(prepared: stages.Prepared, extracted: ExtractedModel, base: VariantReport,
-            base_outputs: np.ndarray, backend_name: str, precision: str, work_dir: Path
-            ) -> VariantReport:
-    """Build one variant, judge it against the baseline; failures are recorded, not raised."""
-    job_id = _job(prepared, f"{backend_name}/{precision}")
+            base_outputs: np.ndarray, backend_name: str, precision: str, work_dir: Path,
+            label: str | None = None, notes: dict[str, Any] | None = None) -> VariantReport:
+    """Build one variant, judge it against the baseline; failures are recorded, not raised.
+
+    ``label`` reports the variant under another precision name (``fp32-pruned``: a pruned model
+    built as fp32); ``notes`` go into its meta (the pruning record).
+    """
+    shown = label or precision
+    job_id = _job(prepared, f"{backend_name}/{shown}")
     started = time.perf_counter()
-    out_dir = work_dir / f"{backend_name}-{precision}"
+    out_dir = work_dir / f"{backend_name}-{shown}"
     out_dir.mkdir(parents=True, exist_ok=True)
     backend = get_backend(backend_name)
     try:
         built = backend.build(extracted, precision, out_dir, calibration=prepared.calibration)
         _update_job(job_id, progress=40)
-        report = _measure(prepared, backend, precision, built.path, base_outputs, base)
-        report.meta.update(built.meta)
+        report = _measure(prepared, backend, shown, built.path, base_outputs, base)
+        report.meta.update({**built.meta, **(notes or {})})
         if (precision == "int8-static" and not report.passed
                 and any("drop" in r or "cosine" in r or "RMSE" in r for r in report.reasons)):
             report = _accuracy_aware(prepared, extracted, backend, base, base_outputs, out_dir,
@@ -93,7 +104,7 @@ def variant(prepared: stages.Prepared, extracted: ExtractedModel, base: VariantR
                     metrics=report.model_dump(mode="json"), result_artifact_id=artifact_id)
     except Exception as exc:  # a variant that cannot be built is a row, not a failed run
         reason = stages.error_summary(exc)
-        report = VariantReport(backend=backend_name, precision=precision, metric=float("nan"),
+        report = VariantReport(backend=backend_name, precision=shown, metric=float("nan"),
                                passed=False, reasons=[f"build failed: {reason}"])
         _update_job(job_id, status="failed", progress=100, error=reason)
     return report

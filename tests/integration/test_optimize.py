@@ -125,3 +125,69 @@ def test_corrupt_calibration_data_skips_static_quantization(kiln_home: Path, exa
                for s in doc["skipped"])
     assert doc["selected"]["passed"] or doc["selected"]["backend"] == "torch-eager"
     assert not math.isnan(doc["baseline"]["metric"])
+
+
+def _blobs_with_dead_units(tmp_path: Path) -> tuple[Path, Path, list[int]]:
+    """A .pt2 classifier of 10 Gaussian blobs (32 -> 200 -> 10) whose hidden layer has 60 dead
+    units (30%, near-zero weights), a 300-row dataset it solves, and the dead units."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(10, 32)) * 3.0
+    labels = rng.integers(0, 10, size=300)
+    inputs = (centers[labels] + rng.normal(size=(300, 32))).astype(np.float32)
+    # units 0-19 compute the nearest-centre scores c.x - |c|^2/2 (as relu(s) - relu(-s)),
+    # 120 more are live but matter little, 60 are dead; rows shuffled so the dead interleave
+    bias = -0.5 * (centers**2).sum(axis=1)
+    w1 = np.concatenate([centers, -centers, rng.normal(size=(120, 32)) * 0.3,
+                         rng.normal(size=(60, 32)) * 1e-4])
+    b1 = np.concatenate([bias, -bias, np.zeros(180)])
+    w2 = np.concatenate([np.eye(10), -np.eye(10), rng.normal(size=(120, 10)) * 0.01,
+                         rng.normal(size=(60, 10))]).T
+    order = rng.permutation(200)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 200), torch.nn.ReLU(),
+                                torch.nn.Linear(200, 10)).eval()
+    with torch.no_grad():
+        for tensor, value in ((model[0].weight, w1[order]), (model[0].bias, b1[order]),
+                              (model[2].weight, w2[:, order])):
+            tensor.copy_(torch.from_numpy(value))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.from_numpy(inputs[:2]),),
+                                  dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "blobs.pt2"))
+    np.savez(tmp_path / "blobs.npz", inputs=inputs, labels=labels)
+    dead = np.flatnonzero(order >= 140).tolist()
+    return tmp_path / "blobs.pt2", tmp_path / "blobs.npz", dead
+
+
+def test_pruning_pass_builds_a_smaller_variant_through_the_same_gates(kiln_home: Path,
+                                                                      tmp_path: Path) -> None:
+    model, dataset, dead = _blobs_with_dead_units(tmp_path)
+    up = run_kiln("upload", "blobs", str(model), "--dataset", str(dataset), "--json")
+    assert up.returncode == 0, up.stderr
+    _set_optimize("blobs", prune=True, backends=["onnxruntime"],
+                  precisions={"onnxruntime": ["fp32"]})
+    proc = run_kiln("optimize", "blobs", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["baseline"]["metric"] >= 0.99  # the model solves its dataset
+    variants = {(v["backend"], v["precision"]): v for v in doc["variants"]}
+    assert set(variants) == {("onnxruntime", "fp32"), ("onnxruntime", "fp32-pruned")}
+    pruned, dense = variants["onnxruntime", "fp32-pruned"], variants["onnxruntime", "fp32"]
+    assert VARIANT_KEYS <= set(pruned)
+    assert pruned["metric_drop"] <= 0.005  # the accuracy gate, judged like every variant
+    assert not any("accuracy" in r for r in pruned["reasons"])
+    assert pruned["size_bytes"] < 0.8 * dense["size_bytes"]
+    with session_scope(get_settings().db_url) as session:
+        row = crud.require_version(session=session, name="blobs")
+        job = next(j for j in crud.list_jobs(session=session, version=row)
+                   if j.optimization_type == "onnxruntime/fp32-pruned")
+        record = job.metrics["meta"]["pruning"]
+        stored = [a for a in crud.list_artifacts(session=session, version=row)
+                  if a.precision == "fp32-pruned"]
+    assert job.status in {"passed", "failed-gate"}
+    assert [(layer["channels_before"], layer["channels_after"], layer["removed"])
+            for layer in record["layers"]] == [(200, 140, dead)]
+    assert record["params_before"] == 8610 and record["params_after"] == 6030
+    assert [s["name"] for s in record["skipped"]] == ["2"]  # the output layer
+    assert len(stored) == 1 and stored[0].backend == "onnxruntime"
