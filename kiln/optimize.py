@@ -178,12 +178,14 @@ def tokenize(tokenizer_file: Path, texts: list[str], *, max_length: int,
 def extract_stage(settings: Settings, prepared: Prepared, work_dir: Path
                   ) -> tuple[ExtractedModel, dict[str, Any]]:
     """Graph extraction; on failure the version becomes ``rejected`` and the error is raised."""
-    from kiln.extract import extract
+    from kiln.sandbox import extract_isolated
 
     check = [x[:8] for x in prepared.inputs]
     try:
-        return extract(source_format=prepared.source_format, source_path=prepared.source_path,
-                       spec=prepared.spec, out_dir=work_dir / "extract", check_inputs=check)
+        return extract_isolated(
+            source_format=prepared.source_format, source_path=prepared.source_path,
+            spec=prepared.spec, out_dir=work_dir / "extract", check_inputs=check,
+            timeout_s=settings.load_timeout_s)
     except KilnError as exc:
         finish_rejected(settings, prepared, str(exc))
         raise

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,30 +19,20 @@ from kiln.spec import ModelSpec, TensorSpec
 
 def probe_source(fmt: str, path: Path, *, timeout_s: float) -> ModelSpec:
     """Spec of the model at ``path`` (a .pt2, .onnx or unpacked kiln folder)."""
-    cmd = [sys.executable, "-m", "kiln.probe", "--format", fmt, str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    )
+    from kiln.sandbox import ChildTimeout, run_child
+
     try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        child = run_child(["kiln.probe", "--format", fmt, str(path)], timeout_s=timeout_s,
+                          env={"OMP_NUM_THREADS": "1"})
+    except ChildTimeout:
         raise ModelLoadError(
             f"loading the model and running one sample took over {timeout_s:.0f} s: "
             "raise KILN_LOAD_TIMEOUT_S if the model is that slow"
         ) from None
-    if proc.returncode != 0:
-        reason = _last_line(err) or f"exit code {proc.returncode}"
-        raise ModelLoadError(f"the model failed to load or run on a sample input: {reason}")
-    return ModelSpec.model_validate_json(out.strip().splitlines()[-1])
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:500] if lines else ""
+    if child.returncode != 0:
+        raise ModelLoadError("the model failed to load or run on a sample input: "
+                             f"{child.last_error_line()}")
+    return ModelSpec.model_validate_json(child.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------- the child process
