@@ -71,6 +71,7 @@ _DATA_MOVEMENT = frozenset({
 _QUANT_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
     "QLinearConv", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "QAttention",
 })
 
 
@@ -561,10 +562,11 @@ def _quantized_nodes_static(
 def _quantized_nodes_dynamic(
     model: onnx.ModelProto, original: dict[str, str]
 ) -> tuple[Counter[str], list[str]]:
-    """Integer ops of a dynamic graph, traced back to the float nodes they replaced."""
+    """Integer ops of a dynamic graph (``QAttention`` for a fused ``Attention``), traced back
+    to the float nodes they replaced."""
     names: list[str] = []
     for node in model.graph.node:
-        if node.op_type not in ("MatMulInteger", "ConvInteger") or not node.name:
+        if node.op_type not in ("MatMulInteger", "ConvInteger", "QAttention") or not node.name:
             continue
         base = node.name.removesuffix("_quant")
         if base not in original and base.removesuffix("_MatMul") in original:

@@ -167,9 +167,16 @@ def timing(runner: Runner, inputs: Sequence[np.ndarray], settings: TimingSetting
 
 
 def _rows(x: np.ndarray, n: int) -> np.ndarray:
-    """Exactly ``n`` rows of ``x`` (repeated when ``x`` has fewer)."""
+    """Exactly ``n`` rows from the middle of ``x`` (repeated when ``x`` has fewer).
+
+    Text inputs are sorted by length, so the middle rows are sentences of median length, not
+    the shortest ones.
+    """
     reps = -(-n // len(x))
-    return np.concatenate([x] * reps)[:n] if reps > 1 else x[:n]
+    if reps > 1:
+        return np.concatenate([x] * reps)[:n]
+    start = (len(x) - n) // 2
+    return x[start : start + n]
 
 
 def judge(

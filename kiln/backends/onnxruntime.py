@@ -1,5 +1,6 @@
-"""ONNX Runtime: the extracted ONNX graph as it is (fp32), or quantized to int8 by
-:mod:`kiln.quantize` (dynamic, or static QDQ calibrated on the model's dataset).
+"""ONNX Runtime: the extracted ONNX graph (fp32), or quantized to int8 by :mod:`kiln.quantize`
+(dynamic, or static QDQ calibrated on the model's dataset); for transformers, the graph with its
+attention, layer-norm and GELU subgraphs fused into ORT's contrib ops first (:mod:`kiln.ortopt`).
 
 Sessions use explicit execution providers (CUDA first where the CUDA provider is installed and a
 CUDA device is asked for, then CPU) and fixed thread settings, recorded in the build's meta.
@@ -7,7 +8,11 @@ CUDA device is asked for, then CPU) and fixed thread settings, recorded in the b
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,15 +31,21 @@ from kiln.spec import ModelSpec, TensorSpec, numpy_of_datatype
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
+FUSED_GRAPH = "model.fused.onnx"  # beside the extracted model.onnx (see float_graph)
+#: ORT graph optimizers Kiln's CPU sessions turn off. SkipLayerNormFusion: ORT 1.32's CPU
+#: SkipLayerNormalization kernel is slower than the Add + LayerNormalization it fuses (see
+#: kiln.ortopt.FusionSettings.skip_layer_norm); CUDA sessions keep it.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
-def session_settings(threads: int | None = None) -> dict[str, Any]:
+def session_settings(threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """The SessionOptions every Kiln session uses, as a record (build meta, reports)."""
     return {
         "intra_op_num_threads": threads or default_threads(),
         "inter_op_num_threads": 1,
         "execution_mode": "ORT_SEQUENTIAL",
         "graph_optimization_level": "ORT_ENABLE_ALL",
+        "disabled_optimizers": [] if device.startswith("cuda") else list(CPU_DISABLED_OPTIMIZERS),
     }
 
 
@@ -56,14 +67,15 @@ def make_session(path: Path, *, device: str = "cpu", threads: int | None = None)
     """An InferenceSession for ``path`` with Kiln's providers and thread settings."""
     import onnxruntime as ort
 
-    settings = session_settings(threads)
+    settings = session_settings(threads, device)
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings["intra_op_num_threads"]
     options.inter_op_num_threads = settings["inter_op_num_threads"]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initializers are noise here
-    return ort.InferenceSession(str(path), options, providers=providers_for(device))
+    return ort.InferenceSession(str(path), options, providers=providers_for(device),
+                                disabled_optimizers=settings["disabled_optimizers"] or None)
 
 
 class OrtRunner:
@@ -90,15 +102,20 @@ class OrtRunner:
 def load_onnx(path: Path, *, spec: ModelSpec, device: str = "cpu", threads: int | None = None,
               meta: dict[str, Any] | None = None) -> OrtRunner:
     session = make_session(path, device=device, threads=threads)
-    record = {"providers": session.get_providers(), **session_settings(threads), **(meta or {})}
+    record = {"providers": session.get_providers(), **session_settings(threads, device),
+              **(meta or {})}
     return OrtRunner(session, spec.inputs, record)
 
 
 class OnnxRuntimeBackend(Backend):
-    """ONNX Runtime variants: fp32 (the extracted graph), int8 dynamic, int8 static (QDQ).
+    """ONNX Runtime variants: fp32, int8 dynamic, int8 static (QDQ), each built on the graph
+    ``float_graph`` returns: the extracted graph with its transformer subgraphs fused into ORT's
+    contrib ops (:mod:`kiln.ortopt`) when fusion applies and agrees with the extracted graph,
+    else the extracted graph as it is. The build's meta records which, and why.
 
-    ``build`` options: ``calibration`` (arrays, one per input, for int8-static),
-    ``nodes_to_exclude`` (node names kept in float), ``threads``; any other option goes to
+    ``build`` options: ``calibration`` (arrays, one per input: static int8's calibration data,
+    and real rows the fused graph is checked on), ``nodes_to_exclude`` (node names of the graph
+    built on, kept in float), ``threads``, ``fuse`` (default True); any other option goes to
     :mod:`kiln.quantize` unchanged.
     """
 
@@ -121,27 +138,32 @@ class OnnxRuntimeBackend(Backend):
         calibration: list[np.ndarray] | None = None,
         nodes_to_exclude: list[str] | tuple[str, ...] = (),
         threads: int | None = None,
+        fuse: bool = True,
         **options: Any,
     ) -> BuildResult:
         self.require(precision)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "model.onnx"
         in_place = path.resolve() == model.onnx.resolve()
-        meta: dict[str, Any] = {"backend": self.name, "precision": precision,
-                                "session": session_settings(threads)}
-        if precision == "fp32":
-            if not in_place:  # built in the extract folder: the file itself
-                shutil.copyfile(model.onnx, path)
-            return BuildResult(path=path, meta=meta)
-        if in_place:
+        if in_place and precision != "fp32":
             raise ValueError(f"build {precision} into a folder of its own: {out_dir} holds the "
                              "extracted model.onnx, which quantization must not overwrite")
+        graph, fusion = self.float_graph(model, check_inputs=calibration, fuse=fuse)
+        meta: dict[str, Any] = {"backend": self.name, "precision": precision,
+                                "session": session_settings(threads),
+                                "graph": "fused" if graph != model.onnx else "extracted",
+                                "fusion": fusion}
+        if precision == "fp32":
+            if in_place:  # built in the extract folder: the graph itself (fused or extracted)
+                return BuildResult(path=graph, meta=meta)
+            shutil.copyfile(graph, path)
+            return BuildResult(path=path, meta=meta)
 
         from kiln import quantize
 
         if precision == "int8-dynamic":
             meta["quantization"] = quantize.quantize_dynamic(
-                model.onnx, path, nodes_to_exclude=list(nodes_to_exclude), **options)
+                graph, path, nodes_to_exclude=list(nodes_to_exclude), **options)
         else:
             if not calibration:
                 raise VariantUnavailable(
@@ -149,11 +171,62 @@ class OnnxRuntimeBackend(Backend):
                     "(kiln upload --dataset) or build int8-dynamic instead"
                 )
             meta["quantization"] = quantize.quantize_static(
-                model.onnx, path, calibration=calibration,
+                graph, path, calibration=calibration,
                 nodes_to_exclude=list(nodes_to_exclude), **options)
         return BuildResult(path=path, meta=meta)
+
+    def float_graph(self, model: ExtractedModel, *,
+                    check_inputs: list[np.ndarray] | None = None,
+                    fuse: bool = True) -> tuple[Path, dict[str, Any]]:
+        """The fp32 graph every variant is built on, and the fusion record.
+
+        The fused graph is written once beside the extracted one (``model.fused.onnx``, its
+        record in ``model.fused.json``, keyed by the extracted graph's SHA-256 and the fusion
+        libraries' versions) and reused by the other precisions of the run. Where fusion does
+        not apply, or the fused graph disagrees with the extracted one, the extracted graph is
+        returned and the record's ``reason`` says why. ``accuracy_aware_quantize`` should start
+        from this graph too, so its node names match the variants'.
+        """
+        if not fuse:
+            return model.onnx, {"applied": False, "reason": "fusion turned off (fuse=False)"}
+        from kiln import ortopt
+
+        fused = model.onnx.with_name(FUSED_GRAPH)
+        record_path = fused.with_suffix(".json")
+        key = json.loads(json.dumps({  # as it reads back from the record (tuples as lists)
+            "source_sha256": _sha256(model.onnx), "versions": ortopt._versions(),
+            "settings": asdict(ortopt.FusionSettings())}))
+        if record_path.is_file():
+            try:
+                saved = json.loads(record_path.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            saved = saved if isinstance(saved, dict) else {}
+            done = saved.get("record")
+            if saved.get("key") == key and isinstance(done, dict) and "applied" in done and (
+                    not done["applied"] or fused.is_file()):
+                return (fused if done["applied"] else model.onnx), done
+        try:
+            record = ortopt.optimize_graph(model.onnx, fused, spec=model.spec,
+                                           check_inputs=check_inputs)
+        except Exception as exc:  # never worse than the extracted graph
+            record = {"applied": False, "method": ortopt.METHOD,
+                      "reason": f"fusion failed: {' '.join(str(exc).split())[:300]}"}
+        record = json.loads(json.dumps(record, default=str))  # the same whether read or made
+        tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "record": record}))
+        os.replace(tmp, record_path)
+        return (fused if record["applied"] else model.onnx), record
 
     def load(self, path: Path, *, spec: ModelSpec, device: str = "cpu",
              threads: int | None = None) -> Runner:
         return load_onnx(path, spec=spec, device=device, threads=threads,
                          meta={"backend": self.name})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
