@@ -22,6 +22,7 @@ from kiln.registry import (
     ArtifactKind,
     Dataset,
     Deployment,
+    DeploymentEvent,
     Model,
     ModelVersion,
     OptimizationJob,
@@ -276,9 +277,81 @@ def update_job(*, session: Session, job: OptimizationJob, **changes: Any) -> Opt
     return job
 
 
-# --- deployments
+# --- deployments: desired serving state (the supervisor reconciles engines to these rows)
 def get_deployment(*, session: Session, model: Model) -> Deployment | None:
     return session.exec(select(Deployment).where(Deployment.model_id == model.id)).first()
+
+
+def list_deployments(*, session: Session) -> Sequence[Deployment]:
+    return session.exec(select(Deployment).order_by(col(Deployment.id))).all()
+
+
+def served_versions(*, session: Session) -> list[tuple[Model, Deployment, ModelVersion | None,
+                                                       ModelVersion | None]]:
+    """Every deployment with its model, stable and canary versions (one query per table)."""
+    rows = []
+    for dep in list_deployments(session=session):
+        model = session.get(Model, dep.model_id)
+        stable = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id else None
+        canary = session.get(ModelVersion, dep.canary_version_id) if dep.canary_version_id else None
+        if model is not None:
+            rows.append((model, dep, stable, canary))
+    return rows
+
+
+def deploy_direct(*, session: Session, version: ModelVersion, reason: str = "direct deploy"
+                  ) -> Deployment:
+    """Make ``version`` the model's stable version at once (no canary): the version becomes
+    ``production``, the previous stable one ``retired``, and an event records the change.
+
+    Only a ``validated`` version (or a ``retired`` one, brought back) may be deployed; the
+    deployment row is locked for the change, so concurrent deploys serialise.
+    """
+    model = session.get(Model, version.model_id)
+    assert model is not None
+    dep = session.exec(
+        select(Deployment).where(Deployment.model_id == model.id).with_for_update()
+    ).first()
+    if dep is None:
+        dep = Deployment(model_id=model.id)  # type: ignore[arg-type]
+        session.add(dep)
+        session.flush()
+    if dep.stable_version_id == version.id:
+        return dep
+    if VersionStatus(version.status) not in (VersionStatus.validated, VersionStatus.retired):
+        raise IllegalTransition(
+            f"{model.name}@{version.version} is {version.status}: only a validated version can be "
+            f"deployed; run `kiln optimize {model.name}@{version.version}` first")
+    previous = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id else None
+    set_version_status(session=session, version=version, status=VersionStatus.production)
+    if previous is not None and VersionStatus(previous.status) == VersionStatus.production:
+        set_version_status(session=session, version=previous, status=VersionStatus.retired)
+    dep.stable_version_id = version.id
+    dep.state = "stable"
+    dep.updated_at = utcnow()
+    session.add(dep)
+    session.flush()
+    add_deployment_event(session=session, deployment=dep, kind="deploy", reason=reason,
+                         detail={"version": version.version,
+                                 "previous": previous.version if previous else None,
+                                 "strategy": "direct"})
+    return dep
+
+
+def add_deployment_event(*, session: Session, deployment: Deployment, kind: str, reason: str,
+                         detail: dict[str, Any] | None = None) -> DeploymentEvent:
+    row = DeploymentEvent(deployment_id=deployment.id,  # type: ignore[arg-type]
+                          kind=kind, reason=reason, detail=detail or {})
+    session.add(row)
+    session.flush()
+    return row
+
+
+def list_deployment_events(*, session: Session, deployment: Deployment
+                           ) -> Sequence[DeploymentEvent]:
+    return session.exec(select(DeploymentEvent)
+                        .where(DeploymentEvent.deployment_id == deployment.id)
+                        .order_by(col(DeploymentEvent.id))).all()
 
 
 # --- API keys: only the sha256 is stored; the plaintext is returned once.
@@ -309,6 +382,11 @@ def find_api_key(*, session: Session, key: str) -> ApiKey | None:
     """The live key matching ``key``; revoked and unknown keys both give None."""
     row = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).first()
     return row if row is not None and not row.revoked else None
+
+
+def list_api_keys(*, session: Session) -> Sequence[ApiKey]:
+    """Every key, newest first (``kiln keys list``)."""
+    return session.exec(select(ApiKey).order_by(col(ApiKey.id).desc())).all()
 
 
 def revoke_api_key(*, session: Session, prefix: str) -> ApiKey:

@@ -39,6 +39,16 @@ class NotFound(KilnError):
     exit_code = 3
 
 
+class Forbidden(KilnError):
+    """A valid API key without the scope or the model a route needs. HTTP 403, exit 1."""
+
+    http_status = 403
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Conflict(KilnError):
     """A write that contradicts stored state: same version with other content, a concurrent
     promote. HTTP 409, exit 4."""

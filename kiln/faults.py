@@ -1,17 +1,96 @@
-"""Failpoints: named places where a test can make Kiln die (SIGKILL) to prove crash safety.
+"""Test hooks: failpoints that kill a process, and engine faults that slow or spoil answers.
 
-Set ``KILN_FAILPOINTS=name[,name]`` in a child process's environment; ``failpoint(name)`` then
-kills that process on the spot, as a power cut would. Unset, a failpoint is a dictionary lookup.
-(TiKV's ``fail-rs`` and FoundationDB's buggify are the model.)
+Both are off unless a test sets an environment variable in a child process; production code
+pays a dictionary lookup (failpoints) or nothing at all (engine faults are read once, at start).
+
+**Failpoints.** Set ``KILN_FAILPOINTS=name[,name]``; ``failpoint(name)`` then kills that process
+on the spot (SIGKILL), as a power cut would, to prove crash safety. (TiKV's ``fail-rs`` and
+FoundationDB's buggify are the model.)
+
+**Engine faults.** Set ``KILN_ENGINE_FAULTS`` in an engine's environment, e.g.
+``delay_ms=3000,error_rate=0.1,nan_rate=0.1``:
+
+- ``delay_ms``: sleep this long before each model call (a slow model: deadlines, queueing);
+- ``error_rate``: this share of items fails with HTTP 500 (a flaky canary);
+- ``nan_rate``: this share of items gets NaN outputs, which the engine's output check then turns
+  into a 500 (a model that diverged);
+- ``seed``: the random draws' seed (default: unseeded), for repeatable runs.
+
+The engine (:mod:`serving.engine`) reads it once at start and applies it only when it is set; it
+exists for RELIABILITY.md's scenarios (9, 22, 24), never for production use.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ENGINE_FAULTS_ENV = "KILN_ENGINE_FAULTS"
 
 
 def failpoint(name: str) -> None:
     armed = os.environ.get("KILN_FAILPOINTS", "")
     if armed and name in armed.split(","):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class EngineFaults:
+    """Faults an engine injects (see the module docstring); all off by default."""
+
+    delay_ms: float = 0.0
+    error_rate: float = 0.0
+    nan_rate: float = 0.0
+    seed: int | None = None
+    _rng: random.Random = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.delay_ms < 0:
+            raise ValueError(f"{ENGINE_FAULTS_ENV}: delay_ms must be >= 0, got {self.delay_ms}")
+        for name in ("error_rate", "nan_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{ENGINE_FAULTS_ENV}: {name} is a share between 0 and 1, "
+                                 f"got {value}")
+        self._rng = random.Random(self.seed)
+
+    @classmethod
+    def parse(cls, text: str) -> EngineFaults:
+        """``delay_ms=3000,error_rate=0.1`` -> EngineFaults; unknown keys are refused."""
+        values: dict[str, float | int] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, raw = part.partition("=")
+            key = key.strip()
+            if not sep or key not in ("delay_ms", "error_rate", "nan_rate", "seed"):
+                raise ValueError(f"{ENGINE_FAULTS_ENV}: cannot read {part!r}; use "
+                                 "delay_ms=MS,error_rate=SHARE,nan_rate=SHARE,seed=N")
+            try:
+                values[key] = int(raw) if key == "seed" else float(raw)
+            except ValueError:
+                raise ValueError(f"{ENGINE_FAULTS_ENV}: {key} needs a number, got {raw!r}") \
+                    from None
+        return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineFaults | None:
+        """The faults ``KILN_ENGINE_FAULTS`` asks for, or None when it is unset or empty."""
+        text = (os.environ if environ is None else environ).get(ENGINE_FAULTS_ENV, "").strip()
+        return cls.parse(text) if text else None
+
+    def delay(self) -> None:
+        """Sleep ``delay_ms`` (before a model call)."""
+        if self.delay_ms > 0:
+            time.sleep(self.delay_ms / 1000.0)
+
+    def draw(self) -> str | None:
+        """This item's fault: ``"error"``, ``"nan"`` or None (one draw per item)."""
+        roll = self._rng.random()
+        if roll < self.error_rate:
+            return "error"
+        if roll < self.error_rate + self.nan_rate:
+            return "nan"
+        return None

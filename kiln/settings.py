@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,10 @@ PRIVACY_ENV: dict[str, str] = {
 }
 
 
+# Rate-limit storages the gateway accepts (`limits` async schemes, without "async+").
+RATE_LIMIT_SCHEMES = frozenset({"memory", "redis", "rediss", "redis+unix"})
+
+
 def apply_privacy_env() -> None:
     """Turn off the telemetry of every tool Kiln drives (user-set values win)."""
     for key, value in PRIVACY_ENV.items():
@@ -43,7 +48,31 @@ class Settings(BaseSettings):
     load_timeout_s: float = Field(default=300.0, gt=0, description="model load + sample run")
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024**2, gt=0, description="gateway request cap")
+    gateway_max_connections: int = Field(default=1000, ge=1, description="open connections")
+    engine_start_timeout_s: float = Field(default=120.0, gt=0, description="engine warm-up")
+    reconcile_interval_s: float = Field(default=0.5, gt=0, description="supervisor period")
+    health_interval_s: float = Field(default=1.0, gt=0, description="engine health checks")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="wait for in-flight work")
     inference_log_sample: float = Field(default=0.1, ge=0.0, le=1.0)
+    # API keys and per-key rate limits (serving/auth.py)
+    auth_cache_s: float = Field(default=1.0, ge=0.0, le=60.0, description="key lookup cache TTL: a "
+                                "created or revoked key takes effect within it (0: no cache)")
+    rate_limit_storage: str = Field(default="memory://", description="`limits` storage URI; "
+                                    "redis://host:port/db shares limits between gateways")
+    rate_limit_strategy: Literal["moving-window", "sliding-window-counter"] = "moving-window"
+    default_rate_per_second: float | None = Field(default=None, gt=0, description="rate of "
+                                                  "keys created without one (None: unlimited)")
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _known_storage(cls, uri: str) -> str:
+        scheme = uri.partition("://")[0].removeprefix("async+")
+        if "://" not in uri or scheme not in RATE_LIMIT_SCHEMES:
+            # the scheme only: a redis URI may carry a password
+            raise ValueError(f"rate_limit_storage scheme {scheme!r} is not supported: use "
+                             "memory:// or redis://HOST:PORT/DB (also rediss://, redis+unix://)")
+        return uri
 
     @field_validator("home")
     @classmethod

@@ -6,6 +6,7 @@ process they create, and remove them.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kiln.settings import apply_privacy_env
@@ -147,3 +149,154 @@ def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run_data_script(f"train_{name}.py", "--data", root / name, "--out", root / name)
     run_data_script("build_minilm.py", "--out", root / "minilm")
     return root
+
+
+def kiln_env(home: Path, **extra: str) -> dict[str, str]:
+    """Environment for a child process working on ``home`` (SQLite registry inside it)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KILN_DATABASE_URL", "KILN_DVC_REMOTE")}
+    env.update({"KILN_HOME": str(home), **extra})
+    return env
+
+
+@pytest.fixture(scope="session")
+def validated_home(tmp_path_factory: pytest.TempPathFactory, examples: Path) -> Path:
+    """A KILN_HOME where digits 1.0.0 (the example CNN, with its validation data) has been
+    optimized for real (ONNX Runtime fp32 only, to keep it quick) and is ``validated``: ready to
+    deploy. Tests that change it take a copy (:func:`copy_home`)."""
+    home = tmp_path_factory.mktemp("validated") / "kiln-home"
+    env = kiln_env(home)
+    digits = examples / "digits"
+    up = run_kiln("upload", "digits", str(digits / "model.pt2"), "--dataset",
+                  str(digits / "val.npz"), "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    settings = json.dumps({"optimize": {"backends": ["onnxruntime"],
+                                        "precisions": {"onnxruntime": ["fp32"]}}})
+    code = ("import json,sys; from kiln import crud; from kiln.db import session_scope; "
+            "from kiln.settings import get_settings\n"
+            "with session_scope(get_settings().db_url) as s:\n"
+            "    m = crud.require_model(session=s, name='digits')\n"
+            "    crud.update_model_settings(session=s, model=m, settings=json.loads(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", code, settings], env=env, check=True, timeout=120)
+    opt = run_kiln("optimize", "digits", "--json", env=env, timeout=900)
+    assert opt.returncode == 0, opt.stderr[-3000:]
+    return home
+
+
+def copy_home(home: Path, dest: Path) -> Path:
+    """A private copy of a KILN_HOME (registry, objects, DVC cache and remote)."""
+    import shutil
+
+    target = dest / "kiln-home"
+    shutil.copytree(home, target, symlinks=True)
+    return target
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def set_model_settings(home: Path, name: str, settings: dict[str, object]) -> None:
+    """Merge ``settings`` into a model's settings in ``home``'s registry (a child process, so the
+    test process's own settings cache is untouched)."""
+    code = ("import json,sys; from kiln import crud; from kiln.db import session_scope; "
+            "from kiln.settings import get_settings\n"
+            "with session_scope(get_settings().db_url) as s:\n"
+            "    m = crud.require_model(session=s, name=sys.argv[1])\n"
+            "    crud.update_model_settings(session=s, model=m, "
+            "settings={**(m.settings or {}), **json.loads(sys.argv[2])})")
+    subprocess.run([sys.executable, "-c", code, name, json.dumps(settings)],
+                   env=kiln_env(home), check=True, timeout=120)
+
+
+class RunningGateway:
+    """`kiln serve` in its own process group on a free port, with an API key."""
+
+    def __init__(self, home: Path, *, env: dict[str, str] | None = None,
+                 scopes: tuple[str, ...] = ("admin",)) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = kiln_env(home, KILN_GATEWAY_PORT=str(self.port), **(env or {}))
+        created = run_kiln("keys", "create", *[a for s in scopes for a in ("--scope", s)],
+                           "--json", env=self.env)
+        assert created.returncode == 0, created.stderr
+        self.key = json.loads(created.stdout)["key"]
+        self.headers = {"Authorization": f"Bearer {self.key}"}
+        self.log = open(home / "gateway.log", "ab")  # noqa: SIM115 - closed in stop()
+        kiln = Path(sys.executable).with_name("kiln")
+        self.proc = subprocess.Popen([str(kiln), "serve", "--port", str(self.port)],
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"gateway not ready in {timeout} s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        text = (self.home / "gateway.log").read_text(errors="replace")
+        return text[-4000:]
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def deploy(home: Path, ref: str = "digits", *, wait: float = 0) -> dict[str, object]:
+    proc = run_kiln("deploy", ref, "--strategy", "direct", "--wait", str(wait), "--json",
+                    env=kiln_env(home))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def served_digits(validated_home: Path, tmp_path: Path) -> Iterator[RunningGateway]:
+    """digits 1.0.0 deployed (direct) and served by a real `kiln serve` + engine."""
+    home = copy_home(validated_home, tmp_path)
+    deploy(home)
+    gateway = RunningGateway(home)
+    try:
+        gateway.wait_ready()
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def digits_rows(examples: Path, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` real test digits (float32 images, int labels)."""
+    data = np.load(examples / "digits" / "test.npz", allow_pickle=False)
+    return data["inputs"][:n].astype(np.float32), data["labels"][:n]
+
+
+def digits_eager_logits(examples: Path, x: np.ndarray) -> np.ndarray:
+    """The fp32 eager baseline's logits for ``x`` (the exported program, run by torch)."""
+    import torch
+
+    module = torch.export.load(str(examples / "digits" / "model.pt2")).module()
+    with torch.inference_mode():
+        return module(torch.from_numpy(x)).numpy()

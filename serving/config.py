@@ -1,0 +1,44 @@
+"""Serving settings: one record per model (``Model.settings["serving"]``), one for the gateway.
+
+Every default is written here once; the engine, the supervisor and the gateway read the same
+record, so a model's batching, replicas, deadline and fallback are set in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class ServingSettings(BaseModel):
+    """How one model is served (engine batching, replicas, gateway limits)."""
+
+    # engine (LitServe): dynamic batching; batch_timeout 0 means a batch never waits for more
+    # requests when the queue is empty (it takes what is queued, up to max_batch_size).
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    batch_timeout: float = Field(default=0.0, ge=0.0, le=1.0)
+    workers_per_device: int = Field(default=1, ge=1, le=16)
+    # supervisor: replicas per served version, scaled by outstanding requests per replica
+    min_replicas: int = Field(default=1, ge=1, le=64)
+    max_replicas: int = Field(default=2, ge=1, le=64)
+    target_outstanding: float = Field(default=8.0, gt=0)  # per replica, before scaling up
+    # gateway
+    max_request_batch: int = Field(default=1024, ge=1)  # rows one request may carry
+    deadline_ms: float = Field(default=10_000, gt=0)  # default per-request deadline
+    max_queue: int = Field(default=256, ge=1)  # admitted and outstanding per model; then 503
+    fallback_model: str | None = None  # served (marked in a header) when every engine is down
+    result_cache: int = Field(default=0, ge=0)  # entries in the per-model result cache; 0 off
+    # engine model cache: memory budget for the versions one engine process holds (LRU)
+    cache_budget_mb: int = Field(default=2048, ge=16)
+
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> ServingSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas "
+                             f"({self.min_replicas})")
+        return self
+
+    @classmethod
+    def for_model(cls, model_settings: dict[str, Any]) -> ServingSettings:
+        return cls.model_validate(model_settings.get("serving", {}))

@@ -1,0 +1,639 @@
+"""The inference engine: one LitServe server (one process group) serving one model version.
+
+The gateway sends it :mod:`serving.wire` requests on ``POST /predict`` (127.0.0.1 only); the
+engine batches them dynamically, runs the model, and answers each request with its own status.
+Run it as ``python -m serving.engine --model NAME --version V --port P``; the supervisor does so
+through :func:`start_engine_process` and stops it with :func:`stop_process_group` (LitServe
+leaves its worker processes behind on SIGTERM, so the engine runs in its own process group and
+the whole group is stopped).
+
+Routes: ``POST /predict`` (the wire format), ``GET /health`` (200 once the model is loaded and
+warmed up: the engine's readiness), ``GET /stats`` (served, expired, failed... counters).
+
+This module deliberately has no ``from __future__ import annotations``: LitServe reads
+``decode_request``'s and ``encode_response``'s annotations at run time to build the FastAPI
+route, and string annotations would confuse it.
+"""
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+import litserve as ls
+import numpy as np
+import orjson
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from litserve.transport.process_transport import MPQueueTransport
+from litserve.utils import LitAPIStatus, LoopResponseType
+from starlette.responses import Response
+
+from kiln.errors import InvalidInput, KilnError
+from kiln.faults import EngineFaults
+from serving.config import ServingSettings
+from serving.loader import LoadedModel, ModelCache, load_version, warm_up
+from serving.wire import decode_tensor, encode_tensor
+
+log = logging.getLogger("kiln.engine")
+STATS_LOG_INTERVAL_S = 60.0
+JSON = "application/json"
+
+
+# ------------------------------------------------------------------------------ stats
+class EngineStats:
+    """Counters shared by the inference workers (which count) and the API server (``/stats``).
+
+    Shared memory from the ``spawn`` context, because LitServe spawns its inference workers and
+    the counters travel to them inside the pickled LitAPI.
+    """
+
+    FIELDS = ("requests", "served", "rows", "model_calls", "model_rows", "expired", "failed",
+              "invalid", "not_found")
+
+    def __init__(self) -> None:
+        self._values = mp.get_context("spawn").Array("q", len(self.FIELDS))
+
+    def add(self, **counts: int) -> None:
+        with self._values.get_lock():
+            for name, value in counts.items():
+                self._values[self.FIELDS.index(name)] += value
+
+    def snapshot(self) -> dict[str, int]:
+        with self._values.get_lock():
+            return dict(zip(self.FIELDS, self._values[:], strict=True))
+
+
+# --------------------------------------------------------------------------- requests
+@dataclass(slots=True)
+class Job:
+    """One request on its way through the engine: decoded, grouped, run, answered.
+
+    ``status`` stays 0 while the request is still to be run; any other value is its answer's
+    HTTP status (``detail`` saying why, for errors).
+    """
+
+    model: str = ""
+    version: str = ""
+    deadline: float | None = None  # wall-clock epoch seconds
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    wanted: list[str] | None = None  # output names asked for; None: all
+    status: int = 0
+    detail: str = ""
+    rows: int = 0
+    served: list[np.ndarray] | None = None  # checked inputs, spec order
+    outputs: list[tuple[str, np.ndarray]] | None = None
+    batch_size: int = 0
+    engine_ms: float = 0.0
+
+    def fail(self, status: int, detail: str) -> None:
+        self.status, self.detail = status, detail
+
+
+def _request_error(request: Any) -> str | None:
+    """Why a decoded JSON body is not a wire request, or None."""
+    if not isinstance(request, dict):
+        return "the request must be a JSON object"
+    model, version, deadline = request.get("model"), request.get("version"), request.get(
+        "deadline")
+    inputs, wanted = request.get("inputs"), request.get("outputs")
+    if not isinstance(model, str) or not model:
+        return "'model' must name a model"
+    if version is not None and not isinstance(version, str):
+        return "'version' must be a string or null"
+    if deadline is not None and (isinstance(deadline, bool)
+                                 or not isinstance(deadline, int | float)):
+        return "'deadline' must be epoch seconds or null"
+    if not isinstance(inputs, list) or not inputs:
+        return "'inputs' must be a non-empty list of tensors"
+    if not all(isinstance(doc, dict) for doc in inputs):
+        return "each input must be a tensor object"
+    if wanted is not None and (not isinstance(wanted, list)
+                               or not all(isinstance(n, str) for n in wanted)):
+        return "'outputs' must be a list of output names or null"
+    return None
+
+
+def _decode(request: Any) -> Job:
+    """A Job from a wire request; malformed requests become a 400 Job (never an exception,
+    which LitServe would turn into a 500 for the whole batch)."""
+    job = Job()
+    error = _request_error(request)
+    if error is not None:
+        job.fail(400, error)
+        return job
+    job.model, job.version = request["model"], request.get("version") or ""
+    job.wanted = request.get("outputs")
+    deadline = request.get("deadline")
+    job.deadline = float(deadline) if deadline is not None else None
+    try:
+        for doc in request["inputs"]:
+            name, array = decode_tensor(doc)
+            if name in job.inputs:
+                raise ValueError(f"input {name!r} is given twice")
+            job.inputs[name] = array
+    except ValueError as exc:
+        job.fail(400, str(exc))
+    return job
+
+
+def _encode(job: Job) -> Response:
+    """A Job's answer: the wire response, or ``{"detail"}`` with the Job's status."""
+    if job.status != 200 or job.outputs is None:
+        return Response(orjson.dumps({"detail": job.detail or "internal error"}),
+                        status_code=job.status or 500, media_type=JSON)
+    try:
+        body = orjson.dumps({
+            "model_name": job.model, "model_version": job.version,
+            "outputs": [encode_tensor(name, array) for name, array in job.outputs],
+            "batch_size": job.batch_size, "engine_ms": round(job.engine_ms, 3),
+        })
+    except (TypeError, ValueError):  # an output dtype the wire format has no name for
+        log.exception("cannot encode the outputs of %s@%s", job.model, job.version)
+        return Response(orjson.dumps({"detail": "the model's outputs could not be encoded"}),
+                        status_code=500, media_type=JSON)
+    return Response(body, status_code=200, media_type=JSON)
+
+
+# ------------------------------------------------------------------------------ the loop
+def _payload_rows(payload: Any) -> int:
+    """Rows a queued request carries (from its first tensor's shape), without decoding it."""
+    try:
+        return max(1, int(payload["inputs"][0]["shape"][0]))
+    except (KeyError, IndexError, TypeError, ValueError):
+        return 1
+
+
+class DrainingBatchLoop(BatchedLoop):
+    """LitServe's batched loop, collecting batches the way Kiln's batching settings mean.
+
+    LitServe 0.2.19's collector polls without blocking when ``batch_timeout`` is 0, spinning a
+    core while the queue is empty. This one blocks for the first request, then takes what is
+    already queued (``batch_timeout`` 0) or what arrives within ``batch_timeout``, until the
+    batch holds ``max_batch_size`` rows (a request may carry many) or requests.
+    """
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any
+                           ) -> tuple[list[Any], list[Any]]:
+        try:
+            first = request_queue.get(timeout=1.0)
+        except Empty:
+            return [], []
+        payloads: list[Any] = []
+        rows = 0
+        item = first
+        until = time.monotonic() + lit_api.batch_timeout
+        while True:
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, _submitted, x_enc = item
+            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
+                              LoopResponseType.REGULAR)
+            payloads.append((response_queue_id, uid, x_enc))
+            rows += _payload_rows(x_enc)
+            if rows >= lit_api.max_batch_size or len(payloads) >= lit_api.max_batch_size:
+                break
+            remaining = until - time.monotonic()
+            try:
+                item = (request_queue.get(timeout=remaining) if remaining > 0
+                        else request_queue.get_nowait())
+            except Empty:
+                break
+        return payloads, []
+
+
+# ---------------------------------------------------------------------------- the API
+class KilnEngine(ls.LitAPI):
+    """The engine's LitAPI: one primary model version, dynamically batched.
+
+    Lifecycle, per inference worker: ``setup(device)`` loads the primary version (sha256
+    verified) into the model cache, pinned, and warms it up; LitServe's ``/health`` answers 200
+    only after that. Then, per batch the loop collects: ``decode_request`` (each request to a
+    :class:`Job`; malformed ones become 400 Jobs) -> ``batch`` (the Jobs) -> ``predict`` (group
+    by model and version, load a non-primary version through the cache on demand, check each
+    Job's inputs (400 naming the field), drop Jobs past their deadline (504, never run), run
+    each group as one model call, split the outputs by rows, refuse non-finite outputs (500))
+    -> ``unbatch`` -> ``encode_response`` (each Job's own status and JSON body).
+
+    Every failure is confined to the Jobs it concerns: no method raises, because LitServe
+    answers a whole batch with one error when one does.
+    """
+
+    def __init__(self, name: str, version: str, serving: ServingSettings,
+                 stats: EngineStats | None = None) -> None:
+        super().__init__(max_batch_size=serving.max_batch_size,
+                         batch_timeout=serving.batch_timeout, loop=DrainingBatchLoop())
+        self.name = name
+        self.version = version
+        self.serving = serving
+        self.stats = stats
+        self.cache: ModelCache | None = None
+        self.faults: EngineFaults | None = None
+        self._last_stats_log = 0.0
+        self._calls = (0, 0)  # model calls and their rows in the batch being predicted
+
+    # --- lifecycle
+    def setup(self, device: str) -> None:
+        from kiln.backends import default_threads
+        from kiln.settings import get_settings
+
+        configure_logging()
+        settings = get_settings()
+        self.faults = EngineFaults.from_env()
+        if self.faults is not None:
+            log.warning("test faults injected: %s (KILN_ENGINE_FAULTS)", self.faults)
+        threads = None
+        if device == "cpu":  # workers on one CPU share its cores
+            threads = max(1, default_threads() // self.serving.workers_per_device)
+        loader = partial(_load, settings, device=device, threads=threads)
+        self.cache = ModelCache(self.serving.cache_budget_mb * 2**20, loader)
+        try:
+            primary = self.cache.get(self.name, self.version, pin=True)
+        except Exception as exc:
+            log.error("refusing to serve %s@%s: %s", self.name, self.version, exc)
+            raise
+        started = time.perf_counter()
+        warm_up(primary, {1, min(self.serving.max_batch_size, 64)})
+        log.info("%s@%s warmed up in %.0f ms; serving on %s", self.name, self.version,
+                 (time.perf_counter() - started) * 1000, device)
+        self._last_stats_log = time.monotonic()
+
+    # --- per request
+    def decode_request(self, request) -> Job:  # type: ignore[no-untyped-def]
+        # ``request`` is the decoded JSON body. It is deliberately unannotated: LitServe reads
+        # this annotation to choose the parser, and only an absent one (or starlette's Request)
+        # makes it read JSON whatever the Content-Type; a ``dict`` makes FastAPI demand one.
+        job = _decode(request)
+        if not job.status and not job.version and job.model == self.name:
+            job.version = self.version
+        elif not job.status and not job.version:
+            job.fail(400, f"'version' is required for model {job.model!r}")
+        return job
+
+    def batch(self, inputs: list[Job]) -> list[Job]:
+        return inputs
+
+    def predict(self, x: list[Job]) -> list[Job]:
+        groups: dict[tuple[str, str], list[Job]] = {}
+        for job in x:
+            if not job.status:
+                groups.setdefault((job.model, job.version), []).append(job)
+        for (name, version), jobs in groups.items():
+            self._run_model(name, version, jobs)
+        self._count(x)
+        return x
+
+    def unbatch(self, output: list[Job]) -> list[Job]:
+        return output
+
+    def encode_response(self, output: Job) -> Response:
+        return _encode(output)
+
+    # --- the work
+    def _run_model(self, name: str, version: str, jobs: list[Job]) -> None:
+        """Check, deadline-filter and run the Jobs for one version, one call per input shape."""
+        assert self.cache is not None
+        try:
+            model = self.cache.get(name, version)
+        except KilnError as exc:
+            status = 404 if exc.http_status == 404 else 500
+            for job in jobs:
+                job.fail(status, str(exc) if status == 404 else
+                         f"{name}@{version} could not be loaded on this engine")
+            if status != 404:
+                log.error("loading %s@%s failed: %s", name, version, exc)
+            return
+        except Exception:
+            log.exception("loading %s@%s failed", name, version)
+            for job in jobs:
+                job.fail(500, f"{name}@{version} could not be loaded on this engine")
+            return
+        calls: dict[tuple[tuple[int, ...], ...], list[Job]] = {}
+        for job in jobs:
+            try:
+                job.served = model.check(job.inputs)
+                if job.wanted is not None:
+                    unknown = [n for n in job.wanted if n not in model.output_names]
+                    if unknown:
+                        raise InvalidInput(f"unknown output {unknown[0]!r}: {name}@{version} "
+                                           f"returns {', '.join(model.output_names)}")
+            except InvalidInput as exc:
+                job.fail(400, str(exc))
+                continue
+            job.rows = job.served[0].shape[0]
+            # Texts are tokenized together (padded to the batch's longest); other inputs
+            # concatenate only when their non-batch dimensions agree.
+            shape_key = () if model.tokenizer is not None else tuple(
+                a.shape[1:] for a in job.served)
+            calls.setdefault(shape_key, []).append(job)
+        for call in calls.values():
+            self._call(model, call)
+
+    def _call(self, model: LoadedModel, jobs: list[Job]) -> None:
+        now = time.time()
+        live = []
+        for job in jobs:
+            if job.deadline is not None and job.deadline <= now:
+                job.fail(504, "deadline passed before the model ran; the request was dropped")
+            else:
+                live.append(job)
+        if not live:
+            return
+        served = [job.served for job in live if job.served is not None]
+        inputs = served[0] if len(served) == 1 else [
+            np.concatenate(column) for column in zip(*served, strict=True)]
+        rows = inputs[0].shape[0]
+        started = time.perf_counter()
+        try:
+            if self.faults is not None:
+                self.faults.delay()
+            outputs = model.run(inputs)
+        except Exception:
+            log.exception("%s@%s failed on a batch of %d rows", model.name, model.version, rows)
+            for job in live:
+                job.fail(500, f"the model {model.name}@{model.version} failed on this batch")
+            return
+        engine_ms = (time.perf_counter() - started) * 1000
+        self._calls = (self._calls[0] + 1, self._calls[1] + rows)
+        self._split(model, live, outputs, rows, engine_ms)
+
+    def _split(self, model: LoadedModel, jobs: list[Job], outputs: list[np.ndarray], rows: int,
+               engine_ms: float) -> None:
+        """Each Job's rows of the outputs; non-finite values make that Job a 500."""
+        start = 0
+        for job in jobs:
+            stop = start + job.rows
+            mine = [(name, out[start:stop]) for name, out in
+                    zip(model.output_names, outputs, strict=True)
+                    if job.wanted is None or name in job.wanted]
+            start = stop
+            fault = self.faults.draw() if self.faults is not None else None
+            if fault == "error":
+                job.fail(500, "injected fault (KILN_ENGINE_FAULTS): the model failed")
+                continue
+            if fault == "nan":
+                mine = [(n, np.full_like(a, np.nan) if a.dtype.kind == "f" else a)
+                        for n, a in mine]
+            bad = next((n for n, a in mine if a.dtype.kind == "f" and not np.isfinite(a).all()),
+                       None)
+            if bad is not None:
+                job.fail(500, f"output {bad!r} of {model.name}@{model.version} holds NaN or "
+                              "infinite values")
+                continue
+            job.status, job.outputs = 200, mine
+            job.batch_size, job.engine_ms = rows, engine_ms
+
+    def _count(self, jobs: list[Job]) -> None:
+        counts = dict.fromkeys(EngineStats.FIELDS, 0)
+        counts["requests"] = len(jobs)
+        counts["model_calls"], counts["model_rows"] = self._calls
+        self._calls = (0, 0)
+        for job in jobs:
+            if job.status == 200:
+                counts["served"] += 1
+                counts["rows"] += job.rows
+            else:
+                counts[_COUNTER_OF.get(job.status, "failed")] += 1
+        if self.stats is None:
+            return
+        self.stats.add(**counts)
+        now = time.monotonic()
+        if now - self._last_stats_log >= STATS_LOG_INTERVAL_S:
+            self._last_stats_log = now
+            log.info("engine stats %s", self.stats.snapshot())
+
+
+_COUNTER_OF = {504: "expired", 404: "not_found", 400: "invalid"}
+
+
+def _load(settings: Any, name: str, version: str, *, device: str, threads: int | None
+          ) -> LoadedModel:
+    return load_version(settings, name, version, device, threads=threads)
+
+
+# ---------------------------------------------------------------------------- the server
+def resolve_device(device: str, backend: str) -> str:
+    """LitServe's accelerator for ``--device``: ``auto`` is CUDA when a GPU is visible and the
+    served backend can use it (LitServe's own ``auto`` picks CUDA only once torch is imported,
+    which an ONNX Runtime engine never does), else the CPU."""
+    if device != "auto":
+        return device
+    from litserve.connector import check_cuda_with_nvidia_smi
+
+    if check_cuda_with_nvidia_smi() == 0:
+        return "cpu"
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return "cuda"
+
+
+def build_server(name: str, version: str, *, device: str = "auto",
+                 stats: EngineStats | None = None) -> ls.LitServer:
+    """The LitServer for ``name@version`` with the model's batching settings (not started).
+
+    Fails fast (NotFound, IntegrityError) when the version is unknown or its artifact is
+    corrupt, before any worker process starts.
+    """
+    from kiln.settings import get_settings
+    from kiln.store import ArtifactStore
+    from serving.loader import read_version
+
+    settings = get_settings()
+    record = read_version(settings, name, version)
+    ArtifactStore(settings.home, settings.remote_url).verified_path(record.artifact.path,
+                                                                  record.artifact.sha256)
+    serving = record.serving
+    api = KilnEngine(name, version, serving, stats)
+    server = KilnLitServer(api, accelerator=resolve_device(device, record.artifact.backend),
+                          workers_per_device=serving.workers_per_device, timeout=False,
+                          fast_queue=False, disable_openapi_url=True,
+                          model_metadata={"model": name, "version": version})
+    # LitServe gzips every response over 1 kB; the gateway is on the same host, where
+    # compressing costs more time than it saves.
+    server.app.user_middleware = [m for m in server.app.user_middleware
+                                  if getattr(m.cls, "__name__", "") != "GZipMiddleware"]
+    if stats is not None:
+        async def engine_stats() -> Response:
+            return Response(orjson.dumps({"model": name, "version": version,
+                                          **stats.snapshot()}), media_type=JSON)
+
+        server.app.add_api_route("/stats", engine_stats, methods=["GET"])
+    log.info("engine for %s@%s: backend %s/%s, max_batch_size %d, batch_timeout %.3f s, "
+             "workers %d", name, version, record.artifact.backend, record.artifact.precision,
+             serving.max_batch_size, serving.batch_timeout, serving.workers_per_device)
+    return server
+
+
+class KilnLitServer(ls.LitServer):
+    """LitServer with plain multiprocessing queues between its API server and its workers.
+
+    LitServe 0.2.19 passes requests and responses through ``multiprocessing.Manager`` queues:
+    every put and get is a round trip to the manager process. Pipe-backed queues (spawn
+    context, so the spawned workers can receive them) skip that hop on every request.
+    ``fast_queue`` (ZeroMQ) would be LitServe's own answer, but in 0.2.19 it is never enabled
+    (``TransportConfig`` is built with a misspelt keyword), and forcing it fails at start.
+    """
+
+    def _init_manager(self, num_api_servers: int) -> Any:
+        manager = super()._init_manager(num_api_servers)
+        ctx = mp.get_context("spawn")
+        for path in list(self.litapi_request_queues):
+            self.litapi_request_queues[path] = ctx.Queue()
+        self._transport = MPQueueTransport(manager, [ctx.Queue() for _ in range(num_api_servers)])
+        return manager
+
+    def _perform_graceful_shutdown(self, manager: Any, uvicorn_workers: dict[Any, Any],
+                                   shutdown_reason: str = "normal") -> None:
+        # LitServe calls terminate() on API server threads, which threads do not have; the
+        # engine's process exits right after this instead (see the end of this module).
+        processes = {key: worker for key, worker in uvicorn_workers.items()
+                     if not isinstance(worker, threading.Thread)}
+        super()._perform_graceful_shutdown(manager, processes, shutdown_reason)
+
+
+def configure_logging() -> None:
+    """Engine logs to stderr (the supervisor's per-engine log file), once per process: the
+    main process and each spawned inference worker."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s [%(process)d] "
+                                   "%(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.engine``: serve one model version until stopped; the exit code.
+
+    0 after SIGTERM or Ctrl-C; the KilnError's exit code when the version cannot be served
+    (unknown: 3, corrupt artifact: 5); 1 when a worker failed to start or died.
+    """
+    parser = argparse.ArgumentParser(prog="python -m serving.engine",
+                                     description="Serve one Kiln model version (LitServe).")
+    parser.add_argument("--model", required=True, help="model name in the registry")
+    parser.add_argument("--version", required=True, help="model version (semver)")
+    parser.add_argument("--port", required=True, type=int, help="port to listen on")
+    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1"],
+                        help="interface to bind (loopback only: the gateway is the front door)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the model runs (auto: CUDA when usable)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    # SIGTERM takes LitServe's Ctrl-C path, which stops its worker processes too.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    code = 0
+    try:
+        server = build_server(args.model, args.version, device=args.device,
+                              stats=EngineStats())
+        # One API server, as a thread: no fork of a process that already runs threads, one
+        # process fewer, and (measured) no slower than a forked API server process.
+        server.run(host=args.host, port=args.port, num_api_servers=1, log_level="warning",
+                   generate_client_file=False, api_server_worker_type="thread",
+                   access_log=False)
+    except KilnError as exc:
+        log.error("refusing to serve %s@%s: %s", args.model, args.version, exc)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        log.info("engine for %s@%s stopping", args.model, args.version)
+    except Exception as exc:  # noqa: BLE001 - a worker failed its setup (it logged why) or died
+        log.error("engine for %s@%s stopped: an inference worker failed to start or died "
+                  "(%s: %s)", args.model, args.version, type(exc).__name__, exc)
+        code = 1
+    _stop_children()
+    return code
+
+
+def _stop_children(timeout: float = 5.0) -> None:
+    """Terminate LitServe's worker and manager processes that are still running (after a
+    failed start LitServe leaves them behind)."""
+    children = mp.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
+
+
+# ------------------------------------------------------------------------ process control
+def start_engine_process(name: str, version: str, port: int, *, env: dict[str, str],
+                         log_path: Path | None = None, device: str = "auto"
+                         ) -> "subprocess.Popen[bytes]":
+    """Start an engine in its own process group (so :func:`stop_process_group` can stop its
+    LitServe workers too), logging to ``log_path`` (appended) or inheriting our output."""
+    command = [sys.executable, "-m", "serving.engine", "--model", name, "--version", version,
+               "--port", str(port), "--device", device]
+    if log_path is None:
+        return subprocess.Popen(command, env=env, start_new_session=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def stop_process_group(proc: "subprocess.Popen[bytes]", timeout: float = 10.0) -> int | None:
+    """SIGTERM ``proc``'s process group, SIGKILL whatever is left after ``timeout`` seconds;
+    returns ``proc``'s exit code. The group is ``proc.pid`` (started with a new session)."""
+    pgid = proc.pid
+    deadline = time.monotonic() + timeout
+    _signal_group(pgid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None or group_members(pgid):
+        log.warning("engine process group %d did not stop in %.0f s; killing it", pgid, timeout)
+        _signal_group(pgid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+    return proc.poll()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+if __name__ == "__main__":
+    exit_code = main()
+    # LitServe's API server thread is not a daemon and LitServe cannot stop it (it calls
+    # Thread.terminate); the workers are stopped by now, so leave without waiting for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

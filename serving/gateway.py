@@ -1,0 +1,530 @@
+"""Kiln's API gateway: the Open Inference Protocol v2 REST API in front of the engines.
+
+A plain ASGI app (run by :func:`serve` under uvicorn with :mod:`serving.http`'s limits). One
+request goes: normalise the path -> liveness/readiness (open) or authenticate (401) -> authorise
+(403) -> per-key rate limit (429 + Retry-After) -> read the body (capped by the protocol) and
+decode JSON or Triton's binary extension (415 for any other content type) -> validate against
+the model's input spec (400 naming the field) -> result cache -> admission (503 + Retry-After
+when the model's queue is full) -> route (a pinned version, or the deployment's stable/canary
+weights, sticky per ``X-Kiln-Routing-Key``) -> the least-loaded ready replica, with a circuit
+breaker per replica and retries on another replica when an engine fails or dies mid-flight
+(inference is idempotent; never on a 4xx, never past the deadline) -> fall back to the stable
+version when the canary has no engine, then to the model's declared fallback model (marked in
+``X-Kiln-Fallback``) -> encode the outputs (JSON, or binary when asked) -> metrics.
+
+Lifecycle: ``create_app(settings)`` builds it; the ASGI lifespan starts the supervisor (which
+reconciles engines to the registry and fills :class:`~serving.state.RoutingState`) and the
+engine client; shutdown stops both, engines included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from kiln.errors import Forbidden
+from kiln.settings import Settings
+from serving import oip
+from serving.auth import KeyStore, Principal, RateLimiter, authorize
+from serving.metrics import GatewayMetrics
+from serving.state import Replica, RoutingState, ServedModel
+from serving.wire import decode_tensor, encode_tensor
+
+log = logging.getLogger("kiln.gateway")
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+SERVER_NAME = "kiln"
+EXTENSIONS = ["binary_tensor_data"]
+ROUTING_KEY = b"x-kiln-routing-key"
+DEADLINE_HEADER = b"x-kiln-deadline-ms"
+MAX_ATTEMPTS = 4  # engine calls per candidate version (first try + retries)
+_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+
+
+class HTTPError(Exception):
+    """An answer other than 200: status, message, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class EngineUnavailable(Exception):
+    """The engine could not answer (refused, died mid-flight, 502/503): retry elsewhere."""
+
+
+@dataclass
+class EngineAnswer:
+    outputs: dict[str, np.ndarray]
+    batch_size: int
+    engine_ms: float
+
+
+def normalise_path(path: str) -> str:
+    """``//v2//models/x/`` and ``/v2/models/x`` are one route (and one rate-limit bucket)."""
+    path = re.sub(r"/{2,}", "/", path)
+    return path.rstrip("/") or "/"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class Gateway:
+    """The ASGI app. Routes are few and fixed, so they are matched by hand (no framework cost
+    on the hot path)."""
+
+    def __init__(self, settings: Settings, *, state: RoutingState | None = None,
+                 keys: KeyStore | None = None, limiter: RateLimiter | None = None,
+                 supervise: bool = True) -> None:
+        self.settings = settings
+        self.state = state or RoutingState()
+        self.metrics = GatewayMetrics()
+        self.keys = keys or KeyStore(settings)
+        self.limiter = limiter or RateLimiter(settings)
+        self.supervise = supervise
+        self.supervisor: Any = None
+        self.client: aiohttp.ClientSession | None = None
+
+    # --- lifespan
+    async def startup(self) -> None:
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, force_close=False),
+            skip_auto_headers=("User-Agent",), auto_decompress=False)
+        if self.supervise:
+            from serving.supervisor import Supervisor
+
+            self.supervisor = Supervisor(self.settings, self.state, self.metrics)
+            self.metrics.watch_engines(self.supervisor.engine_rows)
+            await self.supervisor.start()
+
+    async def shutdown(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self.client is not None:
+            await self.client.close()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("gateway startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- ASGI entry
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, receive, send)
+        except HTTPError as exc:
+            await self._error(send, exc.status, str(exc), exc.headers)
+        except Exception:  # never a traceback or a path in a body (RELIABILITY.md)
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await self._error(send, 500, "internal error: see the gateway's log")
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = normalise_path(scope["path"])
+        method = scope["method"]
+        if path == "/v2/health/live":
+            await self._json(send, 200, {"live": True})
+            return
+        if path == "/v2/health/ready":
+            ready, missing = self.state.all_ready()
+            body = {"ready": ready} if ready else {"ready": False, "waiting_for": missing}
+            await self._json(send, 200 if ready else 503, body)
+            return
+        principal = await self.keys.authenticate(_header(scope, b"authorization"))
+        if principal is None:
+            self.metrics.auth_failures.labels("401").inc()
+            raise HTTPError(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
+                            {"WWW-Authenticate": 'Bearer realm="kiln"'})
+        retry_after = await self.limiter.hit(principal)
+        if retry_after is not None:
+            self.metrics.rate_limited.inc()
+            raise HTTPError(429, f"rate limit of key {principal.prefix} exceeded; retry after "
+                                 f"{retry_after:g} s", {"Retry-After": str(int(retry_after))})
+        if path == "/metrics":
+            self._method(method, "GET")
+            await self._respond(send, 200, self.metrics.render(),
+                                "text/plain; version=0.0.4; charset=utf-8")
+            return
+        if path == "/v2":
+            self._method(method, "GET")
+            self._authorize(principal, "infer", None)
+            await self._json(send, 200, {"name": SERVER_NAME, "version": _version(),
+                                         "extensions": EXTENSIONS})
+            return
+        match = _MODEL_PATH.match(path)
+        if match is None:
+            raise HTTPError(404, f"no route {path}: see the Open Inference Protocol v2 routes")
+        name, version, action = match.group(1), match.group(2), match.group(3)
+        self._authorize(principal, "infer", name)
+        served = self._served(name, version)
+        if action == "/infer":
+            self._method(method, "POST")
+            await self._infer(scope, receive, send, served, version)
+        elif action == "/ready":
+            self._method(method, "GET")
+            chosen = version or served.stable or served.canary
+            ok = chosen is not None and self.state.ready(name, chosen)
+            await self._json(send, 200 if ok else 503, {"name": name, "version": chosen,
+                                                         "ready": ok})
+        else:
+            self._method(method, "GET")
+            await self._json(send, 200, self._metadata(served, version))
+
+    @staticmethod
+    def _method(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise HTTPError(405, f"method {method} not allowed here: use {allowed}",
+                            {"Allow": allowed})
+
+    def _authorize(self, principal: Principal, scope: str, model: str | None) -> None:
+        try:
+            authorize(principal, scope, model)
+        except Forbidden as exc:
+            self.metrics.auth_failures.labels("403").inc()
+            raise HTTPError(403, str(exc)) from None
+
+    def _served(self, name: str, version: str | None) -> ServedModel:
+        served = self.state.models.get(name)
+        if served is None:
+            raise HTTPError(404, f"model {name!r} is not deployed: see `kiln models` and "
+                                 "`kiln deploy`")
+        if version is not None and version not in served.specs:
+            deployed = ", ".join(served.versions()) or "none"
+            raise HTTPError(404, f"version {version!r} of {name!r} is not served "
+                                 f"(served: {deployed})")
+        return served
+
+    def _metadata(self, served: ServedModel, version: str | None) -> dict[str, Any]:
+        chosen = version or served.stable or served.canary
+        spec = served.specs[chosen] if chosen else None
+        tensors = (lambda ts: [{"name": t.name, "datatype": t.datatype, "shape": t.shape}
+                               for t in ts])
+        return {"name": served.name, "versions": served.versions(),
+                "platform": f"kiln_{served.backends.get(chosen or '', 'unknown')}",
+                "inputs": tensors(spec.served_inputs()) if spec else [],
+                "outputs": tensors(spec.outputs) if spec else []}
+
+    # --- inference
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError("client went away")
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, served: ServedModel,
+                     pinned: str | None) -> None:
+        start = time.perf_counter()
+        settings = served.settings
+        header_length = _header(scope, b"inference-header-content-length")
+        content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        if content_type not in ("", "application/json", "application/octet-stream"):
+            raise HTTPError(415, f"content type {content_type!r} is not accepted: send JSON, or "
+                                 "the binary tensor extension with Inference-Header-Content-Length")
+        if content_type == "application/octet-stream" and header_length is None:
+            raise HTTPError(415, "application/octet-stream needs the Inference-Header-Content-"
+                                 "Length header (Triton's binary tensor extension)")
+        encoding = (_header(scope, b"content-encoding") or "identity").lower()
+        if encoding != "identity":
+            raise HTTPError(415, f"Content-Encoding {encoding!r} is not accepted: send the body "
+                                 "uncompressed")
+        body = await self._read_body(receive)
+        deadline = self._deadline(scope, settings.deadline_ms)
+        version = pinned or served.pick_version(_header(scope, ROUTING_KEY))
+        if version is None:
+            raise HTTPError(503, f"model {served.name!r} has no served version yet",
+                            {"Retry-After": "1"})
+        spec = served.specs[version]
+        try:
+            doc, tail = oip.parse(body, header_length)
+            req = oip.request(doc, tail, spec.served_inputs(), max_rows=settings.max_request_batch)
+        except oip.BadRequest as exc:
+            self.metrics.requests.labels(served.name, version, "400").inc()
+            raise HTTPError(400, str(exc)) from None
+
+        cache = self.state.cache_for(served)
+        cache_key = _cache_key(version, req.inputs) if cache is not None else None
+        cached = cache.get(cache_key) if cache is not None and cache_key else None
+        if cached is not None:
+            self.metrics.cache_hits.labels(served.name).inc()
+            await self._answer(send, served.name, version, req, cached, start, {})
+            return
+
+        inflight = self.state.inflight.get(served.name, 0)
+        if inflight >= settings.max_queue:
+            self.metrics.rejected.labels(served.name, "queue_full").inc()
+            self.metrics.requests.labels(served.name, version, "503").inc()
+            raise HTTPError(503, f"model {served.name!r} is at its queue limit "
+                                 f"({settings.max_queue}); retry shortly", {"Retry-After": "1"})
+        self.state.inflight[served.name] = inflight + 1
+        self.metrics.inflight.labels(served.name).inc()
+        try:
+            answer, used, fallback = await self._dispatch(served, version, pinned, req, deadline)
+        except HTTPError as exc:
+            self.metrics.requests.labels(served.name, version, str(exc.status)).inc()
+            raise
+        finally:
+            self.state.inflight[served.name] -= 1
+            self.metrics.inflight.labels(served.name).dec()
+        if cache is not None and cache_key and not fallback:
+            cache.put(cache_key, answer)
+        extra = {"X-Kiln-Fallback": fallback} if fallback else {}
+        await self._answer(send, used[0], used[1], req, answer, start, extra)
+
+    def _deadline(self, scope: Scope, default_ms: float) -> float:
+        """Monotonic deadline: the model's default, shortened by ``X-Kiln-Deadline-Ms``."""
+        ms = default_ms
+        asked = _header(scope, DEADLINE_HEADER)
+        if asked is not None:
+            try:
+                ms = min(ms, float(asked))
+            except ValueError:
+                raise HTTPError(400, "X-Kiln-Deadline-Ms must be a number of milliseconds") \
+                    from None
+            if not ms > 0:
+                raise HTTPError(400, "X-Kiln-Deadline-Ms must be positive")
+        return time.monotonic() + ms / 1000
+
+    def _candidates(self, served: ServedModel, version: str, pinned: str | None
+                    ) -> list[tuple[str, str, str]]:
+        """(model, version, fallback reason) in the order to try them."""
+        order = [(served.name, version, "")]
+        if pinned is None and version != served.stable and served.stable is not None:
+            order.append((served.name, served.stable, f"canary {version} unavailable; "
+                                                     f"served by stable {served.stable}"))
+        fallback = served.settings.fallback_model
+        if pinned is None and fallback:
+            other = self.state.models.get(fallback)
+            if other is not None and other.stable is not None:
+                order.append((other.name, other.stable,
+                              f"{served.name} unavailable; served by {other.name}@{other.stable}"))
+        return order
+
+    async def _dispatch(self, served: ServedModel, version: str, pinned: str | None,
+                        req: oip.InferRequest, deadline: float
+                        ) -> tuple[EngineAnswer, tuple[str, str], str]:
+        last = "no engine is ready"
+        for model, candidate, reason in self._candidates(served, version, pinned):
+            if reason:
+                other = self.state.models.get(model)
+                spec = other.specs.get(candidate) if other else None
+                if spec is None or [t.name for t in spec.served_inputs()] != list(req.inputs):
+                    continue  # a fallback must take the same inputs
+            try:
+                answer = await self._call_version(model, candidate, req, deadline)
+            except EngineUnavailable as exc:
+                last = str(exc)
+                continue
+            if reason:
+                self.metrics.fallbacks.labels(served.name, "canary" if model == served.name
+                                              else "fallback_model").inc()
+            return answer, (model, candidate), reason
+        if time.monotonic() >= deadline:
+            raise HTTPError(504, "deadline passed before an engine could answer")
+        self.metrics.rejected.labels(served.name, "no_engine").inc()
+        raise HTTPError(503, f"model {served.name!r} has no engine able to answer ({last}); "
+                             "retry shortly", {"Retry-After": "1"})
+
+    async def _call_version(self, model: str, version: str, req: oip.InferRequest,
+                            deadline: float) -> EngineAnswer:
+        """Call one replica of ``model@version``; on failure retry another, within the deadline."""
+        payload = orjson.dumps({
+            "model": model, "version": version,
+            "deadline": time.time() + (deadline - time.monotonic()),
+            "inputs": [encode_tensor(n, a) for n, a in req.inputs.items()],
+            "outputs": req.outputs,
+        })
+        tried: set[int] = set()
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(MAX_ATTEMPTS) | stop_before_delay(
+                max(0.0, deadline - time.monotonic())),
+            wait=wait_exponential_jitter(initial=0.005, max=0.1, jitter=0.01),
+            retry=retry_if_exception_type(EngineUnavailable), reraise=True)
+        async for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.metrics.retries.labels(model, version).inc()
+                replica = self.state.pick_replica(model, version, tried)
+                if replica is None and tried:  # every replica tried once: any available one
+                    replica = self.state.pick_replica(model, version, set())
+                if replica is None:
+                    raise EngineUnavailable(f"no ready engine for {model}@{version}")
+                tried.add(id(replica))
+                return await self._call_replica(replica, payload, deadline)
+        raise EngineUnavailable(f"no ready engine for {model}@{version}")  # pragma: no cover
+
+    async def _call_replica(self, replica: Replica, payload: bytes, deadline: float
+                            ) -> EngineAnswer:
+        assert self.client is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HTTPError(504, "deadline passed before an engine could answer")
+        replica.outstanding += 1
+        try:
+            async with self.client.post(
+                    replica.url + "/predict", data=payload,
+                    headers={"Content-Type": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=remaining)) as resp:
+                status = resp.status
+                body = await resp.read()
+        except TimeoutError:
+            raise HTTPError(504, "deadline passed while the engine was working") from None
+        except aiohttp.ClientError as exc:
+            replica.failed(time.monotonic())
+            raise EngineUnavailable(f"engine {replica.url} failed: {type(exc).__name__}") \
+                from None
+        finally:
+            replica.outstanding -= 1
+        if status in (502, 503):
+            replica.failed(time.monotonic())
+            raise EngineUnavailable(f"engine {replica.url} answered {status}")
+        replica.succeeded()
+        if status != 200:
+            detail = _detail(body)
+            if status == 504:
+                raise HTTPError(504, "deadline passed while the request waited in the engine")
+            if status >= 500:
+                raise HTTPError(500, f"the model failed on this request: {detail}")
+            raise HTTPError(status, detail)
+        doc = orjson.loads(body)
+        outputs = dict(decode_tensor(t) for t in doc["outputs"])
+        return EngineAnswer(outputs=outputs, batch_size=int(doc.get("batch_size", 0)),
+                            engine_ms=float(doc.get("engine_ms", 0.0)))
+
+    async def _answer(self, send: Send, model: str, version: str, req: oip.InferRequest,
+                      answer: EngineAnswer, start: float, extra: dict[str, str]) -> None:
+        outputs = answer.outputs
+        if req.outputs is not None:
+            missing = [n for n in req.outputs if n not in outputs]
+            if missing:
+                raise HTTPError(400, f"unknown output {missing[0]!r}: the model returns "
+                                     f"{', '.join(outputs)}")
+            outputs = {n: outputs[n] for n in req.outputs}
+        binary = set(outputs) if req.binary_default else req.binary_outputs & set(outputs)
+        body, header_length = oip.response(model=model, version=version,
+                                           request_id=req.request_id, outputs=outputs,
+                                           binary=binary)
+        headers = {"Kiln-Model-Version": version, **extra}
+        if header_length is not None:
+            headers["Inference-Header-Content-Length"] = str(header_length)
+        content_type = "application/octet-stream" if header_length is not None \
+            else "application/json"
+        await self._respond(send, 200, body, content_type, headers)
+        elapsed = time.perf_counter() - start
+        m = self.metrics
+        m.requests.labels(model, version, "200").inc()
+        m.latency.labels(model, version, "gateway").observe(elapsed)
+        if answer.engine_ms:
+            m.latency.labels(model, version, "engine").observe(answer.engine_ms / 1000)
+        if answer.batch_size:
+            m.batch.labels(model, version).observe(answer.batch_size)
+
+    # --- responses
+    async def _respond(self, send: Send, status: int, body: bytes, content_type: str,
+                       headers: dict[str, str] | None = None) -> None:
+        raw = [(b"content-type", content_type.encode()),
+               (b"content-length", str(len(body)).encode())]
+        raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _json(self, send: Send, status: int, doc: dict[str, Any],
+                    headers: dict[str, str] | None = None) -> None:
+        await self._respond(send, status, orjson.dumps(doc), "application/json", headers)
+
+    async def _error(self, send: Send, status: int, message: str,
+                     headers: dict[str, str] | None = None) -> None:
+        try:
+            await self._json(send, status, {"error": message}, headers)
+        except Exception:  # the client is gone or a response already started
+            pass
+
+
+def _detail(body: bytes) -> str:
+    try:
+        doc = orjson.loads(body)
+        return str(doc.get("detail") or doc.get("error") or doc)[:500]
+    except Exception:
+        return body[:200].decode("utf-8", "replace")
+
+
+def _cache_key(version: str, inputs: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256(version.encode())
+    for name, array in inputs.items():
+        digest.update(name.encode())
+        digest.update(str(array.shape).encode())
+        digest.update(repr(array.tolist()).encode() if array.dtype == object
+                      else np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kiln")
+    except PackageNotFoundError:
+        return "0"
+
+
+def create_app(settings: Settings, **kwargs: Any) -> Gateway:
+    return Gateway(settings, **kwargs)
+
+
+def serve(settings: Settings, *, port: int | None = None, host: str | None = None) -> None:
+    """Run the gateway (and its supervisor) under uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from serving.http import HttpLimits, guarded_protocol
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=host or settings.gateway_host,
+        port=settings.gateway_port if port is None else port,
+        http=guarded_protocol(HttpLimits(max_body_bytes=settings.max_body_bytes)),
+        loop="uvloop", lifespan="on", log_level="warning", access_log=False,
+        timeout_keep_alive=5, limit_concurrency=settings.gateway_max_connections,
+        server_header=False, date_header=False)
+    uvicorn.Server(config).run()

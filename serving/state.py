@@ -1,0 +1,141 @@
+"""What the gateway routes by: served models (from the registry) and engine replicas (from the
+supervisor). One process holds both; the supervisor writes, the gateway reads. Swaps are whole
+assignments on the event loop, so a request sees one consistent view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.spec import ModelSpec
+from serving.config import ServingSettings
+
+BREAKER_FAILURES = 3  # consecutive failures that open an engine's circuit
+BREAKER_OPEN_S = 2.0  # how long it stays open before one trial request (half-open)
+
+
+@dataclass
+class Replica:
+    """One engine process serving one model version, as the gateway sees it."""
+
+    model: str
+    version: str
+    url: str  # http://127.0.0.1:PORT
+    pid: int = 0
+    ready: bool = False  # passed its health check after warm-up
+    draining: bool = False  # being stopped: finish what it has, take nothing new
+    outstanding: int = 0  # requests the gateway has sent it and not had back
+    failures: int = 0  # consecutive failed calls (circuit breaker)
+    open_until: float = 0.0  # circuit open until this monotonic time
+
+    def available(self, now: float) -> bool:
+        return self.ready and not self.draining and self.open_until <= now
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        if self.failures >= BREAKER_FAILURES:
+            self.open_until = now + BREAKER_OPEN_S
+
+
+@dataclass
+class ServedModel:
+    """A deployed model: its stable and canary versions and how it is served."""
+
+    name: str
+    task: str
+    settings: ServingSettings
+    stable: str | None
+    canary: str | None = None
+    canary_weight: float = 0.0
+    shadow_share: float = 0.0
+    specs: dict[str, ModelSpec] = field(default_factory=dict)  # served versions only
+    backends: dict[str, str] = field(default_factory=dict)  # version -> selected backend
+
+    def versions(self) -> list[str]:
+        return [v for v in (self.stable, self.canary) if v is not None]
+
+    def pick_version(self, routing_key: str | None) -> str | None:
+        """Stable or canary by the canary weight; the same routing key always gets the same."""
+        if self.canary is None or self.canary_weight <= 0.0:
+            return self.stable or self.canary
+        if self.stable is None or self.canary_weight >= 1.0:
+            return self.canary
+        if routing_key:
+            digest = hashlib.blake2b(f"{self.name}\0{routing_key}".encode(), digest_size=8)
+            share = int.from_bytes(digest.digest(), "big") / 2**64
+        else:
+            share = random.random()
+        return self.canary if share < self.canary_weight else self.stable
+
+
+class ResultCache:
+    """A small LRU of responses keyed by (version, input bytes hash)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+@dataclass
+class RoutingState:
+    """The gateway's whole view; the supervisor replaces ``models`` and edits ``replicas``."""
+
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    replicas: dict[tuple[str, str], list[Replica]] = field(default_factory=dict)
+    inflight: dict[str, int] = field(default_factory=dict)  # admitted requests per model
+    caches: dict[str, ResultCache] = field(default_factory=dict)
+    loaded_at: float = 0.0  # monotonic time of the last registry snapshot
+
+    def pick_replica(self, model: str, version: str, exclude: set[int]) -> Replica | None:
+        """Least outstanding requests among available replicas (ties: random)."""
+        now = time.monotonic()
+        best: list[Replica] = []
+        low = None
+        for replica in self.replicas.get((model, version), ()):
+            if id(replica) in exclude or not replica.available(now):
+                continue
+            if low is None or replica.outstanding < low:
+                best, low = [replica], replica.outstanding
+            elif replica.outstanding == low:
+                best.append(replica)
+        if not best:
+            return None
+        return best[0] if len(best) == 1 else random.choice(best)
+
+    def ready(self, model: str, version: str) -> bool:
+        return any(r.ready and not r.draining for r in self.replicas.get((model, version), ()))
+
+    def all_ready(self) -> tuple[bool, list[str]]:
+        """Whether every served version has a ready engine (and which do not)."""
+        missing = [f"{m.name}@{v}" for m in self.models.values() for v in m.versions()
+                   if not self.ready(m.name, v)]
+        return not missing, missing
+
+    def cache_for(self, model: ServedModel) -> ResultCache | None:
+        if model.settings.result_cache <= 0:
+            return None
+        cache = self.caches.get(model.name)
+        if cache is None or cache.size != model.settings.result_cache:
+            cache = self.caches[model.name] = ResultCache(model.settings.result_cache)
+        return cache

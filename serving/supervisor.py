@@ -1,0 +1,335 @@
+"""The supervisor: reconciles running engines to the registry's Deployment rows.
+
+Lifecycle: ``start()`` -> every ``reconcile_interval_s``: read the registry (desired state) ->
+start missing replicas (each an engine process in its own process group on a free 127.0.0.1
+port) -> health-check them (a replica is routed only after ``/health`` answers 200, i.e. after
+warm-up) -> restart a replica that died or keeps failing (with backoff, so a version that cannot
+load does not spin) -> scale between the model's min and max replicas by outstanding requests
+per replica (Ray Serve's autoscaling rule: target ongoing requests per replica) -> drain and stop
+replicas no deployment wants (no new requests; stop when their in-flight ones are answered or the
+drain timeout passes) -> ``stop()`` stops every engine it started.
+
+The gateway routes by the same :class:`~serving.state.RoutingState` this writes, in the same
+process and event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from kiln import crud
+from kiln.db import session_scope
+from kiln.settings import Settings
+from kiln.spec import ModelSpec
+from serving.config import ServingSettings
+from serving.metrics import GatewayMetrics
+from serving.state import Replica, RoutingState, ServedModel
+
+log = logging.getLogger("kiln.supervisor")
+SCALE_UP_COOLDOWN_S = 5.0
+SCALE_DOWN_AFTER_S = 30.0  # load under a quarter of the target for this long: one replica fewer
+HEALTH_FAILURES = 3  # failed health checks in a row before a ready replica is restarted
+MAX_BACKOFF_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class EngineProc:
+    """One engine replica the supervisor started."""
+
+    replica: Replica
+    proc: subprocess.Popen[bytes]
+    started: float
+    health_failures: int = 0
+    ever_ready: bool = False
+    draining_since: float | None = None
+
+
+@dataclass
+class VersionPlan:
+    """Desired and running replicas of one served version."""
+
+    model: str
+    version: str
+    settings: ServingSettings
+    wanted: int
+    engines: list[EngineProc] = field(default_factory=list)
+    restarts: int = 0
+    next_start: float = 0.0  # backoff: no new start before this monotonic time
+    last_scale_up: float = 0.0
+    low_since: float | None = None
+    last_error: str = ""
+
+
+class Supervisor:
+    """Keeps one engine process group per wanted replica (see the module docstring)."""
+
+    def __init__(self, settings: Settings, state: RoutingState, metrics: GatewayMetrics,
+                 *, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.state = state
+        self.metrics = metrics
+        self.env = env
+        self.plans: dict[tuple[str, str], VersionPlan] = {}
+        self.retiring: list[EngineProc] = []
+        self._task: asyncio.Task[None] | None = None
+        self._client: aiohttp.ClientSession | None = None
+        self._log_dir = settings.home / "logs"
+
+    # --- lifecycle
+    async def start(self) -> None:
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        await self.reconcile()  # routes are known before the first request
+        self._task = asyncio.create_task(self._loop(), name="kiln-supervisor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        everything = [e for plan in self.plans.values() for e in plan.engines] + self.retiring
+        await asyncio.gather(*(asyncio.to_thread(self._kill, e) for e in everything))
+        self.plans.clear()
+        self.retiring.clear()
+        if self._client is not None:
+            await self._client.close()
+
+    async def _loop(self) -> None:
+        last_health = 0.0
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval_s)
+            try:
+                await self.reconcile()
+                if time.monotonic() - last_health >= self.settings.health_interval_s:
+                    last_health = time.monotonic()
+                    await self.check_health()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad pass must not stop supervision
+                log.exception("reconcile pass failed")
+
+    # --- desired state
+    def _read_registry(self) -> dict[str, ServedModel]:
+        models: dict[str, ServedModel] = {}
+        with session_scope(self.settings.db_url) as session:
+            for model, dep, stable, canary in crud.served_versions(session=session):
+                served = ServedModel(
+                    name=model.name, task=str(model.task),
+                    settings=ServingSettings.for_model(model.settings or {}),
+                    stable=stable.version if stable else None,
+                    canary=canary.version if canary else None,
+                    canary_weight=dep.canary_weight if canary else 0.0,
+                    shadow_share=dep.shadow_share)
+                for row in (stable, canary):
+                    if row is None:
+                        continue
+                    served.specs[row.version] = ModelSpec.model_validate(row.spec)
+                    selected = [a for a in crud.list_artifacts(session=session, version=row)
+                                if a.selected]
+                    served.backends[row.version] = selected[0].backend if selected else "unknown"
+                if served.versions():
+                    models[model.name] = served
+        return models
+
+    async def reconcile(self) -> None:
+        models = await asyncio.to_thread(self._read_registry)
+        self.state.models = models
+        self.state.loaded_at = time.monotonic()
+        wanted = {(m.name, v): m.settings for m in models.values() for v in m.versions()}
+        for key, serving in wanted.items():
+            plan = self.plans.get(key)
+            if plan is None:
+                plan = self.plans[key] = VersionPlan(key[0], key[1], serving,
+                                                     wanted=serving.min_replicas)
+            plan.settings = serving
+            plan.wanted = min(max(plan.wanted, serving.min_replicas), serving.max_replicas)
+        for key in [k for k in self.plans if k not in wanted]:
+            plan = self.plans.pop(key)
+            for engine in plan.engines:
+                self._begin_drain(engine)
+            self.retiring.extend(plan.engines)
+        for plan in self.plans.values():
+            self._reap(plan)
+            self._autoscale(plan)
+            self._converge(plan)
+        await self._finish_drains()
+        self._publish()
+
+    # --- replicas
+    def _spawn(self, plan: VersionPlan) -> None:
+        from serving.engine import start_engine_process
+
+        port = free_port()
+        log_path = self._log_dir / f"engine-{plan.model}-{plan.version}-{port}.log"
+        env = {**os.environ, **(self.env or {}), "KILN_HOME": str(self.settings.home)}
+        if self.settings.database_url:
+            env["KILN_DATABASE_URL"] = self.settings.database_url
+        proc = start_engine_process(plan.model, plan.version, port, env=env, log_path=log_path)
+        replica = Replica(model=plan.model, version=plan.version,
+                          url=f"http://127.0.0.1:{port}", pid=proc.pid)
+        plan.engines.append(EngineProc(replica=replica, proc=proc, started=time.monotonic()))
+        log.info("started engine %s@%s on port %d (pid %d)", plan.model, plan.version, port,
+                 proc.pid)
+
+    def _converge(self, plan: VersionPlan) -> None:
+        live = [e for e in plan.engines if e.draining_since is None]
+        now = time.monotonic()
+        while len(live) < plan.wanted and now >= plan.next_start:
+            self._spawn(plan)
+            live = [e for e in plan.engines if e.draining_since is None]
+        while len(live) > plan.wanted:
+            victim = min(live, key=lambda e: e.replica.outstanding)
+            self._begin_drain(victim)
+            plan.engines.remove(victim)
+            self.retiring.append(victim)
+            live.remove(victim)
+
+    def _reap(self, plan: VersionPlan) -> None:
+        """Drop replicas whose process died (or never got ready in time); schedule a restart."""
+        now = time.monotonic()
+        for engine in list(plan.engines):
+            died = engine.proc.poll() is not None
+            stuck = (not engine.replica.ready
+                     and now - engine.started > self.settings.engine_start_timeout_s)
+            failing = engine.health_failures >= HEALTH_FAILURES
+            if not (died or stuck or failing):
+                continue
+            engine.replica.ready = False
+            plan.engines.remove(engine)
+            why = ("exited with code %s" % engine.proc.returncode if died
+                   else "not ready in time" if stuck else "failed its health checks")
+            plan.last_error = why
+            if not died:
+                self._kill(engine)
+            plan.restarts += 1
+            self.metrics.engine_restarts.labels(plan.model, plan.version).inc()
+            never_ready = not engine.ever_ready
+            backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** min(plan.restarts, 6)) if never_ready \
+                else 0.0
+            plan.next_start = now + backoff
+            log.warning("engine %s@%s (pid %d) %s; restarting%s", plan.model, plan.version,
+                        engine.proc.pid, why, f" in {backoff:.1f} s" if backoff else "")
+
+    def _autoscale(self, plan: VersionPlan) -> None:
+        ready = [e for e in plan.engines if e.replica.ready and e.draining_since is None]
+        if not ready:
+            return
+        now = time.monotonic()
+        load = sum(e.replica.outstanding for e in ready)
+        target = plan.settings.target_outstanding
+        want = min(plan.settings.max_replicas, max(plan.settings.min_replicas,
+                                                   math.ceil(load / target)))
+        if want > plan.wanted and now - plan.last_scale_up >= SCALE_UP_COOLDOWN_S:
+            plan.wanted = want
+            plan.last_scale_up = now
+            plan.low_since = None
+            log.info("scaling %s@%s up to %d replicas (outstanding %d)", plan.model,
+                     plan.version, want, load)
+        elif plan.wanted > plan.settings.min_replicas and load < target * (plan.wanted - 1) / 4:
+            plan.low_since = plan.low_since or now
+            if now - plan.low_since >= SCALE_DOWN_AFTER_S:
+                plan.wanted -= 1
+                plan.low_since = None
+                log.info("scaling %s@%s down to %d replicas", plan.model, plan.version,
+                         plan.wanted)
+        else:
+            plan.low_since = None
+
+    # --- draining
+    def _begin_drain(self, engine: EngineProc) -> None:
+        engine.replica.draining = True
+        engine.draining_since = engine.draining_since or time.monotonic()
+
+    async def _finish_drains(self) -> None:
+        now = time.monotonic()
+        done = [e for e in self.retiring if e.replica.outstanding == 0
+                or now - (e.draining_since or now) >= self.settings.drain_timeout_s
+                or e.proc.poll() is not None]
+        for engine in done:
+            self.retiring.remove(engine)
+        if done:
+            await asyncio.gather(*(asyncio.to_thread(self._kill, e) for e in done))
+
+    @staticmethod
+    def _kill(engine: EngineProc) -> None:
+        from serving.engine import stop_process_group
+
+        engine.replica.ready = False
+        stop_process_group(engine.proc, timeout=10.0)
+
+    # --- health
+    async def check_health(self) -> None:
+        engines = [e for p in self.plans.values() for e in p.engines if e.proc.poll() is None]
+        await asyncio.gather(*(self._probe(e) for e in engines))
+        self._publish()
+
+    async def _probe(self, engine: EngineProc) -> None:
+        assert self._client is not None
+        try:
+            async with self._client.get(engine.replica.url + "/health") as resp:
+                ok = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        if ok:
+            engine.health_failures = 0
+            if not engine.replica.ready:
+                log.info("engine %s@%s ready after %.1f s", engine.replica.model,
+                         engine.replica.version, time.monotonic() - engine.started)
+            engine.replica.ready = True
+            engine.ever_ready = True
+        elif engine.replica.ready:
+            engine.health_failures += 1
+
+    def _publish(self) -> None:
+        """Expose replicas to the router: ready and draining ones (draining take no new work)."""
+        replicas: dict[tuple[str, str], list[Replica]] = {}
+        for key, plan in self.plans.items():
+            replicas[key] = [e.replica for e in plan.engines]
+        for engine in self.retiring:
+            replicas.setdefault((engine.replica.model, engine.replica.version), []).append(
+                engine.replica)
+        self.state.replicas = replicas
+
+    # --- reporting
+    def engine_rows(self) -> list[dict[str, Any]]:
+        import psutil
+
+        rows = []
+        for plan in list(self.plans.values()):
+            for index, engine in enumerate(plan.engines):
+                rows.append({"model": plan.model, "version": plan.version, "replica": index,
+                             "ready": engine.replica.ready,
+                             "outstanding": engine.replica.outstanding,
+                             "rss_bytes": _group_rss(psutil, engine.proc.pid)})
+        return rows
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"model": p.model, "version": p.version, "wanted": p.wanted,
+                 "ready": sum(e.replica.ready for e in p.engines), "restarts": p.restarts,
+                 "last_error": p.last_error} for p in self.plans.values()]
+
+
+def _group_rss(psutil: Any, pid: int) -> int:
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0
