@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     # SIGTERM takes LitServe's Ctrl-C path, which stops its worker processes too.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    _watch_parent()
     code = 0
     try:
         server = build_server(args.model, args.version, device=args.device,
@@ -558,6 +559,32 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+PARENT_ENV = "KILN_ENGINE_PARENT_PID"
+
+
+def _watch_parent(period_s: float = 1.0) -> None:
+    """Stop this engine's whole process group when the supervisor that started it is gone.
+
+    A supervisor killed with SIGKILL cannot stop its engines; without this they would keep
+    their ports and memory forever. ``start_engine_process`` records its pid in the child's
+    environment; when our parent changes (we were re-parented), we terminate our group.
+    """
+    raw = os.environ.get(PARENT_ENV)
+    if not raw:
+        return
+    parent = int(raw)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period_s)
+        log.error("supervisor (pid %d) is gone: stopping this engine", parent)
+        _signal_group(os.getpgid(0), signal.SIGTERM)
+        time.sleep(5.0)
+        _signal_group(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
+
+
 def _stop_children(timeout: float = 5.0) -> None:
     """Terminate LitServe's worker and manager processes that are still running (after a
     failed start LitServe leaves them behind)."""
@@ -578,6 +605,7 @@ def start_engine_process(name: str, version: str, port: int, *, env: dict[str, s
     LitServe workers too), logging to ``log_path`` (appended) or inheriting our output."""
     command = [sys.executable, "-m", "serving.engine", "--model", name, "--version", version,
                "--port", str(port), "--device", device]
+    env = {**env, PARENT_ENV: str(os.getpid())}
     if log_path is None:
         return subprocess.Popen(command, env=env, start_new_session=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)

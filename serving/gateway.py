@@ -82,8 +82,11 @@ class EngineAnswer:
 
 def normalise_path(path: str) -> str:
     """``//v2//models/x/`` and ``/v2/models/x`` are one route (and one rate-limit bucket)."""
-    path = re.sub(r"/{2,}", "/", path)
-    return path.rstrip("/") or "/"
+    if "//" in path:
+        path = re.sub(r"/{2,}", "/", path)
+    if path.endswith("/"):
+        path = path.rstrip("/") or "/"
+    return path
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -377,22 +380,30 @@ class Gateway:
             "outputs": req.outputs,
         })
         tried: set[int] = set()
+
+        async def attempt_once() -> EngineAnswer:
+            replica = self.state.pick_replica(model, version, tried)
+            if replica is None and tried:  # every replica tried once: any available one
+                replica = self.state.pick_replica(model, version, set())
+            if replica is None:
+                raise EngineUnavailable(f"no ready engine for {model}@{version}")
+            tried.add(id(replica))
+            return await self._call_replica(replica, payload, deadline)
+
+        try:  # the common case: the first replica answers (no retry machinery built)
+            return await attempt_once()
+        except EngineUnavailable:
+            if time.monotonic() >= deadline:
+                raise
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(MAX_ATTEMPTS) | stop_before_delay(
+            stop=stop_after_attempt(MAX_ATTEMPTS - 1) | stop_before_delay(
                 max(0.0, deadline - time.monotonic())),
             wait=wait_exponential_jitter(initial=0.005, max=0.1, jitter=0.01),
             retry=retry_if_exception_type(EngineUnavailable), reraise=True)
         async for attempt in retrying:
             with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    self.metrics.retries.labels(model, version).inc()
-                replica = self.state.pick_replica(model, version, tried)
-                if replica is None and tried:  # every replica tried once: any available one
-                    replica = self.state.pick_replica(model, version, set())
-                if replica is None:
-                    raise EngineUnavailable(f"no ready engine for {model}@{version}")
-                tried.add(id(replica))
-                return await self._call_replica(replica, payload, deadline)
+                self.metrics.retries.labels(model, version).inc()
+                return await attempt_once()
         raise EngineUnavailable(f"no ready engine for {model}@{version}")  # pragma: no cover
 
     async def _call_replica(self, replica: Replica, payload: bytes, deadline: float

@@ -90,6 +90,7 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._client: aiohttp.ClientSession | None = None
         self._log_dir = settings.home / "logs"
+        self._last_fingerprint: tuple[Any, ...] | None = None
 
     # --- lifecycle
     async def start(self) -> None:
@@ -149,9 +150,33 @@ class Supervisor:
                     models[model.name] = served
         return models
 
+    def _fingerprint(self) -> tuple[Any, ...]:
+        """One cheap query over what desired state depends on: deployment rows and their
+        models' settings. The full read (specs, artifacts) runs only when this changes."""
+        from sqlalchemy import text
+
+        from kiln.db import engine_for
+
+        with engine_for(self.settings.db_url).connect() as conn:
+            rows = conn.execute(text(
+                "SELECT d.id, d.stable_version_id, d.canary_version_id, d.canary_weight, "
+                "d.shadow_share, d.state, d.updated_at, m.settings FROM deployment d "
+                "JOIN model m ON m.id = d.model_id ORDER BY d.id")).all()
+        return tuple(tuple(str(v) for v in row) for row in rows)
+
+    def _read_if_changed(self) -> dict[str, ServedModel] | None:
+        fingerprint = self._fingerprint()
+        if fingerprint == self._last_fingerprint:
+            return None
+        models = self._read_registry()
+        self._last_fingerprint = fingerprint
+        return models
+
     async def reconcile(self) -> None:
-        models = await asyncio.to_thread(self._read_registry)
-        self.state.models = models
+        changed = await asyncio.to_thread(self._read_if_changed)
+        if changed is not None:
+            self.state.models = changed
+        models = self.state.models
         self.state.loaded_at = time.monotonic()
         wanted = {(m.name, v): m.settings for m in models.values() for v in m.versions()}
         for key, serving in wanted.items():

@@ -17,7 +17,7 @@ import pytest
 
 from serving.engine import group_members, start_engine_process, stop_process_group
 from serving.wire import decode_tensor, encode_tensor
-from tests.conftest import copy_home, free_port, kiln_env
+from tests.conftest import copy_home, digits_eager_logits, digits_rows, free_port, kiln_env
 
 READY_TIMEOUT_S = 90.0
 
@@ -79,19 +79,6 @@ def _served_version(home: Path) -> str:
         return crud.require_version(session=session, name="digits").version
 
 
-def _digits(examples: Path, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    data = np.load(examples / "digits" / "test.npz", allow_pickle=False)
-    return data["inputs"][:n].astype(np.float32), data["labels"][:n]
-
-
-def _eager_logits(examples: Path, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    module = torch.export.load(str(examples / "digits" / "model.pt2")).module()
-    with torch.inference_mode():
-        return module(torch.from_numpy(x)).numpy()
-
-
 def _outputs(response: httpx.Response) -> dict[str, np.ndarray]:
     return dict(decode_tensor(t) for t in response.json()["outputs"])
 
@@ -122,8 +109,8 @@ def test_health_turns_200_only_after_warm_up(engine: Engine) -> None:
 
 def test_predictions_match_eager_torch(engine: Engine, examples: Path) -> None:
     engine.wait_ready()
-    x, labels = _digits(examples)
-    want = _eager_logits(examples, x)
+    x, labels = digits_rows(examples)
+    want = digits_eager_logits(examples, x)
     response = engine.predict(x)
     assert response.status_code == 200, response.text
     doc = response.json()
@@ -138,8 +125,8 @@ def test_predictions_match_eager_torch(engine: Engine, examples: Path) -> None:
 
 def test_concurrent_requests_are_batched(engine: Engine, examples: Path) -> None:
     engine.wait_ready()
-    x, _ = _digits(examples, 48)
-    want = _eager_logits(examples, x)
+    x, _ = digits_rows(examples, 48)
+    want = digits_eager_logits(examples, x)
 
     def one(i: int) -> tuple[int, np.ndarray, int]:
         with httpx.Client(timeout=30) as client:
@@ -167,7 +154,7 @@ def test_concurrent_requests_are_batched(engine: Engine, examples: Path) -> None
 
 def test_bad_requests_name_the_field(engine: Engine, examples: Path) -> None:
     engine.wait_ready()
-    x, _ = _digits(examples, 2)
+    x, _ = digits_rows(examples, 2)
     cases = [
         (engine.predict(x.astype(np.float64)), 400, "'x' must be FP32"),
         (engine.predict(x[:, :, :4]), 400, "'x' has shape [2, 1, 4, 8]"),
@@ -183,7 +170,7 @@ def test_bad_requests_name_the_field(engine: Engine, examples: Path) -> None:
 
 def test_expired_deadline_is_504_and_never_runs(engine: Engine, examples: Path) -> None:
     engine.wait_ready()
-    x, _ = _digits(examples, 4)
+    x, _ = digits_rows(examples, 4)
     before = engine.stats()
     response = engine.predict(x, deadline=time.time() - 0.5)
     assert response.status_code == 504
@@ -202,7 +189,7 @@ def test_slow_model_nan_output_and_queued_expiry(engine_home: Path, examples: Pa
     engine = Engine(home, _served_version(home), KILN_ENGINE_FAULTS="delay_ms=600,nan_rate=1")
     try:
         engine.wait_ready()
-        x, _ = _digits(examples, 4)
+        x, _ = digits_rows(examples, 4)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             slow = pool.submit(engine.predict, x)
             time.sleep(0.2)  # the first request is in its model call now

@@ -161,3 +161,21 @@ def _engine_pids(gateway: RunningGateway) -> list[int]:
     return [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
             and "serving.engine" in " ".join(c.cmdline())]
 
+
+
+def test_engines_stop_when_the_supervisor_is_killed(served_digits: RunningGateway) -> None:
+    """A SIGKILLed `kiln serve` cannot stop its engines; they notice and stop themselves."""
+    engines = _engine_pids(served_digits)
+    assert engines
+    members = [p.pid for e in engines for p in [psutil.Process(e),
+                                                *psutil.Process(e).children(recursive=True)]]
+    os.kill(served_digits.proc.pid, signal.SIGKILL)
+    served_digits.proc.wait(timeout=10)
+    start = time.monotonic()
+    alive = members
+    while alive and time.monotonic() - start < 20:
+        time.sleep(0.25)
+        alive = [p for p in members if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    print(f"engine processes gone {time.monotonic() - start:.1f} s after the supervisor died")
+    assert not alive
