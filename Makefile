@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-unit demo bench gpu-check lock clean
+.PHONY: setup test test-unit demo bench bench-deps gpu-check lock clean
 
 setup: $(STAMP)  ## create .venv and install the locked dependencies (idempotent)
 
@@ -31,9 +31,13 @@ test-unit: setup
 demo: setup  ## the journey so far, end to end on the embedded defaults
 	$(VENV)/bin/kiln demo
 
-bench: setup  ## optimize benchmark: every variant of digits and MiniLM -> bench/results.{json,md}
+bench: setup bench-deps  ## optimize + serve benchmarks of digits and MiniLM -> bench/results.{json,md}
 	$(VENV)/bin/dvc repro train_digits build_minilm
 	$(PY) bench/optimize_bench.py
+	$(PY) bench/serve_bench.py
+
+bench-deps:  ## the serve benchmark's load generator (wrk, from Debian's packages)
+	command -v wrk || (apt-get update -qq && apt-get install -y -qq wrk)
 
 # GPU check (issue 3, item 8; bench/README-gpu.md). Builds bench/gpu-carry/ (git-ignored, ~45 MiB)
 # from data/, then runs bench/gpu_check.py here: on a host without CUDA it prints "no CUDA device:

@@ -1,0 +1,687 @@
+"""`make bench` (serve part): four serving systems, one load generator, the same requests.
+
+Each system serves the same example model (``digits``: one 8x8 image per request; ``minilm``:
+one sentence per request) and ``wrk`` (a compiled load generator, Lua body script
+``bench/servers/post_bodies.lua``) drives it for ``--duration`` seconds at each concurrency:
+
+- ``naive-fastapi``: FastAPI + uvicorn, eager fp32 PyTorch, one forward per request
+  (``bench/servers/naive_fastapi.py``);
+- ``litserve-plain``: LitServe as its docs teach, the same eager fp32 model, ``max_batch_size``
+  32 and ``fast_queue``, at the best ``batch_timeout`` of 0, 1 and 5 ms (tried at concurrency
+  64 first; ``bench/servers/litserve_plain.py``);
+- ``kiln-engine``: Kiln's engine (``python -m serving.engine``) called directly with the
+  gateway's wire format;
+- ``kiln``: the gateway + engine (``kiln serve``), Open Inference Protocol v2 JSON with a key.
+
+The Kiln systems serve what ``kiln optimize`` selected in a private KILN_HOME (prepared here with
+the real CLI, or ``--reuse-home DIR``). A system that cannot run (its command missing, its server
+failing) is skipped with the reason printed; no number is ever filled in for it. Rows go into
+``bench/results.json`` (``serve``; the ``machine`` and ``optimize`` parts are kept) and a table
+into ``bench/results.md``.
+
+    python bench/serve_bench.py [--duration 20] [--concurrency 1,16,64] [--models digits,minilm]
+                                [--systems naive-fastapi,litserve-plain,kiln-engine,kiln]
+                                [--reuse-home DIR] [--out bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVERS = ROOT / "bench" / "servers"
+LUA = SERVERS / "post_bodies.lua"
+PY = sys.executable
+KILN = str(Path(PY).with_name("kiln"))
+SYSTEMS = ("naive-fastapi", "litserve-plain", "kiln-engine", "kiln")
+BATCH_TIMEOUTS = (0.0, 0.001, 0.005)
+TUNE_CONCURRENCY = 64
+N_BODIES = 64  # distinct requests each system cycles through (the same ones for every system)
+READY_TIMEOUT_S = 300.0
+SERVE_MARKER = "<!-- serve-bench -->"
+
+
+@dataclass(frozen=True)
+class ExampleModel:
+    """An example model from ``dvc repro``: what to upload and what to send."""
+
+    source: str  # .pt2 or kiln.yaml folder, relative to ROOT
+    dataset: str  # uploaded with it (the optimize gates' data)
+    requests: str  # .npz whose ``inputs`` the requests are made of
+
+
+MODELS = {
+    "digits": ExampleModel("data/digits/model.pt2", "data/digits/val.npz",
+                           "data/digits/test.npz"),
+    "minilm": ExampleModel("data/minilm/model", "data/minilm/sentences.npz",
+                           "data/minilm/sentences.npz"),
+}
+
+
+class Skip(Exception):
+    """A system that cannot be measured here; the message says why (printed, never faked)."""
+
+
+@dataclass
+class KilnModel:
+    """A model as the prepared KILN_HOME holds it."""
+
+    version: str
+    status: str
+    input_name: str  # the tensor a request carries: the text input or the first spec input
+    selected: str  # backend/precision the engine serves
+
+
+@dataclass
+class Target:
+    """A running server under test: where wrk sends what, and whose memory to count."""
+
+    url: str
+    bodies: list[str]
+    headers: dict[str, str] = field(default_factory=dict)
+    memory: Callable[[], dict[str, float]] = dict
+    info: dict[str, Any] = field(default_factory=dict)  # extra keys for the rows
+
+
+# ------------------------------------------------------------------------------ requests
+def samples(model: str, n: int = N_BODIES) -> list[Any]:
+    """The first ``n`` inputs of the model's request set: 1x8x8 float32 images or sentences."""
+    inputs = np.load(ROOT / MODELS[model].requests, allow_pickle=False)["inputs"][:n]
+    return [str(s) for s in inputs] if model == "minilm" else list(inputs)
+
+
+def plain_body(model: str, sample: Any) -> dict[str, Any]:
+    """The naive/LitServe body, as a user designs it: nested lists or the text."""
+    return {"text": sample} if model == "minilm" else {"inputs": sample[None].tolist()}
+
+
+def engine_body(model: str, km: KilnModel, sample: Any) -> dict[str, Any]:
+    """A :mod:`serving.wire` request, as the gateway sends it to the engine."""
+    if model == "minilm":
+        tensor = {"name": km.input_name, "datatype": "BYTES", "shape": [1], "data": [sample]}
+    else:
+        from serving.wire import encode_tensor
+
+        tensor = encode_tensor(km.input_name, np.ascontiguousarray(sample[None]))
+    return {"model": model, "version": km.version, "deadline": None, "inputs": [tensor],
+            "outputs": None}
+
+
+def oip_body(model: str, km: KilnModel, sample: Any) -> dict[str, Any]:
+    """An Open Inference Protocol v2 JSON request, as a KServe/Triton client sends it."""
+    if model == "minilm":
+        tensor = {"name": km.input_name, "datatype": "BYTES", "shape": [1], "data": [sample]}
+    else:
+        x = sample[None]
+        tensor = {"name": km.input_name, "datatype": "FP32", "shape": list(x.shape),
+                  "data": x.reshape(-1).tolist()}
+    return {"inputs": [tensor]}
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"))
+
+
+# ----------------------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A server in its own process group (stopped as a group), logging to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def family(root: int) -> list[psutil.Process]:
+    """``root``'s process group and every descendant (engines the supervisor starts live in
+    groups of their own)."""
+    found: dict[int, psutil.Process] = {}
+    try:
+        for child in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+            found[child.pid] = child
+    except psutil.NoSuchProcess:
+        pass
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in found and os.getpgid(proc.pid) == root:
+                found[proc.pid] = proc
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return [p for p in found.values() if _alive(p)]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def rss_mb(procs: list[psutil.Process]) -> float:
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return round(total / 2**20, 1)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the server's group, then SIGKILL what is left of it and of its descendants."""
+    others = [p for p in family(proc.pid) if _pgid(p.pid) not in (None, proc.pid)]
+    _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (proc.poll() is None or any(map(_alive, others))):
+        time.sleep(0.2)
+    _signal_group(proc.pid, signal.SIGKILL)
+    for p in others:  # engines in their own groups, if the supervisor left any behind
+        if _alive(p):
+            group = _pgid(p.pid)
+            if group is not None:
+                _signal_group(group, signal.SIGKILL)
+    proc.wait()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, *,
+               headers: dict[str, str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
+    """Until ``GET url`` answers 200; Skip if the server exits or takes longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Skip(f"server exited with {proc.returncode} before it was ready: "
+                       f"{tail(log)}")
+        try:
+            if httpx.get(url, headers=headers, timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise Skip(f"not ready within {timeout:.0f} s ({url}): {tail(log)}")
+
+
+def tail(log: Path, lines: int = 3) -> str:
+    text = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+def check_answers(target: Target, count: int = 8) -> None:
+    """One request for each of the first ``count`` bodies: every one must be a 2xx."""
+    for body in target.bodies[:count]:
+        try:
+            resp = httpx.post(target.url, content=body, timeout=120.0,
+                              headers={"Content-Type": "application/json", **target.headers})
+        except httpx.TransportError as exc:
+            raise Skip(f"a request failed: {exc!r}") from None
+        if resp.status_code // 100 != 2:
+            raise Skip(f"a request was answered {resp.status_code}: {resp.text[:300]}")
+
+
+def drain(target: Target) -> None:
+    """Wait out the requests wrk left in flight when it stopped (a batching server still runs
+    them): one fresh request answered means the queue before it is done."""
+    check_answers(target, count=1)
+
+
+# ----------------------------------------------------------------------------------- wrk
+def run_wrk(target: Target, *, connections: int, duration: float, threads: int,
+            workdir: Path) -> dict[str, Any]:
+    """One wrk run; returns the script's JSON (requests, errors, latency in microseconds)."""
+    bodies = workdir / "bodies.jsonl"
+    bodies.write_text("\n".join(target.bodies) + "\n")
+    command = ["wrk", "-t", str(max(1, min(threads, connections))), "-c", str(connections),
+               "-d", f"{max(1, round(duration))}s", "--latency", "--timeout", "10s",
+               "-s", str(LUA)]
+    for name, value in target.headers.items():
+        command += ["-H", f"{name}: {value}"]
+    command += [target.url, "--", str(bodies)]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True,
+                          timeout=duration + 60)
+    drain(target)
+    for line in proc.stdout.splitlines():
+        if line.startswith("KILN_WRK "):
+            return json.loads(line.removeprefix("KILN_WRK "))
+    raise Skip(f"wrk printed no result (exit {proc.returncode}): {proc.stderr.strip()[:300]}")
+
+
+def to_row(system: str, model: str, connections: int, doc: dict[str, Any]) -> dict[str, Any]:
+    seconds = doc["duration_us"] / 1e6
+    ok = doc["requests"] - doc["errors"]["status"]
+    lat = doc["latency_us"]
+    return {"system": system, "model": model, "concurrency": connections,
+            "rps": round(ok / seconds, 1) if seconds else 0.0,
+            "p50_ms": round(lat["p50"] / 1000, 3), "p99_ms": round(lat["p99"] / 1000, 3),
+            "errors": doc["error_total"], "requests": doc["requests"],
+            "p90_ms": round(lat["p90"] / 1000, 3), "p999_ms": round(lat["p999"] / 1000, 3),
+            "duration_s": round(seconds, 2), "error_kinds": doc["errors"]}
+
+
+# ------------------------------------------------------------------------------- systems
+def group_memory(proc: subprocess.Popen) -> Callable[[], dict[str, float]]:
+    return lambda: {"rss_mb": rss_mb(family(proc.pid))}
+
+
+@contextmanager
+def naive_fastapi(model: str, ctx: Bench) -> Iterator[Target]:
+    port, log = free_port(), ctx.log("naive-fastapi", model)
+    proc = spawn([PY, str(SERVERS / "naive_fastapi.py"), "--model", model,
+                  "--path", str(ROOT / MODELS[model].source), "--port", str(port)], log)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
+        yield Target(f"http://127.0.0.1:{port}/predict",
+                     [dumps(plain_body(model, s)) for s in ctx.samples[model]],
+                     memory=group_memory(proc))
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def litserve_plain(model: str, ctx: Bench, batch_timeout: float) -> Iterator[Target]:
+    port, log = free_port(), ctx.log(f"litserve-plain-{batch_timeout}", model)
+    proc = spawn([PY, str(SERVERS / "litserve_plain.py"), "--model", model,
+                  "--path", str(ROOT / MODELS[model].source), "--port", str(port),
+                  "--max-batch-size", "32", "--batch-timeout", str(batch_timeout)], log)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
+        yield Target(f"http://127.0.0.1:{port}/predict",
+                     [dumps(plain_body(model, s)) for s in ctx.samples[model]],
+                     memory=group_memory(proc),
+                     info={"batch_timeout_s": batch_timeout, "max_batch_size": 32})
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def kiln_engine(model: str, ctx: Bench) -> Iterator[Target]:
+    km = ctx.kiln_model(model)
+    port, log = free_port(), ctx.log("kiln-engine", model)
+    proc = spawn([PY, "-m", "serving.engine", "--model", model, "--version", km.version,
+                  "--port", str(port)], log, env=ctx.kiln_env())
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
+        yield Target(f"http://127.0.0.1:{port}/predict",
+                     [dumps(engine_body(model, km, s)) for s in ctx.samples[model]],
+                     memory=lambda: {"rss_mb": rss_mb(family(proc.pid)),
+                                     "rss_engine_mb": rss_mb(family(proc.pid))},
+                     info={"served": km.selected, "version": km.version})
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def kiln_gateway(model: str, ctx: Bench) -> Iterator[Target]:
+    km = ctx.kiln_model(model)
+    key = ctx.kiln_key()
+    port, log = free_port(), ctx.log("kiln", model)
+    env = {**ctx.kiln_env(), "KILN_GATEWAY_PORT": str(port)}
+    proc = spawn([KILN, "serve", "--port", str(port)], log, env=env)
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        wait_ready(proc, f"{base}/v2/health/live", log)
+        kiln_cli(["deploy", model, "--strategy", "direct", "--wait", str(int(READY_TIMEOUT_S)),
+                  "--json"], env)
+        wait_ready(proc, f"{base}/v2/models/{model}/ready", log, headers=auth)
+
+        def memory() -> dict[str, float]:
+            gateway = [p for p in family(proc.pid) if _pgid(p.pid) == proc.pid]
+            engines = [p for p in family(proc.pid) if _pgid(p.pid) != proc.pid]
+            mine = [p for p in engines if _serves(p, model)]
+            return {"rss_mb": round(rss_mb(gateway) + rss_mb(mine), 1),
+                    "rss_gateway_mb": rss_mb(gateway), "rss_engine_mb": rss_mb(mine),
+                    "rss_all_engines_mb": rss_mb(engines),
+                    "engine_replicas": len({_pgid(p.pid) for p in mine} - {None})}
+
+        yield Target(f"{base}/v2/models/{model}/infer",
+                     [dumps(oip_body(model, km, s)) for s in ctx.samples[model]],
+                     headers=auth, memory=memory,
+                     info={"served": km.selected, "version": km.version})
+    finally:
+        stop(proc)
+
+
+def _serves(proc: psutil.Process, model: str) -> bool:
+    """Whether ``proc`` belongs to an engine of ``model`` (its group leader's command line)."""
+    try:
+        leader = psutil.Process(os.getpgid(proc.pid))
+        args = leader.cmdline()
+    except (ProcessLookupError, psutil.Error):
+        return False
+    return "--model" in args and args[args.index("--model") + 1:][:1] == [model]
+
+
+# ----------------------------------------------------------------------------- Kiln home
+def kiln_cli(args: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
+    """``kiln ARGS`` (with ``--json``): its one JSON document; Skip with its stderr on failure."""
+    proc = subprocess.run([KILN, *args], check=False, cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise Skip(f"`kiln {' '.join(args)}` failed ({proc.returncode}): "
+                   f"{proc.stderr.strip()[-400:] or proc.stdout.strip()[-400:]}")
+    return json.loads(proc.stdout)
+
+
+def has_command(command: list[str]) -> str | None:
+    """None when ``command --help`` works, else why not."""
+    try:
+        proc = subprocess.run([*command, "--help"], check=False, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`{' '.join(command)}` cannot run: {exc}"
+    if proc.returncode != 0:
+        lines = [ln.strip(" │╭╮╰╯─") for ln in (proc.stderr or proc.stdout).splitlines()]
+        lines = [ln for ln in lines if ln and ln != "Error"]
+        why = next((ln for ln in lines if "No such" in ln or "No module" in ln),
+                   lines[-1] if lines else f"exit {proc.returncode}")
+        return f"`{' '.join(command)}` is not available yet: {why}"
+    return None
+
+
+class Bench:
+    """One run: shared samples, logs, and the Kiln home (prepared once, on first use)."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.samples = {m: samples(m) for m in args.models}
+        self.home: Path | None = args.reuse_home
+        self._kiln_models: dict[str, KilnModel] = {}
+        self._key: str | None = None
+        self._home_error: str | None = None
+
+    def log(self, system: str, model: str) -> Path:
+        return self.workdir / f"{system}-{model}.log"
+
+    def kiln_env(self) -> dict[str, str]:
+        if self.home is None:
+            self.home = self.workdir / "kiln-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        return {"KILN_HOME": str(self.home)}
+
+    def kiln_model(self, model: str) -> KilnModel:
+        """The model uploaded and optimized in the home (done here unless already there)."""
+        if self._home_error:
+            raise Skip(self._home_error)
+        if model in self._kiln_models:
+            return self._kiln_models[model]
+        env = self.kiln_env()
+        data = MODELS[model]
+        try:
+            try:
+                doc = kiln_cli(["show", model, "--json"], env)
+            except Skip:
+                print(f"[serve] kiln upload {model} (KILN_HOME={self.home})", file=sys.stderr)
+                kiln_cli(["upload", model, str(ROOT / data.source), "--dataset",
+                          str(ROOT / data.dataset), "--json"], env)
+                doc = kiln_cli(["show", model, "--json"], env)
+            if doc["status"] == "uploaded":
+                print(f"[serve] kiln optimize {model}@{doc['version']} (minilm takes minutes)",
+                      file=sys.stderr)
+                kiln_cli(["optimize", f"{model}@{doc['version']}", "--json"], env)
+                doc = kiln_cli(["show", f"{model}@{doc['version']}", "--json"], env)
+        except Skip as exc:
+            self._home_error = f"preparing KILN_HOME failed: {exc}"
+            raise Skip(self._home_error) from None
+        if doc["status"] in ("uploaded", "optimizing", "rejected"):
+            raise Skip(f"{model}@{doc['version']} is {doc['status']} in {self.home}, "
+                       "not servable")
+        spec = doc["spec"]
+        pre = spec.get("preprocess") or {}
+        selected = next((f"{a['backend']}/{a['precision']}" for a in doc["artifacts"]
+                         if a["selected"]), "?")
+        km = KilnModel(version=doc["version"], status=doc["status"],
+                       input_name=pre.get("text_input") or spec["inputs"][0]["name"],
+                       selected=selected)
+        print(f"[serve] {model}@{km.version} in KILN_HOME: {km.status}, serves {selected}",
+              file=sys.stderr)
+        self._kiln_models[model] = km
+        return km
+
+    def kiln_key(self) -> str:
+        if self._key is None:
+            self._key = str(kiln_cli(["keys", "create", "--scope", "infer", "--json"],
+                                     self.kiln_env())["key"])
+        return self._key
+
+
+# ---------------------------------------------------------------------------------- runs
+def measure(system: str, model: str, target: Target, ctx: Bench) -> list[dict[str, Any]]:
+    """Warm up, then one wrk run per concurrency; memory is read after the last one."""
+    check_answers(target)
+    args = ctx.args
+    if args.warmup > 0:
+        run_wrk(target, connections=min(16, max(args.concurrency)), duration=args.warmup,
+                threads=args.threads, workdir=ctx.workdir)
+    rows = []
+    for connections in args.concurrency:
+        doc = run_wrk(target, connections=connections, duration=args.duration,
+                      threads=args.threads, workdir=ctx.workdir)
+        row = {**to_row(system, model, connections, doc), **target.info}
+        print(f"[serve] {system:15} {model:7} c={connections:<3} {row['rps']:9.1f} rps  "
+              f"p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  "
+              f"errors {row['errors']}", file=sys.stderr)
+        rows.append(row)
+    memory = target.memory()
+    for row in rows:
+        row.update(memory)
+    return rows
+
+
+def run_litserve(model: str, ctx: Bench) -> list[dict[str, Any]]:
+    """Try each batch timeout at concurrency 64, keep the best, then measure with it."""
+    tuning: dict[str, float] = {}
+    for timeout in ctx.args.batch_timeouts:
+        try:
+            with litserve_plain(model, ctx, timeout) as target:
+                check_answers(target)
+                run_wrk(target, connections=TUNE_CONCURRENCY, duration=1, threads=ctx.args.threads,
+                        workdir=ctx.workdir)
+                doc = run_wrk(target, connections=TUNE_CONCURRENCY,
+                              duration=ctx.args.tune_duration, threads=ctx.args.threads,
+                              workdir=ctx.workdir)
+        except Skip as exc:
+            print(f"[serve] litserve-plain {model} batch_timeout {timeout}: {exc}",
+                  file=sys.stderr)
+            continue
+        trial = to_row("litserve-plain", model, TUNE_CONCURRENCY, doc)
+        tuning[str(timeout)] = trial["rps"]
+        print(f"[serve] litserve-plain {model} batch_timeout {timeout * 1000:g} ms: "
+              f"{trial['rps']} rps at c={TUNE_CONCURRENCY}, p50 {trial['p50_ms']} ms, "
+              f"errors {trial['errors']}", file=sys.stderr)
+    if not tuning:
+        raise Skip("no batch timeout got a LitServe server running (logs in the work dir)")
+    best = float(max(tuning, key=lambda t: tuning[t]))
+    with litserve_plain(model, ctx, best) as target:
+        target.info["tuning_rps"] = tuning
+        return measure("litserve-plain", model, target, ctx)
+
+
+def availability(systems: list[str]) -> dict[str, str]:
+    """Why each unavailable system is skipped (checked once, before anything runs)."""
+    missing: dict[str, str] = {}
+    if shutil.which("wrk") is None:
+        return {s: "wrk is not installed: run `make bench-deps`" for s in systems}
+    if "kiln-engine" in systems and (why := has_command([PY, "-m", "serving.engine"])):
+        missing["kiln-engine"] = why
+    if "kiln" in systems:
+        for sub in (["serve"], ["deploy"], ["keys", "create"]):
+            if why := has_command([KILN, *sub]):
+                missing["kiln"] = why
+                break
+    return missing
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    missing = availability(args.systems)
+    for system, why in missing.items():
+        print(f"[serve] skipping {system}: {why}", file=sys.stderr)
+        skipped.append({"system": system, "model": "*", "reason": why})
+    with tempfile.TemporaryDirectory(prefix="kiln-serve-bench-") as tmp:
+        ctx = Bench(args, Path(tmp))
+        for model in args.models:
+            for system in args.systems:
+                if system in missing:
+                    continue
+                print(f"[serve] {system} / {model}", file=sys.stderr)
+                try:
+                    if system == "litserve-plain":
+                        rows += run_litserve(model, ctx)
+                    else:
+                        starter = {"naive-fastapi": naive_fastapi, "kiln-engine": kiln_engine,
+                                   "kiln": kiln_gateway}[system]
+                        with starter(model, ctx) as target:
+                            rows += measure(system, model, target, ctx)
+                except Skip as exc:
+                    print(f"[serve] skipping {system} / {model}: {exc}", file=sys.stderr)
+                    skipped.append({"system": system, "model": model, "reason": str(exc)})
+        if args.keep_logs:
+            shutil.copytree(tmp, args.keep_logs, dirs_exist_ok=True)
+    return rows, skipped
+
+
+# ------------------------------------------------------------------------------- outputs
+def markdown(rows: list[dict[str, Any]], skipped: list[dict[str, str]],
+             args: argparse.Namespace) -> str:
+    header = (f"Command: `python bench/serve_bench.py --duration {args.duration:g} "
+              f"--concurrency {','.join(map(str, args.concurrency))}` "
+              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). wrk {args.threads} "
+              "thread(s), `--timeout 10s`, on the same machine as the servers; one request is "
+              "one digits image or one MiniLM sentence; the same requests for every system. "
+              "RSS is read after the runs, summed over each server's processes (kiln: gateway "
+              "+ this model's engine).")
+    lines = [SERVE_MARKER, "## Serve", "", header, "",
+             "| model | system | concurrency | req/s | p50 ms | p99 ms | errors | RSS MB | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["concurrency"],
+                                          SYSTEMS.index(r["system"]))):
+        notes = []
+        if "batch_timeout_s" in r:
+            notes.append(f"batch_timeout {r['batch_timeout_s'] * 1000:g} ms")
+        if "served" in r:
+            notes.append(r["served"])
+        if "rss_gateway_mb" in r:
+            notes.append(f"gateway {r['rss_gateway_mb']} + {r['engine_replicas']} engine(s) "
+                         f"{r['rss_engine_mb']} MB")
+        lines.append(f"| {r['model']} | {r['system']} | {r['concurrency']} | {r['rps']:.1f} | "
+                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+                     f"{r.get('rss_mb', '-')} | {'; '.join(notes)} |")
+    for r in rows:
+        if r["system"] == "litserve-plain" and r["concurrency"] == args.concurrency[0]:
+            tried = ", ".join(f"{float(t) * 1000:g} ms: {v:.1f}" for t, v in
+                              r["tuning_rps"].items())
+            lines.append(f"\n- litserve-plain {r['model']}: batch_timeout tried at concurrency "
+                         f"{TUNE_CONCURRENCY} ({args.tune_duration:g} s each, req/s): {tried}; "
+                         f"kept {r['batch_timeout_s'] * 1000:g} ms.")
+    for s in skipped:
+        lines.append(f"\n- skipped {s['system']} ({s['model']}): {s['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], table: str) -> None:
+    """``serve`` into results.json (other parts kept) and the table into results.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["serve"] = rows
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    md = out / "results.md"
+    previous = md.read_text() if md.exists() else "# Kiln benchmark\n"
+    previous = previous.split(SERVE_MARKER, 1)[0].rstrip("\n")
+    md.write_text(previous + "\n\n" + table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def csv(kind: type, allowed: tuple[str, ...] | None = None) -> Callable[[str], list[Any]]:
+        def parse(text: str) -> list[Any]:
+            items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+            if allowed is not None and (bad := [i for i in items if i not in allowed]):
+                raise argparse.ArgumentTypeError(f"{bad}: choose from {', '.join(allowed)}")
+            if not items:
+                raise argparse.ArgumentTypeError("give at least one value")
+            return items
+        return parse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per wrk run")
+    parser.add_argument("--concurrency", type=csv(int), default=[1, 16, 64],
+                        help="connections, comma-separated")
+    parser.add_argument("--models", type=csv(str, tuple(MODELS)), default=list(MODELS))
+    parser.add_argument("--systems", type=csv(str, SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--reuse-home", type=Path, default=None, metavar="DIR",
+                        help="a KILN_HOME to use and keep: models missing from it are "
+                             "uploaded and optimized there first, so the next run skips that "
+                             "(default: a fresh temporary one)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench",
+                        help="folder of results.json and results.md")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before "
+                        "the measured runs (0: none)")
+    parser.add_argument("--tune-duration", type=float, default=5.0,
+                        help="seconds per LitServe batch_timeout trial")
+    parser.add_argument("--batch-timeouts", type=csv(float), default=list(BATCH_TIMEOUTS),
+                        help="LitServe batch_timeout values to try, seconds")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                        help="copy the servers' logs here")
+    args = parser.parse_args(argv)
+    if args.reuse_home is not None:
+        args.reuse_home = args.reuse_home.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for model in args.models:
+        if not (ROOT / MODELS[model].source).exists():
+            print(f"[serve] {MODELS[model].source} is missing: run "
+                  "`.venv/bin/dvc repro train_digits build_minilm` first", file=sys.stderr)
+            return 2
+    rows, skipped = run(args)
+    table = markdown(rows, skipped, args)
+    write_results(args.out, rows, table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
