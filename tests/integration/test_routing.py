@@ -1,0 +1,188 @@
+"""Routing with real processes: stable/canary weights with sticky routing keys, the result cache,
+the fallback model when every engine of a model is down, and scaling out under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import (
+    RunningGateway,
+    copy_home,
+    deploy,
+    digits_rows,
+    kiln_env,
+    run_kiln,
+    set_model_settings,
+)
+
+CANARY_WEIGHT = 0.3
+
+
+def _perturbed_digits(examples: Path, out: Path, scale: float) -> Path:
+    """The digits program with its last bias nudged: same inputs, other bytes (a new version)."""
+    import torch
+
+    program = torch.export.load(str(examples / "digits" / "model.pt2"))
+    name = [k for k in program.state_dict if k.endswith("bias")][-1]
+    with torch.no_grad():
+        program.state_dict[name].add_(scale)
+    path = out / f"digits-{scale}.pt2"
+    torch.export.save(program, str(path))
+    return path
+
+
+def _optimize(home: Path, name: str) -> None:
+    set_model_settings(home, name, {"optimize": {"backends": ["onnxruntime"],
+                                                 "precisions": {"onnxruntime": ["fp32"]}}})
+    proc = run_kiln("optimize", name, "--json", env=kiln_env(home), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _set_canary(home: Path, name: str, version: str, weight: float) -> None:
+    code = ("import sys; from kiln import crud; from kiln.db import session_scope; "
+            "from kiln.registry import VersionStatus; from kiln.settings import get_settings\n"
+            "with session_scope(get_settings().db_url) as s:\n"
+            "    m = crud.require_model(session=s, name=sys.argv[1])\n"
+            "    v = crud.require_version(session=s, name=sys.argv[1], version=sys.argv[2])\n"
+            "    crud.set_version_status(session=s, version=v, status=VersionStatus.canary)\n"
+            "    d = crud.get_deployment(session=s, model=m)\n"
+            "    d.canary_version_id, d.canary_weight = v.id, float(sys.argv[3])\n"
+            "    s.add(d)")
+    subprocess.run([sys.executable, "-c", code, name, version, str(weight)],
+                   env=kiln_env(home), check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def routed(validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[RunningGateway]:
+    """digits: stable 0.1.0 + canary 0.1.1 at 30 %, result cache on, fallback digits-lite."""
+    tmp = tmp_path_factory.mktemp("routing")
+    home = copy_home(validated_home, tmp)
+    env = kiln_env(home)
+    up = run_kiln("upload", "digits", str(_perturbed_digits(examples, tmp, 0.01)), "--json",
+                  env=env)
+    assert up.returncode == 0, up.stderr
+    canary = json.loads(up.stdout)["version"]
+    lite = run_kiln("upload", "digits-lite", str(_perturbed_digits(examples, tmp, 0.02)),
+                    "--dataset", str(examples / "digits" / "val.npz"), "--json", env=env)
+    assert lite.returncode == 0, lite.stderr
+    _optimize(home, "digits")  # the newest version: the canary
+    _optimize(home, "digits-lite")
+    deploy(home, "digits@0.1.0")
+    deploy(home, "digits-lite")
+    _set_canary(home, "digits", canary, CANARY_WEIGHT)
+    set_model_settings(home, "digits", {"serving": {"result_cache": 64,
+                                                    "fallback_model": "digits-lite"}})
+    gateway = RunningGateway(home)
+    try:
+        gateway.wait_ready()
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def _body(examples: Path, row: int) -> bytes:
+    x, _ = digits_rows(examples, row + 1)
+    return json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                   "data": x[row].reshape(-1).tolist()}]}).encode()
+
+
+def _metric(gateway: RunningGateway, name: str, **labels: str) -> float:
+    text = httpx.get(gateway.url + "/metrics", headers=gateway.headers).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_canary_weight_and_sticky_routing_keys(routed: RunningGateway, examples: Path) -> None:
+    url = routed.url + "/v2/models/digits/infer"
+    seen: dict[str, set[str]] = {}
+    with httpx.Client(headers=routed.headers, timeout=30) as http:
+        for i in range(300):
+            key = f"client-{i % 100}"
+            resp = http.post(url, content=_body(examples, i % 50),
+                             headers={"X-Kiln-Routing-Key": key})
+            assert resp.status_code == 200, resp.text
+            seen.setdefault(key, set()).add(resp.headers["kiln-model-version"])
+    assert all(len(v) == 1 for v in seen.values()), "a routing key moved between versions"
+    canary_share = sum("0.1.1" in v for v in seen.values()) / len(seen)
+    print(f"canary share over 100 routing keys: {canary_share:.2f} (weight {CANARY_WEIGHT})")
+    assert 0.12 < canary_share < 0.5
+    pinned = httpx.post(routed.url + "/v2/models/digits/versions/0.1.0/infer",
+                        content=_body(examples, 0), headers=routed.headers)
+    assert pinned.headers["kiln-model-version"] == "0.1.0"
+
+
+def test_result_cache_answers_repeats_without_the_engine(routed: RunningGateway,
+                                                         examples: Path) -> None:
+    url = routed.url + "/v2/models/digits/versions/0.1.0/infer"
+    body = _body(examples, 7)
+    before = _metric(routed, "kiln_result_cache_hits_total", model="digits")
+    first = httpx.post(url, content=body, headers=routed.headers)
+    again = [httpx.post(url, content=body, headers=routed.headers) for _ in range(5)]
+    assert all(r.json()["outputs"] == first.json()["outputs"] for r in again)
+    assert _metric(routed, "kiln_result_cache_hits_total", model="digits") - before >= 5
+
+
+def test_fallback_model_answers_when_every_engine_is_down(routed: RunningGateway,
+                                                          examples: Path) -> None:
+    gateway_proc = psutil.Process(routed.proc.pid)
+    digits_engines = [c for c in gateway_proc.children()
+                      if "serving.engine" in " ".join(c.cmdline())
+                      and "digits-lite" not in c.cmdline()]
+    assert len(digits_engines) == 2  # stable and canary
+    for engine in digits_engines:
+        os.killpg(engine.pid, signal.SIGKILL)
+    codes, fallbacks = [], []
+    with httpx.Client(headers=routed.headers, timeout=30) as http:
+        for i in range(20):  # inputs no earlier test sent: no cache hits
+            resp = http.post(routed.url + "/v2/models/digits/infer",
+                             content=_body(examples, 100 + i))
+            codes.append(resp.status_code)
+            fallbacks.append(resp.headers.get("x-kiln-fallback", ""))
+    print(f"after killing digits' engines: {codes.count(200)}/20 answered, "
+          f"{sum(bool(f) for f in fallbacks)} by the fallback model")
+    assert codes == [200] * 20
+    assert sum("digits-lite" in f for f in fallbacks) >= 10
+    routed.wait_ready(timeout=120)  # the supervisor restarts them
+
+
+def test_scales_out_under_load(routed: RunningGateway, examples: Path) -> None:
+    set_model_settings(routed.home, "digits-lite",
+                       {"serving": {"min_replicas": 1, "max_replicas": 2,
+                                    "target_outstanding": 1}})
+    url = routed.url + "/v2/models/digits-lite/infer"
+
+    def engines() -> int:
+        return sum(1 for c in psutil.Process(routed.proc.pid).children()
+                   if "digits-lite" in c.cmdline())
+
+    assert engines() == 1
+    stop = time.monotonic() + 60
+
+    def hammer(i: int) -> int:
+        done = 0
+        with httpx.Client(headers=routed.headers, timeout=30) as http:
+            while time.monotonic() < stop and engines() < 2:
+                http.post(url, content=_body(examples, i % 50))
+                done += 1
+        return done
+
+    with ThreadPoolExecutor(16) as pool:
+        sent = sum(pool.map(hammer, range(16)))
+    print(f"replicas of digits-lite after {sent} requests at concurrency 16: {engines()}")
+    assert engines() == 2
