@@ -233,6 +233,17 @@ class RunningGateway:
                                      env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
+    def __enter__(self) -> RunningGateway:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def wait_ready(self, timeout: float = 180.0) -> None:
         import time
 
@@ -276,15 +287,11 @@ def deploy(home: Path, ref: str = "digits", *, wait: float = 0) -> dict[str, obj
 
 @pytest.fixture
 def served_digits(validated_home: Path, tmp_path: Path) -> Iterator[RunningGateway]:
-    """digits 1.0.0 deployed (direct) and served by a real `kiln serve` + engine."""
+    """digits deployed (direct) and served by a real `kiln serve` + engine."""
     home = copy_home(validated_home, tmp_path)
     deploy(home)
-    gateway = RunningGateway(home)
-    try:
-        gateway.wait_ready()
+    with RunningGateway(home) as gateway:
         yield gateway
-    finally:
-        gateway.stop()
 
 
 def digits_rows(examples: Path, n: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -85,12 +85,8 @@ def routed(validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPa
     _set_canary(home, "digits", canary, CANARY_WEIGHT)
     set_model_settings(home, "digits", {"serving": {"result_cache": 64,
                                                     "fallback_model": "digits-lite"}})
-    gateway = RunningGateway(home)
-    try:
-        gateway.wait_ready()
+    with RunningGateway(home) as gateway:
         yield gateway
-    finally:
-        gateway.stop()
 
 
 def _body(examples: Path, row: int) -> bytes:
