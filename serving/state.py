@@ -32,6 +32,7 @@ class Replica:
     outstanding: int = 0  # requests the gateway has sent it and not had back
     failures: int = 0  # consecutive failed calls (circuit breaker)
     open_until: float = 0.0  # circuit open until this monotonic time
+    last_ok: float = 0.0  # monotonic time of its last good answer (passive health)
 
     def available(self, now: float) -> bool:
         return self.ready and not self.draining and self.open_until <= now
@@ -39,6 +40,7 @@ class Replica:
     def succeeded(self) -> None:
         self.failures = 0
         self.open_until = 0.0
+        self.last_ok = time.monotonic()
 
     def failed(self, now: float) -> None:
         self.failures += 1

@@ -242,8 +242,11 @@ class Supervisor:
             why = ("exited with code %s" % engine.proc.returncode if died
                    else "not ready in time" if stuck else "failed its health checks")
             plan.last_error = why
-            if not died:
-                self._kill(engine)
+            # Stopped off the event loop by _finish_drains, at once (no drain: it is broken);
+            # a dead leader's workers may still hold its process group.
+            self._begin_drain(engine)
+            engine.draining_since = now - self.settings.drain_timeout_s
+            self.retiring.append(engine)
             plan.restarts += 1
             self.metrics.engine_restarts.labels(plan.model, plan.version).inc()
             never_ready = not engine.ever_ready
@@ -280,6 +283,9 @@ class Supervisor:
 
     # --- draining
     def _begin_drain(self, engine: EngineProc) -> None:
+        if not engine.replica.draining:
+            log.info("draining engine %s@%s (pid %d, %d in flight)", engine.replica.model,
+                     engine.replica.version, engine.proc.pid, engine.replica.outstanding)
         engine.replica.draining = True
         engine.draining_since = engine.draining_since or time.monotonic()
 
@@ -321,7 +327,10 @@ class Supervisor:
             engine.replica.ready = True
             engine.ever_ready = True
         elif engine.replica.ready:
-            engine.health_failures += 1
+            # A replica busy answering traffic may answer its probe late; what it served in
+            # the last few probe periods counts as health (passive health checking).
+            recent = time.monotonic() - engine.replica.last_ok < 3 * self.settings.health_interval_s
+            engine.health_failures = 0 if recent else engine.health_failures + 1
 
     def _publish(self) -> None:
         """Expose replicas to the router: ready and draining ones (draining take no new work)."""

@@ -182,3 +182,47 @@ def test_scales_out_under_load(routed: RunningGateway, examples: Path) -> None:
         sent = sum(pool.map(hammer, range(16)))
     print(f"replicas of digits-lite after {sent} requests at concurrency 16: {engines()}")
     assert engines() == 2
+
+
+def test_scaling_in_drains_without_dropping_requests(routed: RunningGateway,
+                                                     examples: Path) -> None:
+    """Lowering max_replicas drains the extra replica: it takes no new request, finishes what
+    it has, then stops; clients see no failure."""
+    url = routed.url + "/v2/models/digits-lite/infer"
+
+    def engines() -> int:
+        return sum(1 for c in psutil.Process(routed.proc.pid).children()
+                   if "digits-lite" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE)
+
+    deadline = time.monotonic() + 90
+    while engines() < 2 and time.monotonic() < deadline:  # after the scale-out test
+        time.sleep(0.5)
+    assert engines() == 2
+    stop = time.monotonic() + 8
+
+    errors: list[str] = []
+
+    def client(i: int) -> list[int]:
+        codes = []
+        with httpx.Client(headers=routed.headers, timeout=30) as http:
+            while time.monotonic() < stop:
+                resp = http.post(url, content=_body(examples, i % 50))
+                codes.append(resp.status_code)
+                if resp.status_code != 200:
+                    errors.append(f"{resp.status_code} {resp.text[:200]}")
+        return codes
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client, i) for i in range(8)]
+        time.sleep(2)
+        set_model_settings(routed.home, "digits-lite",
+                           {"serving": {"min_replicas": 1, "max_replicas": 1}})
+        codes = [c for f in futures for c in f.result()]
+    deadline = time.monotonic() + 30
+    while engines() > 1 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    failed = [c for c in codes if c != 200]
+    print(f"scale-in under load: {len(codes)} requests, {len(failed)} failed, "
+          f"replicas now {engines()}")
+    assert engines() == 1
+    assert failed == [], errors[:3]
