@@ -338,6 +338,127 @@ def deploy_direct(*, session: Session, version: ModelVersion, reason: str = "dir
     return dep
 
 
+def _swap_deployment(*, session: Session, dep: Deployment, expect_canary: int | None,
+                     **values: Any) -> None:
+    """Compare-and-swap on the deployment row: apply ``values`` only if its canary is still
+    ``expect_canary``. Two concurrent promotes (or a promote and a rollback) cannot both win,
+    on SQLite and PostgreSQL alike: the loser's UPDATE matches no row and it gets Conflict."""
+    from sqlalchemy import update
+
+    result = session.execute(
+        update(Deployment)
+        .where(col(Deployment.id) == dep.id, col(Deployment.canary_version_id).is_(None)
+               if expect_canary is None else col(Deployment.canary_version_id) == expect_canary)
+        .values(**values, updated_at=utcnow())
+        .execution_options(synchronize_session=False))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict("the deployment changed while this change was being made (another "
+                       "promote or rollback won); check `kiln status` and retry")
+    session.refresh(dep)
+
+
+def _require_deployment(*, session: Session, model: Model) -> Deployment:
+    dep = get_deployment(session=session, model=model)
+    if dep is None:
+        raise NotFound(f"model {model.name!r} is not deployed: run `kiln deploy {model.name}`")
+    return dep
+
+
+def start_canary(*, session: Session, version: ModelVersion, weight: float,
+                 reason: str = "canary started") -> Deployment:
+    """Make ``version`` the canary at ``weight`` beside the stable version."""
+    model = session.get(Model, version.model_id)
+    assert model is not None
+    dep = _require_deployment(session=session, model=model)
+    if dep.stable_version_id is None:
+        raise IllegalTransition(f"{model.name} has no stable version to canary against: deploy "
+                                "it with --strategy direct first")
+    if not 0.0 <= weight <= 1.0:
+        raise InvalidInput(f"canary weight must be between 0 and 1, got {weight}")
+    set_version_status(session=session, version=version, status=VersionStatus.canary)
+    _swap_deployment(session=session, dep=dep, expect_canary=None,
+                     canary_version_id=version.id, canary_weight=weight, state="canary")
+    add_deployment_event(session=session, deployment=dep, kind="canary", reason=reason,
+                         detail={"version": version.version, "weight": weight})
+    return dep
+
+
+def set_canary_weight(*, session: Session, model: Model, weight: float, reason: str,
+                      detail: dict[str, Any] | None = None) -> Deployment:
+    dep = _require_deployment(session=session, model=model)
+    if dep.canary_version_id is None:
+        raise Conflict(f"{model.name} has no canary")
+    if not 0.0 <= weight <= 1.0:
+        raise InvalidInput(f"canary weight must be between 0 and 1, got {weight}")
+    _swap_deployment(session=session, dep=dep, expect_canary=dep.canary_version_id,
+                     canary_weight=weight)
+    add_deployment_event(session=session, deployment=dep, kind="weight", reason=reason,
+                         detail={"weight": weight, **(detail or {})})
+    return dep
+
+
+def promote(*, session: Session, model: Model, reason: str = "promoted",
+            detail: dict[str, Any] | None = None) -> Deployment:
+    """The canary becomes stable (production); the old stable version is retired."""
+    dep = _require_deployment(session=session, model=model)
+    if dep.canary_version_id is None:
+        raise Conflict(f"{model.name} has no canary to promote")
+    canary = session.get(ModelVersion, dep.canary_version_id)
+    previous = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id \
+        else None
+    assert canary is not None
+    _swap_deployment(session=session, dep=dep, expect_canary=canary.id,
+                     stable_version_id=canary.id, canary_version_id=None, canary_weight=0.0,
+                     state="stable")
+    set_version_status(session=session, version=canary, status=VersionStatus.production)
+    if previous is not None and VersionStatus(previous.status) == VersionStatus.production:
+        set_version_status(session=session, version=previous, status=VersionStatus.retired)
+    add_deployment_event(session=session, deployment=dep, kind="promote", reason=reason,
+                         detail={"version": canary.version,
+                                 "previous": previous.version if previous else None,
+                                 **(detail or {})})
+    return dep
+
+
+def rollback(*, session: Session, model: Model, to_version: ModelVersion | None = None,
+             reason: str = "rolled back", detail: dict[str, Any] | None = None) -> Deployment:
+    """Undo: a canary is dropped at once (weight 0, ``rolled_back``); without a canary, the
+    stable version is replaced by ``to_version`` (an earlier production version, now
+    ``retired``) or by the newest retired one."""
+    dep = _require_deployment(session=session, model=model)
+    if dep.canary_version_id is not None and to_version is None:
+        canary = session.get(ModelVersion, dep.canary_version_id)
+        assert canary is not None
+        _swap_deployment(session=session, dep=dep, expect_canary=canary.id,
+                         canary_version_id=None, canary_weight=0.0, state="stable")
+        set_version_status(session=session, version=canary, status=VersionStatus.rolled_back)
+        add_deployment_event(session=session, deployment=dep, kind="rollback", reason=reason,
+                             detail={"version": canary.version, **(detail or {})})
+        return dep
+    if to_version is None:
+        retired = [v for v in list_versions(session=session, model=model)
+                   if VersionStatus(v.status) == VersionStatus.retired]
+        if not retired:
+            raise Conflict(f"{model.name} has no canary and no earlier production version to "
+                           "roll back to")
+        to_version = retired[-1]
+    if VersionStatus(to_version.status) != VersionStatus.retired:
+        raise IllegalTransition(f"{model.name}@{to_version.version} is {to_version.status}: "
+                                "rollback goes to an earlier production (retired) version")
+    current = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id \
+        else None
+    _swap_deployment(session=session, dep=dep, expect_canary=dep.canary_version_id,
+                     stable_version_id=to_version.id, state="stable")
+    set_version_status(session=session, version=to_version, status=VersionStatus.production)
+    if current is not None and VersionStatus(current.status) == VersionStatus.production:
+        set_version_status(session=session, version=current, status=VersionStatus.retired)
+    add_deployment_event(session=session, deployment=dep, kind="rollback", reason=reason,
+                         detail={"version": to_version.version,
+                                 "previous": current.version if current else None,
+                                 **(detail or {})})
+    return dep
+
+
 def add_deployment_event(*, session: Session, deployment: Deployment, kind: str, reason: str,
                          detail: dict[str, Any] | None = None) -> DeploymentEvent:
     row = DeploymentEvent(deployment_id=deployment.id,  # type: ignore[arg-type]
