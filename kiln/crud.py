@@ -404,18 +404,24 @@ def promote(*, session: Session, model: Model, reason: str = "promoted",
     if dep.canary_version_id is None:
         raise Conflict(f"{model.name} has no canary to promote")
     canary = session.get(ModelVersion, dep.canary_version_id)
-    previous = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id \
-        else None
     assert canary is not None
-    _swap_deployment(session=session, dep=dep, expect_canary=canary.id,
-                     stable_version_id=canary.id, canary_version_id=None, canary_weight=0.0,
-                     state="stable")
-    set_version_status(session=session, version=canary, status=VersionStatus.production)
-    if previous is not None and VersionStatus(previous.status) == VersionStatus.production:
-        set_version_status(session=session, version=previous, status=VersionStatus.retired)
-    add_deployment_event(session=session, deployment=dep, kind="promote", reason=reason,
-                         detail={"version": canary.version,
-                                 "previous": previous.version if previous else None,
+    return _replace_stable(session=session, dep=dep, new=canary, kind="promote", reason=reason,
+                           detail=detail, canary_version_id=None, canary_weight=0.0)
+
+
+def _replace_stable(*, session: Session, dep: Deployment, new: ModelVersion, kind: str,
+                    reason: str, detail: dict[str, Any] | None, **values: Any) -> Deployment:
+    """``new`` becomes the production (stable) version, the current one retires, one event."""
+    current = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id \
+        else None
+    _swap_deployment(session=session, dep=dep, expect_canary=dep.canary_version_id,
+                     stable_version_id=new.id, state="stable", **values)
+    set_version_status(session=session, version=new, status=VersionStatus.production)
+    if current is not None and VersionStatus(current.status) == VersionStatus.production:
+        set_version_status(session=session, version=current, status=VersionStatus.retired)
+    add_deployment_event(session=session, deployment=dep, kind=kind, reason=reason,
+                         detail={"version": new.version,
+                                 "previous": current.version if current else None,
                                  **(detail or {})})
     return dep
 
@@ -445,18 +451,8 @@ def rollback(*, session: Session, model: Model, to_version: ModelVersion | None 
     if VersionStatus(to_version.status) != VersionStatus.retired:
         raise IllegalTransition(f"{model.name}@{to_version.version} is {to_version.status}: "
                                 "rollback goes to an earlier production (retired) version")
-    current = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id \
-        else None
-    _swap_deployment(session=session, dep=dep, expect_canary=dep.canary_version_id,
-                     stable_version_id=to_version.id, state="stable")
-    set_version_status(session=session, version=to_version, status=VersionStatus.production)
-    if current is not None and VersionStatus(current.status) == VersionStatus.production:
-        set_version_status(session=session, version=current, status=VersionStatus.retired)
-    add_deployment_event(session=session, deployment=dep, kind="rollback", reason=reason,
-                         detail={"version": to_version.version,
-                                 "previous": current.version if current else None,
-                                 **(detail or {})})
-    return dep
+    return _replace_stable(session=session, dep=dep, new=to_version, kind="rollback",
+                           reason=reason, detail=detail)
 
 
 def add_deployment_event(*, session: Session, deployment: Deployment, kind: str, reason: str,
