@@ -39,9 +39,11 @@ bench: setup bench-deps  ## optimize + serve benchmarks of digits and MiniLM -> 
 bench-deps:  ## the serve benchmark's load generator (wrk, from Debian's packages)
 	command -v wrk || (apt-get update -qq && apt-get install -y -qq wrk)
 
-# GPU check (issue 3, item 8; bench/README-gpu.md). Builds bench/gpu-carry/ (git-ignored, ~45 MiB)
-# from data/, then runs bench/gpu_check.py here: on a host without CUDA it prints "no CUDA device:
-# nothing to check" and exits 0; with CUDA it writes bench/gpu_check.{md,json}. A session whose
+# GPU check (issue 3, item 8; issue 4, item 5; bench/README-gpu.md). Builds bench/gpu-carry/
+# (git-ignored, ~49 MiB: the models from data/, and the wheels Kiln's engine needs there, from
+# PyPI), then runs bench/gpu_check.py here: on a host without CUDA it prints "no CUDA device:
+# nothing to check" and exits 0; with CUDA it compiles, times, then serves both models with
+# Kiln's engine and a burst of requests, and writes bench/gpu_check.{md,json}. A session whose
 # task has a device machine runs it there in one call, after `make gpu-check` here:
 #   run(command="PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --carry bench/gpu-carry --out $OUT",
 #       carry=["bench/gpu-carry"], timeout_s=420)

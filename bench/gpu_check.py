@@ -7,19 +7,25 @@ it) and, where ``import torch_tensorrt`` works, with TensorRT fp16 through torch
 dynamo path; then it times every variant at batch 1 and 32 against the fp32 eager baseline and
 checks its outputs against the baseline's (digits: top-1 accuracy on the test split; MiniLM:
 cosine similarity and nearest-neighbour agreement on 256 sentences, plus cosine against
-embeddings of the original fp32 weights computed when the carry folder was built). It prints a
-markdown table and writes it, with the full results as JSON, to ``--out``.
+embeddings of the original fp32 weights computed when the carry folder was built). Then it
+serves the eager and inductor variants with Kiln's engine (LitServe, dynamic batching up to 32,
+on the GPU) and fires a burst of single-row requests at each (``bench/gpu_serve.py``: latency,
+requests/s, the batch sizes the engine ran, errors, answers checked against eager). It prints
+markdown tables and writes them, with the full results as JSON, to ``--out``.
 
 It runs under the GPU machine's own ``python3`` (torch, transformers, tokenizers, safetensors;
 no pydantic, prefect, dvc, litserve or fastapi), so it imports no Kiln module that needs them:
 only ``kiln.examples`` (torch) and ``kiln/backends/_torch.py``, loaded by path so that the
-``kiln.backends`` package (which imports pydantic through ``kiln.spec``) is not imported. Its
-inputs come from ``--carry`` (``bench/prepare_gpu_check.py`` builds it: about 45 MiB).
+``kiln.backends`` package (which imports pydantic through ``kiln.spec``) is not imported. The
+engines run in child processes with the wheels carried in ``gpu-carry/wheels/`` unpacked into
+a temporary folder on their ``PYTHONPATH``. Its inputs come from ``--carry``
+(``bench/prepare_gpu_check.py`` builds it: about 50 MiB).
 
 Without a CUDA device it prints "no CUDA device: nothing to check" and exits 0, unless
 ``--cpu-smoke`` is given: then the same pipeline runs on CPU, inductor in fp32, with a few
-iterations (for tests). Exit status 1 when a variant that should build failed to (the table and
-JSON are written first); a backend that is not installed is skipped with its reason.
+iterations and a small burst (for tests). Exit status 1 when a variant that should build failed
+to, or an engine failed to start or answered with errors (the tables and JSON are written
+first); a backend that is not installed is skipped with its reason.
 
 One call on a session's GPU machine (the device tool), from the repo root, after
 ``make gpu-check`` (or ``python bench/prepare_gpu_check.py``) here::
@@ -64,8 +70,25 @@ SERVING_BATCH = 32
 # Issue 3's benchmark targets at batch 32, for reference (they were set for the CPU pipeline).
 TARGETS = {"digits": 5.0, "minilm": 2.5}
 BUILD_RESERVE_S = 90  # no build starts with less than this left of --budget-s (CUDA default 270)
+# Serving (bench/gpu_serve.py): Kiln's default max_batch_size; a burst of single-row requests.
+SERVE_BATCH = 32
+SERVE_REQUESTS, SERVE_CONCURRENCY, SERVE_BUDGET_S = 512, 64, 60.0  # CUDA defaults
+SMOKE_REQUESTS, SMOKE_CONCURRENCY, SMOKE_BUDGET_S = 32, 8, 300.0  # --cpu-smoke defaults
+SERVE_MIN_S = 20  # serving is skipped with less than this left of --budget-s
+_OIP_OF_TORCH = {"torch.float32": "FP32", "torch.float16": "FP16", "torch.int64": "INT64",
+                 "torch.int32": "INT32", "torch.bool": "BOOL"}
 
-_HELPERS_NAME = "kiln_gpu_check_torch_helpers"
+
+def _module_at(name: str, path: Path) -> ModuleType:
+    """The module at ``path``, imported once under ``name`` (not through its package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while decorating
+    spec.loader.exec_module(module)
+    return module
 
 
 def torch_helpers() -> ModuleType:
@@ -74,15 +97,12 @@ def torch_helpers() -> ModuleType:
     Importing it as ``kiln.backends._torch`` would run ``kiln/backends/__init__.py``, which
     imports every backend and ``kiln.spec`` (pydantic): not installed on the GPU machine.
     """
-    if _HELPERS_NAME in sys.modules:
-        return sys.modules[_HELPERS_NAME]
-    path = ROOT / "kiln" / "backends" / "_torch.py"
-    spec = importlib.util.spec_from_file_location(_HELPERS_NAME, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_HELPERS_NAME] = module  # dataclasses look their module up while decorating
-    spec.loader.exec_module(module)
-    return module
+    return _module_at("kiln_gpu_check_torch_helpers", ROOT / "kiln" / "backends" / "_torch.py")
+
+
+def gpu_serve() -> ModuleType:
+    """``bench/gpu_serve.py``, the serving part's client (standard library and numpy)."""
+    return _module_at("kiln_gpu_check_serve", ROOT / "bench" / "gpu_serve.py")
 
 
 # ------------------------------------------------------------------------------ settings
@@ -134,6 +154,25 @@ class Model:
     extract: dict[str, Any] = field(default_factory=dict)
     variants: list[Variant] = field(default_factory=list)
     eager_out: np.ndarray | None = None
+    # serving (bench/gpu_serve.py): the model's inputs as kiln.spec.TensorSpec JSON, one wire
+    # request's inputs per row of ``evaluation`` (in order), how a served answer is judged
+    # (row indices, outputs, eager outputs), the tokenizer the engine runs first
+    spec_inputs: list[dict[str, Any]] = field(default_factory=list)
+    preprocess: dict[str, Any] | None = None
+    serve_rows: list[dict[str, np.ndarray]] = field(default_factory=list)
+    serve_judge: Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, Any]] | None = None
+    tokenizer: Path | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)  # variant label -> built file
+
+
+def spec_inputs(program: Any) -> list[dict[str, Any]]:
+    """The program's user inputs as kiln.spec.TensorSpec JSON (dynamic dimensions: -1), as
+    Kiln's upload probe records them."""
+    h = torch_helpers()
+    nodes = h.user_input_nodes(program)
+    return [{"name": node.name, "datatype": _OIP_OF_TORCH[str(node.meta["val"].dtype)],
+             "shape": [d if isinstance(d, int) else -1 for d in dims]}
+            for node, dims in zip(nodes, h.input_dims(program), strict=True)]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -170,9 +209,19 @@ def digits_model(s: Settings) -> Model:
     def passes(q: dict[str, Any]) -> bool:
         return q["drop_points"] <= MAX_DROP_POINTS
 
+    def judge_served(rows: np.ndarray, out: np.ndarray, eager: np.ndarray) -> dict[str, Any]:
+        top1 = out.argmax(1)
+        return {"top1_agreement": round(float((top1 == eager[rows].argmax(1)).mean()), 6),
+                "accuracy": round(float((top1 == labels[rows]).mean()), 6)}
+
     timing = {b: [x[:b].clone()] for b in BATCHES}
     evaluation = [[x[i:i + 32]] for i in range(0, len(x), 32)]
-    return Model("digits", program_path, timing, evaluation, judge, passes, extract)
+    model = Model("digits", program_path, timing, evaluation, judge, passes, extract)
+    model.spec_inputs = spec_inputs(program)
+    name = model.spec_inputs[0]["name"]
+    model.serve_rows = [{name: x[i:i + 1].numpy()} for i in range(len(x))]
+    model.serve_judge = judge_served
+    return model
 
 
 def minilm_model(s: Settings) -> Model:
@@ -235,10 +284,23 @@ def minilm_model(s: Settings) -> Model:
     def passes(q: dict[str, Any]) -> bool:
         return q["cos_mean"] >= MIN_COS_MEAN and q["cos_min"] >= MIN_COS_MIN
 
+    def judge_served(rows: np.ndarray, out: np.ndarray, eager: np.ndarray) -> dict[str, Any]:
+        cos = _cosine(out, eager[rows])
+        return {"cos_mean": round(float(cos.mean()), 6), "cos_min": round(float(cos.min()), 6)}
+
     timing = {b: encode(sentences[:b]) for b in BATCHES}
     evaluation = [encode(sentences[i:i + 32]) for i in range(0, len(sentences), 32)]
     extract["padded_length"] = {str(b): int(t[0].shape[1]) for b, t in timing.items()}
-    return Model("minilm", path, timing, evaluation, judge, passes, extract)
+    checked = Model("minilm", path, timing, evaluation, judge, passes, extract)
+    checked.spec_inputs = spec_inputs(program)
+    truncation = json.loads((folder / "tokenizer.json").read_text()).get("truncation") or {}
+    checked.preprocess = {"kind": "tokenizer", "file": "tokenizer.json",
+                          "max_length": int(truncation.get("max_length", 128)),
+                          "text_input": "text"}
+    checked.tokenizer = folder / "tokenizer.json"
+    checked.serve_rows = [{"text": np.array([text], dtype=object)} for text in sentences]
+    checked.serve_judge = judge_served
+    return checked
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -384,6 +446,7 @@ def check_model(model: Model, backends: list[tuple[str, str]], s: Settings) -> N
         return
     eager.quality = model.judge(model.eager_out, model.eager_out)
     eager.status, eager.passed = "ok", None
+    model.artifacts[eager.label] = model.program
     del fn
     for backend, precision in backends:
         run_variant(model, backend, precision, s)
@@ -411,6 +474,7 @@ def run_variant(model: Model, backend: str, precision: str, s: Settings) -> None
         started = time.perf_counter()
         if backend == "inductor":
             fn = build_inductor(model, precision, s)
+            model.artifacts[v.label] = s.work / f"{model.name}-inductor-{precision}.pt2"
         else:
             fn = build_tensorrt(model, precision, s, v.notes)
         v.build_s = round(time.perf_counter() - started, 2)
@@ -430,6 +494,108 @@ def run_variant(model: Model, backend: str, precision: str, s: Settings) -> None
     del fn
     if s.device == "cuda":
         torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------ serving
+@dataclass
+class ServeOptions:
+    requests: int
+    concurrency: int
+    budget_s: float
+
+
+def serve_targets(model: Model, labels: list[str]) -> list[Any]:
+    """What bench/gpu_serve.py serves for ``model``: each built variant in ``labels``."""
+    serve = gpu_serve()
+    assert model.eager_out is not None and model.serve_judge is not None
+    eager_out, judge, n_rows = model.eager_out, model.serve_judge, len(model.serve_rows)
+
+    def judge_burst(requests: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+        return judge(requests % n_rows, out, eager_out)  # request k sent row k % n_rows
+
+    spec = {"inputs": model.spec_inputs,
+            "outputs": [{"name": "output", "datatype": "FP32",
+                         "shape": [-1, *eager_out.shape[1:]]}],
+            "preprocess": model.preprocess}
+    targets = []
+    for v in model.variants:
+        if v.label not in labels or v.status != "ok" or v.label not in model.artifacts:
+            continue
+        backend = {"torch-eager": "torch-eager", "inductor": "inductor"}[v.backend]
+        version = v.label.replace(" ", "-")
+        bodies = [serve.wire_request(model.name, version, row) for row in model.serve_rows]
+        targets.append(serve.Target(
+            model=model.name, variant=v.label, backend=backend, precision=v.precision,
+            artifact=model.artifacts[v.label], spec=spec, bodies=bodies,
+            judge=judge_burst,
+            tokenizer=model.tokenizer))
+    return targets
+
+
+def serve_models(models: list[Model], precision: str, s: Settings, opts: ServeOptions
+                 ) -> dict[str, Any]:
+    """Kiln's engine serving eager fp32 and inductor ``precision`` of each model (one engine
+    each, dynamic batching up to SERVE_BATCH), a burst at each: bench/gpu_serve.py."""
+    serve = gpu_serve()
+    wheels = s.carry / "wheels"
+    budget = min(opts.budget_s, s.left_s())
+    if budget < SERVE_MIN_S:
+        reason = (f"time budget: {max(s.left_s(), 0):.0f}s of --budget-s left, serving needs "
+                  f"{SERVE_MIN_S}s")
+        return {"skipped": reason, "rows": [], "errors": []}
+    labels = ["torch-eager fp32", f"inductor {precision}"]
+    targets = [t for m in models for t in serve_targets(m, labels)]
+    if not targets:
+        return {"skipped": "no variant was built", "rows": [], "errors": []}
+    logs = s.work / "serve"
+    logs.mkdir()
+    settings = serve.ServeSettings(
+        device=s.device, site=s.work / "site", logs=logs, requests=opts.requests,
+        concurrency=opts.concurrency, warmup=min(opts.requests, 2 * opts.concurrency),
+        max_batch_size=SERVE_BATCH, budget_s=budget)
+    print(f"[gpu-check] serving {len(targets)} variants ({budget:.0f}s budget)",
+          file=sys.stderr, flush=True)
+    section = serve.serve_check(targets, wheels, settings)
+    section["skipped"] = ""
+    return dict(section)
+
+
+def _serving_markdown(section: dict[str, Any]) -> list[str]:
+    if not section:
+        return []
+    lines = ["", "## Serving: Kiln's engine (LitServe), dynamic batching", ""]
+    if section.get("skipped"):
+        return [*lines, f"Skipped: {section['skipped']}."]
+    if not section["rows"]:  # it stopped before any engine started: the errors say why
+        return [*lines, *(f"- **{error}**" for error in section["errors"])]
+    lines += [(f"One engine per variant on {section['device']} (max_batch_size "
+               f"{section['max_batch_size']}, batch_timeout 0), each sent {section['warmup']} "
+               f"warm-up then {section['requests']} timed single-row requests, "
+               f"{section['concurrency']} at a time (http.client, keep-alive). Mean batch: "
+               "rows per model call during the burst (engine /stats); check: answers against "
+               "the eager model's on the same rows."), "",
+              ("| model | variant | requests | concurrency | p50 ms | p99 ms | requests/s | "
+               "mean batch | max batch | errors | check |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in section["rows"]:
+        if r.get("p50_ms") is None:
+            lines.append(f"| {r['model']} | {r['variant']} | {r.get('requests', '')} | "
+                         f"{r.get('concurrency', '')} | | | | | | {r['status']} | "
+                         f"{r['reason'].replace('|', '/')} |")
+            continue
+        q = r.get("quality", {})
+        check = (f"top-1 agree {q['top1_agreement']:.4f}, acc {q['accuracy']:.4f}"
+                 if "top1_agreement" in q else
+                 f"cos {q.get('cos_mean', 0):.4f} (min {q.get('cos_min', 0):.4f})")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['requests']} | "
+                     f"{r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['requests_per_s']:.0f} | {r['mean_batch']} | "
+                     f"{r.get('max_batch_seen', '')} | {r['errors']} | {check} |")
+    lines += [f"- **{error}**" for error in section["errors"]]
+    wheels = ", ".join(" ".join(w.split("-")[:2]) for w in section.get("wheels", []))
+    lines.append(f"- wheels unpacked from the carry folder in {section.get('install_s', 0)}s: "
+                 f"{wheels}; serving took {section.get('total_s', 0)}s in all")
+    return lines
 
 
 # ------------------------------------------------------------------------------ report
@@ -509,6 +675,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for name, entry in doc["models"].items():
         lines.append(f"- {name} extraction: " + ", ".join(
             f"{k} {v}" for k, v in entry["extract"].items() if k != "dims"))
+    lines += _serving_markdown(doc.get("serving", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -559,6 +726,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the whole check: no build starts with less than "
                              f"{BUILD_RESERVE_S}s of it left (default 270 on CUDA, no limit "
                              "with --cpu-smoke)")
+    parser.add_argument("--no-serve", action="store_true",
+                        help="skip the serving part (Kiln's engine and a burst of requests)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help=f"requests per burst (default {SERVE_REQUESTS} on CUDA, "
+                             f"{SMOKE_REQUESTS} with --cpu-smoke)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help=f"requests in flight (default {SERVE_CONCURRENCY} on CUDA, "
+                             f"{SMOKE_CONCURRENCY} with --cpu-smoke)")
+    parser.add_argument("--serve-budget-s", type=float, default=None,
+                        help="seconds for the serving part, engine starts included (default "
+                             f"{SERVE_BUDGET_S:.0f} on CUDA, {SMOKE_BUDGET_S:.0f} with "
+                             "--cpu-smoke; never more than --budget-s leaves)")
     args = parser.parse_args(argv)
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -603,6 +782,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             models.append(model)
             check_model(model, [("inductor", precision)], s)
+        serving: dict[str, Any] = {}
+        if not args.no_serve and models:
+            opts = ServeOptions(
+                requests=args.requests or (SMOKE_REQUESTS if smoke else SERVE_REQUESTS),
+                concurrency=args.concurrency or (SMOKE_CONCURRENCY if smoke
+                                                 else SERVE_CONCURRENCY),
+                budget_s=args.serve_budget_s or (SMOKE_BUDGET_S if smoke else SERVE_BUDGET_S))
+            try:
+                serving = serve_models(models, precision, s, opts)
+            except Exception as exc:  # the build results are still reported
+                traceback.print_exc()
+                serving = {"skipped": "", "rows": [], "errors": [f"serving: {_first_line(exc)}"]}
         if not smoke:
             for model in models:
                 run_variant(model, "tensorrt", "fp16", s)
@@ -622,6 +813,7 @@ def main(argv: list[str] | None = None) -> int:
             dict(vars(var)) for var in m.variants]} for m in models},
         "rows": rows(models),
         "errors": errors,
+        "serving": serving,
     }
     text = markdown(doc)
     print(text)
@@ -633,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {md} and {js}", file=sys.stderr)
     failed = [f"{m.name} {v.label}" for m in models for v in m.variants if v.status == "failed"]
     failed += errors
+    failed += [f"serving {r['model']} {r['variant']}" for r in serving.get("rows", [])
+               if r.get("status") == "failed"]
+    failed += serving.get("errors", [])
     if failed:
         print(f"[gpu-check] failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -13,6 +13,11 @@ writes into ``--out`` (default ``bench/gpu-carry``, git-ignored):
 - ``minilm/sentences.json``: the first 256 sentences of ``sentences.npz``;
 - ``minilm/reference.npy``: float32 embeddings of those sentences by the *original* fp32 weights
   (computed here on CPU, batches of 32), so the GPU check also measures what fp16 weights cost;
+- ``wheels/``: the wheels Kiln's engine needs that the GPU machine's ``python3`` lacks
+  (``WHEELS``: LitServe, FastAPI, Starlette, uvicorn, pydantic and pydantic-core,
+  pyzmq, orjson...; about 4.3 MB), at the versions of ``requirements.lock``, downloaded with
+  ``pip download`` for CPython 3.12 on manylinux x86_64 (``--wheels-for gpu``, the GPU
+  machine) or for this interpreter (``--wheels-for here``, what the tests use);
 - ``manifest.json``: each file's size and sha256, and the total.
 
 Fails (exit 1) when the folder exceeds 60 MiB. It also prints the size of the working tree that
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +39,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+#: what Kiln's engine imports (bench/gpu_serve.py) that the GPU machine's python3 lacks, or has
+#: at versions too old for the rest (anyio, typing-extensions); it has click, h11, idna and
+#: annotated-doc, and uvicorn falls back to h11 and asyncio without httptools or websockets
+WHEELS = ("litserve", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core",
+          "annotated-types", "typing-inspection", "typing-extensions", "opentelemetry-api",
+          "pyzmq", "orjson", "anyio")
+#: the GPU machine's python3 (bench/README-gpu.md); pip matches manylinux tags exactly
+GPU_PYTHON = "3.12"
+GPU_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                 "manylinux2014_x86_64")
 MIB = 1024 * 1024
 LIMIT_MIB = 60  # the carry folder's own budget; the device tool's limit for everything is 64
 TOOL_LIMIT_MIB = 64
@@ -112,6 +128,41 @@ def carry_minilm(data: Path, out: Path) -> None:
     np.save(out / "reference.npy", minilm_reference(folder, config, sentences))
 
 
+def locked_versions(lock: Path) -> dict[str, str]:
+    """``name -> version`` of every ``name==version`` line of ``lock`` (names normalised)."""
+    pins = {}
+    for line in lock.read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.split(";")[0].strip()
+    return pins
+
+
+def carry_wheels(out: Path, wheels_for: str, lock: Path) -> None:
+    """``pip download`` the engine's wheels (no dependencies: WHEELS lists them all) into
+    ``out``, for the GPU machine's Python and platform or for this interpreter."""
+    pins = locked_versions(lock)
+    missing = [name for name in WHEELS if name not in pins]
+    if missing:
+        raise SystemExit(f"{lock} pins no version of {', '.join(missing)}: run `make lock`")
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+               "--no-deps", "--only-binary=:all:", "--dest", str(out)]
+    if wheels_for == "gpu":
+        command += ["--python-version", GPU_PYTHON, "--implementation", "cp"]
+        command += [arg for platform in GPU_PLATFORMS for arg in ("--platform", platform)]
+    command += [f"{name}=={pins[name]}" for name in WHEELS]
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if "ERROR" in line] or [
+            proc.stderr.strip()[-500:]]
+        raise SystemExit(f"pip download of the engine's wheels failed (PyPI unreachable?): "
+                         f"{errors[0]}")
+    found = sorted(p.name for p in out.glob("*.whl"))
+    if len(found) != len(WHEELS):
+        raise SystemExit(f"expected {len(WHEELS)} wheels in {out}, found {found}")
+
+
 def travelling_tree_bytes() -> int | None:
     """Bytes of the files the device tool sends besides ``carry`` (tracked, and untracked but
     not ignored), or None where git cannot say."""
@@ -135,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding digits/ and minilm/ as dvc repro writes them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu-carry",
                         help="the carry folder to (re)build")
+    parser.add_argument("--wheels-for", choices=("gpu", "here"), default="gpu",
+                        help=f"download the engine's wheels for the GPU machine (CPython "
+                             f"{GPU_PYTHON}, manylinux x86_64) or for this interpreter (tests)")
+    parser.add_argument("--lock", type=Path, default=ROOT / "requirements.lock",
+                        help="where the wheels' versions are pinned")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -142,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.out)
     carry_digits(args.data_root / "digits", args.out / "digits")
     carry_minilm(args.data_root / "minilm", args.out / "minilm")
+    carry_wheels(args.out / "wheels", args.wheels_for, args.lock)
 
     files = sorted(p for p in args.out.rglob("*") if p.is_file())
     manifest = {
         "files": {str(p.relative_to(args.out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                   for p in files},
         "n_sentences": N_SENTENCES,
+        "wheels_for": args.wheels_for,
         "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     total = sum(f["bytes"] for f in manifest["files"].values())
@@ -157,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, entry in manifest["files"].items():
         print(f"  {entry['bytes'] / MIB:8.2f} MiB  {name}")
+    wheels = sum(e["bytes"] for n, e in manifest["files"].items() if n.startswith("wheels/"))
+    print(f"  {wheels / MIB:8.2f} MiB  in {len(WHEELS)} wheels (for {args.wheels_for})")
     print(f"{args.out}: {total / MIB:.2f} MiB in {len(files) + 1} files "
           f"(limit {LIMIT_MIB} MiB); built in {time.perf_counter() - started:.1f}s")
     tree = travelling_tree_bytes()

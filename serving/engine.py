@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from queue import Empty
-from typing import Any
+from typing import Any, Protocol
 
 import litserve as ls
 import numpy as np
@@ -213,6 +213,15 @@ class DrainingBatchLoop(BatchedLoop):
 
 
 # ---------------------------------------------------------------------------- the API
+class ModelLoader(Protocol):
+    """Loads ``name@version`` in an inference worker, in place of the registry (see
+    :class:`KilnEngine`). It travels to LitServe's spawned workers inside the LitAPI, so it must
+    pickle: a module-level function or an instance of a module-level class."""
+
+    def __call__(self, name: str, version: str, *, device: str, threads: int | None
+                 ) -> LoadedModel: ...
+
+
 class KilnEngine(ls.LitAPI):
     """The engine's LitAPI: one primary model version, dynamically batched.
 
@@ -227,16 +236,22 @@ class KilnEngine(ls.LitAPI):
 
     Every failure is confined to the Jobs it concerns: no method raises, because LitServe
     answers a whole batch with one error when one does.
+
+    Versions load through the registry (``kiln.settings``, ``kiln.crud``: imported in the
+    worker, not here) unless ``loader`` is given: then it loads them instead, and the engine
+    runs where no registry is installed (``bench/gpu_serve.py`` on a bare GPU machine).
     """
 
     def __init__(self, name: str, version: str, serving: ServingSettings,
-                 stats: EngineStats | None = None) -> None:
+                 stats: EngineStats | None = None, *, loader: ModelLoader | None = None
+                 ) -> None:
         super().__init__(max_batch_size=serving.max_batch_size,
                          batch_timeout=serving.batch_timeout, loop=DrainingBatchLoop())
         self.name = name
         self.version = version
         self.serving = serving
         self.stats = stats
+        self.loader = loader
         self.cache: ModelCache | None = None
         self.faults: EngineFaults | None = None
         self._last_stats_log = 0.0
@@ -245,17 +260,20 @@ class KilnEngine(ls.LitAPI):
     # --- lifecycle
     def setup(self, device: str) -> None:
         from kiln.backends import default_threads
-        from kiln.settings import get_settings
 
         configure_logging()
-        settings = get_settings()
         self.faults = EngineFaults.from_env()
         if self.faults is not None:
             log.warning("test faults injected: %s (KILN_ENGINE_FAULTS)", self.faults)
         threads = None
         if device == "cpu":  # workers on one CPU share its cores
             threads = max(1, default_threads() // self.serving.workers_per_device)
-        loader = partial(_load, settings, device=device, threads=threads)
+        if self.loader is not None:
+            loader = partial(self.loader, device=device, threads=threads)
+        else:
+            from kiln.settings import get_settings
+
+            loader = partial(_load, get_settings(), device=device, threads=threads)
         self.cache = ModelCache(self.serving.cache_budget_mb * 2**20, loader)
         try:
             primary = self.cache.get(self.name, self.version, pin=True)
@@ -456,8 +474,21 @@ def build_server(name: str, version: str, *, device: str = "auto",
                                                                   record.artifact.sha256)
     serving = record.serving
     api = KilnEngine(name, version, serving, stats)
-    server = KilnLitServer(api, accelerator=resolve_device(device, record.artifact.backend),
-                          workers_per_device=serving.workers_per_device, timeout=False,
+    server = lit_server(api, accelerator=resolve_device(device, record.artifact.backend))
+    log.info("engine for %s@%s: backend %s/%s, max_batch_size %d, batch_timeout %.3f s, "
+             "workers %d", name, version, record.artifact.backend, record.artifact.precision,
+             serving.max_batch_size, serving.batch_timeout, serving.workers_per_device)
+    return server
+
+
+def lit_server(api: KilnEngine, *, accelerator: str, devices: int | str = "auto"
+               ) -> "KilnLitServer":
+    """The LitServer around ``api`` (not started): Kiln's queues, no gzip, and ``/stats`` when
+    the engine counts (``api.stats``). ``devices``: LitServe's (``auto``: every GPU that
+    ``nvidia-smi`` lists)."""
+    name, version, stats = api.name, api.version, api.stats
+    server = KilnLitServer(api, accelerator=accelerator, devices=devices,
+                          workers_per_device=api.serving.workers_per_device, timeout=False,
                           fast_queue=False, disable_openapi_url=True,
                           model_metadata={"model": name, "version": version})
     # LitServe gzips every response over 1 kB; the gateway is on the same host, where
@@ -470,9 +501,6 @@ def build_server(name: str, version: str, *, device: str = "auto",
                                           **stats.snapshot()}), media_type=JSON)
 
         server.app.add_api_route("/stats", engine_stats, methods=["GET"])
-    log.info("engine for %s@%s: backend %s/%s, max_batch_size %d, batch_timeout %.3f s, "
-             "workers %d", name, version, record.artifact.backend, record.artifact.precision,
-             serving.max_batch_size, serving.batch_timeout, serving.workers_per_device)
     return server
 
 

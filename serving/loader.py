@@ -18,15 +18,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kiln.backends import Runner, get_backend
 from kiln.errors import InvalidInput, ModelLoadError, NotFound, VariantUnavailable
-from kiln.settings import Settings
 from kiln.spec import ModelSpec, TensorSpec, datatype_of_numpy, numpy_of_datatype
 from serving.config import ServingSettings
+
+if TYPE_CHECKING:  # the registry (pydantic-settings, sqlmodel) is imported only where it is read:
+    # an engine built from an already-loaded model (bench/gpu_serve.py) runs without it
+    from kiln.settings import Settings
 
 log = logging.getLogger("kiln.engine")
 
