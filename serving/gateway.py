@@ -19,7 +19,6 @@ engine client; shutdown stops both, engines included.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -71,6 +70,11 @@ class HTTPError(Exception):
 
 class EngineUnavailable(Exception):
     """The engine could not answer (refused, died mid-flight, 502/503): retry elsewhere."""
+
+
+class ClientGone(Exception):
+    """The client disconnected (or its request was refused by the HTTP layer) before its body
+    was read: there is no one to answer."""
 
 
 @dataclass
@@ -157,6 +161,8 @@ class Gateway:
             await self._route(scope, receive, send)
         except HTTPError as exc:
             await self._error(send, exc.status, str(exc), exc.headers)
+        except ClientGone:
+            pass
         except Exception:  # never a traceback or a path in a body (RELIABILITY.md)
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             await self._error(send, 500, "internal error: see the gateway's log")
@@ -252,7 +258,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError("client went away")
+                raise ClientGone
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -536,6 +542,7 @@ def serve(settings: Settings, *, port: int | None = None, host: str | None = Non
         port=settings.gateway_port if port is None else port,
         http=guarded_protocol(HttpLimits(max_body_bytes=settings.max_body_bytes)),
         loop="uvloop", lifespan="on", log_level="warning", access_log=False,
+        ws="none",  # no WebSocket route: an Upgrade request is read as plain HTTP
         timeout_keep_alive=5, limit_concurrency=settings.gateway_max_connections,
         server_header=False, date_header=False)
     uvicorn.Server(config).run()

@@ -100,7 +100,7 @@ def _array(entry: dict[str, Any], tail: bytes, offset: int) -> tuple[str, np.nda
     if not isinstance(name, str) or not name:
         raise BadRequest("each input needs a non-empty string 'name'")
     datatype = entry.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise BadRequest(f"input {name!r}: 'datatype' must be one of {sorted(DATATYPES)}")
     shape = _shape(entry.get("shape"), name)
     count = math.prod(shape)
@@ -224,7 +224,10 @@ def _outputs(doc: dict[str, Any]) -> tuple[list[str] | None, set[str], dict[str,
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise BadRequest("each entry of 'outputs' needs a string 'name'")
         names.append(entry["name"])
-        if (entry.get("parameters") or {}).get("binary_data"):
+        out_params = entry.get("parameters") or {}
+        if not isinstance(out_params, dict):
+            raise BadRequest(f"output {entry['name']!r}: 'parameters' must be an object")
+        if out_params.get("binary_data"):
             binary.add(entry["name"])
     return names, binary, params
 

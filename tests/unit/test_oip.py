@@ -133,3 +133,13 @@ def test_path_variants_are_one_route() -> None:
     assert {normalise_path(p) for p in ("/v2/models/digits/infer", "//v2//models/digits/infer/",
                                         "/v2/models//digits/infer//")} \
         == {"/v2/models/digits/infer"}
+
+
+def test_non_string_datatype_and_odd_output_parameters_are_bad_requests() -> None:
+    for body in (b'{"inputs": [{"name": "image", "datatype": [], "shape": [1,1,8,8], '
+                 b'"data": []}]}',
+                 _json_body([0.0] * 64, [1, 1, 8, 8])[:-1] + b', "outputs": [{"name": "y", '
+                 b'"parameters": [1]}]}'):
+        with pytest.raises(oip.BadRequest):
+            doc, tail = oip.parse(body, None)
+            oip.request(doc, tail, IMAGE, max_rows=4)
