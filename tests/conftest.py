@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from kiln.settings import apply_privacy_env
+from serving.supervisor import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PG_BASE = os.environ.get("KILN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -170,14 +171,8 @@ def validated_home(tmp_path_factory: pytest.TempPathFactory, examples: Path) -> 
     up = run_kiln("upload", "digits", str(digits / "model.pt2"), "--dataset",
                   str(digits / "val.npz"), "--json", env=env)
     assert up.returncode == 0, up.stderr
-    settings = json.dumps({"optimize": {"backends": ["onnxruntime"],
-                                        "precisions": {"onnxruntime": ["fp32"]}}})
-    code = ("import json,sys; from kiln import crud; from kiln.db import session_scope; "
-            "from kiln.settings import get_settings\n"
-            "with session_scope(get_settings().db_url) as s:\n"
-            "    m = crud.require_model(session=s, name='digits')\n"
-            "    crud.update_model_settings(session=s, model=m, settings=json.loads(sys.argv[1]))")
-    subprocess.run([sys.executable, "-c", code, settings], env=env, check=True, timeout=120)
+    set_model_settings(home, "digits", {"optimize": {"backends": ["onnxruntime"],
+                                                     "precisions": {"onnxruntime": ["fp32"]}}})
     opt = run_kiln("optimize", "digits", "--json", env=env, timeout=900)
     assert opt.returncode == 0, opt.stderr[-3000:]
     return home
@@ -190,14 +185,6 @@ def copy_home(home: Path, dest: Path) -> Path:
     target = dest / "kiln-home"
     shutil.copytree(home, target, symlinks=True)
     return target
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def set_model_settings(home: Path, name: str, settings: dict[str, object]) -> None:

@@ -52,14 +52,10 @@ def _optimize(home: Path, name: str) -> None:
 
 def _set_canary(home: Path, name: str, version: str, weight: float) -> None:
     code = ("import sys; from kiln import crud; from kiln.db import session_scope; "
-            "from kiln.registry import VersionStatus; from kiln.settings import get_settings\n"
+            "from kiln.settings import get_settings\n"
             "with session_scope(get_settings().db_url) as s:\n"
-            "    m = crud.require_model(session=s, name=sys.argv[1])\n"
             "    v = crud.require_version(session=s, name=sys.argv[1], version=sys.argv[2])\n"
-            "    crud.set_version_status(session=s, version=v, status=VersionStatus.canary)\n"
-            "    d = crud.get_deployment(session=s, model=m)\n"
-            "    d.canary_version_id, d.canary_weight = v.id, float(sys.argv[3])\n"
-            "    s.add(d)")
+            "    crud.start_canary(session=s, version=v, weight=float(sys.argv[3]))")
     subprocess.run([sys.executable, "-c", code, name, version, str(weight)],
                    env=kiln_env(home), check=True, timeout=120)
 
