@@ -348,7 +348,41 @@ def build_inductor(model: Model, precision: str, s: Settings) -> Callable[..., A
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(path),
         inductor_configs={"aot_inductor.metadata": {"kiln_precision": precision}})
+    probe_aoti_load(path)
     return torch._inductor.aoti_load_package(str(path))
+
+
+def probe_aoti_load(path: Path) -> None:
+    """Load the package once in a fresh process first: on the GPU image of 2026-11-27 (torch
+    2.11.0+cu130) every AOTInductor package, CPU ones included, segfaults in ``_load_aoti``, and
+    a crash here must fail this variant, not the whole check."""
+    import subprocess
+
+    code = ("import torch._inductor, sys; torch._inductor.aoti_load_package(sys.argv[1]); "
+            "print('loaded')")
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path)],
+                          capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        import signal
+
+        how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit {proc.returncode}")
+        frame = next((ln.strip() for ln in proc.stderr.splitlines() if "line" in ln), "")
+        raise RuntimeError(f"the AOTInductor package compiled, but loading it in a fresh process "
+                           f"failed ({how}) at {frame}")
+
+
+def build_inductor_jit(model: Model, precision: str, s: Settings) -> Callable[..., Any]:
+    """For comparison when the AOTInductor package cannot be loaded: the same cast program
+    through ``torch.compile`` (inductor, JIT, dynamic shapes). Not Kiln's serving path (the
+    engine loads AOTInductor packages); compiled on the first calls, inside the warm-up."""
+    import torch
+
+    h = torch_helpers()
+    program = torch.export.load(str(model.program))
+    dtype = getattr(torch, h.FLOAT_DTYPES[precision])
+    program = h.cast_program(program, dtype=dtype, device=s.device)
+    return torch.compile(program.module(), dynamic=True)
 
 
 def build_tensorrt(model: Model, precision: str, s: Settings, notes: list[str]
@@ -475,6 +509,10 @@ def run_variant(model: Model, backend: str, precision: str, s: Settings) -> None
         if backend == "inductor":
             fn = build_inductor(model, precision, s)
             model.artifacts[v.label] = s.work / f"{model.name}-inductor-{precision}.pt2"
+        elif backend == "inductor-jit":
+            fn = build_inductor_jit(model, precision, s)
+            v.notes.append("torch.compile JIT (not Kiln's serving path); its compile time is "
+                           "inside the first calls, not build_s")
         else:
             fn = build_tensorrt(model, precision, s, v.notes)
         v.build_s = round(time.perf_counter() - started, 2)
@@ -483,6 +521,8 @@ def run_variant(model: Model, backend: str, precision: str, s: Settings) -> None
         v.status, v.reason = "failed", _first_line(exc)
         traceback.print_exc()
         print(f"[gpu-check] {model.name} {v.label} failed: {v.reason}", file=sys.stderr)
+        if backend == "inductor" and s.device == "cuda":
+            run_variant(model, "inductor-jit", precision, s)
         return
     assert model.eager_out is not None
     v.quality = model.judge(out, model.eager_out)

@@ -145,6 +145,12 @@ def cast_program(program: ExportedProgram, *, dtype: torch.dtype,
     shapes = input_dims(program)
     examples = example_tensors(program)
     program = copy.deepcopy(program)  # the steps below mutate weights in place
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        # "cuda" and "cuda:0" differ to the re-export's tensor-metadata asserts (MiniLM's
+        # attention mask failed with "Expected: cuda, Got: cuda:0" on an H200): be explicit
+        target = torch.device("cuda", torch.cuda.current_device())
+    device = str(target)
     if device != "cpu":
         program = move_to_device_pass(program, device)
     module = program.module()
