@@ -213,31 +213,113 @@ def _run_with_progress(settings: Settings, ref: str) -> dict[str, Any]:
 @handled
 def deploy(
     ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="Default: newest.")],
-    strategy: Annotated[str, typer.Option(help="direct (the canary strategy comes with the "
-                                               "deploy flow).")] = "direct",
-    wait: Annotated[float, typer.Option(help="Seconds to wait for the engine to answer ready "
-                                             "(0: do not wait).")] = 180.0,
+    strategy: Annotated[str | None, typer.Option(
+        help="canary (the default once the model has a stable version: weight steps with "
+             "guardrails, then promote or roll back) or direct (stable at once, no gates).")
+    ] = None,
+    steps: Annotated[str | None, typer.Option(help="Canary weights, e.g. 0.1,0.5,1.")] = None,
+    step_seconds: Annotated[float | None, typer.Option(help="Seconds each canary step is "
+                                                            "held (default 30).")] = None,
+    wait: Annotated[float, typer.Option(help="direct: seconds to wait for the engine to answer "
+                                             "ready (0: do not wait).")] = 180.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Make a validated version the stable one; return once the gateway serves it."""
+    """Deploy a version: the deploy-model flow (optimize if needed, champion/challenger gate,
+    canary, promote or roll back), or --strategy direct."""
     from kiln.errors import InvalidInput
     from kiln.rollout import deploy_direct, gateway_url, wait_until_served
 
-    if strategy != "direct":
-        raise InvalidInput(f"--strategy {strategy!r} is not available yet: use --strategy direct")
+    if strategy not in (None, "direct", "canary"):
+        raise InvalidInput(f"--strategy must be direct or canary, got {strategy!r}")
     settings = _settings()
     name, version = _split_ref(ref)
-    doc = deploy_direct(settings, name=name, version=version)
-    doc["served"] = wait_until_served(settings, timeout_s=wait) if wait > 0 else "not-waited"
+    if strategy == "direct":
+        doc = deploy_direct(settings, name=name, version=version)
+        doc["served"] = wait_until_served(settings, timeout_s=wait) if wait > 0 else "not-waited"
+    else:
+        weights = None
+        if steps is not None:
+            try:
+                weights = [float(w) for w in steps.split(",") if w.strip()]
+            except ValueError:
+                raise InvalidInput("--steps takes weights between 0 and 1, e.g. 0.1,0.5,1") \
+                    from None
+        from contextlib import redirect_stdout
+
+        from flows.deploy import deploy_model
+
+        with redirect_stdout(sys.stderr):  # the flow's prints and logs: never on stdout
+            doc = deploy_model(name, version, strategy=strategy, canary_steps=weights,
+                               step_seconds=step_seconds)
+    if as_json:
+        _emit(doc)
+    else:
+        colour = {"promoted": "green", "rolled_back": "yellow", "rejected": "red"}.get(
+            doc["outcome"], "white")
+        out.print(f"[bold]{doc['model']}@{doc['version']}[/bold]: "
+                  f"[{colour}]{doc['outcome']}[/{colour}] ({doc['reason']})", highlight=False)
+        if doc.get("served") == "no-gateway":
+            out.print(f"no gateway answers at {gateway_url(settings)}: run `kiln serve` to "
+                      "serve it")
+    if doc["outcome"] == "rejected":
+        raise typer.Exit(7)
+    if doc["outcome"] == "rolled_back":
+        raise typer.Exit(9)
+
+
+@app.command()
+@handled
+def promote(
+    name: Annotated[str, typer.Argument(help="The model whose canary becomes stable.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Promote the model's canary now (the old stable version retires; its engine drains)."""
+    from kiln.rollout import promote_now
+
+    doc = promote_now(_settings(), name=name)
+    _emit(doc) if as_json else out.print(f"[bold]{name}@{doc['version']}[/bold] is the stable "
+                                         f"version (was {doc['previous']})", highlight=False)
+
+
+@app.command()
+@handled
+def rollback(
+    name: Annotated[str, typer.Argument(help="The model to roll back.")],
+    to: Annotated[str | None, typer.Option("--to", help="An earlier production version "
+                                                        "(default: drop the canary, or the "
+                                                        "newest earlier one).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drop the canary at once, or put an earlier production version back as the stable one
+    (its artifacts restored from the DVC remote when they are not here)."""
+    from kiln.rollout import rollback_now
+
+    doc = rollback_now(_settings(), name=name, to_version=to)
+    _emit(doc) if as_json else out.print(f"{name}: {doc['reason']}", highlight=False)
+
+
+@app.command()
+@handled
+def status(as_json: JsonOpt = False) -> None:
+    """Each deployed model: stable and canary versions, weight, and live figures from the
+    gateway (p50/p99, error rate, requests per second over the last minute)."""
+    from kiln.rollout import status_view
+
+    doc = status_view(_settings())
     if as_json:
         _emit(doc)
         return
-    out.print(f"[bold]{doc['model']}@{doc['version']}[/bold] is the stable version "
-              f"({doc['reason']})", highlight=False)
-    if doc["served"] == "ready":
-        out.print(f"serving at {gateway_url(settings)}/v2/models/{name}/infer")
-    elif doc["served"] == "no-gateway":
-        out.print(f"no gateway answers at {gateway_url(settings)}: run `kiln serve` to serve it")
+    table = Table("model", "stable", "canary", "weight", "state", "p50 ms", "p99 ms",
+                  "errors", "rps", title="deployments")
+    fmt = (lambda v, spec: "-" if v is None else format(v, spec))
+    for m in doc["models"]:
+        table.add_row(m["name"], m["stable"] or "-", m["canary"] or "-",
+                      f"{m['canary_weight']:.0%}" if m["canary"] else "-", m["state"],
+                      fmt(m["p50_ms"], ".1f"), fmt(m["p99_ms"], ".1f"),
+                      fmt(m["error_rate"], ".2%"), fmt(m["rps"], ".1f"))
+    out.print(table)
+    if not doc.get("gateway"):
+        out.print(f"no gateway answers at {doc['gateway_url']}: live figures need `kiln serve`")
 
 
 @app.command()
@@ -298,37 +380,14 @@ def restore_cmd(
 def demo(
     project: Annotated[Path, typer.Option(help="The Kiln checkout (holds dvc.yaml).")] = Path("."),
 ) -> None:
-    """The journey so far: reproduce the examples with DVC, register them, optimize digits."""
-    settings = _settings()
-    err.print("[bold]1. dvc repro[/bold]: example data and models (cached after the first run)")
-    dvc = Path(sys.executable).with_name("dvc")
-    env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([str(dvc), "repro", *DEMO_STAGES], cwd=project, env=env)
-    if proc.returncode != 0:
-        err.print("[red]error:[/red] dvc repro failed: see its output above")
-        raise typer.Exit(6)
-    from flows.register import EXAMPLES, register_examples
+    """The journey: reproduce the examples, register them, serve digits, then watch the gates
+    reject a worse version and the canary roll back a slower one (flows/demo.py)."""
+    _settings()
+    from flows.demo import run_demo
 
-    err.print("[bold]2. register_examples[/bold] (a Prefect flow): upload + dataset checks")
-    results = register_examples(project=str(project.absolute()))
-    table = Table("model", "version", "status", "sha256", "dataset check", title="registered")
-    for r in results:
-        ds = r["dataset"]
-        table.add_row(r["name"], r["version"], r["status"], r["sha256"][:16],
-                      "passed" if ds and ds["check_passed"] else "failed" if ds else "-")
-    out.print(table)
-    err.print("[bold]3. optimize-model[/bold] (a Prefect flow) on digits: extract, quantize, "
-              "compile, validate, select")
-    from kiln.views import show_version_view
-
-    if show_version_view(settings, name="digits", version=None)["status"] == "uploaded":
-        doc = _run_with_progress(settings, "digits")
-        out.print(doc["markdown"], highlight=False)
-    else:
-        out.print("digits is already optimized (versions are optimized once): "
-                  "kiln show digits lists its variants")
-    out.print(f"registry: {settings.db_url}   artifacts: {settings.home / 'objects'}")
-    out.print(f"try: .venv/bin/kiln show {EXAMPLES[0].name} --json")
+    code = run_demo(project)
+    if code:
+        raise typer.Exit(code)
 
 
 # --- API keys (issue 4): only a key's sha256 is stored; the key itself is printed once.

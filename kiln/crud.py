@@ -15,6 +15,7 @@ import semver
 from sqlmodel import Session, col, select
 
 from kiln.errors import Conflict, IllegalTransition, InvalidInput, NotFound
+from kiln.faults import failpoint
 from kiln.registry import (
     TRANSITIONS,
     ApiKey,
@@ -324,6 +325,7 @@ def deploy_direct(*, session: Session, version: ModelVersion, reason: str = "dir
             f"deployed; run `kiln optimize {model.name}@{version.version}` first")
     previous = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id else None
     set_version_status(session=session, version=version, status=VersionStatus.production)
+    failpoint("deploy.after_status")  # RELIABILITY.md 21: killed mid-transaction
     if previous is not None and VersionStatus(previous.status) == VersionStatus.production:
         set_version_status(session=session, version=previous, status=VersionStatus.retired)
     dep.stable_version_id = version.id
@@ -365,21 +367,25 @@ def _require_deployment(*, session: Session, model: Model) -> Deployment:
 
 
 def start_canary(*, session: Session, version: ModelVersion, weight: float,
-                 reason: str = "canary started") -> Deployment:
-    """Make ``version`` the canary at ``weight`` beside the stable version."""
+                 reason: str = "canary started", shadow_share: float = 0.0) -> Deployment:
+    """Make ``version`` the canary at ``weight`` beside the stable version, with
+    ``shadow_share`` of the stable's requests mirrored to it (answers discarded, compared)."""
     model = session.get(Model, version.model_id)
     assert model is not None
     dep = _require_deployment(session=session, model=model)
     if dep.stable_version_id is None:
         raise IllegalTransition(f"{model.name} has no stable version to canary against: deploy "
                                 "it with --strategy direct first")
-    if not 0.0 <= weight <= 1.0:
-        raise InvalidInput(f"canary weight must be between 0 and 1, got {weight}")
+    if not 0.0 <= weight <= 1.0 or not 0.0 <= shadow_share <= 1.0:
+        raise InvalidInput(f"canary weight and shadow share must be between 0 and 1, got "
+                           f"{weight} and {shadow_share}")
     set_version_status(session=session, version=version, status=VersionStatus.canary)
     _swap_deployment(session=session, dep=dep, expect_canary=None,
-                     canary_version_id=version.id, canary_weight=weight, state="canary")
+                     canary_version_id=version.id, canary_weight=weight, state="canary",
+                     shadow_share=shadow_share)
     add_deployment_event(session=session, deployment=dep, kind="canary", reason=reason,
-                         detail={"version": version.version, "weight": weight})
+                         detail={"version": version.version, "weight": weight,
+                                 "shadow_share": shadow_share})
     return dep
 
 
@@ -406,7 +412,8 @@ def promote(*, session: Session, model: Model, reason: str = "promoted",
     canary = session.get(ModelVersion, dep.canary_version_id)
     assert canary is not None
     return _replace_stable(session=session, dep=dep, new=canary, kind="promote", reason=reason,
-                           detail=detail, canary_version_id=None, canary_weight=0.0)
+                           detail=detail, canary_version_id=None, canary_weight=0.0,
+                           shadow_share=0.0)
 
 
 def _replace_stable(*, session: Session, dep: Deployment, new: ModelVersion, kind: str,
@@ -416,6 +423,9 @@ def _replace_stable(*, session: Session, dep: Deployment, new: ModelVersion, kin
         else None
     _swap_deployment(session=session, dep=dep, expect_canary=dep.canary_version_id,
                      stable_version_id=new.id, state="stable", **values)
+    # RELIABILITY.md 21 kills the process mid-transaction here ({promote,rollback}.after_swap)
+    # and after the last write, before the caller commits ({promote,rollback}.after_event)
+    failpoint(f"{kind}.after_swap")
     set_version_status(session=session, version=new, status=VersionStatus.production)
     if current is not None and VersionStatus(current.status) == VersionStatus.production:
         set_version_status(session=session, version=current, status=VersionStatus.retired)
@@ -423,6 +433,7 @@ def _replace_stable(*, session: Session, dep: Deployment, new: ModelVersion, kin
                          detail={"version": new.version,
                                  "previous": current.version if current else None,
                                  **(detail or {})})
+    failpoint(f"{kind}.after_event")
     return dep
 
 
@@ -436,7 +447,9 @@ def rollback(*, session: Session, model: Model, to_version: ModelVersion | None 
         canary = session.get(ModelVersion, dep.canary_version_id)
         assert canary is not None
         _swap_deployment(session=session, dep=dep, expect_canary=canary.id,
-                         canary_version_id=None, canary_weight=0.0, state="stable")
+                         canary_version_id=None, canary_weight=0.0, shadow_share=0.0,
+                         state="stable")
+        failpoint("canary_rollback.after_swap")  # RELIABILITY.md 21: killed mid-transaction
         set_version_status(session=session, version=canary, status=VersionStatus.rolled_back)
         add_deployment_event(session=session, deployment=dep, kind="rollback", reason=reason,
                              detail={"version": canary.version, **(detail or {})})

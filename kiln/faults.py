@@ -14,7 +14,9 @@ FoundationDB's buggify are the model.)
 - ``error_rate``: this share of items fails with HTTP 500 (a flaky canary);
 - ``nan_rate``: this share of items gets NaN outputs, which the engine's output check then turns
   into a 500 (a model that diverged);
-- ``seed``: the random draws' seed (default: unseeded), for repeatable runs.
+- ``seed``: the random draws' seed (default: unseeded), for repeatable runs;
+- ``versions``: only these versions misbehave, ``|``-separated (``versions=0.2.0|0.3.0``);
+  default: every version (a bad canary beside a healthy stable needs this).
 
 The engine (:mod:`serving.engine`) reads it once at start and applies it only when it is set; it
 exists for RELIABILITY.md's scenarios (9, 22, 24), never for production use.
@@ -27,6 +29,7 @@ import random
 import signal
 import time
 from collections.abc import Mapping
+from typing import Any
 from dataclasses import dataclass, field
 
 ENGINE_FAULTS_ENV = "KILN_ENGINE_FAULTS"
@@ -46,6 +49,7 @@ class EngineFaults:
     error_rate: float = 0.0
     nan_rate: float = 0.0
     seed: int | None = None
+    versions: frozenset[str] | None = None
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,13 +65,17 @@ class EngineFaults:
     @classmethod
     def parse(cls, text: str) -> EngineFaults:
         """``delay_ms=3000,error_rate=0.1`` -> EngineFaults; unknown keys are refused."""
-        values: dict[str, float | int] = {}
+        values: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, raw = part.partition("=")
             key = key.strip()
-            if not sep or key not in ("delay_ms", "error_rate", "nan_rate", "seed"):
+            if not sep or key not in ("delay_ms", "error_rate", "nan_rate", "seed", "versions"):
                 raise ValueError(f"{ENGINE_FAULTS_ENV}: cannot read {part!r}; use "
-                                 "delay_ms=MS,error_rate=SHARE,nan_rate=SHARE,seed=N")
+                                 "delay_ms=MS,error_rate=SHARE,nan_rate=SHARE,seed=N,"
+                                 "versions=V1|V2")
+            if key == "versions":
+                values[key] = frozenset(v.strip() for v in raw.split("|") if v.strip())
+                continue
             try:
                 values[key] = int(raw) if key == "seed" else float(raw)
             except ValueError:
@@ -80,6 +88,9 @@ class EngineFaults:
         """The faults ``KILN_ENGINE_FAULTS`` asks for, or None when it is unset or empty."""
         text = (os.environ if environ is None else environ).get(ENGINE_FAULTS_ENV, "").strip()
         return cls.parse(text) if text else None
+
+    def applies(self, version: str) -> bool:
+        return self.versions is None or version in self.versions
 
     def delay(self) -> None:
         """Sleep ``delay_ms`` (before a model call)."""

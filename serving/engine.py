@@ -372,9 +372,11 @@ class KilnEngine(ls.LitAPI):
             np.concatenate(column) for column in zip(*served, strict=True)]
         rows = inputs[0].shape[0]
         started = time.perf_counter()
+        faults = self.faults if self.faults is not None and self.faults.applies(
+            model.version) else None
         try:
-            if self.faults is not None:
-                self.faults.delay()
+            if faults is not None:
+                faults.delay()
             outputs = model.run(inputs)
         except Exception:
             log.exception("%s@%s failed on a batch of %d rows", model.name, model.version, rows)
@@ -383,10 +385,10 @@ class KilnEngine(ls.LitAPI):
             return
         engine_ms = (time.perf_counter() - started) * 1000
         self._calls = (self._calls[0] + 1, self._calls[1] + rows)
-        self._split(model, live, outputs, rows, engine_ms)
+        self._split(model, live, outputs, rows, engine_ms, faults)
 
     def _split(self, model: LoadedModel, jobs: list[Job], outputs: list[np.ndarray], rows: int,
-               engine_ms: float) -> None:
+               engine_ms: float, faults: EngineFaults | None = None) -> None:
         """Each Job's rows of the outputs; non-finite values make that Job a 500."""
         start = 0
         for job in jobs:
@@ -395,7 +397,7 @@ class KilnEngine(ls.LitAPI):
                     zip(model.output_names, outputs, strict=True)
                     if job.wanted is None or name in job.wanted]
             start = stop
-            fault = self.faults.draw() if self.faults is not None else None
+            fault = faults.draw() if faults is not None else None
             if fault == "error":
                 job.fail(500, "injected fault (KILN_ENGINE_FAULTS): the model failed")
                 continue

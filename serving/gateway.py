@@ -19,8 +19,10 @@ engine client; shutdown stops both, engines included.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +41,7 @@ from tenacity import (
 )
 
 from kiln.errors import Forbidden
+from kiln.guardrails import disagreements
 from kiln.settings import Settings
 from serving import oip
 from serving.auth import KeyStore, Principal, RateLimiter, authorize
@@ -56,6 +59,8 @@ EXTENSIONS = ["binary_tensor_data"]
 ROUTING_KEY = b"x-kiln-routing-key"
 DEADLINE_HEADER = b"x-kiln-deadline-ms"
 MAX_ATTEMPTS = 4  # engine calls per candidate version (first try + retries)
+_STATS_PATH = re.compile(r"^/kiln/models/([^/]+)/stats$")
+MAX_SHADOW_INFLIGHT = 64  # mirrored requests in flight at most; more are not mirrored
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 
 
@@ -115,6 +120,7 @@ class Gateway:
         self.supervise = supervise
         self.supervisor: Any = None
         self.client: aiohttp.ClientSession | None = None
+        self._shadows: set[asyncio.Task[None]] = set()
 
     # --- lifespan
     async def startup(self) -> None:
@@ -199,6 +205,12 @@ class Gateway:
             await self._json(send, 200, {"name": SERVER_NAME, "version": _version(),
                                          "extensions": EXTENSIONS})
             return
+        match = _STATS_PATH.match(path)
+        if match is not None:
+            self._method(method, "GET")
+            self._authorize(principal, "deploy", match.group(1))
+            await self._json(send, 200, self._stats(match.group(1), scope))
+            return
         match = _MODEL_PATH.match(path)
         if match is None:
             raise HTTPError(404, f"no route {path}: see the Open Inference Protocol v2 routes")
@@ -251,6 +263,28 @@ class Gateway:
                 "platform": f"kiln_{served.backends.get(chosen or '', 'unknown')}",
                 "inputs": tensors(spec.served_inputs()) if spec else [],
                 "outputs": tensors(spec.outputs) if spec else []}
+
+    def _stats(self, name: str, scope: Scope) -> dict[str, Any]:
+        """Per-version figures since ``?since=`` (unix seconds; default: all kept), for the
+        rollout's guardrails and ``kiln status``."""
+        served = self.state.models.get(name)
+        if served is None:
+            raise HTTPError(404, f"model {name!r} is not deployed")
+        since = 0.0
+        query = scope.get("query_string", b"").decode("latin-1")
+        for part in filter(None, query.split("&")):
+            key, _, value = part.partition("=")
+            if key == "since":
+                try:
+                    since = float(value)
+                except ValueError:
+                    raise HTTPError(400, "since must be a unix time in seconds") from None
+        versions = {version: self.state.window(name, version).summary(since)
+                    for (model, version) in list(self.state.windows) if model == name}
+        return {"model": name, "stable": served.stable, "canary": served.canary,
+                "canary_weight": served.canary_weight, "shadow_share": served.shadow_share,
+                "ready": {v: self.state.ready(name, v) for v in served.versions()},
+                "now": time.time(), "since": since, "versions": versions}
 
     # --- inference
     async def _read_body(self, receive: Receive) -> bytes:
@@ -310,13 +344,20 @@ class Gateway:
         self.state.inflight[served.name] = inflight + 1
         self.metrics.inflight.labels(served.name).inc()
         try:
-            answer, used, fallback = await self._dispatch(served, version, pinned, req, deadline)
+            answer, used, fallback = await self._dispatch(served, version, pinned, req, deadline,
+                                                          start)
         except HTTPError as exc:
             self.metrics.requests.labels(served.name, version, str(exc.status)).inc()
             raise
         finally:
             self.state.inflight[served.name] -= 1
             self.metrics.inflight.labels(served.name).dec()
+        self.state.window(*used).record((time.perf_counter() - start) * 1000, True)
+        if (pinned is None and not fallback and served.canary is not None
+                and used == (served.name, served.stable) and served.shadow_share > 0
+                and len(self._shadows) < MAX_SHADOW_INFLIGHT
+                and random.random() < served.shadow_share):
+            self._mirror(served, served.canary, req, answer, deadline)
         if cache is not None and cache_key and not fallback:
             cache.put(cache_key, answer)
         extra = {"X-Kiln-Fallback": fallback} if fallback else {}
@@ -341,8 +382,8 @@ class Gateway:
         """(model, version, fallback reason) in the order to try them."""
         order = [(served.name, version, "")]
         if pinned is None and version != served.stable and served.stable is not None:
-            order.append((served.name, served.stable, f"canary {version} unavailable; "
-                                                     f"served by stable {served.stable}"))
+            order.append((served.name, served.stable, f"canary {version} unavailable or "
+                                                     f"failed; served by stable {served.stable}"))
         fallback = served.settings.fallback_model
         if pinned is None and fallback:
             other = self.state.models.get(fallback)
@@ -352,10 +393,15 @@ class Gateway:
         return order
 
     async def _dispatch(self, served: ServedModel, version: str, pinned: str | None,
-                        req: oip.InferRequest, deadline: float
+                        req: oip.InferRequest, deadline: float, start: float
                         ) -> tuple[EngineAnswer, tuple[str, str], str]:
+        """The first candidate that answers. A canary that fails on a request (a 5xx from its
+        model, NaN outputs, its deadline) has that request answered by the stable version
+        (inference is idempotent), and the failure is counted against the canary's window,
+        which is what its guardrails judge."""
         last = "no engine is ready"
-        for model, candidate, reason in self._candidates(served, version, pinned):
+        candidates = self._candidates(served, version, pinned)
+        for index, (model, candidate, reason) in enumerate(candidates):
             if reason:
                 other = self.state.models.get(model)
                 spec = other.specs.get(candidate) if other else None
@@ -366,6 +412,18 @@ class Gateway:
             except EngineUnavailable as exc:
                 last = str(exc)
                 continue
+            except HTTPError as exc:
+                if exc.status not in (500, 504):
+                    raise
+                self.state.window(model, candidate).record(
+                    (time.perf_counter() - start) * 1000, False)
+                is_canary = (model == served.name and candidate == served.canary
+                             and candidate != served.stable)
+                if (is_canary and index + 1 < len(candidates)
+                        and time.monotonic() < deadline):
+                    last = str(exc)
+                    continue
+                raise
             if reason:
                 self.metrics.fallbacks.labels(served.name, "canary" if model == served.name
                                               else "fallback_model").inc()
@@ -375,6 +433,32 @@ class Gateway:
         self.metrics.rejected.labels(served.name, "no_engine").inc()
         raise HTTPError(503, f"model {served.name!r} has no engine able to answer ({last}); "
                              "retry shortly", {"Retry-After": "1"})
+
+    def _mirror(self, served: ServedModel, canary: str, req: oip.InferRequest,
+                answer: EngineAnswer, deadline: float) -> None:
+        """Shadow traffic: send the same request to the canary in the background, discard its
+        answer, record its latency or failure and how far its outputs differ from the stable's."""
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(served.name, served.task, canary, req, answer, deadline))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(self, name: str, task: str, canary: str, req: oip.InferRequest,
+                      answer: EngineAnswer, deadline: float) -> None:
+        window = self.state.window(name, canary)
+        start = time.perf_counter()
+        try:
+            mirrored = await self._call_version(name, canary, req, deadline)
+        except HTTPError as exc:
+            if exc.status in (500, 504):
+                window.record((time.perf_counter() - start) * 1000, False)
+            return
+        except Exception:  # an engine that is not up yet: nothing to compare
+            return
+        window.record((time.perf_counter() - start) * 1000, True)
+        out = next((n for n in answer.outputs if n in mirrored.outputs), None)
+        if out is not None:
+            window.record_shadow(*disagreements(task, answer.outputs[out], mirrored.outputs[out]))
 
     async def _call_version(self, model: str, version: str, req: oip.InferRequest,
                             deadline: float) -> EngineAnswer:

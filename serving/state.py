@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from serving.config import ServingSettings
 
 BREAKER_FAILURES = 3  # consecutive failures that open an engine's circuit
 BREAKER_OPEN_S = 2.0  # how long it stays open before one trial request (half-open)
+WINDOW_SAMPLES = 50_000  # per version: the newest requests the rollout's verdicts can look at
 
 
 @dataclass
@@ -99,6 +100,65 @@ class ResultCache:
             self._entries.popitem(last=False)
 
 
+class VersionWindow:
+    """The newest requests one version served, for the canary's guardrails (kiln.guardrails).
+
+    Prometheus histograms answer "how is it going" with bucket-wide percentiles; a promote or
+    rollback decision wants exact figures over exactly the step it judges, so each request also
+    leaves a (wall time, latency, ok) sample here, and shadow comparisons leave (time, rows
+    compared, rows that disagreed). Bounded, O(1) per request.
+    """
+
+    def __init__(self, size: int = WINDOW_SAMPLES) -> None:
+        self.samples: deque[tuple[float, float, bool]] = deque(maxlen=size)
+        self.shadow: deque[tuple[float, int, int]] = deque(maxlen=size)
+
+    def record(self, latency_ms: float, ok: bool) -> None:
+        self.samples.append((time.time(), latency_ms, ok))
+
+    def record_shadow(self, compared: int, disagreed: int) -> None:
+        self.shadow.append((time.time(), compared, disagreed))
+
+    def summary(self, since: float = 0.0) -> dict[str, Any]:
+        """Requests, 5xx errors, p50/p99 (of answered requests) and rate since ``since``."""
+        now = time.time()
+        latencies, errors, first = [], 0, now
+        for at, latency_ms, ok in reversed(self.samples):
+            if at < since:
+                break
+            first = at
+            if ok:
+                latencies.append(latency_ms)
+            else:
+                errors += 1
+        n = len(latencies) + errors
+        compared = disagreed = 0
+        for at, rows, bad in reversed(self.shadow):
+            if at < since:
+                break
+            compared += rows
+            disagreed += bad
+        span = now - (since if since > 0 else first)
+        doc: dict[str, Any] = {"requests": n, "errors": errors,
+                               "error_rate": errors / n if n else None,
+                               "p50_ms": None, "p99_ms": None,
+                               "rps": round(n / span, 3) if n and span > 0 else None,
+                               "shadow_compared": compared, "shadow_disagreed": disagreed}
+        if latencies:
+            ordered = sorted(latencies)
+            doc["p50_ms"] = round(_quantile(ordered, 0.50), 3)
+            doc["p99_ms"] = round(_quantile(ordered, 0.99), 3)
+        return doc
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), on a sorted list."""
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
 @dataclass
 class RoutingState:
     """The gateway's whole view; the supervisor replaces ``models`` and edits ``replicas``."""
@@ -107,7 +167,14 @@ class RoutingState:
     replicas: dict[tuple[str, str], list[Replica]] = field(default_factory=dict)
     inflight: dict[str, int] = field(default_factory=dict)  # admitted requests per model
     caches: dict[str, ResultCache] = field(default_factory=dict)
+    windows: dict[tuple[str, str], VersionWindow] = field(default_factory=dict)
     loaded_at: float = 0.0  # monotonic time of the last registry snapshot
+
+    def window(self, model: str, version: str) -> VersionWindow:
+        found = self.windows.get((model, version))
+        if found is None:
+            found = self.windows[(model, version)] = VersionWindow()
+        return found
 
     def pick_replica(self, model: str, version: str, exclude: set[int]) -> Replica | None:
         """Least outstanding requests among available replicas (ties: random)."""

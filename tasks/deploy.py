@@ -1,0 +1,204 @@
+"""Prefect tasks of the deploy flow: where a version stands, the champion/challenger gate, and
+the registry writes that move traffic (each one a compare-and-swap in ``kiln.crud``, so a
+re-run or a concurrent ``kiln promote`` cannot apply a change twice).
+
+State lives in the registry, not in the flow: a crashed run is re-run with the same arguments
+and carries on from the version's status and the deployment's canary weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from kiln import crud
+from kiln.db import session_scope
+from kiln.errors import IllegalTransition
+from kiln.registry import Task, VersionStatus
+from kiln.rollout import RolloutSettings
+from kiln.settings import get_settings
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A version and its model's deployment, as the registry has them now."""
+
+    model: str
+    version: str
+    status: str
+    task: str
+    stable: str | None
+    canary: str | None
+    canary_weight: float
+    model_settings: dict[str, Any]
+
+
+@task(name="read-standing", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def standing(name: str, version: str | None) -> Standing:
+    with session_scope(get_settings().db_url) as session:
+        row = crud.require_version(session=session, name=name, version=version)
+        model = crud.require_model(session=session, name=name)
+        dep = crud.get_deployment(session=session, model=model)
+        stable = canary = None
+        if dep is not None and dep.stable_version_id is not None:
+            stable = session.get(type(row), dep.stable_version_id)
+        if dep is not None and dep.canary_version_id is not None:
+            canary = session.get(type(row), dep.canary_version_id)
+        return Standing(model=name, version=row.version, status=str(row.status),
+                        task=str(model.task), stable=stable.version if stable else None,
+                        canary=canary.version if canary else None,
+                        canary_weight=dep.canary_weight if dep else 0.0,
+                        model_settings=dict(model.settings or {}))
+
+
+@task(name="champion-challenger-gate", retries=0, cache_policy=NO_CACHE)
+def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
+    """The candidate's metric on the registered validation dataset against the production
+    version's, both through their selected (served) artifacts; worse by more than
+    ``champion_max_drop`` fails (MLflow's ``MetricThreshold`` against a baseline model).
+
+    Accuracy for classification, negative RMSE for regression. With no labels (or for
+    embeddings) there is no "worse" to measure: the gate records how far the candidate's
+    answers agree with the champion's and passes; the canary's shadow comparison judges next.
+    """
+    from kiln.datasets import load_dataset
+    from kiln.store import ArtifactStore
+    from kiln.validate import quality
+    from serving.loader import load_version
+
+    result: dict[str, Any] = {"candidate": st.version, "champion": st.stable,
+                              "max_drop": rollout.champion_max_drop}
+    if st.stable is None or st.stable == st.version:
+        return {**result, "passed": True, "reason": "no production version to compare with"}
+    settings = get_settings()
+    with session_scope(settings.db_url) as session:
+        row = crud.require_version(session=session, name=st.model, version=st.version)
+        dataset = crud.dataset_for(session=session, version=row)
+        data_ref = (dataset.path, dataset.sha256, dataset.name) if dataset else None
+    if data_ref is None:
+        return {**result, "passed": True,
+                "reason": "no registered dataset: nothing to compare the versions on"}
+    store = ArtifactStore(settings.home, settings.remote_url)
+    data = load_dataset(store.verified_path(data_ref[0], data_ref[1]))
+    outputs = {}
+    for version in (st.stable, st.version):
+        loaded = load_version(settings, st.model, version)
+        name = loaded.spec.served_inputs()[0].name
+        parts = []
+        for start in range(0, len(data.inputs), 256):
+            out = loaded({name: data.inputs[start:start + 256]})
+            parts.append(next(iter(out.values())))
+        outputs[version] = np.concatenate(parts)
+    task_kind = Task(st.task)
+    labels = data.labels
+    result["dataset"] = data_ref[2]
+    result["rows"] = int(len(data.inputs))
+    if labels is None or task_kind is Task.embedding:
+        agreement = quality(task_kind, outputs[st.version], outputs[st.stable], None)
+        result.update(passed=True, agreement=agreement.metric,
+                      reason=f"no labels to rank the versions ({task_kind.value}): the "
+                             f"candidate agrees with {st.stable} at {agreement.metric:.4f}")
+        return result
+    champion = quality(task_kind, outputs[st.stable], outputs[st.stable], labels).metric
+    candidate = quality(task_kind, outputs[st.version], outputs[st.version], labels).metric
+    drop = champion - candidate
+    metric = "accuracy" if task_kind is Task.classification else "negative RMSE"
+    result.update(metric=metric, champion_metric=round(champion, 6),
+                  candidate_metric=round(candidate, 6), drop=round(drop, 6),
+                  passed=drop <= rollout.champion_max_drop)
+    verb = "is not worse than" if result["passed"] else "is worse than"
+    result["reason"] = (f"{st.model}@{st.version} {verb} production {st.stable} on "
+                        f"{data_ref[2]}: {metric} {candidate:.4f} against {champion:.4f} "
+                        f"(drop {drop:+.4f}, allowed {rollout.champion_max_drop:g})")
+    return result
+
+
+@task(name="reject-version", retries=0, cache_policy=NO_CACHE)
+def reject(st: Standing, reason: str, gate: dict[str, Any]) -> None:
+    with session_scope(get_settings().db_url) as session:
+        row = crud.require_version(session=session, name=st.model, version=st.version)
+        crud.set_version_status(session=session, version=row, status=VersionStatus.rejected)
+        model = crud.require_model(session=session, name=st.model)
+        dep = crud.get_deployment(session=session, model=model)
+        if dep is not None:
+            crud.add_deployment_event(session=session, deployment=dep, kind="rejected",
+                                      reason=reason, detail={"version": st.version, **gate})
+
+
+@task(name="deploy-direct", retries=0, cache_policy=NO_CACHE)
+def deploy_direct(st: Standing, reason: str) -> None:
+    with session_scope(get_settings().db_url) as session:
+        row = crud.require_version(session=session, name=st.model, version=st.version)
+        crud.deploy_direct(session=session, version=row, reason=reason)
+
+
+@task(name="start-canary", retries=0, cache_policy=NO_CACHE)
+def start_canary(st: Standing, shadow_share: float) -> None:
+    """The candidate becomes the canary at weight 0 (its engine starts and warms up, shadowed
+    traffic only); a canary already there (a re-run) is left as it is."""
+    with session_scope(get_settings().db_url) as session:
+        row = crud.require_version(session=session, name=st.model, version=st.version)
+        if VersionStatus(row.status) == VersionStatus.canary:
+            return
+        crud.start_canary(session=session, version=row, weight=0.0, shadow_share=shadow_share,
+                          reason="canary started by deploy-model")
+
+
+@task(name="set-canary-weight", retries=0, cache_policy=NO_CACHE)
+def set_weight(st: Standing, weight: float, reason: str, detail: dict[str, Any]) -> None:
+    with session_scope(get_settings().db_url) as session:
+        model = crud.require_model(session=session, name=st.model)
+        crud.set_canary_weight(session=session, model=model, weight=weight, reason=reason,
+                               detail=detail)
+
+
+@task(name="promote", retries=0, cache_policy=NO_CACHE)
+def promote(st: Standing, reason: str, detail: dict[str, Any]) -> None:
+    with session_scope(get_settings().db_url) as session:
+        row = crud.require_version(session=session, name=st.model, version=st.version)
+        if VersionStatus(row.status) == VersionStatus.production:
+            return  # a re-run after the promote landed
+        model = crud.require_model(session=session, name=st.model)
+        crud.promote(session=session, model=model, reason=reason, detail=detail)
+
+
+@task(name="roll-back", retries=0, cache_policy=NO_CACHE)
+def roll_back(st: Standing, reason: str, detail: dict[str, Any]) -> None:
+    with session_scope(get_settings().db_url) as session:
+        row = crud.require_version(session=session, name=st.model, version=st.version)
+        if VersionStatus(row.status) != VersionStatus.canary:
+            raise IllegalTransition(f"{st.model}@{st.version} is {row.status}, not the canary")
+        model = crud.require_model(session=session, name=st.model)
+        crud.rollback(session=session, model=model, reason=reason, detail=detail)
+
+
+@task(name="replay-inputs", retries=0, cache_policy=NO_CACHE)
+def replay_inputs(st: Standing, limit: int = 512) -> list[bytes]:
+    """Request bodies for replayed traffic: the candidate's validation dataset, one row each."""
+    from kiln.datasets import load_dataset
+    from kiln.rollout import replay_bodies
+    from kiln.spec import ModelSpec
+    from kiln.store import ArtifactStore
+
+    settings = get_settings()
+    with session_scope(settings.db_url) as session:
+        row = crud.require_version(session=session, name=st.model, version=st.version)
+        spec = ModelSpec.model_validate(row.spec)
+        dataset = crud.dataset_for(session=session, version=row)
+        ref = (dataset.path, dataset.sha256) if dataset else None
+    if ref is None:
+        from kiln.probe import sample_inputs
+
+        tensors = sample_inputs(spec.inputs, batch=64, dynamic=16)
+        return replay_bodies(spec, [t.numpy() for t in tensors], limit)
+    store = ArtifactStore(settings.home, settings.remote_url)
+    data = load_dataset(store.verified_path(*ref))
+    return replay_bodies(spec, data.inputs, limit)
+
+
+def as_dict(st: Standing) -> dict[str, Any]:
+    return asdict(st)
