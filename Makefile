@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-unit demo bench bench-deps gpu-check lock clean
+.PHONY: setup test test-unit demo up bench bench-deps gpu-check lock clean
 
 setup: $(STAMP)  ## create .venv and install the locked dependencies (idempotent)
 
@@ -30,6 +30,13 @@ test-unit: setup
 
 demo: setup  ## the journey so far, end to end on the embedded defaults
 	$(VENV)/bin/kiln demo
+
+# Kiln as a local service (flows/up.py): a Prefect server + UI on 127.0.0.1:4200, the
+# deployments of prefect.yaml, a process worker, the gateway (`kiln serve`) and an admin key.
+# Ctrl-C stops everything it started. Other ports:
+#   make up UP_ARGS="--prefect-port 4300 --gateway-port 8100"
+up: setup  ## Prefect server + UI, deployments, worker and gateway until Ctrl-C
+	$(PY) -m flows.up $(UP_ARGS)
 
 bench: setup bench-deps  ## optimize + serve benchmarks of digits and MiniLM -> bench/results.{json,md}
 	$(VENV)/bin/dvc repro train_digits build_minilm

@@ -83,7 +83,8 @@ def deploy_model(model: str, version: str | None = None, source: str | None = No
     if chosen == "direct" or st.stable is None:
         t.deploy_direct(st, reason="deploy-model: " + (
             "first version of the model" if st.stable is None else "direct strategy"))
-        served = wait_until_served(get_settings(), timeout_s=rollout.ready_timeout_s)
+        served = wait_until_served(get_settings(), timeout_s=rollout.ready_timeout_s,
+                                   model=model, version=st.version)
         return _report({**result, "strategy": "direct", "outcome": "promoted",
                         "reason": "stable at once after the gates ("
                                   + ("first version" if st.stable is None else "direct") + ")"

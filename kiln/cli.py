@@ -7,8 +7,6 @@ Errors print one line on stderr saying how to fix the input, and exit non-zero.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -31,7 +29,6 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 # `kiln demo` reproduces the example data and models (optimize_digits is DVC's own showcase).
-DEMO_STAGES = ("train_digits", "train_breast_cancer", "build_minilm")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -235,7 +232,8 @@ def deploy(
     name, version = _split_ref(ref)
     if strategy == "direct":
         doc = deploy_direct(settings, name=name, version=version)
-        doc["served"] = wait_until_served(settings, timeout_s=wait) if wait > 0 else "not-waited"
+        doc["served"] = wait_until_served(settings, timeout_s=wait, model=name,
+                                          version=doc["version"]) if wait > 0 else "not-waited"
     else:
         weights = None
         if steps is not None:

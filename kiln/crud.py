@@ -24,6 +24,7 @@ from kiln.registry import (
     Dataset,
     Deployment,
     DeploymentEvent,
+    InferenceRecord,
     Model,
     ModelVersion,
     OptimizationJob,
@@ -157,6 +158,58 @@ def set_version_status(
     session.add(version)
     session.flush()
     return version
+
+
+# Versions that were never offered to traffic: the only ones delete_version removes.
+NEVER_DEPLOYED = frozenset({VersionStatus.uploaded, VersionStatus.optimizing,
+                            VersionStatus.validated, VersionStatus.rejected})
+
+
+def delete_version(*, session: Session, version: ModelVersion) -> list[str]:
+    """Remove a version that is not and never was deployed, with its artifacts, jobs and own
+    datasets; returns the store paths those rows named (the caller removes the files that no
+    remaining row references, after the commit).
+
+    Versions are immutable records, so this is only for undoing a version nothing ever saw (a
+    re-optimization candidate that brought no improvement). A version that is or was served
+    (canary, production, retired, rolled back), that a deployment row points to, that the
+    deployment history names or that has inference records is refused with IllegalTransition.
+    """
+    model = session.get(Model, version.model_id)
+    assert model is not None
+    ref = f"{model.name}@{version.version}"
+    if VersionStatus(version.status) not in NEVER_DEPLOYED:
+        raise IllegalTransition(f"{ref} is {version.status}: only a version that was never "
+                                "deployed can be deleted (versions are immutable records)")
+    dep = get_deployment(session=session, model=model)
+    if dep is not None:
+        if version.id in (dep.stable_version_id, dep.canary_version_id):
+            raise IllegalTransition(f"{ref} is referenced by {model.name}'s deployment")
+        named = [e for e in list_deployment_events(session=session, deployment=dep)
+                 if (e.detail or {}).get("version") == version.version
+                 or (e.detail or {}).get("previous") == version.version]
+        if named:
+            raise IllegalTransition(f"{ref} is named in {model.name}'s deployment history "
+                                    f"({named[0].kind}): it cannot be deleted")
+    served = session.exec(select(InferenceRecord).where(
+        InferenceRecord.model_name == model.name,
+        InferenceRecord.version == version.version)).first()
+    if served is not None:
+        raise IllegalTransition(f"{ref} has served requests: it cannot be deleted")
+    paths: list[str] = []
+    for job in list_jobs(session=session, version=version):
+        session.delete(job)
+    session.flush()  # jobs point at artifacts (result_artifact_id): they go first
+    for artifact in list_artifacts(session=session, version=version):
+        paths.append(artifact.path)
+        session.delete(artifact)
+    for dataset in session.exec(select(Dataset).where(Dataset.version_id == version.id)).all():
+        paths.append(dataset.path)
+        session.delete(dataset)
+    session.flush()
+    session.delete(version)
+    session.flush()
+    return paths
 
 
 # --- artifacts

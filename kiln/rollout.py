@@ -47,20 +47,35 @@ def gateway_url(settings: Settings) -> str:
     return f"http://{settings.gateway_host}:{settings.gateway_port}"
 
 
-def wait_until_served(settings: Settings, *, timeout_s: float) -> str:
-    """Wait until the local gateway reports every deployed version ready.
+def wait_until_served(settings: Settings, *, timeout_s: float, model: str | None = None,
+                      version: str | None = None) -> str:
+    """Wait until the local gateway serves ``model@version`` from a ready engine (or, without
+    a model, until it reports every deployed version ready).
+
+    Readiness of the whole gateway is not enough after a registry write: until the supervisor
+    has read the new rows, the old ones are what is ready. So a version is waited for by name
+    (``/v2/models/M/versions/V/ready``: 404 until the gateway routes it, 503 until its engine
+    has warmed up), with Kiln's service key.
 
     Returns ``"ready"``, or ``"no-gateway"`` when nothing answers on the gateway's address (the
     desired state is recorded; ``kiln serve`` will start it). Raises ExternalToolError when a
     gateway answers but does not get ready in time.
     """
-    url = gateway_url(settings) + "/v2/health/ready"
+    base = gateway_url(settings)
+    headers = {}
+    if model is not None and version is not None:
+        from kiln.service import service_key
+
+        url = f"{base}/v2/models/{model}/versions/{version}/ready"
+        headers = {"Authorization": f"Bearer {service_key(settings)}"}
+    else:
+        url = base + "/v2/health/ready"
     deadline = time.monotonic() + timeout_s
     detail = ""
     seen_gateway = False
     while time.monotonic() < deadline:
         try:
-            resp = httpx.get(url, timeout=2.0)
+            resp = httpx.get(url, timeout=2.0, headers=headers)
             seen_gateway = True
             if resp.status_code == 200:
                 return "ready"
@@ -69,7 +84,7 @@ def wait_until_served(settings: Settings, *, timeout_s: float) -> str:
             if not seen_gateway:
                 return "no-gateway"
         time.sleep(0.25)
-    raise ExternalToolError(f"the gateway at {gateway_url(settings)} did not get ready within "
+    raise ExternalToolError(f"the gateway at {base} did not get ready within "
                             f"{timeout_s:.0f} s ({detail}); see {settings.home / 'logs'}")
 
 

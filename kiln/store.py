@@ -162,6 +162,44 @@ class ArtifactStore:
         for path in (final, Path(f"{final}.dvc"), final.parent / ".gitignore"):
             path.unlink(missing_ok=True)
 
+    def purge(self, rels: Iterable[str]) -> list[str]:
+        """Remove stored files completely: the file, its .dvc pointer, its DVC cache entry and,
+        when the remote is this home's own local folder, its copy there. Content that another
+        pointer still tracks keeps its cache and remote entries. For undoing what nothing
+        references any more (a deleted, never-deployed version); callers hold ``locked()``
+        and pass only paths no registry row references. Returns the paths removed."""
+        removed: list[str] = []
+        md5s: set[str] = set()
+        for rel in rels:
+            final = self.resolve(rel)
+            pointer = Path(f"{final}.dvc")
+            if pointer.is_file():
+                try:
+                    md5s.add(self._dvc_hash(final))
+                except Exception:  # an unreadable pointer: the file still goes
+                    pass
+            if final.exists() or pointer.exists():
+                removed.append(rel)
+            self.discard(rel)
+            _remove_empty(final.parent, stop=self.home / OBJECTS)
+        if md5s:
+            kept = set()
+            for other in (self.home / OBJECTS).glob("*/*.dvc"):
+                try:
+                    kept.add(self._dvc_hash(Path(str(other).removesuffix(".dvc"))))
+                except Exception:
+                    continue
+            roots = [self.home / ".dvc" / "cache"]
+            remote = Path(self.remote_url) if "://" not in self.remote_url else None
+            if remote is not None and remote.resolve().is_relative_to(self.home.resolve()):
+                roots.append(remote)
+            for md5 in md5s - kept:
+                for root in roots:
+                    entry = root / "files" / "md5" / md5[:2] / md5[2:]
+                    entry.unlink(missing_ok=True)
+                    _remove_empty(entry.parent, stop=root / "files" / "md5")
+        return removed
+
     # ------------------------------------------------------------------ reads
     def resolve(self, rel: str) -> Path:
         """The absolute path of ``rel``, refusing anything outside ``objects/`` (RELIABILITY 18)."""
@@ -253,3 +291,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _remove_empty(folder: Path, *, stop: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty, up to (not including) ``stop``."""
+    stop = stop.resolve()
+    folder = folder.resolve()
+    while folder != stop and folder.is_relative_to(stop):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone)
+            return
+        folder = folder.parent

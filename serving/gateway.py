@@ -384,6 +384,10 @@ class Gateway:
         if pinned is None and version != served.stable and served.stable is not None:
             order.append((served.name, served.stable, f"canary {version} unavailable or "
                                                      f"failed; served by stable {served.stable}"))
+        if pinned is None and served.previous is not None:
+            order.append((served.name, served.previous,
+                          f"stable {served.stable} warming up; served by the previous stable "
+                          f"{served.previous}"))
         fallback = served.settings.fallback_model
         if pinned is None and fallback:
             other = self.state.models.get(fallback)
@@ -483,7 +487,9 @@ class Gateway:
         try:  # the common case: the first replica answers (no retry machinery built)
             return await attempt_once()
         except EngineUnavailable:
-            if time.monotonic() >= deadline:
+            # no engine at all (warming up, breaker open): retrying in milliseconds would not
+            # change that, so go to the next candidate (stable, previous stable, fallback) now
+            if time.monotonic() >= deadline or not tried:
                 raise
         retrying = AsyncRetrying(
             stop=stop_after_attempt(MAX_ATTEMPTS - 1) | stop_before_delay(

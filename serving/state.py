@@ -60,8 +60,12 @@ class ServedModel:
     canary: str | None = None
     canary_weight: float = 0.0
     shadow_share: float = 0.0
-    specs: dict[str, ModelSpec] = field(default_factory=dict)  # served versions only
+    specs: dict[str, ModelSpec] = field(default_factory=dict)  # served and previous
     backends: dict[str, str] = field(default_factory=dict)  # version -> selected backend
+    # Make-before-break: the stable version being replaced, still running and routed while
+    # ``stable`` has no ready engine (a reload or a rollback to a stopped version). It is not
+    # one of versions(): readiness waits for the new stable all the same.
+    previous: str | None = None
 
     def versions(self) -> list[str]:
         return [v for v in (self.stable, self.canary) if v is not None]

@@ -175,10 +175,13 @@ class Supervisor:
     async def reconcile(self) -> None:
         changed = await asyncio.to_thread(self._read_if_changed)
         if changed is not None:
+            self._hand_over(self.state.models, changed)
             self.state.models = changed
         models = self.state.models
+        self._end_handovers(models)
         self.state.loaded_at = time.monotonic()
-        wanted = {(m.name, v): m.settings for m in models.values() for v in m.versions()}
+        wanted = {(m.name, v): m.settings for m in models.values()
+                  for v in [*m.versions(), *([m.previous] if m.previous else [])]}
         for key, serving in wanted.items():
             plan = self.plans.get(key)
             if plan is None:
@@ -197,6 +200,37 @@ class Supervisor:
             self._converge(plan)
         await self._finish_drains()
         self._publish()
+
+    # --- make-before-break
+    def _hand_over(self, before: dict[str, ServedModel], after: dict[str, ServedModel]) -> None:
+        """A model whose new stable version has no ready engine yet keeps its outgoing stable
+        (when that one still has a ready engine) as ``previous``: the gateway routes to it until
+        the new one is ready, and its engines are not drained before then."""
+        for name, new in after.items():
+            old = before.get(name)
+            if old is None or new.stable is None or self.state.ready(name, new.stable):
+                continue
+            outgoing = next((v for v in (old.stable, old.previous) if v is not None
+                             and v != new.stable and v not in new.versions()
+                             and v in old.specs and self.state.ready(name, v)), None)
+            if outgoing is not None:
+                new.previous = outgoing
+                new.specs[outgoing] = old.specs[outgoing]
+                new.backends[outgoing] = old.backends.get(outgoing, "unknown")
+                log.info("%s@%s has no ready engine yet: %s@%s keeps serving until it has",
+                         name, new.stable, name, outgoing)
+
+    def _end_handovers(self, models: dict[str, ServedModel]) -> None:
+        """Drop ``previous`` once the new stable is ready (or the previous one is not)."""
+        for name, served in models.items():
+            previous = served.previous
+            if previous is None or served.stable is None:
+                continue
+            if self.state.ready(name, served.stable) or not self.state.ready(name, previous):
+                served.previous = None
+                if previous not in served.versions():
+                    served.specs.pop(previous, None)
+                    served.backends.pop(previous, None)
 
     # --- replicas
     def _spawn(self, plan: VersionPlan) -> None:

@@ -1,0 +1,392 @@
+"""`make up`: Kiln as a local service, a Prefect server with its UI, a process worker and the
+gateway, all on 127.0.0.1, stopped together on Ctrl-C.
+
+Run it as ``python -m flows.up [--prefect-port P] [--gateway-port P] [--no-ui]``. The deployments
+come from the checkout's ``prefect.yaml`` (``prefect deploy --all``), so what the UI's Run button
+starts is exactly what that file declares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import httpx
+import psutil
+import typer
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiln.errors import Conflict, ExternalToolError, KilnError
+from kiln.settings import PRIVACY_ENV, get_settings
+
+# The checkout this module belongs to (flows/ is installed in editable mode): where
+# prefect.yaml lives and where the worker's flow runs import flows/ from.
+PROJECT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+# The work pool prefect.yaml's deployments name (a test checks that the two agree).
+WORK_POOL = "kiln-process"
+
+
+class UpSettings(BaseSettings):
+    """What `make up` starts and how long it waits (``KILN_PREFECT_PORT`` etc.; KILN_HOME and
+    KILN_GATEWAY_PORT come from Kiln's own settings)."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    prefect_port: int = Field(default=4200, ge=1, le=65535, description="Prefect API + UI port")
+    prefect_ui: bool = Field(default=True, description="serve Prefect's UI (off in tests)")
+    project: Path = Field(default=PROJECT, description="the checkout holding prefect.yaml")
+    prefect_file: str = Field(default="prefect.yaml", description="relative to project")
+    worker_poll_s: float = Field(default=2.0, gt=0, description="worker's query interval")
+    start_timeout_s: float = Field(default=180.0, gt=0, description="per component")
+    stop_timeout_s: float = Field(default=30.0, gt=0, description="per child, then SIGKILL")
+
+
+class Child:
+    """One long-running process `make up` started, in its own process group (session).
+
+    Lifecycle: started by :meth:`Stack._spawn`; :meth:`stop` sends SIGTERM to its group, waits,
+    then SIGKILLs the group and any descendant that left it (Prefect starts flow runs in new
+    sessions; the supervisor starts engines in theirs).
+    """
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path,
+                 log: IO[bytes]) -> None:
+        self.name = name
+        self.proc = proc
+        self.log_path = log_path
+        self._log = log
+        self._descendants: dict[int, psutil.Process] = {}
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def remember_descendants(self) -> None:
+        """Record the processes below this child (while it is alive to be asked)."""
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                self._descendants[p.pid] = p
+
+    def processes(self) -> list[psutil.Process]:
+        """This child and every descendant seen so far."""
+        self.remember_descendants()
+        own: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            own.append(psutil.Process(self.proc.pid))
+        return own + list(self._descendants.values())
+
+    def tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            self._log.flush()
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+    def stop(self, timeout_s: float) -> None:
+        self.remember_descendants()
+        if self.alive():
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)  # whatever is left in its group
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        leftovers = [p for p in self._descendants.values() if still_running(p)]
+        for p in leftovers:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _gone, alive = psutil.wait_procs(leftovers, timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        self._log.close()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def still_running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` (bound as uvicorn binds: SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class Stack:
+    """Prefect server, work pool, deployments, process worker and gateway for one KILN_HOME.
+
+    Lifecycle: :meth:`start` (refuses when a port is taken, before starting anything) ->
+    :meth:`watch` (until a signal or a child dies) -> :meth:`stop` (gateway, worker, server:
+    the reverse order, so the worker can still report to the server while it stops). Also a
+    context manager: ``with Stack(...) as stack:`` starts, and stops on the way out.
+
+    Every child gets the same environment: KILN_HOME, KILN_DATABASE_URL (when set),
+    KILN_GATEWAY_PORT, PREFECT_HOME (``$KILN_HOME/prefect``) and PREFECT_API_URL, so a flow run
+    the worker starts writes the registry that ``kiln serve`` reads.
+    """
+
+    def __init__(self, up: UpSettings | None = None, *, home: Path | None = None,
+                 gateway_port: int | None = None, base_env: Mapping[str, str] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        kiln = get_settings()  # defaults for what the caller does not pass
+        self.up = up or UpSettings()
+        # Absolute: the worker's flow runs change directory to the checkout.
+        self.home = (home or kiln.home).absolute()
+        self.gateway_host = kiln.gateway_host
+        self.gateway_port = kiln.gateway_port if gateway_port is None else gateway_port
+        base = dict(os.environ if base_env is None else base_env)
+        self.prefect_url = f"http://{HOST}:{self.up.prefect_port}"
+        self.api_url = self.prefect_url + "/api"
+        self.gateway_url = f"http://{self.gateway_host}:{self.gateway_port}"
+        self.logs = self.home / "logs"
+        self.env = {
+            **base, **{k: v for k, v in PRIVACY_ENV.items() if k not in base},
+            "KILN_HOME": str(self.home),
+            "KILN_GATEWAY_PORT": str(self.gateway_port),
+            "PREFECT_HOME": str(self.home / "prefect"),
+            "PREFECT_API_URL": self.api_url,
+            # `prefect server start --port P` alone still tells the UI to call port 4200.
+            "PREFECT_UI_API_URL": self.api_url,
+            "PREFECT_SERVER_UI_ENABLED": str(self.up.prefect_ui).lower(),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": str(self.up.worker_poll_s),
+            "PREFECT_CLI_COLORS": "false",
+            "PREFECT_CLI_WRAP_LINES": "false",
+        }
+        self.children: list[Child] = []
+        self.admin_key: str | None = None
+        self.timings: dict[str, float] = {}
+        self._say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._bin = Path(sys.executable).parent
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, *, admin_key: bool = True) -> None:
+        """Start everything; raise Conflict (a port is taken) or ExternalToolError."""
+        self.check_ports()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.home / "prefect").mkdir(parents=True, exist_ok=True)
+        self._timed("prefect server", self.start_server)
+        self._timed("work pool", self.ensure_work_pool)
+        self._timed("deployments", self.register_deployments)
+        self._timed("worker", self.start_worker)
+        self._timed("gateway", self.start_gateway)
+        if admin_key:
+            self._timed("admin key", self.create_admin_key)
+
+    def check_ports(self) -> None:
+        for what, host, port, option in (
+                ("Prefect", HOST, self.up.prefect_port, "--prefect-port"),
+                ("gateway", self.gateway_host, self.gateway_port, "--gateway-port")):
+            if port_in_use(host, port):
+                raise Conflict(f"{what} port {port} on {host} is in use: stop what holds it "
+                               f"or pass another port with {option}")
+
+    def start_server(self) -> None:
+        self._say(f"starting the Prefect server on {self.prefect_url} "
+                  f"(PREFECT_HOME {self.env['PREFECT_HOME']})")
+        server = self._spawn("prefect-server", [self._tool("prefect"), "server", "start",
+                                                "--host", HOST,
+                                                "--port", str(self.up.prefect_port)])
+        self._wait_http(server, self.api_url + "/health")
+
+    def ensure_work_pool(self) -> None:
+        resp = httpx.get(f"{self.api_url}/work_pools/{WORK_POOL}", timeout=10)
+        if resp.status_code == 200:
+            return
+        self._cli("work pool", "prefect", "--no-prompt", "work-pool", "create", WORK_POOL,
+                  "--type", "process")
+
+    def register_deployments(self) -> None:
+        self._say(f"registering the deployments of {self.up.prefect_file}")
+        # prefect.yaml's pull step is `set_working_directory: {{ $PWD }}`, resolved here.
+        self._cli("deployments", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+                  self.up.prefect_file, cwd=self.up.project,
+                  env={"PWD": str(self.up.project)})
+
+    def start_worker(self) -> None:
+        self._say(f"starting a process worker on the {WORK_POOL} pool")
+        worker = self._spawn("prefect-worker", [
+            self._tool("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
+            "--name", f"kiln-{socket.gethostname()}-{os.getpid()}",
+            "--install-policy", "never", "--no-create-pool-if-not-found"])
+        # Ready once it has reported to the server (the pool turns READY).
+        deadline = time.monotonic() + self.up.start_timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive(worker)
+            pool = httpx.get(f"{self.api_url}/work_pools/{WORK_POOL}", timeout=10).json()
+            if pool.get("status") == "READY":
+                return
+            time.sleep(0.25)
+        raise ExternalToolError(f"the Prefect worker did not report in "
+                                f"{self.up.start_timeout_s:.0f} s: see {worker.log_path}")
+
+    def start_gateway(self) -> None:
+        self._say(f"starting the gateway (kiln serve) on {self.gateway_url}")
+        gateway = self._spawn("gateway", [self._tool("kiln"), "serve", "--port",
+                                          str(self.gateway_port)])
+        self._wait_http(gateway, self.gateway_url + "/v2/health/live")
+
+    def create_admin_key(self) -> None:
+        out = self._cli("admin key", "kiln", "keys", "create", "--scope", "admin", "--json")
+        self.admin_key = json.loads(out)["key"]
+
+    def watch(self) -> None:
+        """Block until a child exits; raise ExternalToolError naming it (a signal interrupts
+        this with KeyboardInterrupt, see :func:`up`)."""
+        while True:
+            for child in self.children:
+                self._check_alive(child)
+                child.remember_descendants()
+            time.sleep(1.0)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process this stack started, and their descendants seen so far."""
+        return [p for child in self.children for p in child.processes()]
+
+    def stop(self) -> None:
+        """Stop every child, newest first (idempotent)."""
+        while self.children:
+            child = self.children.pop()
+            t0 = time.monotonic()
+            was_alive = child.alive()
+            child.stop(self.up.stop_timeout_s)
+            if was_alive:
+                self._say(f"stopped {child.name} ({time.monotonic() - t0:.1f} s)")
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _timed(self, what: str, step: Callable[[], None]) -> None:
+        t0 = time.monotonic()
+        step()
+        self.timings[what] = round(time.monotonic() - t0, 2)
+
+    def _tool(self, name: str) -> str:
+        return str(self._bin / name)
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        log_path = self.logs / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - closed by Child.stop()
+        proc = subprocess.Popen(argv, env=self.env, cwd=self.up.project, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        child = Child(name, proc, log_path, log)
+        self.children.append(child)
+        return child
+
+    def _cli(self, what: str, tool: str, *args: str, cwd: Path | None = None,
+             env: Mapping[str, str] | None = None) -> str:
+        proc = subprocess.run([self._tool(tool), *args], env={**self.env, **(env or {})},
+                              cwd=cwd or self.up.project, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=self.up.start_timeout_s)
+        if proc.returncode != 0:
+            detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+            raise ExternalToolError(f"{what}: `{tool} {' '.join(args[:3])}` failed: "
+                                    f"{detail[-1] if detail else proc.returncode}")
+        return proc.stdout
+
+    def _check_alive(self, child: Child) -> None:
+        if not child.alive():
+            raise ExternalToolError(f"{child.name} exited ({child.proc.returncode}): "
+                                    f"see {child.log_path}")
+
+    def _wait_http(self, child: Child, url: str) -> None:
+        deadline = time.monotonic() + self.up.start_timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive(child)
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.25)
+        raise ExternalToolError(f"{child.name} did not answer {url} in "
+                                f"{self.up.start_timeout_s:.0f} s: see {child.log_path}")
+
+
+def banner(stack: Stack) -> str:
+    lines = ["", "Kiln is up (Ctrl-C stops everything it started):",
+             f"  Prefect UI   {stack.prefect_url}"
+             + ("" if stack.up.prefect_ui else " (UI off: API only)"),
+             f"  gateway      {stack.gateway_url}   (OIP v2: /v2/models/NAME/infer)"]
+    if stack.admin_key:
+        lines.append(f"  admin key    {stack.admin_key}   (shown once: keep it)")
+    lines += [f"  logs         {stack.logs}",
+              f"  registry     {stack.home}",
+              "  deploy: UI > Deployments > deploy-model > Run > Custom run, "
+              'parameters {"model": "digits"}', ""]
+    return "\n".join(lines)
+
+
+def up(prefect_port: Annotated[int | None, typer.Option(
+           help="Prefect API + UI port (default KILN_PREFECT_PORT, 4200).")] = None,
+       gateway_port: Annotated[int | None, typer.Option(
+           help="Gateway port (default KILN_GATEWAY_PORT, 8000).")] = None,
+       ui: Annotated[bool, typer.Option(help="Serve Prefect's UI.")] = True) -> None:
+    """Start the Prefect server + UI, the deployments of prefect.yaml, a process worker and
+    the gateway; print their addresses and an admin key; stop them all on Ctrl-C."""
+    overrides: dict[str, Any] = {"prefect_ui": ui}
+    if prefect_port is not None:
+        overrides["prefect_port"] = prefect_port
+    stack = Stack(UpSettings(**overrides), gateway_port=gateway_port)
+    # SIGTERM stops us as Ctrl-C does; children are in their own sessions, so only we get the
+    # terminal's SIGINT and we stop them. Installing a handler also means the children start
+    # with SIGINT at its default even when we inherited it ignored (`nohup`, `cmd &` in a
+    # script): Prefect's worker stops itself by sending itself SIGINT, and hangs if ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+    code = 0
+    try:
+        stack.start()
+        print(banner(stack), flush=True)
+        stack.watch()
+    except KeyboardInterrupt:
+        pass
+    except KilnError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        code = exc.exit_code
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # let the cleanup finish
+        stack.stop()
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    typer.run(up)
+
+
+if __name__ == "__main__":
+    main()
