@@ -25,7 +25,7 @@ from tenacity import (
 from kiln import crud
 from kiln.db import session_scope
 from kiln.errors import ExternalToolError
-from kiln.guardrails import Policy, Verdict, Window, judge
+from kiln.guardrails import Policy, Verdict, Window, judge, p99_limit
 from kiln.registry import ModelVersion
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
@@ -134,13 +134,18 @@ class Gateway:
     def close(self) -> None:
         self.client.close()
 
-    def stats(self, model: str, since: float = 0.0, *, attempts: int = 5) -> dict[str, Any]:
-        """The gateway's per-version figures since ``since`` (retried while it restarts)."""
+    def stats(self, model: str, since: float = 0.0, *, over_ms: float | None = None,
+              attempts: int = 5) -> dict[str, Any]:
+        """The gateway's per-version figures since ``since`` (retried while it restarts);
+        ``over_ms``: also count the requests slower than that."""
+        params = {"since": f"{since:.3f}"}
+        if over_ms is not None:
+            params["over_ms"] = f"{over_ms:.3f}"
         retrying = Retrying(stop=stop_after_attempt(attempts),
                             wait=wait_exponential_jitter(initial=0.2, max=2.0),
                             retry=retry_if_exception_type(httpx.TransportError), reraise=True)
         resp = retrying(self.client.get, f"{self.url}/kiln/models/{model}/stats",
-                        params={"since": f"{since:.3f}"})
+                        params=params)
         if resp.status_code != 200:
             raise ExternalToolError(f"the gateway refused the stats of {model} "
                                     f"({resp.status_code}: {resp.text[:200]})")
@@ -256,12 +261,16 @@ def observe_step(gateway: Gateway, *, model: str, stable: str, canary: str, weig
     while True:
         time.sleep(poll_s)
         now = time.time()
+        final = now >= end
         doc = gateway.stats(model, since=canary_since)
-        step = gateway.stats(model, since=started)
-        verdict = judge(_window(doc, stable), _window(step, canary), policy)
+        base = _window(doc, stable)
+        limit = p99_limit(base.p99_ms, policy, final=final) if base.p99_ms is not None \
+            else None
+        step = gateway.stats(model, since=started, over_ms=limit)
+        verdict = judge(base, _window(step, canary), policy, final=final)
         if verdict.decision == "fail":
             break
-        if now >= end and verdict.decision == "pass":
+        if final and verdict.decision == "pass":
             break
         if now >= end + rollout.max_extra_s:
             verdict = Verdict("fail", [f"no verdict: {verdict.reasons[0]} after "

@@ -270,16 +270,19 @@ class Gateway:
         served = self.state.models.get(name)
         if served is None:
             raise HTTPError(404, f"model {name!r} is not deployed")
-        since = 0.0
+        numbers: dict[str, float] = {}
         query = scope.get("query_string", b"").decode("latin-1")
         for part in filter(None, query.split("&")):
             key, _, value = part.partition("=")
-            if key == "since":
+            if key in ("since", "over_ms"):
                 try:
-                    since = float(value)
+                    numbers[key] = float(value)
                 except ValueError:
-                    raise HTTPError(400, "since must be a unix time in seconds") from None
-        versions = {version: self.state.window(name, version).summary(since)
+                    raise HTTPError(400, f"{key} must be a number (since: unix seconds; "
+                                         "over_ms: milliseconds)") from None
+        since = numbers.get("since", 0.0)
+        versions = {version: self.state.window(name, version).summary(since,
+                                                                       numbers.get("over_ms"))
                     for (model, version) in list(self.state.windows) if model == name}
         return {"model": name, "stable": served.stable, "canary": served.canary,
                 "canary_weight": served.canary_weight, "shadow_share": served.shadow_share,

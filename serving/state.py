@@ -123,8 +123,9 @@ class VersionWindow:
     def record_shadow(self, compared: int, disagreed: int) -> None:
         self.shadow.append((time.time(), compared, disagreed))
 
-    def summary(self, since: float = 0.0) -> dict[str, Any]:
-        """Requests, 5xx errors, p50/p99 (of answered requests) and rate since ``since``."""
+    def summary(self, since: float = 0.0, over_ms: float | None = None) -> dict[str, Any]:
+        """Requests, 5xx errors, p50/p99 (of answered requests) and rate since ``since``;
+        with ``over_ms``, also how many answered requests took longer (``over``)."""
         now = time.time()
         latencies, errors, first = [], 0, now
         for at, latency_ms, ok in reversed(self.samples):
@@ -152,6 +153,8 @@ class VersionWindow:
             ordered = sorted(latencies)
             doc["p50_ms"] = round(_quantile(ordered, 0.50), 3)
             doc["p99_ms"] = round(_quantile(ordered, 0.99), 3)
+        if over_ms is not None:
+            doc["over"] = sum(1 for latency in latencies if latency > over_ms)
         return doc
 
 

@@ -188,7 +188,7 @@ class Supervisor:
                 plan = self.plans[key] = VersionPlan(key[0], key[1], serving,
                                                      wanted=serving.min_replicas)
             plan.settings = serving
-            plan.wanted = min(max(plan.wanted, serving.min_replicas), serving.max_replicas)
+            plan.wanted = min(max(plan.wanted, serving.min_replicas), serving.replica_limit)
         for key in [k for k in self.plans if k not in wanted]:
             plan = self.plans.pop(key)
             for engine in plan.engines:
@@ -297,7 +297,7 @@ class Supervisor:
         now = time.monotonic()
         load = sum(e.replica.outstanding for e in ready)
         target = plan.settings.target_outstanding
-        want = min(plan.settings.max_replicas, max(plan.settings.min_replicas,
+        want = min(plan.settings.replica_limit, max(plan.settings.min_replicas,
                                                    math.ceil(load / target)))
         if want > plan.wanted and now - plan.last_scale_up >= SCALE_UP_COOLDOWN_S:
             plan.wanted = want

@@ -128,3 +128,16 @@ def test_rollout_settings() -> None:
                                        step_seconds=None, steps=[0.5])
     assert merged.step_seconds == 5 and merged.steps == [0.5, 1.0]
     assert merged.policy().min_requests == 50
+
+
+def test_p99_rule_counts_requests_over_the_limit() -> None:
+    """The clean-clone run that motivated it: a healthy canary's sample p99 (its 3rd-slowest
+    of 224 requests) was 120 ms beside a stable p99 of 37 ms on a loaded host. Three slow
+    requests in 224 are not a p99 regression; 200 are."""
+    policy = Policy(min_requests=200)
+    stable = Window(812, 0, 4.3, 37.0)
+    hiccups = judge(stable, Window(224, 1, 5.5, 119.6, over=3), policy)
+    assert hiccups.decision == "pass", hiccups.reasons
+    slow = judge(stable, Window(224, 0, 60.0, 119.6, over=200), policy)
+    assert slow.decision == "fail" and "200 of 224 requests slower" in slow.reasons[0]
+    assert slow.figures["p99_limit_ms"] == pytest.approx(47.0)

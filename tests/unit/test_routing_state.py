@@ -80,3 +80,23 @@ def test_result_cache_is_a_bounded_lru() -> None:
     assert cache.get("a") == 1  # a is now the most recent
     cache.put("c", 3)
     assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+
+
+def test_version_window_summary_since_and_over() -> None:
+    import time
+
+    from serving.state import VersionWindow
+
+    window = VersionWindow(size=100)
+    for latency in (1.0, 2.0, 3.0, 50.0):
+        window.record(latency, True)
+    window.record(9.0, False)
+    window.record_shadow(10, 1)
+    doc = window.summary(0.0, over_ms=10.0)
+    assert doc["requests"] == 5 and doc["errors"] == 1 and doc["error_rate"] == 0.2
+    assert doc["p50_ms"] == 2.5 and doc["over"] == 1
+    assert doc["shadow_compared"] == 10 and doc["shadow_disagreed"] == 1
+    assert window.summary(time.time() + 1)["requests"] == 0  # nothing since then
+    for _ in range(200):  # bounded: only the newest samples are kept
+        window.record(1.0, True)
+    assert window.summary()["requests"] == 100
