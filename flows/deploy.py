@@ -130,7 +130,6 @@ def canary(st: t.Standing, rollout: RolloutSettings) -> dict[str, Any]:
                 f"a canary needs the gateway, and none answers at {gateway.url} ({exc}): "
                 "start `kiln serve`, or deploy with --strategy direct") from None
         t.start_canary(st, rollout.shadow_share)
-        canary_since = time.time()
         if not wait_version_ready(gateway, model=st.model, version=st.version,
                                   timeout_s=rollout.ready_timeout_s):
             reason = (f"the canary's engine was not ready within {rollout.ready_timeout_s:.0f} "
@@ -141,6 +140,14 @@ def canary(st: t.Standing, rollout: RolloutSettings) -> dict[str, Any]:
         assert stable is not None
         replayer = Replayer(gateway, st.model, t.replay_inputs(st),
                             rollout.replay_concurrency) if rollout.replay else None
+        if rollout.warmup_s > 0 and st.canary_weight == 0:
+            # weight 0: the canary sees only mirrored requests (replayed ones too), unjudged
+            if replayer is not None and rollout.shadow_share > 0:
+                replayer.start()
+            time.sleep(rollout.warmup_s)
+            if replayer is not None:
+                replayer.stop()
+        canary_since = time.time()
         for weight in rollout.steps:
             if weight < st.canary_weight:
                 continue  # a resumed run: steps already taken

@@ -102,6 +102,11 @@ class RolloutSettings(BaseModel):
     replay_concurrency: int = Field(default=4, ge=1, le=64)
     max_extra_s: float = Field(default=60.0, ge=0)  # past a step's end, waiting for a verdict
     ready_timeout_s: float = Field(default=180.0, gt=0)  # the canary's engine warming up
+    # after its engine is ready, the canary gets mirrored (shadow) requests only, for this
+    # long, before any step is judged: a new engine's first real requests (connections,
+    # allocator arenas, caches) are slower than a warm one's, and a short step would hold
+    # that against it (Flagger's and Argo's initial delay)
+    warmup_s: float = Field(default=10.0, ge=0)
     champion_max_drop: float = Field(default=0.005, ge=0)  # the candidate's metric vs stable's
 
     @field_validator("steps")
@@ -249,7 +254,8 @@ def observe_step(gateway: Gateway, *, model: str, stable: str, canary: str, weig
                  canary_since: float, rollout: RolloutSettings, replayer: Replayer | None,
                  poll_s: float = 0.5) -> StepResult:
     """Watch one canary step: the canary's figures since the step began against the stable's
-    since the canary began, judged every ``poll_s``. Fails as soon as a rule breaks with
+    over the same step (or since the canary began, when the step left the stable too few
+    requests), judged every ``poll_s``. Fails as soon as a rule breaks with
     enough requests; passes at the step's end if the verdict is ``pass``; when the verdict is
     still ``wait`` (too little traffic), replays traffic and waits up to ``max_extra_s`` more,
     after which the missing verdict counts as a failure (nothing is promoted unjudged)."""
@@ -262,8 +268,11 @@ def observe_step(gateway: Gateway, *, model: str, stable: str, canary: str, weig
         time.sleep(poll_s)
         now = time.time()
         final = now >= end
-        doc = gateway.stats(model, since=canary_since)
-        base = _window(doc, stable)
+        # the stable over this same step when it had enough requests in it (the same load,
+        # the same neighbours), else since the canary began (a 100 % step leaves it none)
+        base = _window(gateway.stats(model, since=started), stable)
+        if base.requests < policy.min_requests:
+            base = _window(gateway.stats(model, since=canary_since), stable)
         limit = p99_limit(base.p99_ms, policy, final=final) if base.p99_ms is not None \
             else None
         step = gateway.stats(model, since=started, over_ms=limit)

@@ -452,17 +452,19 @@ class Gateway:
 
     async def _shadow(self, name: str, task: str, canary: str, req: oip.InferRequest,
                       answer: EngineAnswer, deadline: float) -> None:
+        """Mirrored calls count only as comparisons (a failed one: every row disagrees), not
+        as the canary's requests: they arrive in bursts right after the stable's answers, so
+        their latency is not what a client of the canary sees."""
         window = self.state.window(name, canary)
-        start = time.perf_counter()
+        rows = req.rows
         try:
             mirrored = await self._call_version(name, canary, req, deadline)
         except HTTPError as exc:
             if exc.status in (500, 504):
-                window.record((time.perf_counter() - start) * 1000, False)
+                window.record_shadow(rows, rows)
             return
         except Exception:  # an engine that is not up yet: nothing to compare
             return
-        window.record((time.perf_counter() - start) * 1000, True)
         out = next((n for n in answer.outputs if n in mirrored.outputs), None)
         if out is not None:
             window.record_shadow(*disagreements(task, answer.outputs[out], mirrored.outputs[out]))

@@ -30,7 +30,8 @@ from tests.conftest import (
     set_model_settings,
 )
 
-FAST_ROLLOUT = {"rollout": {"step_seconds": 3, "max_extra_s": 45, "replay_concurrency": 4}}
+FAST_ROLLOUT = {"rollout": {"step_seconds": 3, "warmup_s": 3, "max_extra_s": 45,
+                            "replay_concurrency": 3}}
 
 
 def variant_pt2(src: Path, dest: Path, change: Callable[[dict[str, object]], None]) -> Path:
