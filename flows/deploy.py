@@ -105,7 +105,7 @@ def _settled(st: t.Standing) -> dict[str, Any] | None:
     if status == VersionStatus.rolled_back:
         return {"outcome": "rolled_back", "reason": f"{st.model}@{st.version} was rolled back "
                                                     "before; pass a strategy to try it again"}
-    if status in (VersionStatus.canary,) and st.canary != st.version:
+    if status == VersionStatus.canary and st.canary != st.version:
         raise ExternalToolError(f"{st.model}@{st.version} is marked canary but the deployment's "
                                 f"canary is {st.canary}: check `kiln status`")
     return None

@@ -275,8 +275,8 @@ def observe_step(gateway: Gateway, *, model: str, stable: str, canary: str, weig
             base = _window(gateway.stats(model, since=canary_since), stable)
         limit = p99_limit(base.p99_ms, policy, final=final) if base.p99_ms is not None \
             else None
-        step = gateway.stats(model, since=started, over_ms=limit)
-        verdict = judge(base, _window(step, canary), policy, final=final)
+        observed = _window(gateway.stats(model, since=started, over_ms=limit), canary)
+        verdict = judge(base, observed, policy, final=final)
         if verdict.decision == "fail":
             break
         if final and verdict.decision == "pass":
@@ -287,7 +287,7 @@ def observe_step(gateway: Gateway, *, model: str, stable: str, canary: str, weig
                               verdict.figures)
             break
         if replayer is not None and not replayer.running and rollout.replay:
-            got = _window(step, canary).requests
+            got = observed.requests
             elapsed = now - started
             # too thin: the canary's pace would not reach the minimum by the step's end
             if elapsed >= min(2.0, rollout.step_seconds / 4) and (

@@ -8,7 +8,7 @@ and carries on from the version's status and the deployment's canary weight.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -198,7 +198,3 @@ def replay_inputs(st: Standing, limit: int = 512) -> list[bytes]:
     store = ArtifactStore(settings.home, settings.remote_url)
     data = load_dataset(store.verified_path(*ref))
     return replay_bodies(spec, data.inputs, limit)
-
-
-def as_dict(st: Standing) -> dict[str, Any]:
-    return asdict(st)

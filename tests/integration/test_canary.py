@@ -161,6 +161,13 @@ def registry_status(home: Path) -> dict[str, object]:
 
 def test_a_good_canary_with_one_percent_errors_is_promoted(home: Path, examples: Path) -> None:
     faults = {"KILN_ENGINE_FAULTS": "versions=0.2.0,error_rate=0.01,seed=3"}
+    # This test is about the error guardrail. On two saturated cores a 10 % canary's engine
+    # gets its requests one by one while the stable batches them, and its tail can sit 2x the
+    # stable's for a 3 s step (seen: 12-16 of ~200 requests over the 1.2x + 10 ms limit): a
+    # wider latency slack here keeps that host effect out of it (the slow canary test below
+    # keeps the default slack).
+    set_model_settings(home, "digits", {"rollout": {**FAST_ROLLOUT["rollout"],
+                                                    "p99_slack_ms": 60}})
     with RunningGateway(home, env=faults) as gateway, Client(gateway, examples) as client:
         started = time.monotonic()
         code, doc = deploy_canary(gateway, "digits@0.2.0")
