@@ -12,7 +12,9 @@ before the app can refuse it. This protocol adds, per connection:
 - caps on the request line (414), the header count and bytes (431), and on the whole request
   head as it streams in, before httptools buffers it (431);
 - a cap on the body (by ``Content-Length`` before a byte of it is read, and by count while a
-  chunked body streams in) and on the number of chunks of a chunked body (413).
+  chunked body streams in) and on the number of chunks of a chunked body (413);
+- uvicorn's connection limit (``limit_concurrency``) answered with ``Retry-After`` (uvicorn's
+  own 503 there has none, so a client cannot tell when to come back).
 
 The refusal is written directly on the transport, so no app code runs for it. The connection is
 then half-closed and what the client still sends is read and discarded for a short while
@@ -31,7 +33,8 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
-            414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+            414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ class GuardedProtocol(HttpToolsProtocol):
             return False
         return self.cycle is None or self.cycle is before or not self.cycle.response_started
 
-    def _reply(self, status: int, message: str) -> None:
+    def _reply(self, status: int, message: str, headers: bytes = b"") -> None:
         self._rejected = True
         self._disarm()
         for cycle in (self.cycle, self._previous):
@@ -127,8 +130,8 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         body = message.encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                             % (status, _REASONS[status], len(body), body))
+                             b"content-length: %d\r\nconnection: close\r\n%s\r\n%s"
+                             % (status, _REASONS[status], len(body), headers, body))
         self._lingering_close()
 
     def _lingering_close(self) -> None:
@@ -148,8 +151,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _reject(self, status: int, message: str) -> None:
-        self._reply(status, message)
+    def _reject(self, status: int, message: str, headers: bytes = b"") -> None:
+        self._reply(status, message, headers)
         raise _Reject(message)
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -204,6 +207,11 @@ class GuardedProtocol(HttpToolsProtocol):
         if length is not None and length > self.limits.max_body_bytes:
             self._reject(413, f"body of {length} bytes is over the "
                               f"{self.limits.max_body_bytes}-byte limit")
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            # uvicorn's own refusal here is a bare 503; a client needs to know when to retry
+            self._reject(503, f"the gateway is at its limit of {limit} open connections and "
+                              "requests; retry shortly", b"retry-after: 1\r\n")
         super().on_headers_complete()
 
     def on_chunk_header(self) -> None:
