@@ -9,21 +9,25 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import semver
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, delete, select
 
 from kiln.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from kiln.faults import failpoint
 from kiln.registry import (
     TRANSITIONS,
+    Alert,
+    AlertState,
     ApiKey,
     Artifact,
     ArtifactKind,
     Dataset,
     Deployment,
     DeploymentEvent,
+    DriftReport,
     InferenceRecord,
     Model,
     ModelVersion,
@@ -580,3 +584,100 @@ def revoke_api_key(*, session: Session, prefix: str) -> ApiKey:
     session.add(row)
     session.flush()
     return row
+
+
+# --- inference log: sampled requests as served (the gateway writes them in batches)
+def add_inference_records(*, session: Session, records: Sequence[InferenceRecord]) -> int:
+    session.add_all(records)
+    session.flush()
+    return len(records)
+
+
+def recent_inferences(*, session: Session, model: str, since: datetime | None = None,
+                      version: str | None = None, status: int | None = 200,
+                      limit: int | None = None) -> Sequence[InferenceRecord]:
+    """The model's logged requests, newest first (``status`` None: every status)."""
+    query = select(InferenceRecord).where(InferenceRecord.model_name == model)
+    if since is not None:
+        query = query.where(InferenceRecord.timestamp >= since)
+    if version is not None:
+        query = query.where(InferenceRecord.version == version)
+    if status is not None:
+        query = query.where(InferenceRecord.status == status)
+    query = query.order_by(col(InferenceRecord.timestamp).desc(), col(InferenceRecord.id).desc())
+    if limit is not None:
+        query = query.limit(limit)
+    return session.exec(query).all()
+
+
+def purge_inferences(*, session: Session, older_than: datetime) -> int:
+    """Retention: delete records logged before ``older_than``; how many went."""
+    result = session.execute(delete(InferenceRecord)
+                             .where(col(InferenceRecord.timestamp) < older_than)
+                             .execution_options(synchronize_session=False))
+    session.flush()
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+# --- alerts: at most one open alert per (model, version, kind)
+def open_alerts(*, session: Session, model: str | None = None) -> Sequence[Alert]:
+    query = select(Alert).where(Alert.state == AlertState.open)
+    if model is not None:
+        query = query.where(Alert.model_name == model)
+    return session.exec(query.order_by(col(Alert.id))).all()
+
+
+def list_alerts(*, session: Session, model: str | None = None, limit: int = 100
+                ) -> Sequence[Alert]:
+    """Open and resolved alerts, newest first."""
+    query = select(Alert)
+    if model is not None:
+        query = query.where(Alert.model_name == model)
+    return session.exec(query.order_by(col(Alert.id).desc()).limit(limit)).all()
+
+
+def find_open_alert(*, session: Session, model: str, kind: str, version: str | None = None
+                    ) -> Alert | None:
+    return session.exec(select(Alert).where(
+        Alert.model_name == model, Alert.kind == kind, Alert.version == version,
+        Alert.state == AlertState.open)).first()
+
+
+def raise_alert(*, session: Session, model: str, kind: str, message: str,
+                version: str | None = None, value: float | None = None,
+                threshold: float | None = None, detail: dict[str, Any] | None = None
+                ) -> tuple[Alert, bool]:
+    """Open the alert, or refresh the open one's figures; ``(alert, newly_opened)``."""
+    row = find_open_alert(session=session, model=model, kind=kind, version=version)
+    opened = row is None
+    if row is None:
+        row = Alert(model_name=model, version=version, kind=kind)
+    row.message, row.value, row.threshold = message, value, threshold
+    row.detail = detail or {}
+    session.add(row)
+    session.flush()
+    return row, opened
+
+
+def resolve_alert(*, session: Session, alert: Alert, detail: dict[str, Any] | None = None
+                  ) -> Alert:
+    if alert.state != AlertState.resolved:
+        alert.state = AlertState.resolved
+        alert.resolved_at = utcnow()
+        if detail:
+            alert.detail = {**(alert.detail or {}), **detail}
+        session.add(alert)
+        session.flush()
+    return alert
+
+
+# --- drift reports
+def add_drift_report(*, session: Session, report: DriftReport) -> DriftReport:
+    session.add(report)
+    session.flush()
+    return report
+
+
+def latest_drift_report(*, session: Session, model: str) -> DriftReport | None:
+    return session.exec(select(DriftReport).where(DriftReport.model_name == model)
+                        .order_by(col(DriftReport.id).desc())).first()

@@ -197,6 +197,41 @@ class InferenceRecord(SQLModel, table=True):
     timestamp: datetime = _ts(index=True)
 
 
+# --- Alert: a condition that needs a person (or an automation): opened once, resolved once.
+class AlertState(StrEnum):
+    open = "open"
+    resolved = "resolved"
+
+
+class Alert(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(max_length=64, index=True)
+    version: str | None = Field(default=None, max_length=64)
+    kind: str = Field(max_length=32)  # p99 | error_rate | engine_down | gpu_util | drift
+    state: AlertState = Field(default=AlertState.open, sa_type=String(16), index=True)
+    message: str = ""
+    value: float | None = None  # the measured figure that opened it (the latest while open)
+    threshold: float | None = None
+    detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    opened_at: datetime = _ts()
+    resolved_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+
+
+# --- DriftReport: one run of the drift monitor over a model's recent logged inputs.
+class DriftReport(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(max_length=64, index=True)
+    version: str | None = Field(default=None, max_length=64)  # None: every version's traffic
+    drift_detected: bool | None = None  # None: fewer samples than the minimum
+    drift_share: float | None = None
+    samples: int = 0
+    method: str = Field(default="", max_length=64)
+    report_path: str | None = None  # the HTML report (DVC-tracked)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    flow_run_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(index=True)
+
+
 # --- ApiKey: only the sha256 of a key is stored; the key is shown once at creation.
 class ApiKey(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)

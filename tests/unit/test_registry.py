@@ -38,7 +38,7 @@ def test_migrations_match_the_models(db_url: str) -> None:
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
         assert diff == []
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
 
 
 def test_sqlite_runs_wal_with_foreign_keys(tmp_path) -> None:
@@ -158,3 +158,72 @@ def test_api_keys_are_stored_hashed(db_url: str) -> None:
         assert crud.find_api_key(session=session, key="kiln_x.unknown") is None
         with pytest.raises(InvalidInput):
             crud.create_api_key(session=session, scopes=["root"])
+
+
+def test_alerts_open_once_refresh_and_resolve(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        first, opened = crud.raise_alert(session=session, model="m", kind="p99", version="0.1.0",
+                                         message="p99 120 ms over 50 ms", value=120, threshold=50)
+        assert opened
+        again, opened = crud.raise_alert(session=session, model="m", kind="p99", version="0.1.0",
+                                         message="p99 130 ms over 50 ms", value=130, threshold=50)
+        assert not opened and again.id == first.id and again.value == 130
+        other, opened = crud.raise_alert(session=session, model="m", kind="engine_down",
+                                         version="0.1.0", message="no engine")
+        assert opened and other.id != first.id
+    with session_scope(db_url) as session:
+        assert {a.kind for a in crud.open_alerts(session=session, model="m")} == {
+            "p99", "engine_down"}
+        alert = crud.find_open_alert(session=session, model="m", kind="p99", version="0.1.0")
+        assert alert is not None
+        crud.resolve_alert(session=session, alert=alert, detail={"cleared_at_ms": 12})
+    with session_scope(db_url) as session:
+        assert [a.kind for a in crud.open_alerts(session=session)] == ["engine_down"]
+        resolved = crud.list_alerts(session=session, model="m")[-1]
+        assert resolved.state == "resolved" and resolved.resolved_at is not None
+        assert resolved.detail["cleared_at_ms"] == 12
+        # the next breach is a new alert, not the resolved one reopened
+        _, opened = crud.raise_alert(session=session, model="m", kind="p99", version="0.1.0",
+                                     message="again")
+        assert opened
+
+
+def test_inference_records_round_trip_and_retention(db_url: str) -> None:
+    from datetime import timedelta
+
+    import numpy as np
+
+    from kiln import records
+    from kiln.registry import InferenceRecord, utcnow
+
+    now = utcnow()
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    rows = [InferenceRecord(model_name="m", version="0.1.0", input=records.encode({"x": x}),
+                            output=records.encode({"y": x[:, :1]}), latency_ms=1.5,
+                            timestamp=now - timedelta(days=age)) for age in (0, 1, 10)]
+    with session_scope(db_url) as session:
+        assert crud.add_inference_records(session=session, records=rows) == 3
+    with session_scope(db_url) as session:
+        recent = crud.recent_inferences(session=session, model="m",
+                                        since=now - timedelta(days=2))
+        assert len(recent) == 2
+        np.testing.assert_array_equal(records.rows([r.input for r in recent], "x"),
+                                      np.concatenate([x, x]))
+        assert crud.purge_inferences(session=session, older_than=now - timedelta(days=7)) == 1
+    with session_scope(db_url) as session:
+        assert len(crud.recent_inferences(session=session, model="m")) == 2
+
+
+def test_drift_reports_latest_first(db_url: str) -> None:
+    from kiln.registry import DriftReport
+
+    with session_scope(db_url) as session:
+        crud.add_drift_report(session=session, report=DriftReport(
+            model_name="m", drift_detected=None, samples=12, method="not enough data"))
+        crud.add_drift_report(session=session, report=DriftReport(
+            model_name="m", drift_detected=True, drift_share=0.8, samples=300,
+            method="evidently DataDriftPreset"))
+    with session_scope(db_url) as session:
+        latest = crud.latest_drift_report(session=session, model="m")
+        assert latest is not None and latest.drift_detected and latest.drift_share == 0.8
+        assert crud.latest_drift_report(session=session, model="other") is None
