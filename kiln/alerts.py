@@ -1,0 +1,89 @@
+"""Alerts: a registry row and a Prefect event when one opens, another event when it resolves.
+
+Whoever detects a condition (the gateway's alert monitor for latency, errors, engines and GPU
+use; the drift flow for drift) calls :func:`fire` while it holds and :func:`clear` once it is
+gone. Each is idempotent: firing an open alert refreshes its figures without a new event, and
+clearing a resolved (or never opened) one does nothing, so a checker can call them every tick.
+
+Events are ``kiln.alert.opened`` / ``kiln.alert.resolved`` on the resource
+``kiln.model.<name>`` (payload: kind, version, message, value, threshold), which a Prefect
+automation can match (README: a drift event that starts a ``reoptimize`` run). Events go out
+where there is a Prefect API to take them: ``PREFECT_API_URL`` is set (``make up``, a worker)
+or the caller runs inside a flow run. Elsewhere (a bare ``kiln serve``) the alert is only
+recorded: without an API, Prefect would start an ephemeral server inside the gateway process.
+Emitting never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kiln import crud
+from kiln.db import session_scope
+from kiln.registry import Alert
+
+log = logging.getLogger(__name__)
+
+KINDS = ("p99", "error_rate", "engine_down", "gpu_util", "drift")
+
+
+def prefect_reachable() -> bool:
+    """A Prefect API is configured, or this runs inside a flow run (which has one)."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value()) or FlowRunContext.get() is not None
+
+
+def emit(event: str, alert: Alert) -> None:
+    """Send ``event`` about ``alert`` to Prefect; log (never raise) if it cannot be sent."""
+    if not prefect_reachable():
+        log.info("%s for %s/%s recorded only: no Prefect API configured", event,
+                 alert.model_name, alert.kind)
+        return
+    try:
+        from prefect.events import emit_event
+
+        emit_event(event=event,
+                   resource={"prefect.resource.id": f"kiln.model.{alert.model_name}",
+                             "prefect.resource.name": alert.model_name,
+                             "kiln.alert.kind": alert.kind},
+                   payload={"alert_id": alert.id, "kind": alert.kind, "version": alert.version,
+                            "message": alert.message, "value": alert.value,
+                            "threshold": alert.threshold, "state": str(alert.state)})
+    except Exception as exc:  # noqa: BLE001 - an unreachable Prefect must not stop alerting
+        log.warning("could not emit %s for %s/%s: %s", event, alert.model_name, alert.kind, exc)
+
+
+def fire(url: str, *, model: str, kind: str, message: str, version: str | None = None,
+         value: float | None = None, threshold: float | None = None,
+         detail: dict[str, Any] | None = None) -> tuple[Alert, bool]:
+    """Open (or refresh) the alert; ``(alert, newly_opened)``. Emits on opening only."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown alert kind {kind!r}: one of {', '.join(KINDS)}")
+    with session_scope(url) as session:
+        alert, opened = crud.raise_alert(session=session, model=model, kind=kind,
+                                         version=version, message=message, value=value,
+                                         threshold=threshold, detail=detail)
+        session.commit()
+        session.refresh(alert)
+        session.expunge(alert)
+    if opened:
+        emit("kiln.alert.opened", alert)
+    return alert, opened
+
+
+def clear(url: str, *, model: str, kind: str, version: str | None = None,
+          detail: dict[str, Any] | None = None) -> Alert | None:
+    """Resolve the open alert if there is one; the resolved alert, or None."""
+    with session_scope(url) as session:
+        alert = crud.find_open_alert(session=session, model=model, kind=kind, version=version)
+        if alert is None:
+            return None
+        crud.resolve_alert(session=session, alert=alert, detail=detail)
+        session.commit()
+        session.refresh(alert)
+        session.expunge(alert)
+    emit("kiln.alert.resolved", alert)
+    return alert
