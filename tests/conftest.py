@@ -187,6 +187,66 @@ def copy_home(home: Path, dest: Path) -> Path:
     return target
 
 
+# A child process: versions of digits registered beside its first one, each its selected ONNX
+# file with the classifier's last bias changed (kept in the store and tracked by DVC as every
+# artifact is), the same spec, marked validated without running the optimizer. argv[1]: a JSON
+# list of {"version": V or null (the next one), "bias": add to every class, "favour": a class
+# whose bias gets +1000, so it answers that class always}. Prints the versions made.
+_VARIANTS = r"""
+import json, sys
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from kiln import crud
+from kiln.db import session_scope
+from kiln.registry import ArtifactKind, VersionStatus
+from kiln.settings import get_settings
+from kiln.upload import open_store
+
+settings = get_settings()
+store = open_store(settings)
+made = []
+with session_scope(settings.db_url) as session, store.staging() as stage, store.locked():
+    model = crud.require_model(session=session, name="digits")
+    base = crud.require_version(session=session, name="digits")
+    (chosen,) = [a for a in crud.list_artifacts(session=session, version=base) if a.selected]
+    for i, spec in enumerate(json.loads(sys.argv[1])):
+        program = onnx.load(str(settings.home / chosen.path))
+        bias = [t for t in program.graph.initializer if t.name.endswith("bias")][-1]
+        values = numpy_helper.to_array(bias).astype(np.float32) + np.float32(spec.get("bias", 0))
+        if spec.get("favour") is not None:
+            values[int(spec["favour"])] += 1000
+        bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), bias.name))
+        path = stage / f"variant-{i}.onnx"
+        onnx.save(program, str(path))
+        stored = store.put(path, suffix=".onnx")
+        version = spec.get("version") or crud.next_version(session=session, model=model)
+        row = crud.create_version(
+            session=session, model=model, version=version, source_format=base.source_format,
+            source_sha256=stored.sha256, spec=base.spec, meta={"variant_of": base.version})
+        crud.add_artifact(session=session, version=row, kind=ArtifactKind.onnx,
+                          backend="onnxruntime", precision="fp32", path=stored.path,
+                          sha256=stored.sha256, size=stored.size, dvc_hash=stored.dvc_hash,
+                          selected=True)
+        for status in (VersionStatus.optimizing, VersionStatus.validated):
+            crud.set_version_status(session=session, version=row, status=status)
+        made.append(row.version)
+print(json.dumps(made))
+"""
+
+
+def register_variants(home: Path, variants: list[dict[str, object]]) -> list[str]:
+    """Register digits variants in ``home`` (see ``_VARIANTS``): validated ONNX Runtime
+    versions whose answers differ from the first version's by their bias change. For tests
+    whose subject is deploying, not optimizing: seconds instead of an optimizer run each."""
+    made = subprocess.run([sys.executable, "-c", _VARIANTS, json.dumps(variants)],
+                          env=kiln_env(home), capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    versions = json.loads(made.stdout.strip().splitlines()[-1])
+    assert isinstance(versions, list)
+    return [str(v) for v in versions]
+
+
 def set_model_settings(home: Path, name: str, settings: dict[str, object]) -> None:
     """Merge ``settings`` into a model's settings in ``home``'s registry (a child process, so the
     test process's own settings cache is untouched)."""

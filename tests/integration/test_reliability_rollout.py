@@ -54,7 +54,13 @@ from kiln import crud
 from kiln.db import dispose_engines, session_scope
 from kiln.registry import Task, VersionStatus
 from kiln.settings import Settings
-from tests.conftest import RunningGateway, copy_home, deploy, digits_rows, kiln_env
+from tests.conftest import (
+    RunningGateway,
+    copy_home,
+    deploy,
+    digits_rows,
+    register_variants,
+)
 from tests.integration.test_reliability_serving import metric_sum, percentile
 
 HEALTH_PERIOD_S = float(Settings.model_fields["health_interval_s"].default)
@@ -65,48 +71,6 @@ RPS = 20
 # versions' answers differ by 0.01 or more on every logit (Rollout.learn checks)
 ATOL = 1e-4
 
-# A child process: digits' next versions, registered beside the first one (kept in the store
-# and tracked by DVC as every artifact is): its selected ONNX file with the last bias nudged by
-# 0.01 more each time, the same spec, marked validated. Prints the new version numbers.
-_NUDGED_VERSIONS = r"""
-import json, sys
-import numpy as np
-import onnx
-from onnx import numpy_helper
-from kiln import crud
-from kiln.db import session_scope
-from kiln.registry import ArtifactKind, VersionStatus
-from kiln.settings import get_settings
-from kiln.upload import open_store
-
-settings = get_settings()
-store = open_store(settings)
-made = []
-with session_scope(settings.db_url) as session, store.staging() as stage, store.locked():
-    model = crud.require_model(session=session, name="digits")
-    base = crud.require_version(session=session, name="digits")
-    (chosen,) = [a for a in crud.list_artifacts(session=session, version=base) if a.selected]
-    program = onnx.load(str(settings.home / chosen.path))
-    bias = [t for t in program.graph.initializer if t.name.endswith("bias")][-1]
-    for i in range(int(sys.argv[1])):
-        nudged = (numpy_helper.to_array(bias) + 0.01).astype(np.float32)
-        bias.CopyFrom(numpy_helper.from_array(nudged, bias.name))
-        path = stage / f"nudged-{i}.onnx"
-        onnx.save(program, str(path))
-        stored = store.put(path, suffix=".onnx")
-        row = crud.create_version(
-            session=session, model=model, version=crud.next_version(session=session, model=model),
-            source_format=base.source_format, source_sha256=stored.sha256, spec=base.spec,
-            meta={"nudged_from": base.version})
-        crud.add_artifact(session=session, version=row, kind=ArtifactKind.onnx,
-                          backend="onnxruntime", precision="fp32", path=stored.path,
-                          sha256=stored.sha256, size=stored.size, dvc_hash=stored.dvc_hash,
-                          selected=True)
-        for status in (VersionStatus.optimizing, VersionStatus.validated):
-            crud.set_version_status(session=session, version=row, status=status)
-        made.append(row.version)
-print(json.dumps(made))
-"""
 
 
 # ----------------------------------------------------------------------------- the gateway
@@ -229,10 +193,9 @@ def rollout(validated_home: Path, examples: Path,
     tmp = tmp_path_factory.mktemp("rollout")
     home = copy_home(validated_home, tmp)
     stable = deploy(home)["version"]
-    made = subprocess.run([sys.executable, "-c", _NUDGED_VERSIONS, "5"], env=kiln_env(home),
-                          capture_output=True, text=True, timeout=600)
-    assert made.returncode == 0, made.stderr[-3000:]
-    spare = json.loads(made.stdout.strip().splitlines()[-1])
+    # its ONNX file with the last bias nudged by 0.01 more each time: each version's answers
+    # are its own
+    spare = register_variants(home, [{"bias": 0.01 * (i + 1)} for i in range(5)])
     gw = RunningGateway(home, env={"KILN_ENGINE_FAULTS": f"delay_ms={ENGINE_DELAY_MS}"})
     db_url = f"sqlite:///{home / 'registry.db'}"
     try:
