@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-unit demo up bench bench-deps gpu-check lock clean
+.PHONY: setup test test-unit demo up bench bench-deps screenshots gpu-check lock clean
 
 setup: $(STAMP)  ## create .venv and install the locked dependencies (idempotent)
 
@@ -42,6 +42,10 @@ bench: setup bench-deps  ## optimize + serve benchmarks of digits and MiniLM -> 
 	$(VENV)/bin/dvc repro train_digits build_minilm
 	$(PY) bench/optimize_bench.py
 	$(PY) bench/serve_bench.py
+
+screenshots: setup  ## headless-Chromium captures of the Prefect UI's deploy run and a drift report -> bench/*.png
+	command -v chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(PY) bench/screenshots.py
 
 bench-deps:  ## the serve benchmark's load generator (wrk, from Debian's packages)
 	command -v wrk || (apt-get update -qq && apt-get install -y -qq wrk)
