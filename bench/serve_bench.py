@@ -19,6 +19,10 @@ failing) is skipped with the reason printed; no number is ever filled in for it.
 ``bench/results.json`` (``serve``; the ``machine`` and ``optimize`` parts are kept) and a table
 into ``bench/results.md``.
 
+A second section (``--sections log-overhead``) measures the inference log's cost: the gateway's
+p99 with ``KILN_INFERENCE_LOG_SAMPLE`` 1 against 0, medians of ``--log-runs`` alternating runs
+(``log_overhead`` in results.json, its own table in results.md).
+
     python bench/serve_bench.py [--duration 20] [--concurrency 1,16,64] [--models digits,minilm]
                                 [--systems naive-fastapi,litserve-plain,kiln-engine,kiln]
                                 [--reuse-home DIR] [--out bench]
@@ -27,6 +31,7 @@ into ``bench/results.md``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -578,6 +583,173 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, 
     return rows, skipped
 
 
+# ------------------------------------------------------------------ inference-log overhead
+# Issue 6's acceptance: logging at a 100% sample under load raises the gateway's p99 by at most
+# 10% against logging off, each the median of alternating runs. Two gateways on the same
+# KILN_HOME serve digits side by side (KILN_INFERENCE_LOG_SAMPLE 0 and 1), and the runs
+# alternate between them (0, 1, 0, 1, ...), so drift in the machine's load hits both alike.
+LOG_MARKER = "<!-- log-overhead -->"
+LOG_SAMPLES = (0.0, 1.0)
+LOG_MAX_RATIO = 1.10
+
+
+@contextmanager
+def sampled_gateway(ctx: Bench, sample: float) -> Iterator[Target]:
+    """``kiln serve`` logging ``sample`` of its requests (digits already deployed)."""
+    km = ctx.kiln_model("digits")
+    port, log = free_port(), ctx.log(f"kiln-log-{sample:g}", "digits")
+    env = {**ctx.kiln_env(), "KILN_GATEWAY_PORT": str(port),
+           "KILN_INFERENCE_LOG_SAMPLE": str(sample)}
+    proc = spawn([KILN, "serve", "--port", str(port)], log, env=env)
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {ctx.kiln_key()}"}
+    try:
+        wait_ready(proc, f"{base}/v2/models/digits/ready", log, headers=auth)
+        yield Target(f"{base}/v2/models/digits/infer",
+                     [dumps(oip_body("digits", km, s)) for s in ctx.samples["digits"]],
+                     headers=auth, info={"metrics": f"{base}/metrics", "sample": sample})
+    finally:
+        stop(proc)
+
+
+async def _closed_loop(target: Target, connections: int, duration: float) -> dict[str, Any]:
+    """A closed-loop generator (each connection sends its next request when answered), for
+    hosts without wrk; latencies are measured per request, percentiles over all of them."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Content-Type": "application/json", **target.headers}
+    stop_at = time.perf_counter() + duration
+
+    async def worker(session: aiohttp.ClientSession, index: int) -> None:
+        nonlocal errors
+        n = index
+        while time.perf_counter() < stop_at:
+            body = target.bodies[n % len(target.bodies)]
+            started = time.perf_counter()
+            try:
+                async with session.post(target.url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            latencies.append(time.perf_counter() - started)
+            errors += 0 if ok else 1
+            n += connections
+
+    started = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session, i) for i in range(connections)))
+    seconds = time.perf_counter() - started
+    lat = np.asarray(latencies) * 1000
+    return {"rps": round((len(lat) - errors) / seconds, 1), "requests": int(len(lat)),
+            "errors": errors, "p50_ms": round(float(np.percentile(lat, 50)), 3),
+            "p99_ms": round(float(np.percentile(lat, 99)), 3), "duration_s": round(seconds, 2)}
+
+
+def load_run(target: Target, ctx: Bench, connections: int, duration: float) -> dict[str, Any]:
+    """One measured run: wrk where installed, else the closed-loop Python generator."""
+    if shutil.which("wrk") is not None:
+        doc = run_wrk(target, connections=connections, duration=duration,
+                      threads=ctx.args.threads, workdir=ctx.workdir)
+        row = to_row("kiln", "digits", connections, doc)
+        return {k: row[k] for k in ("rps", "requests", "errors", "p50_ms", "p99_ms",
+                                    "duration_s")}
+    row = asyncio.run(_closed_loop(target, connections, duration))
+    drain(target)
+    return row
+
+
+def log_counts(target: Target) -> dict[str, float]:
+    """The gateway's inference-log counters: records written, dropped (any reason)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(target.info["metrics"], headers=target.headers, timeout=15).text
+    counts = {"logged": 0.0, "dropped": 0.0}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "kiln_inference_log_records_total":
+                counts["logged"] += s.value
+            elif s.name == "kiln_inference_log_dropped_total":
+                counts["dropped"] += s.value
+    return counts
+
+
+def run_log_overhead(ctx: Bench) -> dict[str, Any]:
+    """Alternating runs against the two gateways; medians of p99 and their ratio."""
+    args = ctx.args
+    connections, duration = args.log_concurrency, args.log_duration or args.duration
+    ctx.samples.setdefault("digits", samples("digits"))
+    ctx.kiln_model("digits")
+    kiln_cli(["deploy", "digits", "--strategy", "direct", "--wait", "0", "--json"],
+             ctx.kiln_env())
+    runs: dict[str, list[dict[str, Any]]] = {f"{s:g}": [] for s in LOG_SAMPLES}
+    with sampled_gateway(ctx, LOG_SAMPLES[0]) as off, sampled_gateway(ctx, LOG_SAMPLES[1]) as on:
+        targets = {f"{LOG_SAMPLES[0]:g}": off, f"{LOG_SAMPLES[1]:g}": on}
+        for target in targets.values():
+            check_answers(target)
+            if args.warmup > 0:
+                load_run(target, ctx, connections, args.warmup)
+        for index in range(args.log_runs):
+            for key, target in targets.items():
+                row = load_run(target, ctx, connections, duration)
+                runs[key].append(row)
+                print(f"[log-overhead] run {index + 1} sample {key}: {row['rps']:.1f} rps  "
+                      f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}", file=sys.stderr)
+        counts = {key: log_counts(t) for key, t in targets.items()}
+    medians = {key: float(np.median([r["p99_ms"] for r in rows])) for key, rows in runs.items()}
+    off_p99, on_p99 = medians[f"{LOG_SAMPLES[0]:g}"], medians[f"{LOG_SAMPLES[1]:g}"]
+    ratio = on_p99 / off_p99 if off_p99 > 0 else float("nan")
+    return {"model": "digits", "concurrency": connections, "duration_s": duration,
+            "runs_each": args.log_runs,
+            "generator": "wrk" if shutil.which("wrk") else "python-aiohttp (wrk not installed)",
+            "p99_ms": {k: [r["p99_ms"] for r in rows] for k, rows in runs.items()},
+            "rps": {k: [r["rps"] for r in rows] for k, rows in runs.items()},
+            "errors": {k: sum(r["errors"] for r in rows) for k, rows in runs.items()},
+            "median_p99_ms": medians, "p99_ratio": round(ratio, 4),
+            "max_ratio": LOG_MAX_RATIO, "passed": bool(ratio <= LOG_MAX_RATIO),
+            "log_counters": counts,
+            "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def log_markdown(doc: dict[str, Any]) -> str:
+    lines = [LOG_MARKER, "## Inference-log overhead", "",
+             f"digits through `kiln serve`, {doc['concurrency']} connections, "
+             f"{doc['runs_each']} alternating runs of {doc['duration_s']:g} s per sample "
+             f"({doc['generator']}; {doc['at']}). Acceptance: median p99 at sample 1 <= "
+             f"{doc['max_ratio']:g} x median p99 at sample 0.", "",
+             "| sample | p99 ms per run | median p99 ms | req/s per run | errors | logged | "
+             "dropped |", "|---|---|---|---|---|---|---|"]
+    for key in doc["p99_ms"]:
+        counts = doc["log_counters"][key]
+        lines.append(f"| {key} | {', '.join(f'{v:.2f}' for v in doc['p99_ms'][key])} | "
+                     f"{doc['median_p99_ms'][key]:.2f} | "
+                     f"{', '.join(f'{v:.0f}' for v in doc['rps'][key])} | "
+                     f"{doc['errors'][key]} | {counts['logged']:.0f} | "
+                     f"{counts['dropped']:.0f} |")
+    verdict = "passed" if doc["passed"] else "FAILED"
+    lines.append(f"\np99 ratio (sample 1 / sample 0): **{doc['p99_ratio']:.3f}** ({verdict}).")
+    return "\n".join(lines) + "\n"
+
+
+def write_log_results(out: Path, doc: dict[str, Any], table: str) -> None:
+    """``log_overhead`` into results.json and its table into results.md (others kept)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["log_overhead"] = doc
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    md = out / "results.md"
+    text = md.read_text() if md.exists() else "# Kiln benchmark\n"
+    if LOG_MARKER in text:
+        before, _, after = text.partition(LOG_MARKER)
+        rest = after.split("\n<!-- ", 1)
+        text = before.rstrip("\n") + ("\n\n<!-- " + rest[1] if len(rest) > 1 else "")
+    md.write_text(text.rstrip("\n") + "\n\n" + table)
+
+
 # ------------------------------------------------------------------------------- outputs
 def markdown(rows: list[dict[str, Any]], skipped: list[dict[str, str]],
              args: argparse.Namespace) -> str:
@@ -660,6 +832,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-timeouts", type=csv(float), default=list(BATCH_TIMEOUTS),
                         help="LitServe batch_timeout values to try, seconds")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--sections", type=csv(str, ("serve", "log-overhead")),
+                        default=["serve", "log-overhead"],
+                        help="what to run: the systems' table (serve), the inference log's "
+                             "p99 cost (log-overhead); e.g. a smoke check: --sections "
+                             "log-overhead --duration 3 --warmup 1 --log-runs 2")
+    parser.add_argument("--log-runs", type=int, default=5,
+                        help="log-overhead: alternating runs per sample (medians of them)")
+    parser.add_argument("--log-duration", type=float, default=None,
+                        help="log-overhead: seconds per run (default: --duration)")
+    parser.add_argument("--log-concurrency", type=int, default=16,
+                        help="log-overhead: connections")
     parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
                         help="copy the servers' logs here")
     args = parser.parse_args(argv)
@@ -671,15 +854,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for model in args.models:
+    needed = args.models if "serve" in args.sections else ["digits"]
+    for model in needed:
         if not (ROOT / MODELS[model].source).exists():
             print(f"[serve] {MODELS[model].source} is missing: run "
                   "`.venv/bin/dvc repro train_digits build_minilm` first", file=sys.stderr)
             return 2
-    rows, skipped = run(args)
-    table = markdown(rows, skipped, args)
-    write_results(args.out, rows, table)
-    print(table)
+    if "serve" in args.sections:
+        rows, skipped = run(args)
+        table = markdown(rows, skipped, args)
+        write_results(args.out, rows, table)
+        print(table)
+    if "log-overhead" in args.sections:
+        try:
+            with tempfile.TemporaryDirectory(prefix="kiln-log-bench-") as tmp:
+                doc = run_log_overhead(Bench(args, Path(tmp)))
+        except Skip as exc:
+            print(f"[log-overhead] skipped: {exc}", file=sys.stderr)
+            return 1
+        table = log_markdown(doc)
+        write_log_results(args.out, doc, table)
+        print(table)
     return 0
 
 

@@ -7,16 +7,21 @@ clearing a resolved (or never opened) one does nothing, so a checker can call th
 
 Events are ``kiln.alert.opened`` / ``kiln.alert.resolved`` on the resource
 ``kiln.model.<name>`` (payload: kind, version, message, value, threshold), which a Prefect
-automation can match (README: a drift event that starts a ``reoptimize`` run). Events go out
-where there is a Prefect API to take them: ``PREFECT_API_URL`` is set (``make up``, a worker)
-or the caller runs inside a flow run. Elsewhere (a bare ``kiln serve``) the alert is only
-recorded: without an API, Prefect would start an ephemeral server inside the gateway process.
-Emitting never raises.
+automation can match (README: a drift event that starts a ``reoptimize`` run; see
+:func:`drift_automation`). Events go out where there is a Prefect API to take them:
+``PREFECT_API_URL`` is set (``make up``, a worker) or the caller runs inside a flow run.
+Elsewhere (a bare ``kiln serve``) the alert is only recorded: without an API, Prefect would
+start an ephemeral server inside the gateway process. ``emit_event`` only queues the event for
+Prefect's events worker (a background thread) and :func:`flush` sends what is still queued
+before a process exits; the gateway calls all of this from a worker thread, never from its
+event loop. Emitting never raises.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 from kiln import crud
@@ -29,7 +34,15 @@ KINDS = ("p99", "error_rate", "engine_down", "gpu_util", "drift")
 
 
 def prefect_reachable() -> bool:
-    """A Prefect API is configured, or this runs inside a flow run (which has one)."""
+    """A Prefect API is configured, or this runs inside a flow run (which has one).
+
+    ``PREFECT_API_URL`` in the environment is read first; a process that has not imported
+    Prefect (the gateway) is neither in a flow run nor configured by a Prefect profile it
+    loaded, so it does not pay Prefect's import (seconds of CPU) to learn that."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    if "prefect.context" not in sys.modules:
+        return False
     from prefect.context import FlowRunContext
     from prefect.settings import PREFECT_API_URL
 
@@ -54,6 +67,19 @@ def emit(event: str, alert: Alert) -> None:
                             "threshold": alert.threshold, "state": str(alert.state)})
     except Exception as exc:  # noqa: BLE001 - an unreachable Prefect must not stop alerting
         log.warning("could not emit %s for %s/%s: %s", event, alert.model_name, alert.kind, exc)
+
+
+def flush(timeout: float = 5.0) -> None:
+    """Send the events still queued by Prefect's events worker (a process shutting down);
+    nothing to do when none was emitted. Never raises."""
+    if "prefect.events.worker" not in sys.modules:
+        return
+    try:
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - shutting down: report, do not fail
+        log.warning("could not send the queued alert events: %s", exc)
 
 
 def fire(url: str, *, model: str, kind: str, message: str, version: str | None = None,
@@ -87,3 +113,24 @@ def clear(url: str, *, model: str, kind: str, version: str | None = None,
         session.expunge(alert)
     emit("kiln.alert.resolved", alert)
     return alert
+
+
+def drift_automation(deployment_id: str, *, name: str = "kiln: re-optimize on drift") -> Any:
+    """The Prefect automation that runs the ``reoptimize`` deployment ``deployment_id`` for a
+    model whenever a drift alert opens on it (README, Monitoring); ``.create()`` registers it
+    with the configured Prefect API. The model's name comes from the event's resource."""
+    from uuid import UUID
+
+    from prefect.automations import Automation
+    from prefect.events.actions import RunDeployment
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    return Automation(
+        name=name,
+        description="A kiln.alert.opened event of kind drift starts reoptimize for its model",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "kiln.model.*", "kiln.alert.kind": "drift"},
+            expect={"kiln.alert.opened"}, posture=Posture.Reactive, threshold=1, within=0),
+        actions=[RunDeployment(source="selected", deployment_id=UUID(str(deployment_id)),
+                               parameters={"model": "{{ event.resource.name }}"})])
+

@@ -299,8 +299,9 @@ def rollback(
 @app.command()
 @handled
 def status(as_json: JsonOpt = False) -> None:
-    """Each deployed model: stable and canary versions, weight, and live figures from the
-    gateway (p50/p99, error rate, requests per second over the last minute)."""
+    """Each deployed model: stable and canary versions, weight, live figures from the gateway
+    (p50/p99, error rate, requests per second over the last minute), the last drift share and
+    the open alerts."""
     from kiln.rollout import status_view
 
     doc = status_view(_settings())
@@ -308,16 +309,75 @@ def status(as_json: JsonOpt = False) -> None:
         _emit(doc)
         return
     table = Table("model", "stable", "canary", "weight", "state", "p50 ms", "p99 ms",
-                  "errors", "rps", title="deployments")
+                  "errors", "rps", "drift", "alerts", title="deployments")
     fmt = (lambda v, spec: "-" if v is None else format(v, spec))
     for m in doc["models"]:
+        drift = fmt(m["drift_share"], ".0%") + (" [red]drift[/red]" if m["drift_detected"]
+                                                else "")
+        alerts = ", ".join(a["kind"] + (f"@{a['version']}" if a["version"] else "")
+                           for a in m["alerts"])
         table.add_row(m["name"], m["stable"] or "-", m["canary"] or "-",
                       f"{m['canary_weight']:.0%}" if m["canary"] else "-", m["state"],
                       fmt(m["p50_ms"], ".1f"), fmt(m["p99_ms"], ".1f"),
-                      fmt(m["error_rate"], ".2%"), fmt(m["rps"], ".1f"))
+                      fmt(m["error_rate"], ".2%"), fmt(m["rps"], ".1f"), drift,
+                      f"[red]{alerts}[/red]" if alerts else "-")
     out.print(table)
+    for m in doc["models"]:
+        for a in m["alerts"]:
+            out.print(f"[red]alert[/red] {m['name']}"
+                      f"{'@' + a['version'] if a['version'] else ''} {a['kind']}: {a['message']}",
+                      highlight=False)
     if not doc.get("gateway"):
         out.print(f"no gateway answers at {doc['gateway_url']}: live figures need `kiln serve`")
+
+
+@app.command()
+@handled
+def drift(
+    name: Annotated[str, typer.Argument(help="The model whose recent traffic is judged.")],
+    hours: Annotated[float, typer.Option(help="Window of logged requests, in hours.")] = 24.0,
+    min_samples: Annotated[int, typer.Option(
+        help="Fewer valid logged rows than this: 'not enough data' (drift_detected null).")
+    ] = 100,
+    version: Annotated[str | None, typer.Option(
+        help="Judge only this version's traffic, against its dataset (default: every "
+             "version's traffic, against the stable version's dataset).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the monitor-drift flow now: the model's recent inputs against its reference dataset
+    (Great Expectations, then Evidently); stores the HTML report and opens or resolves the
+    drift alert."""
+    from contextlib import redirect_stdout
+
+    from kiln import crud
+    from kiln.db import session_scope
+    from kiln.drift import DriftSettings
+    from kiln.errors import InvalidInput
+
+    if not hours > 0:
+        raise InvalidInput(f"--hours must be positive, got {hours}")
+    DriftSettings(min_samples=min_samples)  # refuses a bad minimum before anything starts
+    settings = _settings()
+    with session_scope(settings.db_url) as session:  # an unknown name fails fast, in one line
+        crud.require_model(session=session, name=name)
+        if version is not None:
+            crud.require_version(session=session, name=name, version=version)
+    from flows.monitor import monitor_drift
+
+    with redirect_stdout(sys.stderr):  # the flow's prints and logs: never on stdout
+        doc = monitor_drift(name, hours=hours, min_samples=min_samples, version=version)
+    if as_json:
+        _emit(doc)
+        return
+    verdict = {True: "[red]drift[/red]", False: "[green]no drift[/green]",
+               None: "[yellow]not enough data[/yellow]"}[doc["drift_detected"]]
+    share = "-" if doc["drift_share"] is None else f"{doc['drift_share']:.3f}"
+    out.print(f"[bold]{doc['model']}[/bold]: {verdict} (drift share {share}, {doc['samples']} "
+              f"rows; {doc['reason']})", highlight=False)
+    for failure in doc["checks"]["failures"]:
+        out.print(f"  - {failure}", highlight=False)
+    if doc["report"]:
+        out.print(f"report: {doc['report']}")
 
 
 @app.command()

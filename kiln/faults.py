@@ -20,6 +20,12 @@ FoundationDB's buggify are the model.)
 
 The engine (:mod:`serving.engine`) reads it once at start and applies it only when it is set; it
 exists for RELIABILITY.md's scenarios (9, 22, 24), never for production use.
+
+**Faults that change while an engine runs.** Set ``KILN_ENGINE_FAULTS_FILE`` to a file path
+instead: the file holds the same text as ``KILN_ENGINE_FAULTS`` and the engine re-reads it at
+most once a second (when its modification time changed); a missing or empty file means no
+faults. A test makes an engine slow, then healthy again, without restarting it (the alert
+monitor's tests: an alert must resolve when its cause goes). Off unless the variable is set.
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ENGINE_FAULTS_ENV = "KILN_ENGINE_FAULTS"
+ENGINE_FAULTS_FILE_ENV = "KILN_ENGINE_FAULTS_FILE"
+FAULTS_FILE_RECHECK_S = 1.0
 
 
 def failpoint(name: str) -> None:
@@ -51,6 +60,10 @@ class EngineFaults:
     seed: int | None = None
     versions: frozenset[str] | None = None
     _rng: random.Random = field(init=False, repr=False, compare=False)
+    # KILN_ENGINE_FAULTS_FILE: the file re-read while running, its last mtime, the last check
+    _file: Path | None = field(default=None, init=False, repr=False, compare=False)
+    _mtime: float | None = field(default=None, init=False, repr=False, compare=False)
+    _checked: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.delay_ms < 0:
@@ -85,11 +98,44 @@ class EngineFaults:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineFaults | None:
-        """The faults ``KILN_ENGINE_FAULTS`` asks for, or None when it is unset or empty."""
-        text = (os.environ if environ is None else environ).get(ENGINE_FAULTS_ENV, "").strip()
+        """The faults ``KILN_ENGINE_FAULTS`` asks for, or None when it is unset or empty; with
+        ``KILN_ENGINE_FAULTS_FILE`` set, faults that follow that file (see the module)."""
+        env = os.environ if environ is None else environ
+        path = env.get(ENGINE_FAULTS_FILE_ENV, "").strip()
+        if path:
+            live = cls()
+            live._file = Path(path)
+            live.refresh(force=True)
+            return live
+        text = env.get(ENGINE_FAULTS_ENV, "").strip()
         return cls.parse(text) if text else None
 
+    def refresh(self, *, force: bool = False) -> None:
+        """Re-read ``KILN_ENGINE_FAULTS_FILE`` (at most once a second) when it changed; a
+        file that cannot be read as faults leaves the current ones in place."""
+        now = time.monotonic()
+        if self._file is None or (not force and now - self._checked < FAULTS_FILE_RECHECK_S):
+            return
+        self._checked = now
+        try:
+            mtime: float | None = self._file.stat().st_mtime
+            text = self._file.read_text().strip()
+        except FileNotFoundError:
+            mtime, text = None, ""
+        if mtime == self._mtime and not force:
+            return
+        self._mtime = mtime
+        try:
+            new = EngineFaults.parse(text)
+        except ValueError:
+            return
+        self.delay_ms, self.error_rate, self.nan_rate = new.delay_ms, new.error_rate, new.nan_rate
+        self.versions = new.versions
+        if new.seed is not None and new.seed != self.seed:
+            self.seed, self._rng = new.seed, random.Random(new.seed)
+
     def applies(self, version: str) -> bool:
+        self.refresh()
         return self.versions is None or version in self.versions
 
     def delay(self) -> None:

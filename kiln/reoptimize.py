@@ -184,8 +184,7 @@ def discard_candidate(settings: Settings, model: str, version: str) -> list[str]
                 raise Conflict(f"{model}@{version} is not a re-optimization candidate "
                                f"(no {META_KEY} in its metadata): it stays")
             paths = crud.delete_version(session=session, version=row)
-            referenced = {a.path for a in crud.all_artifacts(session=session)}
-            referenced |= {d.path for d in crud.all_datasets(session=session)}
+            referenced = crud.stored_paths(session=session)
         # committed: the rows are gone; now the files only they named
         return store.purge(sorted(set(paths) - referenced))
 

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -99,6 +99,10 @@ class RolloutSettings(BaseModel):
     step_seconds: float = Field(default=30.0, gt=0)
     shadow_share: float = Field(default=0.2, ge=0.0, le=1.0)  # stable traffic mirrored
     replay: bool = True  # make traffic when live traffic is too thin for a verdict
+    # what is replayed: "log", the stable version's recent logged requests (the inference log),
+    # or the validation dataset when fewer than ``replay_min_logged`` are logged; "dataset": it
+    replay_source: Literal["log", "dataset"] = "log"
+    replay_min_logged: int = Field(default=200, ge=1)
     replay_concurrency: int = Field(default=4, ge=1, le=64)
     max_extra_s: float = Field(default=60.0, ge=0)  # past a step's end, waiting for a verdict
     ready_timeout_s: float = Field(default=180.0, gt=0)  # the canary's engine warming up
@@ -184,6 +188,27 @@ def replay_bodies(spec: ModelSpec, inputs: list[np.ndarray] | np.ndarray, limit:
             tensors.append({"name": tensor.name, "shape": list(value.shape),
                             "datatype": tensor.datatype, "data": data})
         bodies.append(orjson.dumps({"inputs": tensors}))
+    return bodies
+
+
+def logged_bodies(spec: ModelSpec, inputs: list[dict[str, Any]], limit: int = 512
+                  ) -> list[bytes]:
+    """OIP v2 JSON requests from logged inputs (``InferenceRecord.input``), as they came; a
+    record whose tensors are not the spec's served inputs (logged before a spec change) or
+    that holds a null (a NaN: JSON has none) is skipped."""
+    import orjson
+
+    names = [t.name for t in spec.served_inputs()]
+    bodies = []
+    for doc in inputs:
+        if sorted(doc) != sorted(names) or any(
+                v is None for n in names for v in doc[n].get("data", ())):
+            continue
+        bodies.append(orjson.dumps({"inputs": [{"name": n, "shape": doc[n]["shape"],
+                                                "datatype": doc[n]["datatype"],
+                                                "data": doc[n]["data"]} for n in names]}))
+        if len(bodies) >= limit:
+            break
     return bodies
 
 
@@ -382,10 +407,12 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
 
 def status_view(settings: Settings) -> dict[str, Any]:
     """``kiln status --json``: deployments from the registry, live figures from the gateway
-    (the last minute), or nulls when no gateway answers."""
+    (the last minute), or nulls when no gateway answers; the last drift report and the open
+    alerts from the registry."""
     with session_scope(settings.db_url) as session:
         rows = [(m.name, dep, s.version if s else None, c.version if c else None)
                 for m, dep, s, c in crud.served_versions(session=session)]
+        watch = {name: _watch(session, name) for name, *_ in rows}
         key = None
         if rows:
             from kiln.service import service_key
@@ -409,11 +436,24 @@ def status_view(settings: Settings) -> dict[str, Any]:
                            "canary_weight": dep.canary_weight if canary else 0.0,
                            "shadow_share": dep.shadow_share, "state": dep.state,
                            "p50_ms": figures.get("p50_ms"), "p99_ms": figures.get("p99_ms"),
-                           "error_rate": figures.get("error_rate"), "rps": figures.get("rps")})
+                           "error_rate": figures.get("error_rate"), "rps": figures.get("rps"),
+                           **watch[name]})
     finally:
         if gateway is not None:
             gateway.close()
     return {"models": models, "gateway": reachable, "gateway_url": url}
+
+
+def _watch(session: Any, name: str) -> dict[str, Any]:
+    """A model's monitoring state in the registry: its last drift report, its open alerts."""
+    report = crud.latest_drift_report(session=session, model=name)
+    alerts = [{"kind": a.kind, "version": a.version, "message": a.message, "value": a.value,
+               "threshold": a.threshold, "opened_at": a.opened_at.isoformat()}
+              for a in crud.open_alerts(session=session, model=name)]
+    return {"drift_share": report.drift_share if report else None,
+            "drift_detected": report.drift_detected if report else None,
+            "drift_at": report.created_at.isoformat() if report else None,
+            "alerts": alerts}
 
 
 def _merge(versions: dict[str, dict[str, Any]]) -> dict[str, Any]:

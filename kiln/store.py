@@ -251,8 +251,10 @@ class ArtifactStore:
         removed: list[str] = []
         try:
             for entry in (self.home / STAGING).glob("op-*"):
-                pid = int(entry.name.split("-")[1])
-                if not _alive(pid):
+                owner = entry.name.split("-")[1]
+                if not owner.isdigit():
+                    continue  # not a staging() folder (e.g. a flow's own temporary dir)
+                if not _alive(int(owner)):
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry.relative_to(self.home).as_posix())
             for path in sorted((self.home / OBJECTS).glob("*/*")):

@@ -61,8 +61,7 @@ def open_store(settings: Settings) -> ArtifactStore:
     """The artifact store, created if needed, with a killed operation's leftovers swept."""
     store = ArtifactStore(settings.home, settings.remote_url).ensure()
     with session_scope(settings.db_url) as session:
-        referenced = {a.path for a in crud.all_artifacts(session=session)}
-        referenced |= {d.path for d in crud.all_datasets(session=session)}
+        referenced = crud.stored_paths(session=session)
     store.sweep(referenced)
     return store
 

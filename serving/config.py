@@ -73,3 +73,29 @@ class ServingSettings(BaseModel):
     @classmethod
     def for_model(cls, model_settings: dict[str, Any]) -> ServingSettings:
         return cls.model_validate(model_settings.get("serving", {}))
+
+
+class AlertSettings(BaseModel):
+    """When the gateway's alert monitor opens an alert on one model (``Model.settings["alerts"]``).
+
+    Latency and errors are judged over the last ``window_s`` of requests, and only once that
+    window holds ``min_requests`` (one slow request is not an alert). An engine is down when a
+    served version has had no ready replica for ``down_after_s`` (a restart that comes back
+    sooner is not an alert). GPU utilization is judged only where NVML reports a GPU.
+    """
+
+    p99_ms: float | None = Field(default=None, gt=0)  # None: half the model's deadline
+    error_rate: float = Field(default=0.05, ge=0.0, le=1.0)  # 5xx share of requests
+    gpu_util_min: float | None = Field(default=0.1, ge=0.0, le=1.0)  # None: no GPU alert
+    window_s: float = Field(default=60.0, gt=0)
+    min_requests: int = Field(default=20, ge=1)
+    down_after_s: float = Field(default=10.0, ge=0)
+
+    def p99_threshold(self, serving: ServingSettings) -> float:
+        """The p99 limit: set, or half the model's default deadline (a p99 that uses half of
+        every request's time budget leaves little for queueing before 504s start)."""
+        return self.p99_ms if self.p99_ms is not None else serving.deadline_ms / 2
+
+    @classmethod
+    def for_model(cls, model_settings: dict[str, Any]) -> AlertSettings:
+        return cls.model_validate(model_settings.get("alerts", {}))

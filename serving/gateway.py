@@ -45,6 +45,7 @@ from kiln.guardrails import disagreements
 from kiln.settings import Settings
 from serving import oip
 from serving.auth import KeyStore, Principal, RateLimiter, authorize
+from serving.inference_log import InferenceLog
 from serving.metrics import GatewayMetrics
 from serving.state import Replica, RoutingState, ServedModel
 from serving.wire import decode_tensor, encode_tensor
@@ -60,6 +61,7 @@ ROUTING_KEY = b"x-kiln-routing-key"
 DEADLINE_HEADER = b"x-kiln-deadline-ms"
 MAX_ATTEMPTS = 4  # engine calls per candidate version (first try + retries)
 _STATS_PATH = re.compile(r"^/kiln/models/([^/]+)/stats$")
+INFERENCE_LOG_FLUSH_S = 10.0  # at shutdown, the inference log's writer gets this long
 MAX_SHADOW_INFLIGHT = 64  # mirrored requests in flight at most; more are not mirrored
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 
@@ -119,26 +121,38 @@ class Gateway:
         self.limiter = limiter or RateLimiter(settings)
         self.supervise = supervise
         self.supervisor: Any = None
+        self.alerts: Any = None  # serving.alerts.AlertMonitor, started with the supervisor
         self.client: aiohttp.ClientSession | None = None
         self._shadows: set[asyncio.Task[None]] = set()
+        self.inference_log = InferenceLog(settings, self.metrics)  # sampled requests
 
     # --- lifespan
     async def startup(self) -> None:
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, force_close=False),
             skip_auto_headers=("User-Agent",), auto_decompress=False)
+        self.inference_log.start()
         if self.supervise:
             from serving.supervisor import Supervisor
 
             self.supervisor = Supervisor(self.settings, self.state, self.metrics)
             self.metrics.watch_engines(self.supervisor.engine_rows)
             await self.supervisor.start()
+            from serving.alerts import AlertMonitor
+
+            self.alerts = AlertMonitor(self.settings, self.state, self.metrics,
+                                       describe=self.supervisor.describe)
+            await self.alerts.start()
 
     async def shutdown(self) -> None:
+        if self.alerts is not None:
+            await self.alerts.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
         if self.client is not None:
             await self.client.close()
+        # last: requests answered while the engines drained are logged too
+        await asyncio.to_thread(self.inference_log.stop, INFERENCE_LOG_FLUSH_S)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -351,6 +365,9 @@ class Gateway:
                                                           start)
         except HTTPError as exc:
             self.metrics.requests.labels(served.name, version, str(exc.status)).inc()
+            if exc.status in (500, 504):  # it reached a model: logged, with no output
+                self.inference_log.offer(served.name, version, req.inputs, {},
+                                         (time.perf_counter() - start) * 1000, exc.status)
             raise
         finally:
             self.state.inflight[served.name] -= 1
@@ -565,6 +582,7 @@ class Gateway:
             else "application/json"
         await self._respond(send, 200, body, content_type, headers)
         elapsed = time.perf_counter() - start
+        self.inference_log.offer(model, version, req.inputs, outputs, elapsed * 1000, 200)
         m = self.metrics
         m.requests.labels(model, version, "200").inc()
         m.latency.labels(model, version, "gateway").observe(elapsed)

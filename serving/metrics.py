@@ -3,7 +3,9 @@
 Latency is recorded per model, version and stage: ``gateway`` (the whole request as the gateway
 served it), ``engine`` (the model call, as the engine timed it) and ``queue`` (the rest of the
 engine round trip: transport, the engine's queue and batching wait). Engines' memory and the
-GPU (through NVML, when a GPU and ``pynvml`` are present) are read at scrape time.
+GPU (through NVML, when a GPU and ``pynvml`` are present) are read at scrape time. Open alerts
+(``kiln_alerts_open``) are set by the alert monitor (:mod:`serving.alerts`) each evaluation.
+deploy/prometheus and deploy/grafana name these metrics (a unit test keeps them in step).
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ class _GpuCollector(Collector):
             self._nvml = pynvml
         except Exception:  # no pynvml, no driver, no GPU: nothing to report
             self._nvml = None
+
+    def utilization(self) -> list[float] | None:
+        """Each GPU's busy share now, or None where NVML reports no GPU (the alert monitor)."""
+        if self._nvml is None:
+            return None
+        nvml = self._nvml
+        count = nvml.nvmlDeviceGetCount()
+        if not count:
+            return None
+        return [nvml.nvmlDeviceGetUtilizationRates(nvml.nvmlDeviceGetHandleByIndex(i)).gpu / 100
+                for i in range(count)]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         if self._nvml is None:
@@ -109,8 +122,21 @@ class GatewayMetrics:
         self.engine_restarts = Counter("kiln_engine_restarts_total",
                                        "engine replicas restarted after dying or failing health",
                                        ["model", "version"], registry=r)
+        self.alerts_open = Gauge("kiln_alerts_open", "open alerts (registry) by model and kind",
+                                 ["model", "kind"], registry=r)
+        # the inference log (serving/inference_log.py); its writer thread counts what it wrote
+        self.log_records = Counter("kiln_inference_log_records_total",
+                                   "sampled requests written to the inference log", ["model"],
+                                   registry=r)
+        self.log_dropped = Counter("kiln_inference_log_dropped_total",
+                                   "sampled requests not logged (queue_full, write_error, "
+                                   "shutdown)", ["reason"], registry=r)
+        self.log_queue = Gauge("kiln_inference_log_queue_depth",
+                               "sampled requests waiting for the inference log's writer",
+                               registry=r)
         ProcessCollector(registry=r)  # the gateway's own CPU and resident memory
-        r.register(_GpuCollector())
+        self.gpu = _GpuCollector()
+        r.register(self.gpu)
 
     def watch_engines(self, source: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(_EngineCollector(source))

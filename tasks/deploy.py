@@ -8,8 +8,9 @@ and carries on from the version's status and the deployment's canary weight.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prefect import task
@@ -21,6 +22,9 @@ from kiln.errors import IllegalTransition
 from kiln.registry import Task, VersionStatus
 from kiln.rollout import RolloutSettings
 from kiln.settings import get_settings
+
+if TYPE_CHECKING:
+    from kiln.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -178,16 +182,43 @@ def roll_back(st: Standing, reason: str, detail: dict[str, Any]) -> None:
 
 @task(name="replay-inputs", retries=0, cache_policy=NO_CACHE)
 def replay_inputs(st: Standing, limit: int = 512) -> list[bytes]:
-    """Request bodies for replayed traffic: the candidate's validation dataset, one row each."""
+    """Request bodies for replayed traffic, one request each: with ``replay_source: log`` (the
+    default) the stable version's recent logged requests (the inference log), else, or when
+    fewer than ``replay_min_logged`` are logged, the candidate's validation dataset rows; the
+    choice is logged and printed with the flow's output."""
+    from kiln.rollout import logged_bodies
+    from kiln.spec import ModelSpec
+
+    rollout = RolloutSettings.for_model(st.model_settings)
+    settings = get_settings()
+    with session_scope(settings.db_url) as session:
+        row = crud.require_version(session=session, name=st.model, version=st.version)
+        spec = ModelSpec.model_validate(row.spec)
+        logged: list[dict[str, Any]] = []
+        if rollout.replay_source == "log" and st.stable is not None:
+            logged = [r.input for r in crud.recent_inferences(
+                session=session, model=st.model, version=st.stable, status=200, limit=limit)]
+    bodies = logged_bodies(spec, logged, limit) if logged else []
+    if rollout.replay_source == "log" and len(bodies) >= min(rollout.replay_min_logged, limit):
+        _say(f"replaying {len(bodies)} logged requests of {st.model}@{st.stable} to the canary")
+        return bodies
+    dataset_bodies = _dataset_bodies(st, spec, limit)
+    if rollout.replay_source == "log":
+        _say(f"replaying the validation dataset to the canary: {len(bodies)} usable logged "
+             f"requests of {st.model}@{st.stable}, fewer than replay_min_logged "
+             f"({rollout.replay_min_logged})")
+    return dataset_bodies
+
+
+def _dataset_bodies(st: Standing, spec: ModelSpec, limit: int) -> list[bytes]:
+    """The candidate's validation dataset, one row per request (sample inputs without one)."""
     from kiln.datasets import load_dataset
     from kiln.rollout import replay_bodies
-    from kiln.spec import ModelSpec
     from kiln.store import ArtifactStore
 
     settings = get_settings()
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=st.model, version=st.version)
-        spec = ModelSpec.model_validate(row.spec)
         dataset = crud.dataset_for(session=session, version=row)
         ref = (dataset.path, dataset.sha256) if dataset else None
     if ref is None:
@@ -198,3 +229,14 @@ def replay_inputs(st: Standing, limit: int = 512) -> list[bytes]:
     store = ArtifactStore(settings.home, settings.remote_url)
     data = load_dataset(store.verified_path(*ref))
     return replay_bodies(spec, data.inputs, limit)
+
+
+def _say(message: str) -> None:
+    """To the flow run's log (Prefect) and its printed output; the module log outside a run."""
+    print(message)
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().info(message)
+    except Exception:  # called outside a flow run (tests call the plain function)
+        logging.getLogger("kiln.deploy").info(message)

@@ -222,8 +222,10 @@ def test_drift_reports_latest_first(db_url: str) -> None:
             model_name="m", drift_detected=None, samples=12, method="not enough data"))
         crud.add_drift_report(session=session, report=DriftReport(
             model_name="m", drift_detected=True, drift_share=0.8, samples=300,
-            method="evidently DataDriftPreset"))
+            method="evidently DataDriftPreset", report_path="objects/cd/report.html"))
     with session_scope(db_url) as session:
         latest = crud.latest_drift_report(session=session, model="m")
         assert latest is not None and latest.drift_detected and latest.drift_share == 0.8
         assert crud.latest_drift_report(session=session, model="other") is None
+        # the store's sweep keeps what a drift report names
+        assert "objects/cd/report.html" in crud.stored_paths(session=session)
