@@ -595,10 +595,11 @@ def add_inference_records(*, session: Session, records: Sequence[InferenceRecord
 
 
 def insert_inference_rows(*, session: Session, rows: Sequence[dict[str, Any]]) -> int:
-    """The gateway writer's bulk path: plain column dicts in one executemany (a Core insert
-    costs the writer under half the CPU of building and flushing ORM objects)."""
+    """The gateway writer's bulk path: plain column dicts in one executemany on the session's
+    connection (Core: about a third of the CPU of the ORM's bulk insert; JSON columns through
+    the registry's orjson serializer, :func:`kiln.db.json_serializer`)."""
     if rows:
-        session.execute(insert(InferenceRecord), list(rows))
+        session.connection().execute(insert(InferenceRecord.__table__), list(rows))
     return len(rows)
 
 

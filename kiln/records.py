@@ -19,6 +19,10 @@ _DATATYPES = {
     "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }
 _BY_DTYPE = {np.dtype(v): k for k, v in _DATATYPES.items()}
+# dtypes the registry's JSON serializer (orjson, kiln.db.json_serializer) writes from the array
+_NATIVE = frozenset(np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32,
+                                          np.int64, np.uint16, np.uint32, np.uint64,
+                                          np.float32, np.float64))
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -36,14 +40,20 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def encode(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """``{name: array}`` -> the JSON-able record form (NaN/Inf become null: JSON has none)."""
+def encode(tensors: Mapping[str, np.ndarray], *, arrays: bool = False) -> dict[str, Any]:
+    """``{name: array}`` -> the JSON-able record form (NaN/Inf become null: JSON has none).
+
+    ``arrays``: numeric ``data`` stays a flat contiguous array, for the registry's own JSON
+    serializer (:func:`kiln.db.json_serializer`), which writes it in C; the inference log's
+    writer uses this. Without it, ``data`` is a list any JSON encoder takes."""
     out: dict[str, Any] = {}
     for name, array in tensors.items():
         array = np.asarray(array)
         datatype = datatype_of(array)
-        if datatype == "BYTES":
-            data: list[Any] = [_text(v) for v in array.reshape(-1).tolist()]
+        if arrays and array.dtype in _NATIVE:
+            data: Any = np.ascontiguousarray(array.reshape(-1))
+        elif datatype == "BYTES":
+            data = [_text(v) for v in array.reshape(-1).tolist()]
         elif array.dtype.kind == "f":
             flat = array.reshape(-1).astype(np.float64)
             data = [None if not np.isfinite(v) else float(v) for v in flat] \

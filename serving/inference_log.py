@@ -1,15 +1,20 @@
 """The inference log: a sample of the gateway's answered requests, written to the registry's
 ``InferenceRecord`` table for monitoring (drift) and for replaying real traffic to a canary.
 
-Serving never waits on it. The event loop only draws the sample and hands a reference to the
-request's arrays to a bounded queue (``put_nowait``); a full queue drops the record and counts
-it. A writer thread encodes the tensors (:func:`kiln.records.encode`) and inserts up to
-:data:`BATCH_ROWS` records per transaction, at least every :data:`FLUSH_S`; a failed write is
-counted and logged, its batch dropped, and the thread goes on. The same thread purges records
-older than ``inference_log_retention_days`` at most every :data:`PURGE_EVERY_S`.
+Serving never waits on it. The event loop only draws the sample and appends a reference to the
+request's arrays to a bounded deque (no lock, no thread woken); a full one drops the record and
+counts it. A writer thread wakes every :data:`FLUSH_S`, takes what is there and inserts it,
+:data:`BATCH_ROWS` records per transaction, encoding (:func:`kiln.records.encode`) and inserting
+:data:`CHUNK_ROWS` at a time and yielding the GIL between chunks, so the event loop never waits
+on it for long. (Waking the writer per record, as ``queue.Queue.get`` does, and holding the GIL
+through a whole batch cost 67 % on the gateway's p99 at a 100 % sample under saturating load;
+see bench/results.md.) A failed write is counted and logged, its batch dropped, and the thread
+goes on. The same thread purges records older than ``inference_log_retention_days`` at most
+every :data:`PURGE_EVERY_S`.
 
 Lifecycle: ``InferenceLog(settings, metrics)`` (cheap, no thread) -> ``start()`` (the writer;
-nothing at a sample of 0) -> ``offer(...)`` per answered request, from the event loop ->
+nothing at a sample of 0) -> ``offer(...)`` per answered request, from the event loop (the one
+producer: the bound holds because only it appends) ->
 ``stop(timeout_s)`` at the gateway's shutdown: what is queued is written, within the time cap,
 and the rest counted as dropped (``shutdown``).
 
@@ -21,11 +26,11 @@ carries its batch's size, not an identifier of the batch, and one is not made up
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,7 +47,8 @@ from serving.metrics import GatewayMetrics
 log = logging.getLogger("kiln.inference_log")
 
 BATCH_ROWS = 500  # records per insert transaction at most
-FLUSH_S = 0.5  # a record waits at most this long for its batch to fill
+CHUNK_ROWS = 50  # records encoded and inserted between two yields of the GIL
+FLUSH_S = 0.1  # the writer wakes this often: a record waits at most this long
 PURGE_EVERY_S = 300.0  # retention runs at most this often
 
 
@@ -69,11 +75,12 @@ class InferenceLog:
         self.settings = settings
         self.metrics = metrics
         self.sample = settings.inference_log_sample if sample is None else sample
-        self._queue: queue.Queue[Pending] = queue.Queue(maxsize=settings.inference_log_queue)
+        self.capacity = settings.inference_log_queue
+        self._pending: deque[Pending] = deque()  # appended by the event loop, popped by the writer
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_purge = 0.0  # monotonic; 0: purge on the writer's first pass
-        metrics.log_queue.set_function(self._queue.qsize)  # read at scrape time only
+        metrics.log_queue.set_function(self.depth)  # read at scrape time only
 
     # --- the event loop's side: a draw and an enqueue, nothing else
     def offer(self, model: str, version: str, inputs: Mapping[str, np.ndarray],
@@ -83,11 +90,15 @@ class InferenceLog:
         sample = self.sample
         if sample <= 0.0 or (sample < 1.0 and random.random() >= sample):
             return
-        try:
-            self._queue.put_nowait(Pending(model, version, inputs, outputs, latency_ms, status,
-                                           time.time(), batch_id))
-        except queue.Full:
+        if len(self._pending) >= self.capacity:
             self.metrics.log_dropped.labels("queue_full").inc()
+            return
+        self._pending.append(Pending(model, version, inputs, outputs, latency_ms, status,
+                                     time.time(), batch_id))
+
+    def depth(self) -> int:
+        """Records waiting for the writer."""
+        return len(self._pending)
 
     # --- lifecycle
     def start(self) -> None:
@@ -108,7 +119,7 @@ class InferenceLog:
         self._stopping.set()
         thread.join(timeout=timeout_s)
         self._thread = None
-        left = self._queue.qsize()
+        left = len(self._pending)
         if thread.is_alive() or left:
             log.warning("inference log: %d sampled requests not written at shutdown (the "
                         "writer did not finish within %.0f s)", left, timeout_s)
@@ -117,44 +128,34 @@ class InferenceLog:
     # --- the writer thread
     def _run(self) -> None:
         while True:
-            batch = self._collect()
-            if batch:
-                self.write(batch)
+            stopping = self._stopping.wait(FLUSH_S)
+            while self._pending:
+                self.write(self._take(BATCH_ROWS))
             if time.monotonic() - self._last_purge >= PURGE_EVERY_S:
                 self.purge()
-            if self._stopping.is_set() and self._queue.empty():
+            if stopping:
                 return
 
-    def _collect(self) -> list[Pending]:
-        """Up to :data:`BATCH_ROWS` records: wait up to :data:`FLUSH_S` for the first, then
-        for the batch to fill within :data:`FLUSH_S` of it (no waiting once stopping)."""
+    def _take(self, n: int) -> list[Pending]:
+        """Up to ``n`` of the oldest waiting records."""
         batch: list[Pending] = []
+        pop = self._pending.popleft
         try:
-            if self._stopping.is_set():
-                batch.append(self._queue.get_nowait())
-            else:
-                batch.append(self._queue.get(timeout=FLUSH_S))
-        except queue.Empty:
-            return batch
-        until = time.monotonic() + FLUSH_S
-        while len(batch) < BATCH_ROWS:
-            remaining = until - time.monotonic()
-            try:
-                if self._stopping.is_set() or remaining <= 0:
-                    batch.append(self._queue.get_nowait())
-                else:
-                    batch.append(self._queue.get(timeout=remaining))
-            except queue.Empty:
-                break
+            for _ in range(n):
+                batch.append(pop())
+        except IndexError:
+            pass
         return batch
 
     def write(self, batch: list[Pending]) -> int:
         """Encode and insert ``batch`` in one transaction; on any error count the batch as
         dropped (``write_error``) and log it: the writer must outlive a database outage."""
         try:
-            rows = [to_row(p) for p in batch]
             with session_scope(self.settings.db_url) as session:
-                crud.insert_inference_rows(session=session, rows=rows)
+                for at in range(0, len(batch), CHUNK_ROWS):
+                    rows = [to_row(p) for p in batch[at:at + CHUNK_ROWS]]
+                    crud.insert_inference_rows(session=session, rows=rows)
+                    time.sleep(0)  # let the event loop have the GIL between chunks
         except Exception as exc:
             self.metrics.log_dropped.labels("write_error").inc(len(batch))
             log.warning("inference log: %d sampled requests dropped, the write failed: %s: %s",
@@ -184,7 +185,7 @@ class InferenceLog:
 def to_row(p: Pending) -> dict[str, Any]:
     """A queued request -> an ``InferenceRecord`` row's columns (tensors in their OIP JSON
     form)."""
-    return {"model_name": p.model, "version": p.version, "input": encode(p.inputs),
-            "output": encode(p.outputs), "latency_ms": round(p.latency_ms, 3),
+    return {"model_name": p.model, "version": p.version, "input": encode(p.inputs, arrays=True),
+            "output": encode(p.outputs, arrays=True), "latency_ms": round(p.latency_ms, 3),
             "status": p.status, "batch_id": p.batch_id,
             "timestamp": datetime.fromtimestamp(p.at, UTC)}

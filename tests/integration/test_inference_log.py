@@ -278,7 +278,7 @@ def test_sample_zero_starts_nothing_and_queues_nothing(kiln_home: Path) -> None:
     sink.start()
     for i in range(100):
         sink.offer("m", "1", {"x": np.zeros((1, 2), np.float32)}, {}, 1.0, 200)
-    assert sink._thread is None and sink._queue.qsize() == 0
+    assert sink._thread is None and sink.depth() == 0
     sink.stop()
 
 

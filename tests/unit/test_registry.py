@@ -214,6 +214,33 @@ def test_inference_records_round_trip_and_retention(db_url: str) -> None:
         assert len(crud.recent_inferences(session=session, model="m")) == 2
 
 
+def test_bulk_inference_rows_from_arrays_read_back_as_sent(db_url: str) -> None:
+    """The gateway writer's path: tensors left as arrays (orjson writes them), NaN as null."""
+    import numpy as np
+
+    from kiln import records
+    from kiln.registry import utcnow
+
+    x = np.array([[0.1, np.nan, -2.5, 1e-7]], dtype=np.float32)
+    y = np.array([[3, 1]], dtype=np.int64)
+    text = np.array([b"caf\xc3\xa9", b"\xff"], dtype=object)
+    row = {"model_name": "m", "version": "0.1.0",
+           "input": records.encode({"x": x, "t": text}, arrays=True),
+           "output": records.encode({"y": y}, arrays=True), "latency_ms": 2.0, "status": 200,
+           "batch_id": None, "timestamp": utcnow()}
+    assert isinstance(row["input"]["x"]["data"], np.ndarray)
+    with session_scope(db_url) as session:
+        assert crud.insert_inference_rows(session=session, rows=[row, row]) == 2
+    with session_scope(db_url) as session:
+        got = crud.recent_inferences(session=session, model="m")
+        assert len(got) == 2
+        back = records.decode(got[0].input)
+        np.testing.assert_array_equal(back["x"], x)  # NaN where NaN was: assert_array_equal
+        assert back["x"].dtype == np.float32
+        assert list(back["t"]) == ["caf\u00e9", "\ufffd"]
+        np.testing.assert_array_equal(records.decode(got[0].output)["y"], y)
+
+
 def test_drift_reports_latest_first(db_url: str) -> None:
     from kiln.registry import DriftReport
 
