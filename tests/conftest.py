@@ -191,7 +191,8 @@ def copy_home(home: Path, dest: Path) -> Path:
 # file with the classifier's last bias changed (kept in the store and tracked by DVC as every
 # artifact is), the same spec, marked validated without running the optimizer. argv[1]: a JSON
 # list of {"version": V or null (the next one), "bias": add to every class, "favour": a class
-# whose bias gets +1000, so it answers that class always}. Prints the versions made.
+# whose bias gets +1000, so it answers that class always, "model": another model's name to
+# register it under (made, with digits' task, when missing)}. Prints the versions made.
 _VARIANTS = r"""
 import json, sys
 import numpy as np
@@ -220,9 +221,13 @@ with session_scope(settings.db_url) as session, store.staging() as stage, store.
         path = stage / f"variant-{i}.onnx"
         onnx.save(program, str(path))
         stored = store.put(path, suffix=".onnx")
-        version = spec.get("version") or crud.next_version(session=session, model=model)
+        target = model
+        if spec.get("model"):
+            target = crud.get_model(session=session, name=spec["model"]) or crud.create_model(
+                session=session, name=spec["model"], task=model.task)
+        version = spec.get("version") or crud.next_version(session=session, model=target)
         row = crud.create_version(
-            session=session, model=model, version=version, source_format=base.source_format,
+            session=session, model=target, version=version, source_format=base.source_format,
             source_sha256=stored.sha256, spec=base.spec, meta={"variant_of": base.version})
         crud.add_artifact(session=session, version=row, kind=ArtifactKind.onnx,
                           backend="onnxruntime", precision="fp32", path=stored.path,

@@ -23,31 +23,11 @@ from tests.conftest import (
     deploy,
     digits_rows,
     kiln_env,
-    run_kiln,
+    register_variants,
     set_model_settings,
 )
 
 CANARY_WEIGHT = 0.3
-
-
-def _perturbed_digits(examples: Path, out: Path, scale: float) -> Path:
-    """The digits program with its last bias nudged: same inputs, other bytes (a new version)."""
-    import torch
-
-    program = torch.export.load(str(examples / "digits" / "model.pt2"))
-    name = [k for k in program.state_dict if k.endswith("bias")][-1]
-    with torch.no_grad():
-        program.state_dict[name].add_(scale)
-    path = out / f"digits-{scale}.pt2"
-    torch.export.save(program, str(path))
-    return path
-
-
-def _optimize(home: Path, name: str) -> None:
-    set_model_settings(home, name, {"optimize": {"backends": ["onnxruntime"],
-                                                 "precisions": {"onnxruntime": ["fp32"]}}})
-    proc = run_kiln("optimize", name, "--json", env=kiln_env(home), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _set_canary(home: Path, name: str, version: str, weight: float) -> None:
@@ -66,16 +46,9 @@ def routed(validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPa
     """digits: stable 0.1.0 + canary 0.1.1 at 30 %, result cache on, fallback digits-lite."""
     tmp = tmp_path_factory.mktemp("routing")
     home = copy_home(validated_home, tmp)
-    env = kiln_env(home)
-    up = run_kiln("upload", "digits", str(_perturbed_digits(examples, tmp, 0.01)), "--json",
-                  env=env)
-    assert up.returncode == 0, up.stderr
-    canary = json.loads(up.stdout)["version"]
-    lite = run_kiln("upload", "digits-lite", str(_perturbed_digits(examples, tmp, 0.02)),
-                    "--dataset", str(examples / "digits" / "val.npz"), "--json", env=env)
-    assert lite.returncode == 0, lite.stderr
-    _optimize(home, "digits")  # the newest version: the canary
-    _optimize(home, "digits-lite")
+    # the canary (0.1.1) and the fallback model: the first version's ONNX file with its last
+    # bias nudged (other bytes, the same answers), registered validated (conftest)
+    canary, _ = register_variants(home, [{"bias": 0.01}, {"bias": 0.02, "model": "digits-lite"}])
     deploy(home, "digits@0.1.0")
     deploy(home, "digits-lite")
     _set_canary(home, "digits", canary, CANARY_WEIGHT)
