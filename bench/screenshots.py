@@ -138,7 +138,7 @@ def main() -> None:
             half = len(x) // 2
             send_traffic(stack, x[:half], invert=False)
             send_traffic(stack, x[half:], invert=True)
-            time.sleep(2.0)  # the inference log's writer flushes every ~0.5 s
+            time.sleep(2.0)  # the inference log's writer flushes every 0.1 s
             drift = kiln(stack.env, "drift", "digits")
             print(f"kiln drift digits: detected={drift['drift_detected']} "
                   f"share={drift['drift_share']} samples={drift['samples']}")

@@ -148,14 +148,12 @@ def test_dvc_metrics_and_plots_of_the_optimize_stage(repo: Path) -> None:
     assert "variants.csv" in plots.stdout
 
 
-def test_optimize_digits_on_a_clean_clone(repo: Path, home: Path) -> None:
+def test_optimize_digits_on_a_clean_clone(repo: Path) -> None:
     """The issue's acceptance: upload digits, `kiln optimize digits --json` selects a passing
-    variant faster than the baseline."""
-    _kiln_json("upload", "digits", "data/digits/model.pt2", "--dataset", "data/digits/val.npz",
-               cwd=repo)
-    proc = run_kiln("optimize", "digits", "--json", cwd=repo, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(proc.stdout)
+    variant faster than the baseline. `dvc repro` above ran exactly these two commands in the
+    clean copy (data/optimize_digits.py, a private KILN_HOME) and kept what optimize printed."""
+    doc = json.loads((repo / "data/digits/optimize/optimize.json").read_text())
+    assert doc["status"] == "validated", doc["reason"]
     selected = doc["selected"]
     assert selected["passed"] and selected["backend"] != "torch-eager"
     assert selected["speedup"] >= 1.1
