@@ -145,7 +145,7 @@ def main() -> None:
             if drift.get("report"):
                 report = Path(drift["report"])
                 screenshot(report.resolve().as_uri(), args.out / "drift-report.png",
-                           size="1440,2200")
+                           size="1440,1360")
 
 
 if __name__ == "__main__":
