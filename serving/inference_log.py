@@ -7,8 +7,8 @@ counts it. A writer thread wakes every :data:`FLUSH_S`, takes what is there and 
 :data:`BATCH_ROWS` records per transaction, encoding (:func:`kiln.records.encode`) and inserting
 :data:`CHUNK_ROWS` at a time and yielding the GIL between chunks, so the event loop never waits
 on it for long. (Waking the writer per record, as ``queue.Queue.get`` does, and holding the GIL
-through a whole batch cost 67 % on the gateway's p99 at a 100 % sample under saturating load;
-see bench/results.md.) A failed write is counted and logged, its batch dropped, and the thread
+through a whole batch raised the gateway's p99 by 67 % at a 100 % sample under saturating load,
+measured with ``bench/serve_bench.py --sections log-overhead``.) A failed write is counted and logged, its batch dropped, and the thread
 goes on. The same thread purges records older than ``inference_log_retention_days`` at most
 every :data:`PURGE_EVERY_S`.
 

@@ -41,7 +41,7 @@ def _set_canary(home: Path, name: str, version: str, weight: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def routed(validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+def routed(validated_home: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[RunningGateway]:
     """digits: stable 0.1.0 + canary 0.1.1 at 30 %, result cache on, fallback digits-lite."""
     tmp = tmp_path_factory.mktemp("routing")
