@@ -677,6 +677,28 @@ def log_counts(target: Target) -> dict[str, float]:
     return counts
 
 
+def settle(target: Target, timeout: float = 60.0) -> float:
+    """Wait until the gateway's inference log has written what the last run sampled (queue
+    empty, records counter still for 0.5 s), so no run pays for the one before it; seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    started = time.monotonic()
+    last: float | None = None
+    while time.monotonic() - started < timeout:
+        text = httpx.get(target.info["metrics"], headers=target.headers, timeout=15).text
+        depth, counts = 0.0, log_counts(target)
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "kiln_inference_log_queue_depth":
+                    depth += s.value
+        total = counts["logged"] + counts["dropped"]
+        if depth == 0 and total == last:
+            break
+        last = total
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
 def run_log_overhead(ctx: Bench) -> dict[str, Any]:
     """Alternating runs against the two gateways; medians of p99 and their ratio."""
     args = ctx.args
@@ -695,9 +717,11 @@ def run_log_overhead(ctx: Bench) -> dict[str, Any]:
         for index in range(args.log_runs):
             for key, target in targets.items():
                 row = load_run(target, ctx, connections, duration)
+                row["settle_s"] = round(settle(target), 2)
                 runs[key].append(row)
                 print(f"[log-overhead] run {index + 1} sample {key}: {row['rps']:.1f} rps  "
-                      f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}", file=sys.stderr)
+                      f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}  log settled in "
+                      f"{row['settle_s']:.1f} s", file=sys.stderr)
         counts = {key: log_counts(t) for key, t in targets.items()}
     medians = {key: float(np.median([r["p99_ms"] for r in rows])) for key, rows in runs.items()}
     off_p99, on_p99 = medians[f"{LOG_SAMPLES[0]:g}"], medians[f"{LOG_SAMPLES[1]:g}"]
@@ -707,6 +731,7 @@ def run_log_overhead(ctx: Bench) -> dict[str, Any]:
             "generator": "wrk" if shutil.which("wrk") else "python-aiohttp (wrk not installed)",
             "p99_ms": {k: [r["p99_ms"] for r in rows] for k, rows in runs.items()},
             "rps": {k: [r["rps"] for r in rows] for k, rows in runs.items()},
+            "settle_s": {k: [r["settle_s"] for r in rows] for k, rows in runs.items()},
             "errors": {k: sum(r["errors"] for r in rows) for k, rows in runs.items()},
             "median_p99_ms": medians, "p99_ratio": round(ratio, 4),
             "max_ratio": LOG_MAX_RATIO, "passed": bool(ratio <= LOG_MAX_RATIO),
@@ -729,6 +754,9 @@ def log_markdown(doc: dict[str, Any]) -> str:
                      f"{', '.join(f'{v:.0f}' for v in doc['rps'][key])} | "
                      f"{doc['errors'][key]} | {counts['logged']:.0f} | "
                      f"{counts['dropped']:.0f} |")
+    settled = max(v for values in doc.get("settle_s", {"": [0.0]}).values() for v in values)
+    lines.append(f"\nEach run started once the previous one's log was written (its queue "
+                 f"empty, its counters still; at most {settled:.1f} s after a run).")
     verdict = "passed" if doc["passed"] else "FAILED"
     lines.append(f"\np99 ratio (sample 1 / sample 0): **{doc['p99_ratio']:.3f}** ({verdict}).")
     return "\n".join(lines) + "\n"

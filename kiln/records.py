@@ -20,7 +20,7 @@ _DATATYPES = {
 }
 _BY_DTYPE = {np.dtype(v): k for k, v in _DATATYPES.items()}
 # dtypes the registry's JSON serializer (orjson, kiln.db.json_serializer) writes from the array
-_NATIVE = frozenset(np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32,
+NATIVE = frozenset(np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32,
                                           np.int64, np.uint16, np.uint32, np.uint64,
                                           np.float32, np.float64))
 
@@ -50,7 +50,7 @@ def encode(tensors: Mapping[str, np.ndarray], *, arrays: bool = False) -> dict[s
     for name, array in tensors.items():
         array = np.asarray(array)
         datatype = datatype_of(array)
-        if arrays and array.dtype in _NATIVE:
+        if arrays and array.dtype in NATIVE:
             data: Any = np.ascontiguousarray(array.reshape(-1))
         elif datatype == "BYTES":
             data = [_text(v) for v in array.reshape(-1).tolist()]

@@ -41,6 +41,7 @@ from starlette.responses import Response
 
 from kiln.errors import InvalidInput, KilnError
 from kiln.faults import EngineFaults
+from serving import heap
 from serving.config import ServingSettings
 from serving.loader import LoadedModel, ModelCache, load_version, warm_up
 from serving.wire import decode_tensor, encode_tensor
@@ -285,6 +286,7 @@ class KilnEngine(ls.LitAPI):
         log.info("%s@%s warmed up in %.0f ms; serving on %s", self.name, self.version,
                  (time.perf_counter() - started) * 1000, device)
         self._last_stats_log = time.monotonic()
+        heap.freeze("engine worker")  # the loaded model and imports live until exit
 
     # --- per request
     def decode_request(self, request) -> Job:  # type: ignore[no-untyped-def]
@@ -571,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = build_server(args.model, args.version, device=args.device,
                               stats=EngineStats())
+        heap.freeze("engine")  # imports and the server object live until exit
         # One API server, as a thread: no fork of a process that already runs threads, one
         # process fewer, and (measured) no slower than a forked API server process.
         server.run(host=args.host, port=args.port, num_api_servers=1, log_level="warning",

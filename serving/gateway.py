@@ -43,7 +43,7 @@ from tenacity import (
 from kiln.errors import Forbidden
 from kiln.guardrails import disagreements
 from kiln.settings import Settings
-from serving import oip
+from serving import heap, oip
 from serving.auth import KeyStore, Principal, RateLimiter, authorize
 from serving.inference_log import InferenceLog
 from serving.metrics import GatewayMetrics
@@ -143,6 +143,7 @@ class Gateway:
             self.alerts = AlertMonitor(self.settings, self.state, self.metrics,
                                        describe=self.supervisor.describe)
             await self.alerts.start()
+        heap.freeze("gateway")  # what startup built lives until exit (serving/heap.py)
 
     async def shutdown(self) -> None:
         if self.alerts is not None:

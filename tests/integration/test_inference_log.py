@@ -3,7 +3,8 @@ Runtime engine) and a real SQLite registry: what is logged is what was sent and 
 stalled writer (the registry's write lock held by this test) fills the bounded queue, which
 drops and counts while every request is still answered; the model's 500s and 504s are logged
 with their status; the canary's replay takes logged requests. Sampling, write errors and
-retention are checked on the writer object itself (the same thread and database, no gateway).
+retention are checked on the log object itself (the same feeder, writer process and database,
+no gateway), and so are the frame it sends the writer and the writer's restart after a kill.
 
 One gateway serves the module (sample 1.0, a queue of 32, engine faults through a file the
 tests write while it runs).
@@ -11,6 +12,8 @@ tests write while it runs).
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +33,7 @@ from kiln.db import dispose_engines, session_scope
 from kiln.records import decode
 from kiln.registry import InferenceRecord
 from kiln.settings import Settings, get_settings
-from serving.inference_log import InferenceLog, Pending
+from serving.inference_log import FRAME, InferenceLog, Pending, pack, to_row, unpack
 from serving.metrics import GatewayMetrics
 from tests.conftest import RunningGateway, copy_home, deploy, digits_rows
 
@@ -162,9 +165,10 @@ def test_model_failures_are_logged_with_their_status(logged: Logged) -> None:
 
 
 def test_full_queue_drops_and_counts_and_serving_goes_on(logged: Logged) -> None:
-    """The registry's write lock held by this test stalls the writer (its insert waits on
-    SQLite's busy timeout): the queue fills, further samples are dropped and counted, and every
-    request is still answered 200; released, the writer writes what it held and queued."""
+    """The registry's write lock held by this test stalls the writer process (its insert waits
+    on SQLite's busy timeout), then the pipe to it, then the feeder: the queue fills, further
+    samples are dropped and counted, and every request is still answered 200; released, the
+    writer writes what it held, what the pipe held and what was queued."""
     dropped_before = logged.metric("kiln_inference_log_dropped_total", reason="queue_full")
     errors_before = logged.metric("kiln_inference_log_dropped_total", reason="write_error")
     before = logged.last_id()
@@ -185,10 +189,10 @@ def test_full_queue_drops_and_counts_and_serving_goes_on(logged: Logged) -> None
             while time.monotonic() < deadline:
                 statuses += pool.map(lambda i: logged.infer(mine(i)).status_code,
                                      range(len(statuses), len(statuses) + 40))
-                if logged.metric("kiln_inference_log_dropped_total",
-                                 reason="queue_full") > dropped_before:
+                depth = logged.metric("kiln_inference_log_queue_depth")
+                if depth == QUEUE and logged.metric("kiln_inference_log_dropped_total",
+                                                    reason="queue_full") > dropped_before:
                     break
-        depth = logged.metric("kiln_inference_log_queue_depth")
     finally:
         lock.rollback()
         lock.close()
@@ -314,3 +318,64 @@ def test_retention_purges_old_records(kiln_home: Path) -> None:
         kept = crud.recent_inferences(session=session, model="m", status=None)
         assert sorted(decode(r.input)["x"][0, 0] for r in kept) == [2.0, 3.0]
         assert decode(kept[0].output)["y"][0, 0] == 6.0
+
+
+def test_frame_carries_every_tensor_kind_as_sent() -> None:
+    """The rows the writer makes of a frame are the rows of the records the feeder packed:
+    float (NaN too), int64, BYTES, a scalar, an empty float16 tensor; numeric tensors travel
+    as raw bytes."""
+    sent = [Pending("m", "1.0.0", {"x": np.array([[1.5, np.nan], [-2.0, 3.0]], np.float32),
+                                   "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
+                                   "text": np.array([b"caf\xc3\xa9", b"\xff"], dtype=object)},
+                    {"y": np.float64(7.25), "none": np.zeros((0, 4), np.float16)}, 3.25, 200,
+                    1_700_000_000.5, None),
+            Pending("n", "2.0.0", {"x": np.ones((1, 2), np.uint8)}, {}, 1.0, 504, 1.0, "b1")]
+    frame = pack(sent)
+    meta_len, data_len = FRAME.unpack(frame[:FRAME.size])
+    meta = orjson.loads(frame[FRAME.size:FRAME.size + meta_len])
+    data = frame[FRAME.size + meta_len:]
+    assert len(data) == data_len == 4 * 4 + 6 * 8 + 8 + 2  # every numeric tensor, raw
+    got = unpack(meta, data)
+    for a, row in zip(sent, got, strict=True):  # the rows the gateway's own thread would write
+        assert orjson.dumps(to_row(a), option=orjson.OPT_SERIALIZE_NUMPY) == \
+            orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
+    assert decode(got[0]["input"])["text"].tolist() == ["caf\u00e9", "\ufffd"]
+    np.testing.assert_array_equal(decode(got[0]["input"])["ids"], sent[0].inputs["ids"])
+
+
+def test_writer_process_runs_niced_and_a_killed_one_is_replaced(kiln_home: Path) -> None:
+    """The writer is its own process at a lower CPU priority; killed with records it had not
+    answered, those are counted (write_error) and the next records go to a new writer."""
+    settings = Settings(inference_log_sample=1.0)
+    metrics = GatewayMetrics()
+    sink = InferenceLog(settings, metrics)
+    sink.start()
+
+    def value(name: str, labels: dict[str, str]) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def offer(n: int) -> None:
+        for i in range(n):
+            sink.offer("m", "1", {"x": np.full((1, 2), i, np.float32)}, {}, 1.0, 200)
+
+    try:
+        offer(5)
+        poll(lambda: value("kiln_inference_log_records_total", {"model": "m"}) == 5,
+             what="5 records written")
+        first = sink._writer
+        assert first is not None
+        assert os.getpriority(os.PRIO_PROCESS, first.proc.pid) \
+            == os.getpriority(os.PRIO_PROCESS, 0) + 10
+        os.kill(first.proc.pid, signal.SIGSTOP)  # stalled: what it is sent stays unanswered
+        offer(3)
+        poll(lambda: first.sent == 8 and sink.depth() == 0, what="3 records in the pipe")
+        os.kill(first.proc.pid, signal.SIGKILL)
+        poll(lambda: value("kiln_inference_log_dropped_total", {"reason": "write_error"}) == 3,
+             what="the 3 unanswered records counted")
+        offer(4)
+        poll(lambda: value("kiln_inference_log_records_total", {"model": "m"}) == 9,
+             what="4 more records through a new writer")
+        assert sink._writer is not None and sink._writer.proc.pid != first.proc.pid
+    finally:
+        sink.stop()
+    assert _count(settings) == 9
