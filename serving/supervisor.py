@@ -255,7 +255,7 @@ class Supervisor:
             self._spawn(plan)
             live = [e for e in plan.engines if e.draining_since is None]
         while len(live) > plan.wanted:
-            victim = min(live, key=lambda e: e.replica.outstanding)
+            victim = scale_in_victim(live)
             self._begin_drain(victim)
             plan.engines.remove(victim)
             self.retiring.append(victim)
@@ -273,7 +273,7 @@ class Supervisor:
                 continue
             engine.replica.ready = False
             plan.engines.remove(engine)
-            why = ("exited with code %s" % engine.proc.returncode if died
+            why = (f"exited with code {engine.proc.returncode}" if died
                    else "not ready in time" if stuck else "failed its health checks")
             plan.last_error = why
             # Stopped off the event loop by _finish_drains, at once (no drain: it is broken);
@@ -393,6 +393,15 @@ class Supervisor:
         return [{"model": p.model, "version": p.version, "wanted": p.wanted,
                  "ready": sum(e.replica.ready for e in p.engines), "restarts": p.restarts,
                  "last_error": p.last_error} for p in self.plans.values()]
+
+
+def scale_in_victim(live: list[EngineProc]) -> EngineProc:
+    """The replica to drain when there is one too many: one that is not serving yet (warming
+    up, breaker open) before a ready one, else the ready one with the fewest requests in flight.
+    Draining the only ready replica while its sibling still warms up would leave the version
+    with nothing to answer until the sibling is ready."""
+    now = time.monotonic()
+    return min(live, key=lambda e: (e.replica.available(now), e.replica.outstanding))
 
 
 def _group_rss(psutil: Any, pid: int) -> int:

@@ -163,10 +163,13 @@ def test_scaling_in_drains_without_dropping_requests(routed: RunningGateway,
         return sum(1 for c in psutil.Process(routed.proc.pid).children()
                    if "digits-lite" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE)
 
+    def ready() -> float:
+        return _metric(routed, "kiln_engine_up", model="digits-lite")
+
     deadline = time.monotonic() + 90
-    while engines() < 2 and time.monotonic() < deadline:  # after the scale-out test
+    while ready() < 2 and time.monotonic() < deadline:  # after the scale-out test
         time.sleep(0.5)
-    assert engines() == 2
+    assert engines() == 2 and ready() == 2  # both serve: the drained one has work to finish
     stop = time.monotonic() + 8
 
     errors: list[str] = []

@@ -100,3 +100,22 @@ def test_version_window_summary_since_and_over() -> None:
     for _ in range(200):  # bounded: only the newest samples are kept
         window.record(1.0, True)
     assert window.summary()["requests"] == 100
+
+
+def test_scaling_in_drains_a_warming_replica_before_the_ready_one() -> None:
+    """CI once drained the only ready replica (0 in flight at that instant) and kept its
+    sibling that was still warming up: six seconds of 503s."""
+    from serving.supervisor import EngineProc, scale_in_victim
+
+    def proc(ready: bool, outstanding: int) -> EngineProc:
+        replica = Replica("m", "1.0.0", "http://127.0.0.1:1", ready=ready,
+                          outstanding=outstanding)
+        return EngineProc(replica=replica, proc=None, started=0.0)  # type: ignore[arg-type]
+
+    serving, warming = proc(True, 0), proc(False, 0)
+    assert scale_in_victim([serving, warming]) is warming
+    broken = proc(True, 0)
+    broken.replica.open_until = time.monotonic() + 60  # breaker open
+    assert scale_in_victim([serving, broken]) is broken
+    busy, idle = proc(True, 5), proc(True, 1)
+    assert scale_in_victim([busy, idle]) is idle
