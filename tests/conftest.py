@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -346,10 +347,23 @@ def served_digits(validated_home: Path, tmp_path: Path) -> Iterator[RunningGatew
         yield gateway
 
 
+_DIGITS_LOCK = threading.Lock()
+_DIGITS: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def digits_rows(examples: Path, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` real test digits (float32 images, int labels)."""
-    data = np.load(examples / "digits" / "test.npz", allow_pickle=False)
-    return data["inputs"][:n].astype(np.float32), data["labels"][:n]
+    """The first ``n`` real test digits (float32 images, int labels).
+
+    Loaded once per folder under a lock: tests call this from client threads, and np.load's
+    header parse (``ast.literal_eval``) is not thread-safe on CPython 3.11.7 (CI saw
+    "SystemError: AST constructor recursion depth mismatch")."""
+    with _DIGITS_LOCK:
+        loaded = _DIGITS.get(examples)
+        if loaded is None:
+            with np.load(examples / "digits" / "test.npz", allow_pickle=False) as data:
+                loaded = _DIGITS[examples] = (data["inputs"].astype(np.float32),
+                                              data["labels"].copy())
+    return loaded[0][:n].copy(), loaded[1][:n].copy()
 
 
 def digits_eager_logits(examples: Path, x: np.ndarray) -> np.ndarray:
