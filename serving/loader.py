@@ -224,13 +224,15 @@ def load_version(settings: Settings, name: str, version: str, device: str = "cpu
     process = psutil.Process()
     rss_before = process.memory_info().rss
     try:
-        runner = backend.load(path, spec=record.spec, device=device, threads=threads)
+        runner = backend.load(path, spec=record.spec, device=device, threads=threads,
+                              idle_spin=False)
     except VariantUnavailable as exc:
         if device == "cpu":
             raise
         log.warning("%s@%s: %s; loading it on the CPU", name, version, exc)
         device = "cpu"
-        runner = backend.load(path, spec=record.spec, device=device, threads=threads)
+        runner = backend.load(path, spec=record.spec, device=device, threads=threads,
+                              idle_spin=False)
     tokenizer = _load_tokenizer(store, record) if record.spec.preprocess is not None else None
     grown = process.memory_info().rss - rss_before
     loaded = LoadedModel(name=name, version=version, spec=record.spec, runner=runner,

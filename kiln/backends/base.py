@@ -90,12 +90,17 @@ class Backend(ABC):
 
     @abstractmethod
     def load(
-        self, path: Path, *, spec: ModelSpec, device: str = "cpu", threads: int | None = None
+        self, path: Path, *, spec: ModelSpec, device: str = "cpu", threads: int | None = None,
+        idle_spin: bool = True,
     ) -> Runner:
         """Load a built artifact for inference.
 
         ``threads`` is the intra-op thread count (default :func:`default_threads`): every backend
-        uses the same count, so baseline and variants are timed alike.
+        uses the same count, so baseline and variants are timed alike. ``idle_spin``: whether the
+        runtime's intra-op threads may keep spinning after a call returns (the lowest latency for
+        back-to-back calls, as in the optimize stage's timing); an engine loads with False, so
+        between requests the CPU goes to the processes it shares the host with (its own server,
+        the gateway). Backends whose runtime has no such per-model switch ignore it.
         """
 
 

@@ -112,7 +112,7 @@ class InductorBackend(Backend):
         return BuildResult(path=path, meta=meta)
 
     def load(self, path: Path, *, spec: ModelSpec, device: str = "cpu",
-             threads: int | None = None) -> Runner:
+             threads: int | None = None, idle_spin: bool = True) -> Runner:
         import torch
 
         from kiln.backends._torch import FLOAT_DTYPES, TorchRunner, cuda_available

@@ -127,7 +127,7 @@ class TensorRTBackend(Backend):
         })
 
     def load(self, path: Path, *, spec: ModelSpec, device: str = "cuda",
-             threads: int | None = None) -> Runner:
+             threads: int | None = None, idle_spin: bool = True) -> Runner:
         verdict = self.available()
         if not verdict.ok:
             raise VariantUnavailable(f"cannot load a tensorrt variant here: {verdict.reason}")

@@ -52,11 +52,11 @@ class TorchEagerBackend(Backend):
         return BuildResult(path=path, meta=meta)
 
     def load(self, path: Path, *, spec: ModelSpec, device: str = "cpu",
-             threads: int | None = None) -> Runner:
+             threads: int | None = None, idle_spin: bool = True) -> Runner:
         if path.suffix == ".onnx":
             from kiln.backends.onnxruntime import load_onnx
 
-            return load_onnx(path, spec=spec, device=device, threads=threads,
+            return load_onnx(path, spec=spec, device=device, threads=threads, idle_spin=idle_spin,
                              meta={"backend": self.name, "fallback": ONNX_FALLBACK})
         import torch
 

@@ -274,3 +274,27 @@ def test_loader_tokenizes_text_like_optimize(examples: Path) -> None:
     np.testing.assert_array_equal(calls[0][1], want[1])
     assert out["embedding"].shape == (2, 16)
 
+
+
+def test_engine_loads_onnx_without_idle_spinning(engine_home: Path) -> None:
+    """An engine's ONNX Runtime session stops its intra-op threads spinning when a call returns
+    (``session.force_spinning_stop``), so between requests the CPU goes to the engine's server
+    and the gateway; the optimize stage's timing loads the same artifact with spinning on."""
+    from kiln.backends import get_backend
+    from kiln.settings import Settings
+    from serving.loader import load_version, read_version
+
+    settings = Settings(home=engine_home)
+    version = _served_version(engine_home)
+    loaded = load_version(settings, "digits", version)
+    assert loaded.backend == "onnxruntime", loaded.backend  # what digits' optimize selects
+    key = "session.force_spinning_stop"
+    served = loaded.runner._session.get_session_options()  # type: ignore[attr-defined]
+    assert served.get_session_config_entry(key) == "1"
+    assert loaded.runner.meta["force_spinning_stop"] is True  # type: ignore[attr-defined]
+
+    record = read_version(settings, "digits", version)
+    timed = get_backend("onnxruntime").load(engine_home / record.artifact.path, spec=record.spec)
+    assert timed._session.get_session_options().get_session_config_entry(key) == "0"  # type: ignore[attr-defined]
+    x = np.zeros((2, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_array_equal(loaded.runner([x])[0], timed([x])[0])
