@@ -275,7 +275,6 @@ def test_loader_tokenizes_text_like_optimize(examples: Path) -> None:
     assert out["embedding"].shape == (2, 16)
 
 
-
 def test_engine_loads_onnx_without_idle_spinning(engine_home: Path) -> None:
     """An engine's ONNX Runtime session stops its intra-op threads spinning when a call returns
     (``session.force_spinning_stop``), so between requests the CPU goes to the engine's server
