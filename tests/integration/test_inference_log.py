@@ -345,7 +345,8 @@ def test_frame_carries_every_tensor_kind_as_sent() -> None:
 
 def test_writer_process_runs_niced_and_a_killed_one_is_replaced(kiln_home: Path) -> None:
     """The writer is its own process at a lower CPU priority; killed with records it had not
-    answered, those are counted (write_error) and the next records go to a new writer."""
+    answered, those are counted (write_error) and the next records go to a new writer, none
+    dropped while its start waits out RESPAWN_S."""
     settings = Settings(inference_log_sample=1.0)
     metrics = GatewayMetrics()
     sink = InferenceLog(settings, metrics)
@@ -372,10 +373,12 @@ def test_writer_process_runs_niced_and_a_killed_one_is_replaced(kiln_home: Path)
         os.kill(first.proc.pid, signal.SIGKILL)
         poll(lambda: value("kiln_inference_log_dropped_total", {"reason": "write_error"}) == 3,
              what="the 3 unanswered records counted")
-        offer(4)
+        sink._last_spawn = time.monotonic()  # as if just started: the restart waits RESPAWN_S
+        offer(4)  # before the restart is due: they wait for it in the deque
         poll(lambda: value("kiln_inference_log_records_total", {"model": "m"}) == 9,
              what="4 more records through a new writer")
         assert sink._writer is not None and sink._writer.proc.pid != first.proc.pid
+        assert value("kiln_inference_log_dropped_total", {"reason": "write_error"}) == 3
     finally:
         sink.stop()
     assert _count(settings) == 9
