@@ -19,9 +19,11 @@ failing) is skipped with the reason printed; no number is ever filled in for it.
 ``bench/results.json`` (``serve``; the ``machine`` and ``optimize`` parts are kept) and a table
 into ``bench/results.md``.
 
-A second section (``--sections log-overhead``) measures the inference log's cost: the gateway's
-p99 with ``KILN_INFERENCE_LOG_SAMPLE`` 1 against 0, medians of ``--log-runs`` alternating runs
-(``log_overhead`` in results.json, its own table in results.md).
+Two more sections, each with its own table: ``gateway-overhead`` times the gateway against the
+very engine it routes to, in alternating pairs of concurrency-1 runs (``gateway_overhead`` in
+results.json); ``log-overhead`` measures the inference log's cost: the gateway's p99 with
+``KILN_INFERENCE_LOG_SAMPLE`` 1 against 0, medians of ``--log-runs`` alternating runs
+(``log_overhead``).
 
     python bench/serve_bench.py [--duration 20] [--concurrency 1,16,64] [--models digits,minilm]
                                 [--systems naive-fastapi,litserve-plain,kiln-engine,kiln]
@@ -62,6 +64,7 @@ TUNE_CONCURRENCY = 64
 N_BODIES = 64  # distinct requests each system cycles through (the same ones for every system)
 READY_TIMEOUT_S = 300.0
 SERVE_MARKER = "<!-- serve-bench -->"
+SECTIONS = ("serve", "gateway-overhead", "log-overhead")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Target:
     headers: dict[str, str] = field(default_factory=dict)
     memory: Callable[[], dict[str, float]] = dict
     info: dict[str, Any] = field(default_factory=dict)  # extra keys for the rows
+    pid: int | None = None  # the server's process (kiln: the gateway, whose group holds engines)
 
 
 # ------------------------------------------------------------------------------ requests
@@ -377,7 +381,7 @@ def kiln_gateway(model: str, ctx: Bench) -> Iterator[Target]:
         yield Target(f"{base}/v2/models/{model}/infer",
                      [dumps(oip_body(model, km, s)) for s in ctx.samples[model]],
                      headers=auth, memory=memory,
-                     info={"served": km.selected, "version": km.version})
+                     info={"served": km.selected, "version": km.version}, pid=proc.pid)
     finally:
         stop(proc)
 
@@ -422,11 +426,12 @@ def has_command(command: list[str]) -> str | None:
 class Bench:
     """One run: shared samples, logs, and the Kiln home (prepared once, on first use)."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, home: Path | None = None
+                 ) -> None:
         self.args = args
         self.workdir = workdir
         self.samples = {m: samples(m) for m in args.models}
-        self.home: Path | None = args.reuse_home
+        self.home: Path | None = home or args.reuse_home
         self._kiln_models: dict[str, KilnModel] = {}
         self._key: str | None = None
         self._home_error: str | None = None
@@ -553,7 +558,8 @@ def availability(systems: list[str]) -> dict[str, str]:
     return missing
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def run(args: argparse.Namespace, home: Path | None = None
+        ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     missing = availability(args.systems)
@@ -561,7 +567,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, 
         print(f"[serve] skipping {system}: {why}", file=sys.stderr)
         skipped.append({"system": system, "model": "*", "reason": why})
     with tempfile.TemporaryDirectory(prefix="kiln-serve-bench-") as tmp:
-        ctx = Bench(args, Path(tmp))
+        ctx = Bench(args, Path(tmp), home)
         for model in args.models:
             for system in args.systems:
                 if system in missing:
@@ -762,20 +768,105 @@ def log_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_log_results(out: Path, doc: dict[str, Any], table: str) -> None:
-    """``log_overhead`` into results.json and its table into results.md (others kept)."""
+def write_section(out: Path, key: str, doc: Any, marker: str, table: str) -> None:
+    """``doc`` into results.json under ``key`` and ``table`` (which starts with ``marker``) into
+    results.md in place of that section's previous table; the other parts are kept."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["log_overhead"] = doc
+    results[key] = doc
     path.write_text(json.dumps(results, indent=2) + "\n")
     md = out / "results.md"
     text = md.read_text() if md.exists() else "# Kiln benchmark\n"
-    if LOG_MARKER in text:
-        before, _, after = text.partition(LOG_MARKER)
+    if marker in text:
+        before, _, after = text.partition(marker)
         rest = after.split("\n<!-- ", 1)
         text = before.rstrip("\n") + ("\n\n<!-- " + rest[1] if len(rest) > 1 else "")
     md.write_text(text.rstrip("\n") + "\n\n" + table)
+
+
+# ----------------------------------------------------------------------- gateway overhead
+# Issue 4's target: the gateway adds at most 1 ms at p50 over the engine behind it. Judged on
+# pairs, not on the serve table's rows (measured minutes apart, on different processes): one
+# `kiln serve` per model, and wrk at concurrency 1 alternating between the gateway's OIP route
+# and the very engine it routes to (its /predict, the gateway's wire format), the order flipped
+# every pair, so both halves of a pair meet the same processes and the same machine load.
+GAP_MARKER = "<!-- gateway-overhead -->"
+GAP_TARGET_MS = 1.0
+
+
+def engine_target(gateway: Target, model: str, ctx: Bench) -> Target:
+    """The engine that ``gateway``'s supervisor started for ``model``, called directly."""
+    km = ctx.kiln_model(model)
+    ports = []
+    for proc in family(gateway.pid or 0):
+        try:
+            args = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "serving.engine" in args and "--port" in args and _serves(proc, model):
+            ports.append(int(args[args.index("--port") + 1]))
+    if len(set(ports)) != 1:
+        raise Skip(f"expected one engine serving {model} under the gateway, found ports {ports}")
+    return Target(f"http://127.0.0.1:{ports[0]}/predict",
+                  [dumps(engine_body(model, km, s)) for s in ctx.samples[model]])
+
+
+def run_gateway_overhead(ctx: Bench) -> dict[str, Any]:
+    """Per model: ``--gap-runs`` pairs of wrk c1 runs (gateway, engine); p50s and gaps."""
+    args = ctx.args
+    models: dict[str, Any] = {}
+    for model in args.models:
+        with kiln_gateway(model, ctx) as gateway:
+            engine = engine_target(gateway, model, ctx)
+            for target in (gateway, engine):
+                check_answers(target)
+                if args.warmup > 0:
+                    run_wrk(target, connections=1, duration=args.warmup, threads=1,
+                            workdir=ctx.workdir)
+            pairs = []
+            for index in range(args.gap_runs):
+                order = ("gateway", "engine") if index % 2 == 0 else ("engine", "gateway")
+                p50 = {}
+                for name in order:
+                    doc = run_wrk(gateway if name == "gateway" else engine, connections=1,
+                                  duration=args.gap_duration, threads=1, workdir=ctx.workdir)
+                    p50[name] = to_row(name, model, 1, doc)["p50_ms"]
+                pair = {"first": order[0], "gateway_p50_ms": p50["gateway"],
+                        "engine_p50_ms": p50["engine"],
+                        "gap_ms": round(p50["gateway"] - p50["engine"], 3)}
+                print(f"[gateway-overhead] {model} pair {index + 1}: gateway "
+                      f"{pair['gateway_p50_ms']:.3f} ms, engine {pair['engine_p50_ms']:.3f} ms, "
+                      f"gap {pair['gap_ms']:.3f} ms", file=sys.stderr)
+                pairs.append(pair)
+        gap = float(np.median([p["gap_ms"] for p in pairs]))
+        models[model] = {
+            "served": gateway.info["served"], "pairs": pairs,
+            "median_gateway_p50_ms": round(float(np.median([p["gateway_p50_ms"]
+                                                            for p in pairs])), 3),
+            "median_engine_p50_ms": round(float(np.median([p["engine_p50_ms"]
+                                                           for p in pairs])), 3),
+            "median_gap_ms": round(gap, 3), "met": bool(gap <= GAP_TARGET_MS)}
+    return {"concurrency": 1, "duration_s": args.gap_duration, "pairs_each": args.gap_runs,
+            "target_ms": GAP_TARGET_MS, "models": models,
+            "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def gap_markdown(doc: dict[str, Any]) -> str:
+    lines = [GAP_MARKER, "## Gateway overhead", "",
+             (f"One `kiln serve` per model; wrk, 1 connection, {doc['pairs_each']} pairs of "
+              f"{doc['duration_s']:g} s runs alternating between the gateway (OIP v2 JSON, key "
+              "checked, routed) and the same engine's /predict, the order flipped every pair "
+              f"({doc['at']}). Target: median gap <= {doc['target_ms']:g} ms."), "",
+             ("| model | served | gateway p50 ms per pair | engine p50 ms per pair | gap ms per "
+              "pair | median gap ms | target |"), "|---|---|---|---|---|---|---|"]
+    for model, m in doc["models"].items():
+        def column(key: str, pairs: list[dict[str, Any]] = m["pairs"]) -> str:
+            return ", ".join(f"{p[key]:.2f}" for p in pairs)
+        lines.append(f"| {model} | {m['served']} | {column('gateway_p50_ms')} | "
+                     f"{column('engine_p50_ms')} | {column('gap_ms')} | "
+                     f"**{m['median_gap_ms']:.2f}** | {'met' if m['met'] else 'missed'} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------- outputs
@@ -816,19 +907,6 @@ def markdown(rows: list[dict[str, Any]], skipped: list[dict[str, str]],
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, rows: list[dict[str, Any]], table: str) -> None:
-    """``serve`` into results.json (other parts kept) and the table into results.md."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results["serve"] = rows
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    md = out / "results.md"
-    previous = md.read_text() if md.exists() else "# Kiln benchmark\n"
-    previous = previous.split(SERVE_MARKER, 1)[0].rstrip("\n")
-    md.write_text(previous + "\n\n" + table)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def csv(kind: type, allowed: tuple[str, ...] | None = None) -> Callable[[str], list[Any]]:
         def parse(text: str) -> list[Any]:
@@ -860,11 +938,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-timeouts", type=csv(float), default=list(BATCH_TIMEOUTS),
                         help="LitServe batch_timeout values to try, seconds")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
-    parser.add_argument("--sections", type=csv(str, ("serve", "log-overhead")),
-                        default=["serve", "log-overhead"],
-                        help="what to run: the systems' table (serve), the inference log's "
+    parser.add_argument("--sections", type=csv(str, SECTIONS), default=list(SECTIONS),
+                        help="what to run: the systems' table (serve), the gateway's p50 "
+                             "cost over its engine (gateway-overhead), the inference log's "
                              "p99 cost (log-overhead); e.g. a smoke check: --sections "
                              "log-overhead --duration 3 --warmup 1 --log-runs 2")
+    parser.add_argument("--gap-runs", type=int, default=6,
+                        help="gateway-overhead: pairs of runs per model (medians of them)")
+    parser.add_argument("--gap-duration", type=float, default=5.0,
+                        help="gateway-overhead: seconds per run")
     parser.add_argument("--log-runs", type=int, default=5,
                         help="log-overhead: alternating runs per sample (medians of them)")
     parser.add_argument("--log-duration", type=float, default=None,
@@ -882,28 +964,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    needed = args.models if "serve" in args.sections else ["digits"]
+    needed = args.models if {"serve", "gateway-overhead"} & set(args.sections) else ["digits"]
     for model in needed:
         if not (ROOT / MODELS[model].source).exists():
             print(f"[serve] {MODELS[model].source} is missing: run "
                   "`.venv/bin/dvc repro train_digits build_minilm` first", file=sys.stderr)
             return 2
-    if "serve" in args.sections:
-        rows, skipped = run(args)
-        table = markdown(rows, skipped, args)
-        write_results(args.out, rows, table)
-        print(table)
+    ok = True
+    # serve and gateway-overhead share one KILN_HOME (--reuse-home, else a temporary one), so
+    # the models are optimized once; log-overhead starts from a fresh one unless reused
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-home-") as shared:
+        home = args.reuse_home or Path(shared) / "kiln-home"
+        if "serve" in args.sections:
+            rows, skipped = run(args, home)
+            table = markdown(rows, skipped, args)
+            write_section(args.out, "serve", rows, SERVE_MARKER, table)
+            print(table)
+        if "gateway-overhead" in args.sections:
+            ok &= section(args, "gateway-overhead", GAP_MARKER, gap_markdown,
+                          lambda work: run_gateway_overhead(Bench(args, work, home)))
     if "log-overhead" in args.sections:
-        try:
-            with tempfile.TemporaryDirectory(prefix="kiln-log-bench-") as tmp:
-                doc = run_log_overhead(Bench(args, Path(tmp)))
-        except Skip as exc:
-            print(f"[log-overhead] skipped: {exc}", file=sys.stderr)
-            return 1
-        table = log_markdown(doc)
-        write_log_results(args.out, doc, table)
-        print(table)
-    return 0
+        ok &= section(args, "log-overhead", LOG_MARKER, log_markdown,
+                      lambda work: run_log_overhead(Bench(args, work)))
+    return 0 if ok else 1
+
+
+def section(args: argparse.Namespace, name: str, marker: str,
+            render: Callable[[dict[str, Any]], str],
+            measure: Callable[[Path], dict[str, Any]]) -> bool:
+    """One of the extra sections: measured in a scratch folder, written under its marker
+    (results.json key: ``name`` with underscores); False, with the reason, when skipped."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"kiln-{name}-") as tmp:
+            doc = measure(Path(tmp))
+    except Skip as exc:
+        print(f"[{name}] skipped: {exc}", file=sys.stderr)
+        return False
+    table = render(doc)
+    write_section(args.out, name.replace("-", "_"), doc, marker, table)
+    print(table)
+    return True
 
 
 if __name__ == "__main__":
