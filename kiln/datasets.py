@@ -206,10 +206,12 @@ def _column_array(column: pd.Series[Any], path: Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- checking
+# Want, run_expectations and the column helpers below are public: kiln.drift checks logged
+# inference rows against the served input with the same expectations.
 
 
 @dataclass
-class _Want:
+class Want:
     """An expectation to build once GE is imported: class name, kwargs, and a fix-it hint."""
 
     kind: str
@@ -241,7 +243,7 @@ def check_dataset(
     started = time.perf_counter()
     served = spec.served_inputs()[0]
     columns, wants, stats = _frame_and_expectations(data, served, task, num_classes)
-    results, gx_version = _validate(columns, wants)
+    results, gx_version = run_expectations(columns, wants)
     failures = [failure for failure in results if failure is not None]
     rows = len(columns["shape"])
     stats.update(
@@ -255,25 +257,25 @@ def check_dataset(
 
 def _frame_and_expectations(
     data: LoadedDataset, served: TensorSpec, task: str, num_classes: int | None
-) -> tuple[dict[str, Any], list[_Want], dict[str, Any]]:
+) -> tuple[dict[str, Any], list[Want], dict[str, Any]]:
     inputs = np.asarray(data.inputs)
     if inputs.ndim == 0:
         inputs = inputs.reshape(1)  # a lone scalar: one row, whose shape check then fails
     rows = inputs.shape[0]
-    accepted = _accepted_dtypes(served.datatype)
+    accepted = accepted_dtypes(served.datatype)
     columns: dict[str, Any] = {
-        "shape": [_shape_text(inputs.shape[1:])] * rows,
+        "shape": [shape_text(inputs.shape[1:])] * rows,
         "dtype": _row_dtypes(inputs),
     }
-    want_shape = _shape_text(tuple(served.shape[1:]))
+    want_shape = shape_text(tuple(served.shape[1:]))
     wants = [
-        _Want("ExpectTableRowCountToBeBetween", {"min_value": 1},
+        Want("ExpectTableRowCountToBeBetween", {"min_value": 1},
               "the dataset has no rows: give at least one sample"),
-        _Want("ExpectColumnValuesToMatchRegex",
-              {"column": "shape", "regex": _shape_regex(served.shape[1:])},
+        Want("ExpectColumnValuesToMatchRegex",
+              {"column": "shape", "regex": shape_regex(served.shape[1:])},
               f"each row must have shape {want_shape} to fit input {served.name!r} "
               f"(spec {served.shape}, -1 is any size)"),
-        _Want("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": accepted},
+        Want("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": accepted},
               f"input {served.name!r} is {served.datatype}: give an array of "
               f"{_one_of(accepted)}"),
     ]
@@ -286,18 +288,18 @@ def _frame_and_expectations(
             lengths = [len(v.strip()) if isinstance(v, str) else None for v in inputs.tolist()]
             columns["text_length"] = lengths
             wants += [
-                _Want("ExpectColumnValuesToNotBeNull", {"column": "text_length"},
+                Want("ExpectColumnValuesToNotBeNull", {"column": "text_length"},
                       "every row must be a string (no nulls)"),
-                _Want("ExpectColumnValuesToBeBetween", {"column": "text_length", "min_value": 1},
+                Want("ExpectColumnValuesToBeBetween", {"column": "text_length", "min_value": 1},
                       "every text must be non-empty (not blank after stripping whitespace)"),
             ]
             known = [n for n in lengths if n is not None]
             if known:
                 stats["text_length"] = {"min": min(known), "max": max(known)}
     else:
-        columns["nonfinite"] = _nonfinite_per_row(inputs, served.datatype)
+        columns["nonfinite"] = nonfinite_per_row(inputs, served.datatype)
         wants.append(
-            _Want("ExpectColumnValuesToBeInSet", {"column": "nonfinite", "value_set": [0]},
+            Want("ExpectColumnValuesToBeInSet", {"column": "nonfinite", "value_set": [0]},
                   f"every value must be finite in {served.datatype} (no NaN, +-Inf, or floats "
                   "beyond its range)"))
     if data.labels is not None:
@@ -308,11 +310,11 @@ def _frame_and_expectations(
 def _label_columns(
     labels: np.ndarray, rows: int, task: str, num_classes: int | None,
     columns: dict[str, Any], stats: dict[str, Any],
-) -> list[_Want]:
+) -> list[Want]:
     if labels.ndim == 0:
         labels = labels.reshape(1)
     count = labels.shape[0]
-    wants = [_Want("ExpectTableRowCountToEqual", {"value": count},
+    wants = [Want("ExpectTableRowCountToEqual", {"value": count},
                    f"labels has {count} rows but inputs has {rows}: give one label per input row")]
     stats["label_rows"] = count
     if count != rows:
@@ -321,21 +323,21 @@ def _label_columns(
     columns["label_dtype"] = _row_dtypes(labels)
     if labels.ndim == 1 and numeric:
         columns[LABEL_COLUMN] = labels.tolist()
-        wants.append(_Want("ExpectColumnValuesToNotBeNull", {"column": LABEL_COLUMN},
+        wants.append(Want("ExpectColumnValuesToNotBeNull", {"column": LABEL_COLUMN},
                            "every row needs a label (no nulls or NaN)"))
     if task == "classification":
-        wants.append(_Want("ExpectColumnValuesToBeInSet",
+        wants.append(Want("ExpectColumnValuesToBeInSet",
                            {"column": "label_dtype", "value_set": list(_INT_NAMES)},
                            "classification labels are integer class indices: give an integer "
                            "array (e.g. labels.astype('int64') if they are whole numbers)"))
-        columns["label_shape"] = [_shape_text(labels.shape[1:])] * count
-        wants.append(_Want("ExpectColumnValuesToMatchRegex",
+        columns["label_shape"] = [shape_text(labels.shape[1:])] * count
+        wants.append(Want("ExpectColumnValuesToMatchRegex",
                            {"column": "label_shape", "regex": r"^scalar$"},
                            "classification labels are one class index per row (a 1-D array)"))
         if labels.ndim == 1 and numeric:
             top = None if num_classes is None else num_classes - 1
             where = f"[0, {top}]" if top is not None else ">= 0"
-            wants.append(_Want("ExpectColumnValuesToBeBetween",
+            wants.append(Want("ExpectColumnValuesToBeBetween",
                                {"column": LABEL_COLUMN, "min_value": 0, "max_value": top},
                                f"class indices must lie in {where}"))
             if labels.dtype.kind in "iu" and count:
@@ -343,12 +345,12 @@ def _label_columns(
                 stats["classes"] = {str(v): int(n) for v, n in zip(values.tolist(), counts.tolist(),
                                                                   strict=True)}
     else:
-        wants.append(_Want("ExpectColumnValuesToBeInSet",
+        wants.append(Want("ExpectColumnValuesToBeInSet",
                            {"column": "label_dtype", "value_set": [*_INT_NAMES, *_FLOAT_NAMES]},
                            f"{task} labels are numbers: give a float array"))
         if numeric:
-            columns["label_nonfinite"] = _nonfinite_per_row(labels, "FP64")
-            wants.append(_Want("ExpectColumnValuesToBeInSet",
+            columns["label_nonfinite"] = nonfinite_per_row(labels, "FP64")
+            wants.append(Want("ExpectColumnValuesToBeInSet",
                                {"column": "label_nonfinite", "value_set": [0]},
                                f"{task} labels must be finite (no NaN or +-Inf)"))
             finite = labels[np.isfinite(labels)] if labels.dtype.kind == "f" else labels
@@ -358,7 +360,7 @@ def _label_columns(
     return wants
 
 
-def _accepted_dtypes(datatype: str) -> list[str]:
+def accepted_dtypes(datatype: str) -> list[str]:
     """numpy dtype names a dataset may use for an input of this OIP datatype.
 
     Floats of any width feed float inputs (values are cast to the served width, and the
@@ -388,7 +390,7 @@ def _row_dtypes(array: np.ndarray) -> list[str]:
     return [array.dtype.name] * array.shape[0]
 
 
-def _nonfinite_per_row(array: np.ndarray, datatype: str) -> list[int]:
+def nonfinite_per_row(array: np.ndarray, datatype: str) -> list[int]:
     rows = array.shape[0]
     if array.dtype.kind != "f" or rows == 0:
         return [0] * rows
@@ -403,18 +405,18 @@ def _one_of(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def _shape_text(dims: tuple[int, ...] | list[int]) -> str:
+def shape_text(dims: tuple[int, ...] | list[int]) -> str:
     return "x".join(str(d) for d in dims) if len(dims) else "scalar"
 
 
-def _shape_regex(dims: list[int]) -> str:
+def shape_regex(dims: list[int]) -> str:
     if not dims:
         return r"^scalar$"
     return "^" + "x".join(r"[1-9][0-9]*" if d == -1 else str(d) for d in dims) + "$"
 
 
-def _validate(
-    columns: dict[str, Any], wants: list[_Want]
+def run_expectations(
+    columns: dict[str, Any], wants: list[Want]
 ) -> tuple[list[ExpectationFailure | None], str]:
     """Run ``wants`` on the frame in a fresh, in-memory GE context (nothing written, no network).
 

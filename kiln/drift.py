@@ -142,50 +142,50 @@ def check_inputs(rows: Sequence[np.ndarray], served: TensorSpec) -> InputCheck:
     them.
     """
     from kiln.datasets import (
-        _accepted_dtypes,
-        _nonfinite_per_row,
-        _shape_regex,
-        _shape_text,
-        _validate,
-        _Want,
+        Want,
+        accepted_dtypes,
+        nonfinite_per_row,
+        run_expectations,
+        shape_regex,
+        shape_text,
     )
 
     n = len(rows)
     if n == 0:
         return InputCheck(rows=0, valid=np.zeros(0, dtype=bool))
-    shapes = [_shape_text(np.shape(r)) for r in rows]
+    shapes = [shape_text(np.shape(r)) for r in rows]
     dtypes = [_dtype_name(np.asarray(r)) for r in rows]
-    accepted = _accepted_dtypes(served.datatype)
+    accepted = accepted_dtypes(served.datatype)
     columns: dict[str, Any] = {"shape": shapes, "dtype": dtypes}
-    want_shape = _shape_text(tuple(served.shape[1:]))
+    want_shape = shape_text(tuple(served.shape[1:]))
     wants = [
-        _Want("ExpectColumnValuesToMatchRegex",
-              {"column": "shape", "regex": _shape_regex(served.shape[1:])},
+        Want("ExpectColumnValuesToMatchRegex",
+              {"column": "shape", "regex": shape_regex(served.shape[1:])},
               f"rows of {served.name!r} must have shape {want_shape}"),
-        _Want("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": accepted},
+        Want("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": accepted},
               f"{served.name!r} is {served.datatype}"),
     ]
     # the per-row mask reads the same columns the expectations run on
-    shape_re = re.compile(_shape_regex(served.shape[1:]))
+    shape_re = re.compile(shape_regex(served.shape[1:]))
     valid = np.array([bool(shape_re.match(s)) and d in accepted
                       for s, d in zip(shapes, dtypes, strict=True)], dtype=bool)
     if served.datatype == "BYTES":
         lengths = [len(str(np.asarray(r, dtype=object).reshape(-1)[0]).strip())
                    if np.asarray(r, dtype=object).size == 1 else 0 for r in rows]
         columns["text_length"] = lengths
-        wants.append(_Want("ExpectColumnValuesToBeBetween",
+        wants.append(Want("ExpectColumnValuesToBeBetween",
                            {"column": "text_length", "min_value": 1},
                            "every text must be non-empty"))
         valid &= np.asarray(lengths) >= 1
     else:
-        nonfinite = [_nonfinite_per_row(np.asarray(r).reshape(1, -1), served.datatype)[0]
+        nonfinite = [nonfinite_per_row(np.asarray(r).reshape(1, -1), served.datatype)[0]
                      for r in rows]
         columns["nonfinite"] = nonfinite
-        wants.append(_Want("ExpectColumnValuesToBeInSet",
+        wants.append(Want("ExpectColumnValuesToBeInSet",
                            {"column": "nonfinite", "value_set": [0]},
                            "values must be finite (no NaN or +-Inf)"))
         valid &= np.asarray(nonfinite) == 0
-    results, _ = _validate(columns, wants)
+    results, _ = run_expectations(columns, wants)
     failures = [f"{f.expectation}" + (f" on {f.column}" if f.column else "") + f": {f.detail}"
                 for f in results if f is not None]
     return InputCheck(rows=n, valid=valid, failures=failures, evaluated=len(wants))
