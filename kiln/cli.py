@@ -31,6 +31,7 @@ err = Console(stderr=True)
 # `kiln demo` reproduces the example data and models (optimize_digits is DVC's own showcase).
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 F = TypeVar("F", bound=Callable[..., Any])
+DRIFT_EXIT_CODE = 10  # `kiln drift --exit-code` found drift; apart from the errors' 1-8
 
 
 def _emit(doc: dict[str, Any]) -> None:
@@ -342,6 +343,10 @@ def drift(
     version: Annotated[str | None, typer.Option(
         help="Judge only this version's traffic, against its dataset (default: every "
              "version's traffic, against the stable version's dataset).")] = None,
+    exit_code: Annotated[bool, typer.Option(
+        "--exit-code", help=f"Exit {DRIFT_EXIT_CODE} when drift is detected (0 for no drift or "
+                            "not enough data), for scripts and cron jobs, as `git diff "
+                            "--exit-code` does.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the monitor-drift flow now: the model's recent inputs against its reference dataset
@@ -368,16 +373,18 @@ def drift(
         doc = monitor_drift(name, hours=hours, min_samples=min_samples, version=version)
     if as_json:
         _emit(doc)
-        return
-    verdict = {True: "[red]drift[/red]", False: "[green]no drift[/green]",
-               None: "[yellow]not enough data[/yellow]"}[doc["drift_detected"]]
-    share = "-" if doc["drift_share"] is None else f"{doc['drift_share']:.3f}"
-    out.print(f"[bold]{doc['model']}[/bold]: {verdict} (drift share {share}, {doc['samples']} "
-              f"rows; {doc['reason']})", highlight=False)
-    for failure in doc["checks"]["failures"]:
-        out.print(f"  - {failure}", highlight=False)
-    if doc["report"]:
-        out.print(f"report: {doc['report']}")
+    else:
+        verdict = {True: "[red]drift[/red]", False: "[green]no drift[/green]",
+                   None: "[yellow]not enough data[/yellow]"}[doc["drift_detected"]]
+        share = "-" if doc["drift_share"] is None else f"{doc['drift_share']:.3f}"
+        out.print(f"[bold]{doc['model']}[/bold]: {verdict} (drift share {share}, "
+                  f"{doc['samples']} rows; {doc['reason']})", highlight=False)
+        for failure in doc["checks"]["failures"]:
+            out.print(f"  - {failure}", highlight=False)
+        if doc["report"]:
+            out.print(f"report: {doc['report']}")
+    if exit_code and doc["drift_detected"] is True:
+        raise typer.Exit(DRIFT_EXIT_CODE)
 
 
 @app.command()

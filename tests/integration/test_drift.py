@@ -52,10 +52,10 @@ def _log(home: Path, batches: list[np.ndarray], ago: timedelta) -> None:
     dispose_engines()
 
 
-def _drift(home: Path, api: str, *args: str) -> dict:
+def _drift(home: Path, api: str, *args: str, code: int = 0) -> dict:
     proc = run_kiln("drift", "digits", *args, "--json", timeout=300,
                     env=kiln_env(home, PREFECT_API_URL=api))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == code, proc.stderr[-4000:]
     return json.loads(proc.stdout)  # exactly one JSON document on stdout
 
 
@@ -99,14 +99,14 @@ def test_drift_flow_end_to_end(validated_home: Path, examples: Path, tmp_path: P
 
     # 1. 60 rows: not enough data (null), nothing stored as a report, no alert
     _log(home, np.split(draw(60), 15), timedelta(hours=5))
-    few = _drift(home, prefect_api, "--hours", "6")
+    few = _drift(home, prefect_api, "--hours", "6", "--exit-code")  # not drift: exit 0
     assert few["model"] == "digits" and few["drift_detected"] is None
     assert few["drift_share"] is None and few["samples"] == 60 and few["report"] is None
     assert few["alert"] == "unchanged"
 
     # 2. 150 inverted rows: drift, the report is stored and DVC-tracked, the alert opens
     _log(home, np.split((1.0 - draw(150)).astype(np.float32), 30), timedelta(hours=3))
-    shifted = _drift(home, prefect_api, "--hours", "4")
+    shifted = _drift(home, prefect_api, "--hours", "4", "--exit-code", code=10)
     assert shifted["drift_detected"] is True, shifted["reason"]
     assert shifted["samples"] == 150 and shifted["drift_share"] >= shifted["threshold"]
     assert shifted["alert"] == "opened" and shifted["checks"]["success"]
@@ -118,7 +118,7 @@ def test_drift_flow_end_to_end(validated_home: Path, examples: Path, tmp_path: P
     nan[0, 0, 4, 4] = np.nan
     _log(home, [*np.split(draw(150), 30), nan, np.zeros((1, 1, 4, 4), np.float32)],
          timedelta(0))
-    calm = _drift(home, prefect_api, "--hours", "1")
+    calm = _drift(home, prefect_api, "--hours", "1", "--exit-code")
     assert calm["drift_detected"] is False, calm["reason"]
     assert calm["samples"] == 150 and calm["drift_share"] < calm["threshold"]
     assert calm["checks"]["rows"] == 152 and calm["checks"]["valid_rows"] == 150
