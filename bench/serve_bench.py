@@ -961,6 +961,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def section(args: argparse.Namespace, name: str, marker: str,
+            render: Callable[[dict[str, Any]], str],
+            measure: Callable[[Path], dict[str, Any]]) -> bool:
+    """One of the extra sections: measured in a scratch folder, written under its marker
+    (results.json key: ``name`` with underscores); False, with the reason, when skipped."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"kiln-{name}-") as tmp:
+            doc = measure(Path(tmp))
+    except Skip as exc:
+        print(f"[{name}] skipped: {exc}", file=sys.stderr)
+        return False
+    table = render(doc)
+    write_section(args.out, name.replace("-", "_"), doc, marker, table)
+    print(table)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -988,22 +1005,6 @@ def main(argv: list[str] | None = None) -> int:
                       lambda work: run_log_overhead(Bench(args, work)))
     return 0 if ok else 1
 
-
-def section(args: argparse.Namespace, name: str, marker: str,
-            render: Callable[[dict[str, Any]], str],
-            measure: Callable[[Path], dict[str, Any]]) -> bool:
-    """One of the extra sections: measured in a scratch folder, written under its marker
-    (results.json key: ``name`` with underscores); False, with the reason, when skipped."""
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"kiln-{name}-") as tmp:
-            doc = measure(Path(tmp))
-    except Skip as exc:
-        print(f"[{name}] skipped: {exc}", file=sys.stderr)
-        return False
-    table = render(doc)
-    write_section(args.out, name.replace("-", "_"), doc, marker, table)
-    print(table)
-    return True
 
 
 if __name__ == "__main__":

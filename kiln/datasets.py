@@ -270,14 +270,14 @@ def _frame_and_expectations(
     want_shape = shape_text(tuple(served.shape[1:]))
     wants = [
         Want("ExpectTableRowCountToBeBetween", {"min_value": 1},
-              "the dataset has no rows: give at least one sample"),
+             "the dataset has no rows: give at least one sample"),
         Want("ExpectColumnValuesToMatchRegex",
-              {"column": "shape", "regex": shape_regex(served.shape[1:])},
-              f"each row must have shape {want_shape} to fit input {served.name!r} "
-              f"(spec {served.shape}, -1 is any size)"),
+             {"column": "shape", "regex": shape_regex(served.shape[1:])},
+             f"each row must have shape {want_shape} to fit input {served.name!r} "
+             f"(spec {served.shape}, -1 is any size)"),
         Want("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": accepted},
-              f"input {served.name!r} is {served.datatype}: give an array of "
-              f"{_one_of(accepted)}"),
+             f"input {served.name!r} is {served.datatype}: give an array of "
+             f"{_one_of(accepted)}"),
     ]
     stats: dict[str, Any] = {
         "input": served.name, "datatype": served.datatype, "spec_shape": list(served.shape),
@@ -289,9 +289,9 @@ def _frame_and_expectations(
             columns["text_length"] = lengths
             wants += [
                 Want("ExpectColumnValuesToNotBeNull", {"column": "text_length"},
-                      "every row must be a string (no nulls)"),
+                     "every row must be a string (no nulls)"),
                 Want("ExpectColumnValuesToBeBetween", {"column": "text_length", "min_value": 1},
-                      "every text must be non-empty (not blank after stripping whitespace)"),
+                     "every text must be non-empty (not blank after stripping whitespace)"),
             ]
             known = [n for n in lengths if n is not None]
             if known:
@@ -300,8 +300,8 @@ def _frame_and_expectations(
         columns["nonfinite"] = nonfinite_per_row(inputs, served.datatype)
         wants.append(
             Want("ExpectColumnValuesToBeInSet", {"column": "nonfinite", "value_set": [0]},
-                  f"every value must be finite in {served.datatype} (no NaN, +-Inf, or floats "
-                  "beyond its range)"))
+                 f"every value must be finite in {served.datatype} (no NaN, +-Inf, or floats "
+                 "beyond its range)"))
     if data.labels is not None:
         wants += _label_columns(np.asarray(data.labels), rows, task, num_classes, columns, stats)
     return columns, wants, stats
@@ -315,7 +315,7 @@ def _label_columns(
         labels = labels.reshape(1)
     count = labels.shape[0]
     wants = [Want("ExpectTableRowCountToEqual", {"value": count},
-                   f"labels has {count} rows but inputs has {rows}: give one label per input row")]
+                  f"labels has {count} rows but inputs has {rows}: give one label per input row")]
     stats["label_rows"] = count
     if count != rows:
         return wants  # the per-row label checks need aligned rows; the count failure says why
@@ -324,35 +324,35 @@ def _label_columns(
     if labels.ndim == 1 and numeric:
         columns[LABEL_COLUMN] = labels.tolist()
         wants.append(Want("ExpectColumnValuesToNotBeNull", {"column": LABEL_COLUMN},
-                           "every row needs a label (no nulls or NaN)"))
+                          "every row needs a label (no nulls or NaN)"))
     if task == "classification":
         wants.append(Want("ExpectColumnValuesToBeInSet",
-                           {"column": "label_dtype", "value_set": list(_INT_NAMES)},
-                           "classification labels are integer class indices: give an integer "
-                           "array (e.g. labels.astype('int64') if they are whole numbers)"))
+                          {"column": "label_dtype", "value_set": list(_INT_NAMES)},
+                          "classification labels are integer class indices: give an integer "
+                          "array (e.g. labels.astype('int64') if they are whole numbers)"))
         columns["label_shape"] = [shape_text(labels.shape[1:])] * count
         wants.append(Want("ExpectColumnValuesToMatchRegex",
-                           {"column": "label_shape", "regex": r"^scalar$"},
-                           "classification labels are one class index per row (a 1-D array)"))
+                          {"column": "label_shape", "regex": r"^scalar$"},
+                          "classification labels are one class index per row (a 1-D array)"))
         if labels.ndim == 1 and numeric:
             top = None if num_classes is None else num_classes - 1
             where = f"[0, {top}]" if top is not None else ">= 0"
             wants.append(Want("ExpectColumnValuesToBeBetween",
-                               {"column": LABEL_COLUMN, "min_value": 0, "max_value": top},
-                               f"class indices must lie in {where}"))
+                              {"column": LABEL_COLUMN, "min_value": 0, "max_value": top},
+                              f"class indices must lie in {where}"))
             if labels.dtype.kind in "iu" and count:
                 values, counts = np.unique(labels, return_counts=True)
                 stats["classes"] = {str(v): int(n) for v, n in zip(values.tolist(), counts.tolist(),
                                                                   strict=True)}
     else:
         wants.append(Want("ExpectColumnValuesToBeInSet",
-                           {"column": "label_dtype", "value_set": [*_INT_NAMES, *_FLOAT_NAMES]},
-                           f"{task} labels are numbers: give a float array"))
+                          {"column": "label_dtype", "value_set": [*_INT_NAMES, *_FLOAT_NAMES]},
+                          f"{task} labels are numbers: give a float array"))
         if numeric:
             columns["label_nonfinite"] = nonfinite_per_row(labels, "FP64")
             wants.append(Want("ExpectColumnValuesToBeInSet",
-                               {"column": "label_nonfinite", "value_set": [0]},
-                               f"{task} labels must be finite (no NaN or +-Inf)"))
+                              {"column": "label_nonfinite", "value_set": [0]},
+                              f"{task} labels must be finite (no NaN or +-Inf)"))
             finite = labels[np.isfinite(labels)] if labels.dtype.kind == "f" else labels
             if finite.size:
                 stats["labels"] = {"min": float(finite.min()), "max": float(finite.max()),

@@ -160,10 +160,10 @@ def check_inputs(rows: Sequence[np.ndarray], served: TensorSpec) -> InputCheck:
     want_shape = shape_text(tuple(served.shape[1:]))
     wants = [
         Want("ExpectColumnValuesToMatchRegex",
-              {"column": "shape", "regex": shape_regex(served.shape[1:])},
-              f"rows of {served.name!r} must have shape {want_shape}"),
+             {"column": "shape", "regex": shape_regex(served.shape[1:])},
+             f"rows of {served.name!r} must have shape {want_shape}"),
         Want("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": accepted},
-              f"{served.name!r} is {served.datatype}"),
+             f"{served.name!r} is {served.datatype}"),
     ]
     # the per-row mask reads the same columns the expectations run on
     shape_re = re.compile(shape_regex(served.shape[1:]))
@@ -174,16 +174,16 @@ def check_inputs(rows: Sequence[np.ndarray], served: TensorSpec) -> InputCheck:
                    if np.asarray(r, dtype=object).size == 1 else 0 for r in rows]
         columns["text_length"] = lengths
         wants.append(Want("ExpectColumnValuesToBeBetween",
-                           {"column": "text_length", "min_value": 1},
-                           "every text must be non-empty"))
+                          {"column": "text_length", "min_value": 1},
+                          "every text must be non-empty"))
         valid &= np.asarray(lengths) >= 1
     else:
         nonfinite = [nonfinite_per_row(np.asarray(r).reshape(1, -1), served.datatype)[0]
                      for r in rows]
         columns["nonfinite"] = nonfinite
         wants.append(Want("ExpectColumnValuesToBeInSet",
-                           {"column": "nonfinite", "value_set": [0]},
-                           "values must be finite (no NaN or +-Inf)"))
+                          {"column": "nonfinite", "value_set": [0]},
+                          "values must be finite (no NaN or +-Inf)"))
         valid &= np.asarray(nonfinite) == 0
     results, _ = run_expectations(columns, wants)
     failures = [f"{f.expectation}" + (f" on {f.column}" if f.column else "") + f": {f.detail}"

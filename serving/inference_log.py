@@ -18,15 +18,14 @@ request logger runs beside the model server for the same reason.
 Faults: a failed write is counted (``write_error``) and logged by the writer, which goes on; a
 writer that dies is started again (at most once per :data:`RESPAWN_S`: records that arrive
 before then wait in the deque for it), what it had been sent and not answered counted as
-``write_error``; while the pipe is full (the registry stalled), the
-feeder waits, the deque fills and the event loop drops. The writer purges records older than
+``write_error``; while the pipe is full (the registry stalled), the feeder waits, the deque
+fills and the event loop drops. The writer purges records older than
 ``inference_log_retention_days`` at most every :data:`PURGE_EVERY_S`; it ends when its stdin
 closes, after writing what it was sent, so a gateway killed outright leaves no writer behind.
 
 Lifecycle: ``InferenceLog(settings, metrics)`` (cheap, no thread) -> ``start()`` (the feeder,
 which starts the writer; nothing at a sample of 0) -> ``offer(...)`` per answered request, from
-the event loop (the one producer: the bound holds because only it appends; the feeder puts
-back at most one frame it could not send yet) -> ``stop(timeout_s)``
+the event loop (the one producer: the bound holds because only it appends) -> ``stop(timeout_s)``
 at the gateway's shutdown: what is queued is sent and written within the time cap, the rest
 counted as dropped (``shutdown``). ``write`` and ``purge`` do the same work in the calling
 process (tests, and the writer itself).
@@ -179,8 +178,9 @@ class InferenceLog:
         while True:
             stopping = self._stopping.wait(FLUSH_S)
             while self._pending and time.monotonic() < self._deadline:
-                if not self._send(self._take(BATCH_ROWS)):
-                    break  # no writer yet: the records wait for the next wake-up
+                if not self._writer_due():
+                    break  # the writer died moments ago: the records wait for its restart
+                self._send(self._take(BATCH_ROWS))
             if stopping:
                 self._finish()
                 return
@@ -196,24 +196,28 @@ class InferenceLog:
             pass
         return batch
 
-    def _send(self, batch: list[Pending]) -> bool:
+    def _writer_due(self) -> bool:
+        """Whether a frame can go now: the writer runs, or its (re)start is due
+        (:data:`RESPAWN_S` since the last one)."""
+        writer = self._writer
+        if writer is not None and writer.proc.poll() is None:
+            return True
+        return time.monotonic() - self._last_spawn >= RESPAWN_S
+
+    def _send(self, batch: list[Pending]) -> None:
         """One frame to the writer (started or restarted here); a batch that cannot be sent is
-        counted as dropped (``write_error``). False when the writer's restart is not due yet
-        (:data:`RESPAWN_S`): the batch goes back to the front of the deque, to wait for it."""
+        counted as dropped (``write_error``)."""
         writer = self._writer
         if writer is None or writer.proc.poll() is not None:
-            if time.monotonic() - self._last_spawn < RESPAWN_S:
-                self._pending.extendleft(reversed(batch))
-                return False
             writer = self._spawn()
         if writer is None:
             self._dropped(len(batch), "the writer process could not be started")
-            return True
+            return
         try:
             frame = pack(batch)
         except Exception as exc:  # an array the log cannot carry: never the gateway's problem
             self._dropped(len(batch), f"{type(exc).__name__}: {exc}")
-            return True
+            return
         try:
             assert writer.proc.stdin is not None
             writer.proc.stdin.write(frame)  # blocks while the pipe is full: the deque fills
@@ -224,11 +228,10 @@ class InferenceLog:
                 self._dropped(len(batch), f"the writer process is gone ({type(exc).__name__})")
             else:
                 writer.sent += len(batch)
-        return True
 
     def _spawn(self) -> _Writer | None:
         """Start a writer (the previous one, if any, has exited: its reader counts what it
-        did not answer); the caller keeps to :data:`RESPAWN_S` between starts."""
+        did not answer); the feeder starts one only when :meth:`_writer_due`."""
         self._last_spawn = time.monotonic()
         try:
             proc = subprocess.Popen([sys.executable, "-m", "serving.inference_log"],
