@@ -58,7 +58,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device: nothing to check"
 BATCHES = (1, 32)
-MAX_BATCH = 1024  # kiln.extract.ExtractSettings: the dynamic batch's upper bound
+MAX_BATCH = 1024  # kiln.optimize.extract.ExtractSettings: the dynamic batch's upper bound
 SEQ_MIN, SEQ_MAX = 2, 512  # and the sequence length's
 TRT_OPT_BATCH, TRT_OPT_SEQ = 32, 128  # kiln.backends.tensorrt: the shapes TensorRT tunes for
 # Kiln's default gates (issue 3): accuracy drop <= 0.5 points, or cosine mean >= 0.99 and
@@ -265,7 +265,7 @@ def minilm_model(s: Settings) -> Model:
     with torch.inference_mode():
         want, got = model(*check), reloaded(*check)
     diff = float((want - got).abs().max())
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # kiln.extract's tolerances
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # kiln.optimize.extract's tolerances
     extract = {"source": "minilm fp16 safetensors, upcast to fp32, torch.export "
                          f"(batch 1..{MAX_BATCH}, seq {SEQ_MIN}..{SEQ_MAX})",
                "export_s": round(export_s, 2), "parity_max_abs_diff": diff,

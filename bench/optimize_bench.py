@@ -96,7 +96,7 @@ def main() -> None:
         os.environ["KILN_HOME"] = home
         from flows.optimize import optimize_model
         from kiln.settings import get_settings
-        from kiln.upload import upload
+        from kiln.intake.upload import upload
 
         results: dict[str, Any] = {"machine": machine(), "optimize": [], "selected": {},
                                    "serve": previous.get("serve", []),

@@ -234,8 +234,8 @@ class Demo:
         return result
 
     def predict(self, gateway: LocalGateway) -> None:
-        from kiln import crud
-        from kiln.db import session_scope
+        from kiln.registry import crud
+        from kiln.registry.db import session_scope
 
         self.heading("   real test digits through the gateway",
                       "OIP v2 JSON with an infer-scope API key")
@@ -328,8 +328,8 @@ class Demo:
     @contextmanager
     def optimize_settings(self, optimize: dict[str, Any]) -> Iterator[None]:
         """digits' ``optimize`` settings replaced for a while, then put back as they were."""
-        from kiln import crud
-        from kiln.db import session_scope
+        from kiln.registry import crud
+        from kiln.registry.db import session_scope
 
         with session_scope(self.settings.db_url) as session:
             model = crud.require_model(session=session, name="digits")
@@ -363,8 +363,8 @@ class Demo:
     def _decision_reason(self, version: str) -> str | None:
         """The reason of the latest rejection or rollback of digits@version, from the
         deployment's history."""
-        from kiln import crud
-        from kiln.db import session_scope
+        from kiln.registry import crud
+        from kiln.registry.db import session_scope
 
         with session_scope(self.settings.db_url) as session:
             model = crud.get_model(session=session, name="digits")
@@ -378,8 +378,8 @@ class Demo:
         return None
 
     def _stable(self) -> str | None:
-        from kiln import crud
-        from kiln.db import session_scope
+        from kiln.registry import crud
+        from kiln.registry.db import session_scope
 
         with session_scope(self.settings.db_url) as session:
             model = crud.get_model(session=session, name="digits")
@@ -394,7 +394,7 @@ class Demo:
         """Run a flow in a thread and draw a progress bar from its optimize jobs meanwhile."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from kiln.views import job_progress
+        from kiln.registry.views import job_progress
 
         result: dict[str, Any] = {}
 
@@ -458,8 +458,8 @@ def predictions_table(logits: np.ndarray, labels: np.ndarray, title: str) -> Tab
 
 def selected_summary(settings: Settings, name: str, version: str) -> str | None:
     """"backend/precision, p50 X ms at batch 1" of the variant a version's optimize selected."""
-    from kiln import crud
-    from kiln.db import session_scope
+    from kiln.registry import crud
+    from kiln.registry.db import session_scope
 
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=name, version=version)
@@ -474,8 +474,8 @@ def selected_summary(settings: Settings, name: str, version: str) -> str | None:
 
 def variant_table(settings: Settings, name: str, version: str) -> Table:
     """The version's optimize report (its run's stored job), as a rich table."""
-    from kiln import crud
-    from kiln.db import session_scope
+    from kiln.registry import crud
+    from kiln.registry.db import session_scope
 
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=name, version=version)

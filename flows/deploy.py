@@ -22,17 +22,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from kiln.errors import ExternalToolError
-from kiln.registry import VersionStatus
-from kiln.rollout import (
-    Gateway,
-    Replayer,
-    RolloutSettings,
-    StepResult,
-    gateway_url,
-    observe_step,
-    wait_until_served,
-    wait_version_ready,
-)
+from kiln.registry.tables import VersionStatus
+from kiln.rollout.client import GatewayClient, gateway_url, wait_until_served, wait_version_ready
+from kiln.rollout.replay import Replayer
+from kiln.rollout.canary import RolloutSettings, StepResult, observe_step
 from kiln.settings import get_settings
 from tasks import deploy as t
 from tasks.upload import upload_model
@@ -113,13 +106,13 @@ def _settled(st: t.Standing) -> dict[str, Any] | None:
 
 def canary(st: t.Standing, rollout: RolloutSettings) -> dict[str, Any]:
     """Weight steps with guardrails, then promote; any failed step rolls back at once."""
-    from kiln.service import service_key
+    from kiln.rollout.service import service_key
 
     settings = get_settings()
     if st.canary not in (None, st.version):
         raise ExternalToolError(f"{st.model} already has a canary ({st.canary}): promote or "
                                 "roll it back first (`kiln promote` / `kiln rollback`)")
-    gateway = Gateway(gateway_url(settings), service_key(settings))
+    gateway = GatewayClient(gateway_url(settings), service_key(settings))
     replayer: Replayer | None = None
     steps: list[StepResult] = []
     try:

@@ -6,7 +6,7 @@ For one model, or every deployed model when ``model`` is omitted:
    dataset (the registered dataset that serves ``version``, else the stable version);
 2. Great Expectations on what clients sent: shape, dtype, NaN/Inf (tensors), empty texts;
    failing rows are reported and left out;
-3. Evidently (``kiln.drift``): ``DataDriftPreset`` over the input's columns (tabular) or
+3. Evidently (``kiln.monitor.drift``): ``DataDriftPreset`` over the input's columns (tabular) or
    per-image statistics (images), ``EmbeddingsDrift`` over the logged embeddings against the
    reference version's embeddings of the reference texts (text models). Under
    ``min_samples`` valid rows: "not enough data", ``drift_detected`` None, nothing run;
@@ -22,10 +22,10 @@ from typing import Any
 from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from kiln.drift import DEFAULT_MIN_SAMPLES, DriftSettings
+from kiln.monitor.drift import DEFAULT_MIN_SAMPLES, DriftSettings
 from kiln.errors import KilnError
 from kiln.settings import get_settings
-from kiln.store import ArtifactStore
+from kiln.store.artifacts import ArtifactStore
 from tasks import monitor as t
 
 

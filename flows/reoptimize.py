@@ -3,7 +3,7 @@
 For each model with a production (stable) version, or just ``model``:
 
 1. register a new patch version with the production version's source (the stored source
-   artifact, reused) and metadata ``reoptimized_from`` (``kiln.reoptimize``); the model's
+   artifact, reused) and metadata ``reoptimized_from`` (``kiln.optimize.reoptimize``); the model's
    registered dataset serves it as it serves every later version;
 2. ``optimize-model`` on it, with the model's current settings and this host's toolchain;
 3. compare its selected variant with the production version's at the serving batch: p50
@@ -26,9 +26,9 @@ import httpx
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from kiln import reoptimize as core
+from kiln.optimize import reoptimize as core
 from kiln.errors import KilnError
-from kiln.rollout import gateway_url
+from kiln.rollout.client import gateway_url
 from kiln.settings import get_settings
 from tasks import deploy as deploy_tasks
 from tasks import reoptimize as t

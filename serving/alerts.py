@@ -5,7 +5,7 @@ Lifecycle: ``start()`` (the gateway's lifespan, after the supervisor) -> every
 (its request window, its replicas) and at the GPUs -> :func:`evaluate` the model's
 :class:`~serving.config.AlertSettings` -> :class:`Hysteresis` (open on the first tick a condition
 holds; resolve after ``alert_clear_ticks`` clear ticks in a row, so an alert does not flap) ->
-:func:`kiln.alerts.fire` / :func:`kiln.alerts.clear` in a worker thread (a registry row and a
+:func:`kiln.monitor.alerts.fire` / :func:`kiln.monitor.alerts.clear` in a worker thread (a registry row and a
 Prefect event; a slow database or Prefect never stalls the event loop that serves requests) ->
 the ``kiln_alerts_open`` gauge from the registry's open alerts -> ``stop()``.
 
@@ -29,10 +29,10 @@ from serving.config import AlertSettings, ServingSettings
 from serving.metrics import GatewayMetrics
 from serving.state import RoutingState
 
-log = logging.getLogger("kiln.alerts")
+log = logging.getLogger("kiln.monitor.alerts")
 
 P99, ERROR_RATE, ENGINE_DOWN, GPU_UTIL = "p99", "error_rate", "engine_down", "gpu_util"
-MONITORED = (P99, ERROR_RATE, ENGINE_DOWN, GPU_UTIL)  # kiln.alerts.KINDS less "drift"
+MONITORED = (P99, ERROR_RATE, ENGINE_DOWN, GPU_UTIL)  # kiln.monitor.alerts.KINDS less "drift"
 Key = tuple[str, str, str | None]  # (model, kind, version); GPU alerts have no version
 
 
@@ -189,7 +189,7 @@ class AlertMonitor:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        from kiln.alerts import flush
+        from kiln.monitor.alerts import flush
 
         await asyncio.to_thread(flush)
 
@@ -305,9 +305,9 @@ class AlertMonitor:
 
     # --- in the worker thread: the registry and Prefect
     def _sync(self, actions: list[Action]) -> RegistryView:
-        from kiln import alerts as kiln_alerts
-        from kiln import crud
-        from kiln.db import session_scope
+        from kiln.monitor import alerts as kiln_alerts
+        from kiln.registry import crud
+        from kiln.registry.db import session_scope
 
         url = self.settings.db_url
         for action in actions:

@@ -4,7 +4,7 @@ One request goes: :meth:`KeyStore.authenticate` (the ``Authorization`` header to
 :class:`Principal`, or None: 401) -> :func:`authorize` (scope and model, :class:`Forbidden`: 403)
 -> :meth:`RateLimiter.hit` (None, or the ``Retry-After`` seconds: 429).
 
-Only the sha256 of a key is stored (``kiln.crud``). Unknown and revoked keys take the same path
+Only the sha256 of a key is stored (``kiln.registry.crud``). Unknown and revoked keys take the same path
 and give the same answer (None), so a client cannot tell them apart (RELIABILITY.md).
 """
 
@@ -29,7 +29,7 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 
 from kiln.errors import Forbidden
-from kiln.registry import ApiKey
+from kiln.registry.tables import ApiKey
 from kiln.settings import Settings
 
 log = logging.getLogger("kiln.auth")
@@ -159,8 +159,8 @@ class KeyStore:
             self._inflight.pop(digest, None)
 
     def _find(self, token: str) -> Principal | None:
-        from kiln import crud
-        from kiln.db import session_scope
+        from kiln.registry import crud
+        from kiln.registry.db import session_scope
 
         with session_scope(self.db_url) as session:
             row = crud.find_api_key(session=session, key=token)

@@ -238,7 +238,7 @@ class KilnEngine(ls.LitAPI):
     Every failure is confined to the Jobs it concerns: no method raises, because LitServe
     answers a whole batch with one error when one does.
 
-    Versions load through the registry (``kiln.settings``, ``kiln.crud``: imported in the
+    Versions load through the registry (``kiln.settings``, ``kiln.registry.crud``: imported in the
     worker, not here) unless ``loader`` is given: then it loads them instead, and the engine
     runs where no registry is installed (``bench/gpu_serve.py`` on a bare GPU machine).
     """
@@ -469,7 +469,7 @@ def build_server(name: str, version: str, *, device: str = "auto",
     corrupt, before any worker process starts.
     """
     from kiln.settings import get_settings
-    from kiln.store import ArtifactStore
+    from kiln.store.artifacts import ArtifactStore
     from serving.loader import read_version
 
     settings = get_settings()

@@ -41,7 +41,7 @@ from tenacity import (
 )
 
 from kiln.errors import Forbidden
-from kiln.guardrails import disagreements
+from kiln.rollout.guardrails import disagreements
 from kiln.settings import Settings
 from serving import heap, oip
 from serving.auth import KeyStore, Principal, RateLimiter, authorize

@@ -58,9 +58,9 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from kiln import crud
-from kiln.db import session_scope
-from kiln.records import NATIVE, datatype_of, encode
+from kiln.registry import crud
+from kiln.registry.db import session_scope
+from kiln.registry.records import NATIVE, datatype_of, encode
 from kiln.settings import Settings
 from serving import heap
 from serving.metrics import GatewayMetrics

@@ -66,8 +66,8 @@ class VersionRecord:
 
 def read_version(settings: Settings, name: str, version: str) -> VersionRecord:
     """The registry's record of ``name@version``: NotFound when either is unknown."""
-    from kiln import crud
-    from kiln.db import session_scope
+    from kiln.registry import crud
+    from kiln.registry.db import session_scope
 
     with session_scope(settings.db_url) as session:
         model = crud.require_model(session=session, name=name)
@@ -160,7 +160,7 @@ class LoadedModel:
 
     def tokenize(self, texts: np.ndarray) -> list[np.ndarray]:
         """Token arrays for the model's inputs, padded to the longest text of the call
-        (as :func:`kiln.optimize.tokenize` does for validation)."""
+        (as :func:`kiln.optimize.pipeline.tokenize` does for validation)."""
         assert self.tokenizer is not None
         encoded = self.tokenizer.encode_batch([_text(t) for t in texts.reshape(-1)])
         columns = {"input_ids": [e.ids for e in encoded],
@@ -208,7 +208,7 @@ def load_version(settings: Settings, name: str, version: str, device: str = "cpu
     """
     import psutil
 
-    from kiln.store import ArtifactStore
+    from kiln.store.artifacts import ArtifactStore
 
     record = read_version(settings, name, version)
     store = ArtifactStore(settings.home, settings.remote_url)

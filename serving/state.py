@@ -105,7 +105,7 @@ class ResultCache:
 
 
 class VersionWindow:
-    """The newest requests one version served, for the canary's guardrails (kiln.guardrails).
+    """The newest requests one version served, for the canary's guardrails (kiln.rollout.guardrails).
 
     Prometheus histograms answer "how is it going" with bucket-wide percentiles; a promote or
     rollback decision wants exact figures over exactly the step it judges, so each request also

@@ -27,8 +27,8 @@ from typing import Any
 
 import aiohttp
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
 from serving.config import ServingSettings
@@ -155,7 +155,7 @@ class Supervisor:
         models' settings. The full read (specs, artifacts) runs only when this changes."""
         from sqlalchemy import text
 
-        from kiln.db import engine_for
+        from kiln.registry.db import engine_for
 
         with engine_for(self.settings.db_url).connect() as conn:
             rows = conn.execute(text(

@@ -1,5 +1,5 @@
 """Prefect tasks of the deploy flow: where a version stands, the champion/challenger gate, and
-the registry writes that move traffic (each one a compare-and-swap in ``kiln.crud``, so a
+the registry writes that move traffic (each one a compare-and-swap in ``kiln.registry.crud``, so a
 re-run or a concurrent ``kiln promote`` cannot apply a change twice).
 
 State lives in the registry, not in the flow: a crashed run is re-run with the same arguments
@@ -16,11 +16,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.errors import IllegalTransition
-from kiln.registry import Task, VersionStatus
-from kiln.rollout import RolloutSettings
+from kiln.registry.tables import Task, VersionStatus
+from kiln.rollout.canary import RolloutSettings
 from kiln.settings import get_settings
 
 if TYPE_CHECKING:
@@ -69,9 +69,9 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
     embeddings) there is no "worse" to measure: the gate records how far the candidate's
     answers agree with the champion's and passes; the canary's shadow comparison judges next.
     """
-    from kiln.datasets import load_dataset
-    from kiln.store import ArtifactStore
-    from kiln.validate import quality
+    from kiln.intake.datasets import load_dataset
+    from kiln.store.artifacts import ArtifactStore
+    from kiln.optimize.validate import quality
     from serving.loader import load_version
 
     result: dict[str, Any] = {"candidate": st.version, "champion": st.stable,
@@ -186,7 +186,7 @@ def replay_inputs(st: Standing, limit: int = 512) -> list[bytes]:
     default) the stable version's recent logged requests (the inference log), else, or when
     fewer than ``replay_min_logged`` are logged, the candidate's validation dataset rows; the
     choice is logged and printed with the flow's output."""
-    from kiln.rollout import logged_bodies
+    from kiln.rollout.replay import logged_bodies
     from kiln.spec import ModelSpec
 
     rollout = RolloutSettings.for_model(st.model_settings)
@@ -212,9 +212,9 @@ def replay_inputs(st: Standing, limit: int = 512) -> list[bytes]:
 
 def _dataset_bodies(st: Standing, spec: ModelSpec, limit: int) -> list[bytes]:
     """The candidate's validation dataset, one row per request (sample inputs without one)."""
-    from kiln.datasets import load_dataset
-    from kiln.rollout import replay_bodies
-    from kiln.store import ArtifactStore
+    from kiln.intake.datasets import load_dataset
+    from kiln.rollout.replay import replay_bodies
+    from kiln.store.artifacts import ArtifactStore
 
     settings = get_settings()
     with session_scope(settings.db_url) as session:
@@ -222,7 +222,7 @@ def _dataset_bodies(st: Standing, spec: ModelSpec, limit: int) -> list[bytes]:
         dataset = crud.dataset_for(session=session, version=row)
         ref = (dataset.path, dataset.sha256) if dataset else None
     if ref is None:
-        from kiln.probe import sample_inputs
+        from kiln.intake.probe import sample_inputs
 
         tensors = sample_inputs(spec.inputs, batch=64, dynamic=16)
         return replay_bodies(spec, [t.numpy() for t in tensors], limit)

@@ -1,4 +1,4 @@
-"""Prefect tasks of the drift monitor: plain functions over the registry and ``kiln.drift``.
+"""Prefect tasks of the drift monitor: plain functions over the registry and ``kiln.monitor.drift``.
 
 Each stage is a plain function (tests call them) wrapped as a task at the bottom. Inputs are
 in-process objects (arrays), so caching by input hash is off (NO_CACHE); the registry's
@@ -16,15 +16,16 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kiln import alerts, crud
-from kiln import drift as core
-from kiln.datasets import load_dataset
-from kiln.db import session_scope
+from kiln.monitor import alerts
+from kiln.registry import crud
+from kiln.monitor import drift as core
+from kiln.intake.datasets import load_dataset
+from kiln.registry.db import session_scope
 from kiln.errors import InvalidInput
-from kiln.registry import DriftReport, utcnow
+from kiln.registry.tables import DriftReport, utcnow
 from kiln.settings import get_settings
 from kiln.spec import ModelSpec, TensorSpec
-from kiln.store import ArtifactStore
+from kiln.store.artifacts import ArtifactStore
 
 #: the newest logged requests a run reads at most (each may carry a batch of rows)
 MAX_RECORDS = 20_000

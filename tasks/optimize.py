@@ -1,4 +1,4 @@
-"""Prefect tasks of the optimize pipeline: thin wrappers over ``kiln.optimize``'s stages.
+"""Prefect tasks of the optimize pipeline: thin wrappers over ``kiln.optimize.pipeline``'s stages.
 
 Inputs are in-process objects (arrays, paths), so caching by input hash is off (NO_CACHE); the
 registry, not Prefect's result store, is the record of a run.
@@ -14,15 +14,15 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kiln import crud
-from kiln import optimize as stages
+from kiln.registry import crud
+from kiln.optimize import pipeline as stages
 from kiln.backends import get_backend
 from kiln.backends.base import ExtractedModel
-from kiln.db import session_scope
-from kiln.registry import ArtifactKind, OptimizationJob
+from kiln.registry.db import session_scope
+from kiln.registry.tables import ArtifactKind, OptimizationJob
 from kiln.settings import get_settings
-from kiln.store import ArtifactStore
-from kiln.validate import VariantReport, judge
+from kiln.store.artifacts import ArtifactStore
+from kiln.optimize.validate import VariantReport, judge
 
 KIND_OF = {"onnxruntime": ArtifactKind.onnx, "inductor": ArtifactKind.compiled,
            "tensorrt": ArtifactKind.compiled, "torch-eager": ArtifactKind.exported}
@@ -123,9 +123,9 @@ def _measure(prepared: stages.Prepared, backend: Any, precision: str, path: Path
 def _accuracy_aware(prepared: stages.Prepared, extracted: ExtractedModel, backend: Any,
                     base: VariantReport, base_outputs: np.ndarray, out_dir: Path,
                     first: VariantReport) -> VariantReport:
-    """Retry static int8 with the most sensitive nodes kept in float (kiln.quantize)."""
-    from kiln.quantize import accuracy_aware_quantize
-    from kiln.validate import quality, run_all
+    """Retry static int8 with the most sensitive nodes kept in float (kiln.backends.ort_quantize)."""
+    from kiln.backends.ort_quantize import accuracy_aware_quantize
+    from kiln.optimize.validate import quality, run_all
 
     gates = prepared.settings.gates
 

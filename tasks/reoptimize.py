@@ -1,4 +1,4 @@
-"""Prefect tasks of the reoptimize flow: thin wrappers over ``kiln.reoptimize``.
+"""Prefect tasks of the reoptimize flow: thin wrappers over ``kiln.optimize.reoptimize``.
 
 Not retried and not cached: each one writes (or reads) the registry, which is the record.
 """
@@ -10,7 +10,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kiln import reoptimize as core
+from kiln.optimize import reoptimize as core
 from kiln.settings import get_settings
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from kiln.settings import get_settings
-from kiln.upload import upload
+from kiln.intake.upload import upload
 
 
 @task(name="upload-model", retries=0)  # not retried: a refused source stays refused

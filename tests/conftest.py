@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def _reset_caches() -> None:
-    from kiln.db import dispose_engines
+    from kiln.registry.db import dispose_engines
     from kiln.settings import get_settings
 
     get_settings.cache_clear()
@@ -199,11 +199,11 @@ import json, sys
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from kiln import crud
-from kiln.db import session_scope
-from kiln.registry import ArtifactKind, VersionStatus
+from kiln.registry import crud
+from kiln.registry.db import session_scope
+from kiln.registry.tables import ArtifactKind, VersionStatus
 from kiln.settings import get_settings
-from kiln.upload import open_store
+from kiln.intake.upload import open_store
 
 settings = get_settings()
 store = open_store(settings)
@@ -256,7 +256,7 @@ def register_variants(home: Path, variants: list[dict[str, object]]) -> list[str
 def set_model_settings(home: Path, name: str, settings: dict[str, object]) -> None:
     """Merge ``settings`` into a model's settings in ``home``'s registry (a child process, so the
     test process's own settings cache is untouched)."""
-    code = ("import json,sys; from kiln import crud; from kiln.db import session_scope; "
+    code = ("import json,sys; from kiln.registry import crud; from kiln.registry.db import session_scope; "
             "from kiln.settings import get_settings\n"
             "with session_scope(get_settings().db_url) as s:\n"
             "    m = crud.require_model(session=s, name=sys.argv[1])\n"

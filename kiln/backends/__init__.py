@@ -3,6 +3,15 @@
 ``REGISTRY`` maps a backend's name to its instance; adding a backend is adding a module and a
 line below. Importing this package is cheap: each backend imports torch, onnxruntime or
 torch_tensorrt inside the methods that need them.
+
+Owns: ``base`` (the ``Backend`` and ``Runner`` protocols, ``ExtractedModel``), one module per
+backend (``torch_eager``, ``onnxruntime``, ``inductor``, ``tensorrt``), ``_torch`` (what the
+torch-based ones share), and the ONNX graph tools the ONNX Runtime backend builds variants with:
+``ort_quantize`` (int8 dynamic and static QDQ, the accuracy-aware retry) and ``ort_fusion``
+(attention, layer-norm and GELU fusion into ORT's contrib ops).
+
+May import: ``kiln.errors``, ``kiln.spec``, ``kiln.settings``. Imported by: ``kiln.optimize``,
+``serving`` (engines load a backend's artifact), ``tasks``.
 """
 
 from __future__ import annotations

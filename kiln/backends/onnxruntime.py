@@ -1,6 +1,6 @@
-"""ONNX Runtime: the extracted ONNX graph (fp32), or quantized to int8 by :mod:`kiln.quantize`
+"""ONNX Runtime: the extracted ONNX graph (fp32), or quantized to int8 by :mod:`kiln.backends.ort_quantize`
 (dynamic, or static QDQ calibrated on the model's dataset); for transformers, the graph with its
-attention, layer-norm and GELU subgraphs fused into ORT's contrib ops first (:mod:`kiln.ortopt`).
+attention, layer-norm and GELU subgraphs fused into ORT's contrib ops first (:mod:`kiln.backends.ort_fusion`).
 
 Sessions use explicit execution providers (CUDA first where the CUDA provider is installed and a
 CUDA device is asked for, then CPU) and fixed thread settings, recorded in the build's meta.
@@ -34,7 +34,7 @@ CPU_EP = "CPUExecutionProvider"
 FUSED_GRAPH = "model.fused.onnx"  # beside the extracted model.onnx (see float_graph)
 #: ORT graph optimizers Kiln's CPU sessions turn off. SkipLayerNormFusion: ORT 1.32's CPU
 #: SkipLayerNormalization kernel is slower than the Add + LayerNormalization it fuses (see
-#: kiln.ortopt.FusionSettings.skip_layer_norm); CUDA sessions keep it.
+#: kiln.backends.ort_fusion.FusionSettings.skip_layer_norm); CUDA sessions keep it.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
@@ -123,13 +123,13 @@ def load_onnx(path: Path, *, spec: ModelSpec, device: str = "cpu", threads: int 
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime variants: fp32, int8 dynamic, int8 static (QDQ), each built on the graph
     ``float_graph`` returns: the extracted graph with its transformer subgraphs fused into ORT's
-    contrib ops (:mod:`kiln.ortopt`) when fusion applies and agrees with the extracted graph,
+    contrib ops (:mod:`kiln.backends.ort_fusion`) when fusion applies and agrees with the extracted graph,
     else the extracted graph as it is. The build's meta records which, and why.
 
     ``build`` options: ``calibration`` (arrays, one per input: static int8's calibration data,
     and real rows the fused graph is checked on), ``nodes_to_exclude`` (node names of the graph
     built on, kept in float), ``threads``, ``fuse`` (default True); any other option goes to
-    :mod:`kiln.quantize` unchanged.
+    :mod:`kiln.backends.ort_quantize` unchanged.
     """
 
     name: ClassVar[str] = "onnxruntime"
@@ -172,7 +172,7 @@ class OnnxRuntimeBackend(Backend):
             shutil.copyfile(graph, path)
             return BuildResult(path=path, meta=meta)
 
-        from kiln import quantize
+        from kiln.backends import ort_quantize as quantize
 
         if precision == "int8-dynamic":
             meta["quantization"] = quantize.quantize_dynamic(
@@ -202,13 +202,13 @@ class OnnxRuntimeBackend(Backend):
         """
         if not fuse:
             return model.onnx, {"applied": False, "reason": "fusion turned off (fuse=False)"}
-        from kiln import ortopt
+        from kiln.backends import ort_fusion as fusion
 
         fused = model.onnx.with_name(FUSED_GRAPH)
         record_path = fused.with_suffix(".json")
         key = json.loads(json.dumps({  # as it reads back from the record (tuples as lists)
-            "source_sha256": _sha256(model.onnx), "versions": ortopt._versions(),
-            "settings": asdict(ortopt.FusionSettings())}))
+            "source_sha256": _sha256(model.onnx), "versions": fusion._versions(),
+            "settings": asdict(fusion.FusionSettings())}))
         if record_path.is_file():
             try:
                 saved = json.loads(record_path.read_text())
@@ -220,10 +220,10 @@ class OnnxRuntimeBackend(Backend):
                     not done["applied"] or fused.is_file()):
                 return (fused if done["applied"] else model.onnx), done
         try:
-            record = ortopt.optimize_graph(model.onnx, fused, spec=model.spec,
+            record = fusion.optimize_graph(model.onnx, fused, spec=model.spec,
                                            check_inputs=check_inputs)
         except Exception as exc:  # never worse than the extracted graph
-            record = {"applied": False, "method": ortopt.METHOD,
+            record = {"applied": False, "method": fusion.METHOD,
                       "reason": f"fusion failed: {' '.join(str(exc).split())[:300]}"}
         record = json.loads(json.dumps(record, default=str))  # the same whether read or made
         tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}")

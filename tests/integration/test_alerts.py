@@ -24,9 +24,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiln import crud
-from kiln.db import dispose_engines, session_scope
-from kiln.registry import Alert, DriftReport
+from kiln.registry import crud
+from kiln.registry.db import dispose_engines, session_scope
+from kiln.registry.tables import Alert, DriftReport
 from tests.conftest import (
     RunningGateway,
     copy_home,
@@ -194,7 +194,7 @@ def test_a_killed_engine_raises_engine_down_and_it_resolves_after_the_restart(
 
 def test_kiln_status_shows_figures_open_alerts_and_the_last_drift_share(
         served: Served) -> None:
-    from kiln import alerts as kiln_alerts
+    from kiln.monitor import alerts as kiln_alerts
 
     with session_scope(served.db_url) as session:
         crud.add_drift_report(session=session, report=DriftReport(
@@ -233,11 +233,11 @@ def _status(served: Served) -> dict[str, Any]:
 
 # --- Prefect: alert events reach a real server; the README's automation turns a drift alert
 # into a reoptimize run. The child process is what the drift flow or the gateway would be: it
-# fires and clears through kiln.alerts with PREFECT_API_URL set, and flushes before it exits.
+# fires and clears through kiln.monitor.alerts with PREFECT_API_URL set, and flushes before it exits.
 _PREFECT_CHILD = r"""
 import json, sys
 from concurrent.futures import ThreadPoolExecutor
-from kiln import alerts
+from kiln.monitor import alerts
 from kiln.settings import get_settings
 
 url = get_settings().db_url

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kiln.settings import get_settings
-from kiln.upload import upload
+from kiln.intake.upload import upload
 from tests.conftest import _pg_exec, run_kiln
 
 VERSIONS = ("0.1.0", "0.1.1")

@@ -191,7 +191,7 @@ def test_a_worse_candidate_is_rejected_before_any_traffic(home: Path) -> None:
 def test_promote_rollback_to_and_status_commands(home: Path) -> None:
     env = kiln_env(home)
     # a canary set by hand (weight 0.3), promoted by hand
-    code = ("import sys; from kiln import crud; from kiln.db import session_scope; "
+    code = ("import sys; from kiln.registry import crud; from kiln.registry.db import session_scope; "
             "from kiln.settings import get_settings\n"
             "with session_scope(get_settings().db_url) as s:\n"
             "    v = crud.require_version(session=s, name='digits', version='0.2.0')\n"
@@ -231,7 +231,7 @@ def test_promote_rollback_to_and_status_commands(home: Path) -> None:
 
 
 def test_rollback_figures_are_null_without_traffic() -> None:
-    from kiln.rollout import _merge
+    from kiln.rollout.commands import _merge
 
     assert _merge({}) == {}
     merged = _merge({"0.1.0": {"requests": 90, "errors": 0, "p50_ms": 1.0, "p99_ms": 3.0,

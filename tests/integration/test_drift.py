@@ -35,10 +35,10 @@ def prefect_api() -> Iterator[str]:
 
 def _log(home: Path, batches: list[np.ndarray], ago: timedelta) -> None:
     """InferenceRecords for ``batches`` sent to digits' version, as the gateway logs them."""
-    from kiln import crud
-    from kiln.db import dispose_engines, session_scope
-    from kiln.records import encode
-    from kiln.registry import InferenceRecord, utcnow
+    from kiln.registry import crud
+    from kiln.registry.db import dispose_engines, session_scope
+    from kiln.registry.records import encode
+    from kiln.registry.tables import InferenceRecord, utcnow
 
     url = f"sqlite:///{home / 'registry.db'}"
     when = utcnow() - ago
@@ -60,9 +60,9 @@ def _drift(home: Path, api: str, *args: str, code: int = 0) -> dict:
 
 
 def _db(home: Path) -> tuple[list, list]:
-    from kiln import crud
-    from kiln.db import dispose_engines, session_scope
-    from kiln.registry import DriftReport
+    from kiln.registry import crud
+    from kiln.registry.db import dispose_engines, session_scope
+    from kiln.registry.tables import DriftReport
     from sqlmodel import select
 
     with session_scope(f"sqlite:///{home / 'registry.db'}") as session:

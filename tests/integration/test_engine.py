@@ -71,8 +71,8 @@ class Engine:
 
 
 def _served_version(home: Path) -> str:
-    from kiln import crud
-    from kiln.db import session_scope
+    from kiln.registry import crud
+    from kiln.registry.db import session_scope
     from kiln.settings import Settings
 
     with session_scope(Settings(home=home).db_url) as session:
@@ -246,7 +246,7 @@ def test_loader_tokenizes_text_like_optimize(examples: Path) -> None:
     """A text model's texts are tokenized with its tokenizer, padded to the call's longest."""
     from tokenizers import Tokenizer
 
-    from kiln.optimize import tokenize
+    from kiln.optimize.pipeline import tokenize
     from kiln.spec import ModelSpec
     from serving.loader import LoadedModel
 

@@ -22,8 +22,8 @@ import torch
 
 from kiln.backends import REGISTRY, BuildResult, ExtractedModel
 from kiln.errors import ExtractionError
-from kiln.extract import extract
-from kiln.probe import probe_kiln, probe_pt2
+from kiln.optimize.extract import extract
+from kiln.intake.probe import probe_kiln, probe_pt2
 from kiln.spec import ModelSpec, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,7 +246,7 @@ def test_variant_loads_from_its_file_in_a_fresh_process(
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "kiln.extract" not in json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "kiln.optimize.extract" not in json.loads(proc.stdout.strip().splitlines()[-1])
     baseline = REGISTRY["torch-eager"].load(digits_variants["torch-eager"].path, spec=model.spec)
     want = baseline([split(examples / "digits", "test")[:16]])[0]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, rtol=1e-3, atol=1e-3)

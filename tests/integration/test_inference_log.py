@@ -28,10 +28,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiln import crud
-from kiln.db import dispose_engines, session_scope
-from kiln.records import decode
-from kiln.registry import InferenceRecord
+from kiln.registry import crud
+from kiln.registry.db import dispose_engines, session_scope
+from kiln.registry.records import decode
+from kiln.registry.tables import InferenceRecord
 from kiln.settings import Settings, get_settings
 from serving.inference_log import FRAME, InferenceLog, Pending, pack, to_row, unpack
 from serving.metrics import GatewayMetrics

@@ -6,8 +6,8 @@ import json
 import sqlite3
 from pathlib import Path
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.settings import get_settings
 from tests.conftest import kiln_env, run_kiln
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.settings import get_settings
 from tests.conftest import run_kiln
 

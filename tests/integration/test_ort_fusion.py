@@ -1,4 +1,4 @@
-"""Graph fusion for ONNX Runtime (kiln.ortopt) on the dynamo-exported MiniLM, and the
+"""Graph fusion for ONNX Runtime (kiln.backends.ort_fusion) on the dynamo-exported MiniLM, and the
 onnxruntime backend building every precision on the fused graph.
 
 MiniLM (6 layers) must come out with its attention and GELUs fused into ORT's contrib ops (the
@@ -22,13 +22,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from kiln import ortopt
+from kiln.backends import ort_fusion as fusion
 from kiln.backends import REGISTRY, ExtractedModel
-from kiln.extract import extract
-from kiln.ortopt import optimize_graph
-from kiln.probe import probe_kiln, probe_pt2
+from kiln.optimize.extract import extract
+from kiln.backends.ort_fusion import optimize_graph
+from kiln.intake.probe import probe_kiln, probe_pt2
 from kiln.spec import ModelSpec, TensorSpec
-from kiln.validate import trim_padding
+from kiln.optimize.validate import trim_padding
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode"),
@@ -192,9 +192,9 @@ def test_causal_attention_bias_is_not_taken_for_key_padding(tmp_path: Path) -> N
 def test_fusion_that_disagrees_is_refused_and_the_backend_falls_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_bert(tmp_path / "bidir", causal=False)
-    real = ortopt._fuse
+    real = fusion._fuse
 
-    def broken(graph: onnx.ModelProto, settings: ortopt.FusionSettings
+    def broken(graph: onnx.ModelProto, settings: fusion.FusionSettings
                ) -> tuple[onnx.ModelProto, dict[str, int], dict[str, int]]:
         fused, counts, split = real(graph, settings)
         attention = next(n for n in fused.graph.node if n.op_type == "Attention")
@@ -203,7 +203,7 @@ def test_fusion_that_disagrees_is_refused_and_the_backend_falls_back(
         weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
         return fused, counts, split
 
-    monkeypatch.setattr(ortopt, "_fuse", broken)
+    monkeypatch.setattr(fusion, "_fuse", broken)
     built = REGISTRY["onnxruntime"].build(model, "fp32", tmp_path / "fp32")
     assert built.meta["graph"] == "extracted"
     assert not built.meta["fusion"]["applied"]

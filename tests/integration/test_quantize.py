@@ -1,4 +1,4 @@
-"""kiln.quantize on the real example models with real ONNX Runtime.
+"""kiln.backends.ort_quantize on the real example models with real ONNX Runtime.
 
 The digits CNN and the breast-cancer MLP are exported to ONNX here (dynamo exporter, dynamic
 batch), quantized, and judged on their test splits. The accuracy-aware loop runs on the digits
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kiln.errors import InvalidInput
-from kiln.quantize import (
+from kiln.backends.ort_quantize import (
     METADATA_KEY,
     NO_CALIBRATION,
     accuracy_aware_quantize,

@@ -5,7 +5,7 @@
   serves light traffic: the engine refuses to load it (sha256, exit code 5), the canary is never
   ready, every answer is the stable's.
 - 21: a promote, rollback or direct deploy SIGKILLed inside its transaction (a failpoint in
-  :mod:`kiln.crud`): nothing of it lands, the database is intact, a retry succeeds. The other
+  :mod:`kiln.registry.crud`): nothing of it lands, the database is intact, a retry succeeds. The other
   half of 21 (20 concurrent promotes: one winner, 19 get 409) is
   ``tests/unit/test_rollout_crud.py::test_twenty_concurrent_promotes_have_one_winner``.
 - 23: the canary's engine SIGKILLed under 20 rps: removed from routing within one health period,
@@ -50,9 +50,9 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
-from kiln import crud
-from kiln.db import dispose_engines, session_scope
-from kiln.registry import Task, VersionStatus
+from kiln.registry import crud
+from kiln.registry.db import dispose_engines, session_scope
+from kiln.registry.tables import Task, VersionStatus
 from kiln.settings import Settings
 from tests.conftest import (
     RunningGateway,
@@ -469,8 +469,8 @@ def _drop_canary(s: Rollout) -> None:
 # A child process: one rollout step, with KILN_FAILPOINTS killing it inside the transaction.
 _STEP = r"""
 import sys
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 
 url, action, version = sys.argv[1], sys.argv[2], sys.argv[3]
 with session_scope(url) as session:

@@ -136,8 +136,8 @@ def test_reoptimize_promotes_a_faster_build_then_changes_nothing(weak_home: Path
     assert after == before  # the candidate's rows and stored objects are gone again
 
     # deleting is only for versions that never reached traffic: the served ones are refused
-    from kiln import crud
-    from kiln.db import dispose_engines, session_scope
+    from kiln.registry import crud
+    from kiln.registry.db import dispose_engines, session_scope
     from kiln.errors import IllegalTransition
 
     url = f"sqlite:///{home / 'registry.db'}"

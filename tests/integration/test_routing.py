@@ -31,7 +31,7 @@ CANARY_WEIGHT = 0.3
 
 
 def _set_canary(home: Path, name: str, version: str, weight: float) -> None:
-    code = ("import sys; from kiln import crud; from kiln.db import session_scope; "
+    code = ("import sys; from kiln.registry import crud; from kiln.registry.db import session_scope; "
             "from kiln.settings import get_settings\n"
             "with session_scope(get_settings().db_url) as s:\n"
             "    v = crud.require_version(session=s, name=sys.argv[1], version=sys.argv[2])\n"

@@ -291,8 +291,8 @@ def test_failing_dataset_is_reported_and_not_used(kiln_home: Path, tiny_pt2: Pat
     assert result["dataset"]["check_passed"] is False
     failures = " ".join(result["dataset"]["failures"])
     assert "expect_column_values_to_be_between" in failures  # label 7 of 3 classes, and NaN
-    from kiln import crud
-    from kiln.db import session_scope
+    from kiln.registry import crud
+    from kiln.registry.db import session_scope
     from kiln.settings import get_settings
 
     with session_scope(get_settings().db_url) as session:

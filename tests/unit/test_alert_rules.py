@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kiln import crud
-from kiln.db import session_scope
-from kiln.registry import Task
+from kiln.registry import crud
+from kiln.registry.db import session_scope
+from kiln.registry.tables import Task
 from kiln.settings import Settings
 from serving.alerts import (
     ENGINE_DOWN,
@@ -186,7 +186,7 @@ def test_monitor_ticks_open_and_resolve_registry_alerts(tmp_path: Path) -> None:
 
 def test_monitor_takes_over_and_resolves_alerts_of_versions_no_longer_served(
         tmp_path: Path) -> None:
-    from kiln import alerts as kiln_alerts
+    from kiln.monitor import alerts as kiln_alerts
 
     settings = _registry(tmp_path, {})
     # left open by an earlier gateway: one for a version no longer served, one still served

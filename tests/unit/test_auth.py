@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.settings import Settings
 from kiln.errors import Forbidden
 from serving.auth import (

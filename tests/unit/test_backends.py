@@ -19,7 +19,7 @@ from kiln.backends import REGISTRY, available_backends, get_backend
 from kiln.backends._torch import DimRange, cast_program, input_dims
 from kiln.backends.base import ExtractedModel
 from kiln.errors import NotFound, VariantUnavailable
-from kiln.extract import condense_export_error
+from kiln.optimize.extract import condense_export_error
 from kiln.spec import ModelSpec, TensorSpec
 
 CUDA = torch.cuda.is_available()

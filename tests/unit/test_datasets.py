@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kiln.datasets import DatasetCheck, LoadedDataset, check_dataset, load_dataset
+from kiln.intake.datasets import DatasetCheck, LoadedDataset, check_dataset, load_dataset
 from kiln.errors import InvalidInput
 from kiln.spec import ModelSpec, Preprocess, TensorSpec
 

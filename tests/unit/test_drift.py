@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kiln import drift
+from kiln.monitor import drift
 from kiln.errors import InvalidInput
 from kiln.spec import TensorSpec
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import InvalidInput, TooLarge, UnsafeSource
-from kiln.formats import SourceFormat, classify_source, pack_folder, validate_name
+from kiln.intake.formats import SourceFormat, classify_source, pack_folder, validate_name
 
 BIG = 1 << 30
 

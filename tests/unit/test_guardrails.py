@@ -1,4 +1,4 @@
-"""The canary verdict (kiln.guardrails) on synthetic metric streams: RELIABILITY.md 24's
+"""The canary verdict (kiln.rollout.guardrails) on synthetic metric streams: RELIABILITY.md 24's
 minimum-sample guard, and the rules that must roll a bad canary back."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from kiln.guardrails import Policy, Window, disagreements, judge, wilson_lower
-from kiln.rollout import RolloutSettings
+from kiln.rollout.guardrails import Policy, Window, disagreements, judge, wilson_lower
+from kiln.rollout.canary import RolloutSettings
 
 
 def simulate_rollout(rng: random.Random, *, canary_error: float, total_rps: float = 40.0,

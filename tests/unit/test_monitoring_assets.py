@@ -405,7 +405,7 @@ def test_rules_file_has_prometheus_rule_group_structure() -> None:
 
 
 def test_rules_mirror_kilns_own_alert_kinds() -> None:
-    from kiln.alerts import KINDS
+    from kiln.monitor.alerts import KINDS
 
     kinds = {rule.get("labels", {}).get("kiln_kind") for rule in _rules()}
     assert set(KINDS) <= kinds

@@ -1,4 +1,4 @@
-"""Structured pruning of torch.export programs (kiln.prune) on tiny real models: which channels
+"""Structured pruning of torch.export programs (kiln.optimize.prune) on tiny real models: which channels
 go, what the pruned program computes, and which layers are left whole and why."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 from kiln.backends._torch import has_dynamic_batch
 from kiln.errors import VariantUnavailable
-from kiln.optimize import OptimizeSettings
-from kiln.prune import prune_structured
+from kiln.optimize.pipeline import OptimizeSettings
+from kiln.optimize.prune import prune_structured
 from kiln.spec import ModelSpec
 
 DEAD = [1, 4, 6, 9, 13, 17]  # 6 of the MLP's 20 hidden units: 30%

@@ -11,10 +11,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlmodel import Session, SQLModel
 
-from kiln import crud
-from kiln.db import dispose_engines, engine_for, migrate, session_scope
+from kiln.registry import crud
+from kiln.registry.db import dispose_engines, engine_for, migrate, session_scope
 from kiln.errors import Conflict, IllegalTransition, InvalidInput, NotFound
-from kiln.registry import TRANSITIONS, ModelVersion, Task, VersionStatus
+from kiln.registry.tables import TRANSITIONS, ModelVersion, Task, VersionStatus
 
 SHA = "ab" * 32
 
@@ -193,8 +193,8 @@ def test_inference_records_round_trip_and_retention(db_url: str) -> None:
 
     import numpy as np
 
-    from kiln import records
-    from kiln.registry import InferenceRecord, utcnow
+    from kiln.registry import records
+    from kiln.registry.tables import InferenceRecord, utcnow
 
     now = utcnow()
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
@@ -218,8 +218,8 @@ def test_bulk_inference_rows_from_arrays_read_back_as_sent(db_url: str) -> None:
     """The gateway writer's path: tensors left as arrays (orjson writes them), NaN as null."""
     import numpy as np
 
-    from kiln import records
-    from kiln.registry import utcnow
+    from kiln.registry import records
+    from kiln.registry.tables import utcnow
 
     x = np.array([[0.1, np.nan, -2.5, 1e-7]], dtype=np.float32)
     y = np.array([[3, 1]], dtype=np.int64)
@@ -242,7 +242,7 @@ def test_bulk_inference_rows_from_arrays_read_back_as_sent(db_url: str) -> None:
 
 
 def test_drift_reports_latest_first(db_url: str) -> None:
-    from kiln.registry import DriftReport
+    from kiln.registry.tables import DriftReport
 
     with session_scope(db_url) as session:
         crud.add_drift_report(session=session, report=DriftReport(

@@ -1,10 +1,10 @@
-"""kiln.reoptimize.compare: when a re-optimized candidate counts as an improvement."""
+"""kiln.optimize.reoptimize.compare: when a re-optimized candidate counts as an improvement."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from kiln.reoptimize import compare
+from kiln.optimize.reoptimize import compare
 
 
 def variant(backend: str, p50_b8: float, metric: float = 0.98) -> dict[str, Any]:

@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.errors import Conflict, IllegalTransition, NotFound
-from kiln.registry import Task, VersionStatus
+from kiln.registry.tables import Task, VersionStatus
 
 
 def _validated(db_url: str, *versions: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import IntegrityError, InvalidInput, NotFound
-from kiln.store import ArtifactStore
+from kiln.store.artifacts import ArtifactStore
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_sweep_waits_for_a_running_operation(store: ArtifactStore, blob: Path) -
         stored = store.put(other, suffix=".bin")
         child = subprocess.run(
             [sys.executable, "-c",
-             "import sys; from pathlib import Path; from kiln.store import ArtifactStore; "
+             "import sys; from pathlib import Path; from kiln.store.artifacts import ArtifactStore; "
              "print(ArtifactStore(Path(sys.argv[1]), sys.argv[2]).sweep(set()))",
              str(store.home), store.remote_url], capture_output=True, text=True, check=True)
         assert child.stdout.strip() == "[]"

@@ -14,11 +14,11 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.errors import Conflict, InvalidInput, TooLarge, UnsafeSource
 from kiln.faults import failpoint
-from kiln.formats import (
+from kiln.intake.formats import (
     URL_RE,
     Source,
     SourceFormat,
@@ -29,11 +29,11 @@ from kiln.formats import (
     unpack_folder,
     validate_name,
 )
-from kiln.probe import probe_source
-from kiln.registry import ArtifactKind, Model, ModelVersion, Task
+from kiln.intake.probe import probe_source
+from kiln.registry.tables import ArtifactKind, Model, ModelVersion, Task
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
-from kiln.store import ArtifactStore, StoredFile, sha256_file
+from kiln.store.artifacts import ArtifactStore, StoredFile, sha256_file
 
 DATASET_SUFFIXES = (".npz", ".parquet")
 
@@ -189,7 +189,7 @@ def upload(
         spec = probe_source(src.format, to_probe, timeout_s=settings.load_timeout_s)
         data = check = None
         if dataset_path is not None:
-            from kiln.datasets import check_dataset, load_dataset
+            from kiln.intake.datasets import check_dataset, load_dataset
 
             data = load_dataset(dataset_path)
         resolved = _resolve_task(task=task, source=src, probe_dir=to_probe, model=model,

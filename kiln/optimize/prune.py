@@ -389,7 +389,7 @@ def _outputs(module: Any, examples: list[torch.Tensor]) -> list[torch.Tensor]:
 def _check_shapes(program: Any, spec: ModelSpec, reference: list[torch.Tensor]) -> None:
     """The pruned program runs at batch 1 and 3 and returns what the model returned."""
     from kiln.backends._torch import flatten_outputs
-    from kiln.probe import sample_inputs
+    from kiln.intake.probe import sample_inputs
 
     module = program.module()
     for batch in (1, 3):

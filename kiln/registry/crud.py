@@ -18,7 +18,7 @@ from sqlmodel import Session, col, delete, select
 
 from kiln.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from kiln.faults import failpoint
-from kiln.registry import (
+from kiln.registry.tables import (
     TRANSITIONS,
     Alert,
     AlertState,
@@ -597,7 +597,7 @@ def add_inference_records(*, session: Session, records: Sequence[InferenceRecord
 def insert_inference_rows(*, session: Session, rows: Sequence[dict[str, Any]]) -> int:
     """The gateway writer's bulk path: plain column dicts in one executemany on the session's
     connection (Core: about a third of the CPU of the ORM's bulk insert; JSON columns through
-    the registry's orjson serializer, :func:`kiln.db.json_serializer`)."""
+    the registry's orjson serializer, :func:`kiln.registry.db.json_serializer`)."""
     if rows:
         session.connection().execute(insert(InferenceRecord.__table__), list(rows))
     return len(rows)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.settings import Settings
 
 SERVICE_SCOPES = ["infer", "deploy"]

@@ -1,7 +1,7 @@
 """The optimize stages as plain functions: prepare, extract, build variants, judge, record.
 
 ``flows/optimize.py`` chains them as Prefect tasks; tests call them directly. Each stage reads
-the registry through ``kiln.crud`` and writes artifacts through the store, so a run leaves an
+the registry through ``kiln.registry.crud`` and writes artifacts through the store, so a run leaves an
 ``OptimizationJob`` row per variant, every artifact hashed and DVC-tracked, and the version
 ``validated`` (a variant or the baseline selected) or ``rejected`` (extraction failed).
 """
@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from kiln import crud
+from kiln.registry import crud
 from kiln.backends.base import ExtractedModel
-from kiln.db import session_scope
+from kiln.registry.db import session_scope
 from kiln.errors import Conflict, KilnError
-from kiln.formats import unpack_folder
-from kiln.registry import ArtifactKind, Task, VersionStatus
+from kiln.intake.formats import unpack_folder
+from kiln.registry.tables import ArtifactKind, Task, VersionStatus
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
-from kiln.store import ArtifactStore
-from kiln.validate import GateSettings, TimingSettings, VariantReport
+from kiln.store.artifacts import ArtifactStore
+from kiln.optimize.validate import GateSettings, TimingSettings, VariantReport
 
 CALIBRATION_ROWS = 128
 SAMPLE_ROWS = 64  # rows of random input when a model has no registered dataset
@@ -134,12 +134,12 @@ def _evaluation_data(
     spec: ModelSpec, source: Path, data_path: Path | None
 ) -> tuple[list[np.ndarray], np.ndarray | None, str]:
     """Model-ready evaluation inputs (tokenized for text models), labels, and a note."""
-    from kiln.probe import sample_inputs
+    from kiln.intake.probe import sample_inputs
 
     if data_path is None:
         tensors = sample_inputs(spec.inputs, batch=SAMPLE_ROWS, dynamic=16)
         return [t.numpy() for t in tensors], None, f"{SAMPLE_ROWS} random sample inputs"
-    from kiln.datasets import load_dataset
+    from kiln.intake.datasets import load_dataset
 
     data = load_dataset(data_path)
     if spec.preprocess is not None:
@@ -178,7 +178,7 @@ def tokenize(tokenizer_file: Path, texts: list[str], *, max_length: int,
 def extract_stage(settings: Settings, prepared: Prepared, work_dir: Path
                   ) -> tuple[ExtractedModel, dict[str, Any]]:
     """Graph extraction; on failure the version becomes ``rejected`` and the error is raised."""
-    from kiln.sandbox import extract_isolated
+    from kiln.optimize.isolated import extract_isolated
 
     check = [x[:8] for x in prepared.inputs]
     try:
@@ -201,12 +201,12 @@ def finish_rejected(settings: Settings, prepared: Prepared, reason: str) -> None
 
 def prune_stage(prepared: Prepared, extracted: ExtractedModel, work_dir: Path
                 ) -> tuple[ExtractedModel, dict[str, Any]] | None:
-    """The structured-pruning pass: the program pruned (``kiln.prune``), then extracted again
+    """The structured-pruning pass: the program pruned (``kiln.optimize.prune``), then extracted again
     (ONNX, parity), for the ``PRUNED`` variant. None, with the reason in ``prepared.skipped``,
     when it cannot be built: the other variants proceed."""
     from kiln.backends import get_backend
-    from kiln.extract import extract
-    from kiln.prune import prune_structured
+    from kiln.optimize.extract import extract
+    from kiln.optimize.prune import prune_structured
 
     label = f"{PRUNED[0]}/{PRUNED[2]} skipped"
     if extracted.program is None:
@@ -253,7 +253,7 @@ def plan(prepared: Prepared) -> list[tuple[str, str]]:
 
 def measure(prepared: Prepared, runner: Any, baseline_outputs: np.ndarray | None,
             ) -> tuple[VariantReport, np.ndarray]:
-    from kiln.validate import evaluate
+    from kiln.optimize.validate import evaluate
 
     quality, speed, outputs = evaluate(
         prepared.task, runner, prepared.inputs, baseline_outputs=baseline_outputs,
@@ -335,7 +335,7 @@ def finish(settings: Settings, prepared: Prepared, extracted: ExtractedModel,
            parity: dict[str, Any], base: VariantReport, reports: list[VariantReport]
            ) -> dict[str, Any]:
     """Select, store the exported program and the chart, mark the version ``validated``."""
-    from kiln.validate import select
+    from kiln.optimize.validate import select
 
     selected, reason = select(base, reports, prepared.settings.gates)
     work = extracted.onnx.parent

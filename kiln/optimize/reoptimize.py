@@ -16,14 +16,14 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.errors import Conflict, NotFound
-from kiln.optimize import OptimizeSettings
-from kiln.registry import ArtifactKind, OptimizationJob, Task, VersionStatus
+from kiln.optimize.pipeline import OptimizeSettings
+from kiln.registry.tables import ArtifactKind, OptimizationJob, Task, VersionStatus
 from kiln.settings import Settings
-from kiln.store import ArtifactStore
-from kiln.validate import GateSettings
+from kiln.store.artifacts import ArtifactStore
+from kiln.optimize.validate import GateSettings
 
 META_KEY = "reoptimized_from"
 

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from kiln.backends.base import Runner
-from kiln.registry import Task
+from kiln.registry.tables import Task
 
 
 class GateSettings(BaseModel):

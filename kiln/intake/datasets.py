@@ -206,7 +206,7 @@ def _column_array(column: pd.Series[Any], path: Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- checking
-# Want, run_expectations and the column helpers below are public: kiln.drift checks logged
+# Want, run_expectations and the column helpers below are public: kiln.monitor.drift checks logged
 # inference rows against the served input with the same expectations.
 
 

@@ -1,6 +1,6 @@
 """Load a model source and run it once on a sample input, in a sandbox subprocess.
 
-``probe_source`` starts ``python -m kiln.probe`` with a timeout (untrusted models never load
+``probe_source`` starts ``python -m kiln.intake.probe`` with a timeout (untrusted models never load
 into Kiln's own process: RELIABILITY.md, torch.load RCE) and returns the model's recorded
 ``ModelSpec``. The child prints one JSON document on stdout.
 """
@@ -19,10 +19,10 @@ from kiln.spec import ModelSpec, TensorSpec
 
 def probe_source(fmt: str, path: Path, *, timeout_s: float) -> ModelSpec:
     """Spec of the model at ``path`` (a .pt2, .onnx or unpacked kiln folder)."""
-    from kiln.sandbox import ChildTimeout, run_child
+    from kiln.intake.sandbox import ChildTimeout, run_child
 
     try:
-        child = run_child(["kiln.probe", "--format", fmt, str(path)], timeout_s=timeout_s,
+        child = run_child(["kiln.intake.probe", "--format", fmt, str(path)], timeout_s=timeout_s,
                           env={"OMP_NUM_THREADS": "1"})
     except ChildTimeout:
         raise ModelLoadError(
@@ -137,7 +137,7 @@ def load_kiln_folder(folder: Path) -> Any:
 
     from safetensors.torch import load_file
 
-    from kiln.formats import read_kiln_yaml
+    from kiln.intake.formats import read_kiln_yaml
 
     config = read_kiln_yaml(folder)
     sys.path.insert(0, str(folder))  # a factory module may ship inside the folder
@@ -151,7 +151,7 @@ def load_kiln_folder(folder: Path) -> Any:
 def probe_kiln(folder: Path) -> ModelSpec:
     import torch
 
-    from kiln.formats import read_kiln_yaml
+    from kiln.intake.formats import read_kiln_yaml
 
     config = read_kiln_yaml(folder)
     model = load_kiln_folder(folder)

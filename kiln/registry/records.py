@@ -19,7 +19,7 @@ _DATATYPES = {
     "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }
 _BY_DTYPE = {np.dtype(v): k for k, v in _DATATYPES.items()}
-# dtypes the registry's JSON serializer (orjson, kiln.db.json_serializer) writes from the array
+# dtypes the registry's JSON serializer (orjson, kiln.registry.db.json_serializer) writes from the array
 NATIVE = frozenset(np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32,
                                           np.int64, np.uint16, np.uint32, np.uint64,
                                           np.float32, np.float64))
@@ -44,7 +44,7 @@ def encode(tensors: Mapping[str, np.ndarray], *, arrays: bool = False) -> dict[s
     """``{name: array}`` -> the JSON-able record form (NaN/Inf become null: JSON has none).
 
     ``arrays``: numeric ``data`` stays a flat contiguous array, for the registry's own JSON
-    serializer (:func:`kiln.db.json_serializer`), which writes it in C; the inference log's
+    serializer (:func:`kiln.registry.db.json_serializer`), which writes it in C; the inference log's
     writer uses this. Without it, ``data`` is a list any JSON encoder takes."""
     out: dict[str, Any] = {}
     for name, array in tensors.items():

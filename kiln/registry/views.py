@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln import crud
-from kiln.db import session_scope
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.settings import Settings
 
 

@@ -2,7 +2,7 @@
 
 ``XBase`` holds the fields a caller supplies, ``X(table=True)`` adds what the registry owns (ids,
 timestamps), ``XPublic`` is what leaves the process (CLI ``--json``, HTTP). CRUD lives in
-``kiln.crud``; nothing else builds queries.
+``kiln.registry.crud``; nothing else builds queries.
 """
 
 from __future__ import annotations

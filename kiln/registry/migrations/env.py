@@ -1,9 +1,9 @@
-"""Alembic environment: runs on the connection Kiln hands over (``kiln.db.migrate``)."""
+"""Alembic environment: runs on the connection Kiln hands over (``kiln.registry.db.migrate``)."""
 
 from alembic import context
 from sqlmodel import SQLModel
 
-import kiln.registry  # noqa: F401  (registers the tables on SQLModel.metadata)
+import kiln.registry.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -24,9 +24,9 @@ import os
 import sys
 from typing import Any
 
-from kiln import crud
-from kiln.db import session_scope
-from kiln.registry import Alert
+from kiln.registry import crud
+from kiln.registry.db import session_scope
+from kiln.registry.tables import Alert
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from sqlalchemy import Engine, exists, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
 
-from kiln import crud
-from kiln.db import dispose_engines, engine_for, make_engine
+from kiln.registry import crud
+from kiln.registry.db import dispose_engines, engine_for, make_engine
 from kiln.errors import Conflict, ExternalToolError, IntegrityError, InvalidInput, KilnError
 from kiln.settings import Settings
-from kiln.store import ArtifactStore, _dvc_repo_class
+from kiln.store.artifacts import ArtifactStore, _dvc_repo_class
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # manifest["kiln_backup"]; bump when a backup's layout changes

@@ -4,7 +4,7 @@ Pure functions over arrays; the ``monitor-drift`` flow (``flows/monitor.py``) fe
 inference log and the model's registered dataset, and records what they return.
 
 1. :func:`check_inputs` validates the logged rows with Great Expectations, as
-   ``kiln.datasets`` validates a dataset (shape against the served spec, dtype, NaN/Inf for
+   ``kiln.intake.datasets`` validates a dataset (shape against the served spec, dtype, NaN/Inf for
    tensors, empty or missing texts for BYTES). Rows that fail are reported and left out of
    the drift test: they say something is wrong with a client, not with the data's
    distribution.
@@ -141,7 +141,7 @@ def check_inputs(rows: Sequence[np.ndarray], served: TensorSpec) -> InputCheck:
     its GE type, its column and how many rows fail; ``valid`` marks the rows that pass all of
     them.
     """
-    from kiln.datasets import (
+    from kiln.intake.datasets import (
         Want,
         accepted_dtypes,
         nonfinite_per_row,
@@ -384,8 +384,8 @@ def summary_rows(result: DriftResult) -> list[tuple[str, str, str, str]]:
 
 
 def records_tensor(docs: Sequence[Mapping[str, Any]], name: str) -> list[np.ndarray]:
-    """Each logged batch of tensor ``name`` (``kiln.records`` form), decoded; records without
+    """Each logged batch of tensor ``name`` (``kiln.registry.records`` form), decoded; records without
     it are skipped."""
-    from kiln.records import decode
+    from kiln.registry.records import decode
 
     return [decode({name: doc[name]})[name] for doc in docs if name in doc]

@@ -29,7 +29,7 @@ import numpy as np
 
 from kiln.backends.base import ExtractedModel
 from kiln.errors import ExtractionError, InvalidInput
-from kiln.formats import SourceFormat
+from kiln.intake.formats import SourceFormat
 from kiln.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -144,11 +144,11 @@ def _export_folder(source: Path, spec: ModelSpec, settings: ExtractSettings, out
     """Build a kiln.yaml model and export it with dynamic batch (and sequence) dims."""
     import torch
 
-    from kiln.probe import load_kiln_folder, sample_inputs
+    from kiln.intake.probe import load_kiln_folder, sample_inputs
 
     folder = source
     if source.is_file():  # the stored form: a deterministic tar of the folder
-        from kiln.formats import unpack_folder
+        from kiln.intake.formats import unpack_folder
 
         folder = unpack_folder(source, out_dir / "source")
     model = load_kiln_folder(folder)
@@ -294,7 +294,7 @@ def _copy_onnx(source: Path, dest: Path) -> None:
     """An ONNX source as one self-contained file (external data, already checked, folded in)."""
     import onnx
 
-    from kiln.formats import onnx_external_files
+    from kiln.intake.formats import onnx_external_files
 
     if onnx_external_files(source):
         onnx.save_model(onnx.load(str(source)), str(dest), save_as_external_data=False)
@@ -305,7 +305,7 @@ def _copy_onnx(source: Path, dest: Path) -> None:
 # ------------------------------------------------------------------------------ parity
 def _parity_cases(spec: ModelSpec, check_inputs: list[np.ndarray] | None,
                   settings: ExtractSettings) -> list[list[np.ndarray]]:
-    from kiln.probe import sample_inputs
+    from kiln.intake.probe import sample_inputs
 
     cases = [[t.numpy() for t in sample_inputs(spec.inputs, batch=b, dynamic=d)]
              for b, d in settings.sample_shapes]

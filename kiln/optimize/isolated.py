@@ -1,68 +1,35 @@
-"""Model code runs in a child process with a timeout, never in Kiln's own process.
-
-Uploaded models are untrusted (RELIABILITY.md: torch.load RCE, pickles): their factories and
-exported programs are loaded by ``python -m kiln.probe`` (upload) and ``python -m
-kiln.sandbox extract`` (optimize), each in its own process group that a timeout kills whole.
+"""Graph extraction in a sandboxed child: ``extract_isolated`` runs ``kiln.optimize.extract``
+under ``python -m kiln.optimize.isolated extract`` (kiln/intake/sandbox.py's child runner), so an
+uploaded model's code never loads into the optimizing process. Results come back as files in
+``out_dir`` (``result.json``, the program and the ONNX graph), never as pickles.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kiln.backends.base import ExtractedModel
-from kiln.errors import ExtractionError
+from kiln.errors import ExtractionError, KilnError
+from kiln.intake.sandbox import ChildTimeout, run_child
+from kiln.optimize.extract import extract
+from kiln.settings import apply_privacy_env
 from kiln.spec import ModelSpec
-
-
-@dataclass(frozen=True)
-class ChildResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def last_error_line(self) -> str:
-        lines = [line.strip() for line in self.stderr.strip().splitlines() if line.strip()]
-        return lines[-1][:500] if lines else f"exit code {self.returncode}"
-
-
-class ChildTimeout(Exception):
-    """The child ran past its timeout and was killed with its whole process group."""
-
-
-def run_child(args: list[str], *, timeout_s: float, env: dict[str, str] | None = None
-              ) -> ChildResult:
-    """Run ``python -m <args>`` in a new process group; kill the group on timeout."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, **(env or {})}, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise ChildTimeout from None
-    return ChildResult(proc.returncode, out, err)
 
 
 def extract_isolated(*, source_format: str, source_path: Path, spec: ModelSpec, out_dir: Path,
                      check_inputs: list[np.ndarray], timeout_s: float
                      ) -> tuple[ExtractedModel, dict[str, Any]]:
-    """``kiln.extract.extract`` in a child process; the same results and errors."""
+    """``kiln.optimize.extract.extract`` in a child process; the same results and errors."""
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / "check.npz", *check_inputs)
     (out_dir / "spec.json").write_text(spec.model_dump_json())
     try:
-        child = run_child(["kiln.sandbox", "extract", source_format, str(source_path),
+        child = run_child(["kiln.optimize.isolated", "extract", source_format, str(source_path),
                            str(out_dir)], timeout_s=timeout_s)
     except ChildTimeout:
         raise ExtractionError(f"graph extraction took over {timeout_s:.0f} s: raise "
@@ -78,10 +45,6 @@ def extract_isolated(*, source_format: str, source_path: Path, spec: ModelSpec, 
 
 
 def _extract_child(source_format: str, source: Path, out_dir: Path) -> None:
-    from kiln.errors import KilnError
-    from kiln.extract import extract
-    from kiln.settings import apply_privacy_env
-
     apply_privacy_env()
     spec = ModelSpec.model_validate_json((out_dir / "spec.json").read_text())
     with np.load(out_dir / "check.npz", allow_pickle=False) as data:

@@ -1,0 +1,60 @@
+"""What every ``kiln`` command shares: the Typer app, the consoles, ``--json`` output and the
+error handler that turns Kiln's errors into one stderr line and the error's exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from kiln.errors import KilnError
+from kiln.settings import Settings, apply_privacy_env, get_settings
+
+app = typer.Typer(
+    help="Kiln: take a trained PyTorch model to a fast, safely rolled-out HTTP endpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+F = TypeVar("F", bound=Callable[..., Any])
+DRIFT_EXIT_CODE = 10  # `kiln drift --exit-code` found drift; apart from the errors' 1-8
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc, default=str) + "\n")
+
+
+def handled(func: F) -> F:
+    """Turn Kiln's errors into one stderr line and the error's exit code."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except KilnError as exc:
+            message = " ".join(str(exc).split())  # one line, whatever a tool put in it
+            err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings() -> Settings:
+    apply_privacy_env()
+    return get_settings()
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition("@")
+    return name, version or None
+
+
