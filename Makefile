@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-unit demo up bench bench-deps screenshots gpu-check lock clean
+.PHONY: setup lint typecheck test test-unit demo up bench bench-deps screenshots gpu-check lock clean
 
 setup: $(STAMP)  ## create .venv and install the locked dependencies (idempotent)
 
@@ -21,6 +21,16 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.lock
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# ruff (lint and format) and the layer contracts of pyproject.toml ([tool.importlinter]);
+# .ci/run runs this before the tests. `make typecheck` is mypy with the same config.
+lint: setup  ## ruff check, ruff format --check, lint-imports (the layer contracts)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+typecheck: setup  ## mypy over kiln, serving, tasks and flows (pyproject.toml's [tool.mypy])
+	$(VENV)/bin/mypy
 
 test: setup  ## every test: unit, integration (DVC, Prefect, PostgreSQL, subprocesses), e2e
 	$(VENV)/bin/pytest

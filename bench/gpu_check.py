@@ -75,8 +75,13 @@ SERVE_BATCH = 32
 SERVE_REQUESTS, SERVE_CONCURRENCY, SERVE_BUDGET_S = 512, 64, 60.0  # CUDA defaults
 SMOKE_REQUESTS, SMOKE_CONCURRENCY, SMOKE_BUDGET_S = 32, 8, 300.0  # --cpu-smoke defaults
 SERVE_MIN_S = 20  # serving is skipped with less than this left of --budget-s
-_OIP_OF_TORCH = {"torch.float32": "FP32", "torch.float16": "FP16", "torch.int64": "INT64",
-                 "torch.int32": "INT32", "torch.bool": "BOOL"}
+_OIP_OF_TORCH = {
+    "torch.float32": "FP32",
+    "torch.float16": "FP16",
+    "torch.int64": "INT64",
+    "torch.int32": "INT32",
+    "torch.bool": "BOOL",
+}
 
 
 def _module_at(name: str, path: Path) -> ModuleType:
@@ -170,9 +175,14 @@ def spec_inputs(program: Any) -> list[dict[str, Any]]:
     Kiln's upload probe records them."""
     h = torch_helpers()
     nodes = h.user_input_nodes(program)
-    return [{"name": node.name, "datatype": _OIP_OF_TORCH[str(node.meta["val"].dtype)],
-             "shape": [d if isinstance(d, int) else -1 for d in dims]}
-            for node, dims in zip(nodes, h.input_dims(program), strict=True)]
+    return [
+        {
+            "name": node.name,
+            "datatype": _OIP_OF_TORCH[str(node.meta["val"].dtype)],
+            "shape": [d if isinstance(d, int) else -1 for d in dims],
+        }
+        for node, dims in zip(nodes, h.input_dims(program), strict=True)
+    ]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -195,31 +205,39 @@ def digits_model(s: Settings) -> Model:
     with np.load(folder / "test.npz", allow_pickle=False) as npz:
         x = torch.from_numpy(np.ascontiguousarray(npz["inputs"], dtype=np.float32))
         labels = np.asarray(npz["labels"])
-    extract = {"source": "digits/model.pt2 (dynamic batch: kept as it is)",
-               "load_s": round(time.perf_counter() - started, 2), "test_rows": int(len(x))}
+    extract = {
+        "source": "digits/model.pt2 (dynamic batch: kept as it is)",
+        "load_s": round(time.perf_counter() - started, 2),
+        "test_rows": len(x),
+    }
 
     def judge(out: np.ndarray, eager: np.ndarray) -> dict[str, Any]:
         acc = float((out.argmax(1) == labels).mean())
         eager_acc = float((eager.argmax(1) == labels).mean())
-        return {"accuracy": round(acc, 6), "eager_accuracy": round(eager_acc, 6),
-                "drop_points": round((eager_acc - acc) * 100, 4),
-                "top1_agreement": round(float((out.argmax(1) == eager.argmax(1)).mean()), 6),
-                "max_abs_logit_diff": round(float(np.abs(out - eager).max()), 6)}
+        return {
+            "accuracy": round(acc, 6),
+            "eager_accuracy": round(eager_acc, 6),
+            "drop_points": round((eager_acc - acc) * 100, 4),
+            "top1_agreement": round(float((out.argmax(1) == eager.argmax(1)).mean()), 6),
+            "max_abs_logit_diff": round(float(np.abs(out - eager).max()), 6),
+        }
 
     def passes(q: dict[str, Any]) -> bool:
         return q["drop_points"] <= MAX_DROP_POINTS
 
     def judge_served(rows: np.ndarray, out: np.ndarray, eager: np.ndarray) -> dict[str, Any]:
         top1 = out.argmax(1)
-        return {"top1_agreement": round(float((top1 == eager[rows].argmax(1)).mean()), 6),
-                "accuracy": round(float((top1 == labels[rows]).mean()), 6)}
+        return {
+            "top1_agreement": round(float((top1 == eager[rows].argmax(1)).mean()), 6),
+            "accuracy": round(float((top1 == labels[rows]).mean()), 6),
+        }
 
     timing = {b: [x[:b].clone()] for b in BATCHES}
-    evaluation = [[x[i:i + 32]] for i in range(0, len(x), 32)]
+    evaluation = [[x[i : i + 32]] for i in range(0, len(x), 32)]
     model = Model("digits", program_path, timing, evaluation, judge, passes, extract)
     model.spec_inputs = spec_inputs(program)
     name = model.spec_inputs[0]["name"]
-    model.serve_rows = [{name: x[i:i + 1].numpy()} for i in range(len(x))]
+    model.serve_rows = [{name: x[i : i + 1].numpy()} for i in range(len(x))]
     model.serve_judge = judge_served
     return model
 
@@ -243,8 +261,10 @@ def minilm_model(s: Settings) -> Model:
 
     def encode(texts: list[str]) -> list[Any]:
         encoded = tokenizer.encode_batch(texts)
-        return [torch.tensor([e.ids for e in encoded], dtype=torch.int64),
-                torch.tensor([e.attention_mask for e in encoded], dtype=torch.int64)]
+        return [
+            torch.tensor([e.ids for e in encoded], dtype=torch.int64),
+            torch.tensor([e.attention_mask for e in encoded], dtype=torch.int64),
+        ]
 
     started = time.perf_counter()
     model = minilm(**config)
@@ -255,8 +275,9 @@ def minilm_model(s: Settings) -> Model:
     seq = torch.export.Dim("seq", min=SEQ_MIN, max=SEQ_MAX)
     gen = torch.Generator().manual_seed(0)
     args = (torch.randint(1, 100, (2, 8), generator=gen), torch.ones(2, 8, dtype=torch.int64))
-    program = torch.export.export(model, args, dynamic_shapes=({0: batch, 1: seq},
-                                                               {0: batch, 1: seq}))
+    program = torch.export.export(
+        model, args, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq})
+    )
     export_s = time.perf_counter() - started
     path = s.work / "minilm.pt2"
     torch.export.save(program, str(path))
@@ -265,21 +286,29 @@ def minilm_model(s: Settings) -> Model:
     with torch.inference_mode():
         want, got = model(*check), reloaded(*check)
     diff = float((want - got).abs().max())
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # kiln.optimize.extract's tolerances
-    extract = {"source": "minilm fp16 safetensors, upcast to fp32, torch.export "
-                         f"(batch 1..{MAX_BATCH}, seq {SEQ_MIN}..{SEQ_MAX})",
-               "export_s": round(export_s, 2), "parity_max_abs_diff": diff,
-               "sentences": len(sentences),
-               "dims": [[str(d) for d in dims] for dims in h.input_dims(program)]}
+    torch.testing.assert_close(
+        got, want, rtol=1e-4, atol=1e-4
+    )  # kiln.optimize.extract's tolerances
+    extract = {
+        "source": "minilm fp16 safetensors, upcast to fp32, torch.export "
+        f"(batch 1..{MAX_BATCH}, seq {SEQ_MIN}..{SEQ_MAX})",
+        "export_s": round(export_s, 2),
+        "parity_max_abs_diff": diff,
+        "sentences": len(sentences),
+        "dims": [[str(d) for d in dims] for dims in h.input_dims(program)],
+    }
 
     def judge(out: np.ndarray, eager: np.ndarray) -> dict[str, Any]:
         cos = _cosine(out, eager)
         ref = _cosine(out, reference)
-        return {"cos_mean": round(float(cos.mean()), 6), "cos_min": round(float(cos.min()), 6),
-                "nn_agreement": round(_nn_agreement(out, eager), 4),
-                "max_abs_diff": round(float(np.abs(out - eager).max()), 6),
-                "cos_vs_fp32_weights_mean": round(float(ref.mean()), 6),
-                "cos_vs_fp32_weights_min": round(float(ref.min()), 6)}
+        return {
+            "cos_mean": round(float(cos.mean()), 6),
+            "cos_min": round(float(cos.min()), 6),
+            "nn_agreement": round(_nn_agreement(out, eager), 4),
+            "max_abs_diff": round(float(np.abs(out - eager).max()), 6),
+            "cos_vs_fp32_weights_mean": round(float(ref.mean()), 6),
+            "cos_vs_fp32_weights_min": round(float(ref.min()), 6),
+        }
 
     def passes(q: dict[str, Any]) -> bool:
         return q["cos_mean"] >= MIN_COS_MEAN and q["cos_min"] >= MIN_COS_MIN
@@ -289,14 +318,17 @@ def minilm_model(s: Settings) -> Model:
         return {"cos_mean": round(float(cos.mean()), 6), "cos_min": round(float(cos.min()), 6)}
 
     timing = {b: encode(sentences[:b]) for b in BATCHES}
-    evaluation = [encode(sentences[i:i + 32]) for i in range(0, len(sentences), 32)]
+    evaluation = [encode(sentences[i : i + 32]) for i in range(0, len(sentences), 32)]
     extract["padded_length"] = {str(b): int(t[0].shape[1]) for b, t in timing.items()}
     checked = Model("minilm", path, timing, evaluation, judge, passes, extract)
     checked.spec_inputs = spec_inputs(program)
     truncation = json.loads((folder / "tokenizer.json").read_text()).get("truncation") or {}
-    checked.preprocess = {"kind": "tokenizer", "file": "tokenizer.json",
-                          "max_length": int(truncation.get("max_length", 128)),
-                          "text_input": "text"}
+    checked.preprocess = {
+        "kind": "tokenizer",
+        "file": "tokenizer.json",
+        "max_length": int(truncation.get("max_length", 128)),
+        "text_input": "text",
+    }
     checked.tokenizer = folder / "tokenizer.json"
     checked.serve_rows = [{"text": np.array([text], dtype=object)} for text in sentences]
     checked.serve_judge = judge_served
@@ -312,6 +344,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _nn_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Share of rows whose nearest other row is the same under ``a`` and ``b``."""
+
     def nearest(x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float64) / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         sim = x @ x.T
@@ -346,8 +379,10 @@ def build_inductor(model: Model, precision: str, s: Settings) -> Callable[..., A
         program = h.cast_program(program, dtype=dtype, device=s.device)
     path = s.work / f"{model.name}-inductor-{precision}.pt2"
     torch._inductor.aoti_compile_and_package(
-        program, package_path=str(path),
-        inductor_configs={"aot_inductor.metadata": {"kiln_precision": precision}})
+        program,
+        package_path=str(path),
+        inductor_configs={"aot_inductor.metadata": {"kiln_precision": precision}},
+    )
     probe_aoti_load(path)
     return torch._inductor.aoti_load_package(str(path))
 
@@ -358,18 +393,29 @@ def probe_aoti_load(path: Path) -> None:
     a crash here must fail this variant, not the whole check."""
     import subprocess
 
-    code = ("import torch._inductor, sys; torch._inductor.aoti_load_package(sys.argv[1]); "
-            "print('loaded')")
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path)],
-                          capture_output=True, text=True, timeout=180)
+    code = (
+        "import torch._inductor, sys; torch._inductor.aoti_load_package(sys.argv[1]); "
+        "print('loaded')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     if proc.returncode != 0:
         import signal
 
-        how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-               else f"exit {proc.returncode}")
+        how = (
+            f"signal {signal.Signals(-proc.returncode).name}"
+            if proc.returncode < 0
+            else f"exit {proc.returncode}"
+        )
         frame = next((ln.strip() for ln in proc.stderr.splitlines() if "line" in ln), "")
-        raise RuntimeError(f"the AOTInductor package compiled, but loading it in a fresh process "
-                           f"failed ({how}) at {frame}")
+        raise RuntimeError(
+            f"the AOTInductor package compiled, but loading it in a fresh process "
+            f"failed ({how}) at {frame}"
+        )
 
 
 def build_inductor_jit(model: Model, precision: str, s: Settings) -> Callable[..., Any]:
@@ -385,8 +431,9 @@ def build_inductor_jit(model: Model, precision: str, s: Settings) -> Callable[..
     return torch.compile(program.module(), dynamic=True)
 
 
-def build_tensorrt(model: Model, precision: str, s: Settings, notes: list[str]
-                   ) -> Callable[..., Any]:
+def build_tensorrt(
+    model: Model, precision: str, s: Settings, notes: list[str]
+) -> Callable[..., Any]:
     """kiln.backends.tensorrt's build (fp16): the program cast to fp16 on CUDA, compiled by
     torch_tensorrt.dynamo.compile for the dynamic range, saved and loaded back."""
     import torch
@@ -410,14 +457,23 @@ def build_tensorrt(model: Model, precision: str, s: Settings, notes: list[str]
             lo.append(dim.min)
             opt.append(max(dim.min, min(top, want)))
             hi.append(top)
-        inputs.append(torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi,
-                                           dtype=node.meta["val"].dtype, name=node.name))
-    compiled = torch_tensorrt.dynamo.compile(program, inputs=inputs,
-                                             enabled_precisions={torch.float16})
+        inputs.append(
+            torch_tensorrt.Input(
+                min_shape=lo,
+                opt_shape=opt,
+                max_shape=hi,
+                dtype=node.meta["val"].dtype,
+                name=node.name,
+            )
+        )
+    compiled = torch_tensorrt.dynamo.compile(
+        program, inputs=inputs, enabled_precisions={torch.float16}
+    )
     path = s.work / f"{model.name}-tensorrt-{precision}.ep"
     try:
-        torch_tensorrt.save(compiled, str(path), output_format="exported_program",
-                            arg_inputs=inputs, retrace=True)
+        torch_tensorrt.save(
+            compiled, str(path), output_format="exported_program", arg_inputs=inputs, retrace=True
+        )
         return torch.export.load(str(path)).module()
     except Exception as exc:  # time the in-memory engine, and say why the round trip failed
         notes.append(f"save/reload failed, timed the in-memory module: {_first_line(exc)}")
@@ -426,8 +482,12 @@ def build_tensorrt(model: Model, precision: str, s: Settings, notes: list[str]
 
 # ------------------------------------------------------------------------------ measuring
 def _device_inputs(tensors: list[Any], device: str, float_dtype: Any) -> list[Any]:
-    return [(t.to(float_dtype) if float_dtype is not None and t.dtype.is_floating_point
-             else t).to(device) for t in tensors]
+    return [
+        (t.to(float_dtype) if float_dtype is not None and t.dtype.is_floating_point else t).to(
+            device
+        )
+        for t in tensors
+    ]
 
 
 def _run(fn: Callable[..., Any], tensors: list[Any]) -> np.ndarray:
@@ -436,16 +496,18 @@ def _run(fn: Callable[..., Any], tensors: list[Any]) -> np.ndarray:
     return outs[0].detach().float().cpu().numpy()
 
 
-def measure(fn: Callable[..., Any], model: Model, float_dtype: Any, s: Settings, v: Variant
-            ) -> np.ndarray:
+def measure(
+    fn: Callable[..., Any], model: Model, float_dtype: Any, s: Settings, v: Variant
+) -> np.ndarray:
     """Outputs on the evaluation batches, then latency at each batch size (device-resident
     inputs, synchronised after every call: host transfers are not timed)."""
     import torch
 
     sync = torch.cuda.synchronize if s.device == "cuda" else (lambda: None)
     with torch.inference_mode():
-        out = np.concatenate([_run(fn, _device_inputs(b, s.device, float_dtype))
-                              for b in model.evaluation])
+        out = np.concatenate(
+            [_run(fn, _device_inputs(b, s.device, float_dtype)) for b in model.evaluation]
+        )
         for batch, tensors in model.timing.items():
             args = _device_inputs(tensors, s.device, float_dtype)
             for _ in range(s.warmup):
@@ -458,9 +520,11 @@ def measure(fn: Callable[..., Any], model: Model, float_dtype: Any, s: Settings,
                 sync()
                 times.append(time.perf_counter() - t0)
             ms = np.array(times) * 1000
-            v.latency_ms[str(batch)] = {"p50": round(float(np.percentile(ms, 50)), 4),
-                                        "p99": round(float(np.percentile(ms, 99)), 4),
-                                        "mean": round(float(ms.mean()), 4)}
+            v.latency_ms[str(batch)] = {
+                "p50": round(float(np.percentile(ms, 50)), 4),
+                "p99": round(float(np.percentile(ms, 99)), 4),
+                "mean": round(float(ms.mean()), 4),
+            }
             v.samples_per_s[str(batch)] = round(batch * 1000 / float(ms.mean()), 1)
     return out
 
@@ -499,8 +563,10 @@ def run_variant(model: Model, backend: str, precision: str, s: Settings) -> None
             return
     if s.left_s() < BUILD_RESERVE_S:
         v.status = "skipped"
-        v.reason = (f"time budget: {max(s.left_s(), 0):.0f}s of --budget-s {s.budget_s:.0f} "
-                    f"left, a build needs {BUILD_RESERVE_S}s")
+        v.reason = (
+            f"time budget: {max(s.left_s(), 0):.0f}s of --budget-s {s.budget_s:.0f} "
+            f"left, a build needs {BUILD_RESERVE_S}s"
+        )
         return
     print(f"[gpu-check] {model.name}: building {v.label}", file=sys.stderr, flush=True)
     float_dtype = getattr(torch, torch_helpers().FLOAT_DTYPES[precision])
@@ -511,8 +577,10 @@ def run_variant(model: Model, backend: str, precision: str, s: Settings) -> None
             model.artifacts[v.label] = s.work / f"{model.name}-inductor-{precision}.pt2"
         elif backend == "inductor-jit":
             fn = build_inductor_jit(model, precision, s)
-            v.notes.append("torch.compile JIT (not Kiln's serving path); its compile time is "
-                           "inside the first calls, not build_s")
+            v.notes.append(
+                "torch.compile JIT (not Kiln's serving path); its compile time is "
+                "inside the first calls, not build_s"
+            )
         else:
             fn = build_tensorrt(model, precision, s, v.notes)
         v.build_s = round(time.perf_counter() - started, 2)
@@ -553,10 +621,11 @@ def serve_targets(model: Model, labels: list[str]) -> list[Any]:
     def judge_burst(requests: np.ndarray, out: np.ndarray) -> dict[str, Any]:
         return judge(requests % n_rows, out, eager_out)  # request k sent row k % n_rows
 
-    spec = {"inputs": model.spec_inputs,
-            "outputs": [{"name": "output", "datatype": "FP32",
-                         "shape": [-1, *eager_out.shape[1:]]}],
-            "preprocess": model.preprocess}
+    spec = {
+        "inputs": model.spec_inputs,
+        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, *eager_out.shape[1:]]}],
+        "preprocess": model.preprocess,
+    }
     targets = []
     for v in model.variants:
         if v.label not in labels or v.status != "ok" or v.label not in model.artifacts:
@@ -564,24 +633,35 @@ def serve_targets(model: Model, labels: list[str]) -> list[Any]:
         backend = {"torch-eager": "torch-eager", "inductor": "inductor"}[v.backend]
         version = v.label.replace(" ", "-")
         bodies = [serve.wire_request(model.name, version, row) for row in model.serve_rows]
-        targets.append(serve.Target(
-            model=model.name, variant=v.label, backend=backend, precision=v.precision,
-            artifact=model.artifacts[v.label], spec=spec, bodies=bodies,
-            judge=judge_burst,
-            tokenizer=model.tokenizer))
+        targets.append(
+            serve.Target(
+                model=model.name,
+                variant=v.label,
+                backend=backend,
+                precision=v.precision,
+                artifact=model.artifacts[v.label],
+                spec=spec,
+                bodies=bodies,
+                judge=judge_burst,
+                tokenizer=model.tokenizer,
+            )
+        )
     return targets
 
 
-def serve_models(models: list[Model], precision: str, s: Settings, opts: ServeOptions
-                 ) -> dict[str, Any]:
+def serve_models(
+    models: list[Model], precision: str, s: Settings, opts: ServeOptions
+) -> dict[str, Any]:
     """Kiln's engine serving eager fp32 and inductor ``precision`` of each model (one engine
     each, dynamic batching up to SERVE_BATCH), a burst at each: bench/gpu_serve.py."""
     serve = gpu_serve()
     wheels = s.carry / "wheels"
     budget = min(opts.budget_s, s.left_s())
     if budget < SERVE_MIN_S:
-        reason = (f"time budget: {max(s.left_s(), 0):.0f}s of --budget-s left, serving needs "
-                  f"{SERVE_MIN_S}s")
+        reason = (
+            f"time budget: {max(s.left_s(), 0):.0f}s of --budget-s left, serving needs "
+            f"{SERVE_MIN_S}s"
+        )
         return {"skipped": reason, "rows": [], "errors": []}
     labels = ["torch-eager fp32", f"inductor {precision}"]
     targets = [t for m in models for t in serve_targets(m, labels)]
@@ -590,11 +670,20 @@ def serve_models(models: list[Model], precision: str, s: Settings, opts: ServeOp
     logs = s.work / "serve"
     logs.mkdir()
     settings = serve.ServeSettings(
-        device=s.device, site=s.work / "site", logs=logs, requests=opts.requests,
-        concurrency=opts.concurrency, warmup=min(opts.requests, 2 * opts.concurrency),
-        max_batch_size=SERVE_BATCH, budget_s=budget)
-    print(f"[gpu-check] serving {len(targets)} variants ({budget:.0f}s budget)",
-          file=sys.stderr, flush=True)
+        device=s.device,
+        site=s.work / "site",
+        logs=logs,
+        requests=opts.requests,
+        concurrency=opts.concurrency,
+        warmup=min(opts.requests, 2 * opts.concurrency),
+        max_batch_size=SERVE_BATCH,
+        budget_s=budget,
+    )
+    print(
+        f"[gpu-check] serving {len(targets)} variants ({budget:.0f}s budget)",
+        file=sys.stderr,
+        flush=True,
+    )
     section = serve.serve_check(targets, wheels, settings)
     section["skipped"] = ""
     return dict(section)
@@ -608,33 +697,48 @@ def _serving_markdown(section: dict[str, Any]) -> list[str]:
         return [*lines, f"Skipped: {section['skipped']}."]
     if not section["rows"]:  # it stopped before any engine started: the errors say why
         return [*lines, *(f"- **{error}**" for error in section["errors"])]
-    lines += [(f"One engine per variant on {section['device']} (max_batch_size "
-               f"{section['max_batch_size']}, batch_timeout 0), each sent {section['warmup']} "
-               f"warm-up then {section['requests']} timed single-row requests, "
-               f"{section['concurrency']} at a time (http.client, keep-alive). Mean batch: "
-               "rows per model call during the burst (engine /stats); check: answers against "
-               "the eager model's on the same rows."), "",
-              ("| model | variant | requests | concurrency | p50 ms | p99 ms | requests/s | "
-               "mean batch | max batch | errors | check |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        (
+            f"One engine per variant on {section['device']} (max_batch_size "
+            f"{section['max_batch_size']}, batch_timeout 0), each sent {section['warmup']} "
+            f"warm-up then {section['requests']} timed single-row requests, "
+            f"{section['concurrency']} at a time (http.client, keep-alive). Mean batch: "
+            "rows per model call during the burst (engine /stats); check: answers against "
+            "the eager model's on the same rows."
+        ),
+        "",
+        (
+            "| model | variant | requests | concurrency | p50 ms | p99 ms | requests/s | "
+            "mean batch | max batch | errors | check |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in section["rows"]:
         if r.get("p50_ms") is None:
-            lines.append(f"| {r['model']} | {r['variant']} | {r.get('requests', '')} | "
-                         f"{r.get('concurrency', '')} | | | | | | {r['status']} | "
-                         f"{r['reason'].replace('|', '/')} |")
+            lines.append(
+                f"| {r['model']} | {r['variant']} | {r.get('requests', '')} | "
+                f"{r.get('concurrency', '')} | | | | | | {r['status']} | "
+                f"{r['reason'].replace('|', '/')} |"
+            )
             continue
         q = r.get("quality", {})
-        check = (f"top-1 agree {q['top1_agreement']:.4f}, acc {q['accuracy']:.4f}"
-                 if "top1_agreement" in q else
-                 f"cos {q.get('cos_mean', 0):.4f} (min {q.get('cos_min', 0):.4f})")
-        lines.append(f"| {r['model']} | {r['variant']} | {r['requests']} | "
-                     f"{r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['requests_per_s']:.0f} | {r['mean_batch']} | "
-                     f"{r.get('max_batch_seen', '')} | {r['errors']} | {check} |")
+        check = (
+            f"top-1 agree {q['top1_agreement']:.4f}, acc {q['accuracy']:.4f}"
+            if "top1_agreement" in q
+            else f"cos {q.get('cos_mean', 0):.4f} (min {q.get('cos_min', 0):.4f})"
+        )
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['requests']} | "
+            f"{r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['requests_per_s']:.0f} | {r['mean_batch']} | "
+            f"{r.get('max_batch_seen', '')} | {r['errors']} | {check} |"
+        )
     lines += [f"- **{error}**" for error in section["errors"]]
     wheels = ", ".join(" ".join(w.split("-")[:2]) for w in section.get("wheels", []))
-    lines.append(f"- wheels unpacked from the carry folder in {section.get('install_s', 0)}s: "
-                 f"{wheels}; serving took {section.get('total_s', 0)}s in all")
+    lines.append(
+        f"- wheels unpacked from the carry folder in {section.get('install_s', 0)}s: "
+        f"{wheels}; serving took {section.get('total_s', 0)}s in all"
+    )
     return lines
 
 
@@ -642,9 +746,13 @@ def _serving_markdown(section: dict[str, Any]) -> list[str]:
 def machine(device: str) -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
-                            "torch": torch.__version__, "device": device,
-                            "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "cpu_count": os.cpu_count(),
+    }
     try:
         import transformers
 
@@ -653,10 +761,12 @@ def machine(device: str) -> dict[str, Any]:
         info["transformers"] = _first_line(exc)
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info |= {"gpu": torch.cuda.get_device_name(0),
-                 "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-                 "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                 "cuda": torch.version.cuda}
+        info |= {
+            "gpu": torch.cuda.get_device_name(0),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+        }
         try:  # torch's defaults, recorded: eager fp32 convolutions may run in TF32
             info["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
             info["tf32_cudnn"] = bool(torch.backends.cudnn.allow_tf32)
@@ -675,46 +785,65 @@ def _quality_text(model: str, q: dict[str, Any]) -> str:
     if not q:
         return ""
     if model == "digits":
-        return (f"acc {q['accuracy']:.4f} ({-q['drop_points']:+.2f} pt), "
-                f"top-1 agree {q['top1_agreement']:.4f}")
-    return (f"cos {q['cos_mean']:.4f} (min {q['cos_min']:.4f}), nn {q['nn_agreement']:.2f}; "
-            f"vs fp32 weights {q['cos_vs_fp32_weights_mean']:.4f}")
+        return (
+            f"acc {q['accuracy']:.4f} ({-q['drop_points']:+.2f} pt), "
+            f"top-1 agree {q['top1_agreement']:.4f}"
+        )
+    return (
+        f"cos {q['cos_mean']:.4f} (min {q['cos_min']:.4f}), nn {q['nn_agreement']:.2f}; "
+        f"vs fp32 weights {q['cos_vs_fp32_weights_mean']:.4f}"
+    )
 
 
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    where = (f"{m['gpu']} (sm {m['capability']}, {m['gpu_memory_gib']} GiB), CUDA {m['cuda']}"
-             if m["device"] == "cuda" else f"CPU only ({m['cpu_count']} cores): --cpu-smoke")
+    where = (
+        f"{m['gpu']} (sm {m['capability']}, {m['gpu_memory_gib']} GiB), CUDA {m['cuda']}"
+        if m["device"] == "cuda"
+        else f"CPU only ({m['cpu_count']} cores): --cpu-smoke"
+    )
     lines = [
-        "# Kiln GPU check", "",
+        "# Kiln GPU check",
+        "",
         f"{where}; Python {m['python']}, torch {m['torch']}, transformers "
-        f"{m['transformers']}, torch_tensorrt {m['torch_tensorrt']}.", "",
+        f"{m['transformers']}, torch_tensorrt {m['torch_tensorrt']}.",
+        "",
         f"Command: `{doc['command']}` ({doc['generated']}, {doc['total_s']:.0f}s in all; "
         f"{doc['settings']['iters']} timed calls after {doc['settings']['warmup']} warm-up "
-        "per cell, inputs on the device, host transfers not timed).", "",
+        "per cell, inputs on the device, host transfers not timed).",
+        "",
         "| model | variant | batch | p50 ms | p99 ms | samples/s | speedup | quality | gates |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         gates = "baseline" if r["passed"] is None else ("pass" if r["passed"] else "fail")
-        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['p50_ms']:.3f} | "
-                     f"{r['p99_ms']:.3f} | {r['samples_per_s']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['quality']} | {gates} |")
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['batch']} | {r['p50_ms']:.3f} | "
+            f"{r['p99_ms']:.3f} | {r['samples_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['quality']} | {gates} |"
+        )
     lines += ["", "| model | variant | status | build s | notes |", "|---|---|---|---|---|"]
     for name, entry in doc["models"].items():
         for v in entry["variants"]:
             notes = "; ".join(filter(None, [v["reason"], *v["notes"]])).replace("|", "/")
             build = "" if v["build_s"] is None else f"{v['build_s']:.1f}"
-            lines.append(f"| {name} | {v['backend']} {v['precision']} | {v['status']} | "
-                         f"{build} | {notes} |")
-    lines += ["", "Gates (Kiln's defaults): accuracy drop <= 0.5 points, or cosine mean >= 0.99 "
-              f"and min >= 0.97; >= {MIN_SPEEDUP}x the baseline's samples/s at batch "
-              f"{SERVING_BATCH}. Issue 3's batch-32 targets, set for the CPU pipeline: "
-              + ", ".join(f"{k} >= {t}x" for k, t in TARGETS.items()) + "."]
+            lines.append(
+                f"| {name} | {v['backend']} {v['precision']} | {v['status']} | {build} | {notes} |"
+            )
+    lines += [
+        "",
+        "Gates (Kiln's defaults): accuracy drop <= 0.5 points, or cosine mean >= 0.99 "
+        f"and min >= 0.97; >= {MIN_SPEEDUP}x the baseline's samples/s at batch "
+        f"{SERVING_BATCH}. Issue 3's batch-32 targets, set for the CPU pipeline: "
+        + ", ".join(f"{k} >= {t}x" for k, t in TARGETS.items())
+        + ".",
+    ]
     lines += [f"- **{error}**" for error in doc["errors"]]
     for name, entry in doc["models"].items():
-        lines.append(f"- {name} extraction: " + ", ".join(
-            f"{k} {v}" for k, v in entry["extract"].items() if k != "dims"))
+        lines.append(
+            f"- {name} extraction: "
+            + ", ".join(f"{k} {v}" for k, v in entry["extract"].items() if k != "dims")
+        )
     lines += _serving_markdown(doc.get("serving", {}))
     return "\n".join(lines) + "\n"
 
@@ -727,12 +856,19 @@ def rows(models: list[Model]) -> list[dict[str, Any]]:
                 continue
             for batch in map(str, BATCHES):
                 lat = v.latency_ms[batch]
-                out.append({"model": model.name, "variant": v.label, "batch": int(batch),
-                            "p50_ms": lat["p50"], "p99_ms": lat["p99"],
-                            "samples_per_s": v.samples_per_s[batch],
-                            "speedup": v.speedup.get(batch, 1.0),
-                            "quality": _quality_text(model.name, v.quality),
-                            "passed": v.passed})
+                out.append(
+                    {
+                        "model": model.name,
+                        "variant": v.label,
+                        "batch": int(batch),
+                        "p50_ms": lat["p50"],
+                        "p99_ms": lat["p99"],
+                        "samples_per_s": v.samples_per_s[batch],
+                        "speedup": v.speedup.get(batch, 1.0),
+                        "quality": _quality_text(model.name, v.quality),
+                        "passed": v.passed,
+                    }
+                )
     return out
 
 
@@ -745,39 +881,81 @@ def output_paths(out: Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--carry", type=Path, default=ROOT / "bench" / "gpu-carry",
-                        help="the folder bench/prepare_gpu_check.py builds")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for gpu_check.{md,json}, or a NAME.md / NAME.json path "
-                             "(default: print only)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="no CUDA: run the pipeline on CPU (inductor fp32, few iterations)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--carry",
+        type=Path,
+        default=ROOT / "bench" / "gpu-carry",
+        help="the folder bench/prepare_gpu_check.py builds",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for gpu_check.{md,json}, or a NAME.md / NAME.json path (default: print only)",
+    )
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="no CUDA: run the pipeline on CPU (inductor fp32, few iterations)",
+    )
     parser.add_argument("--models", default="digits,minilm", help="comma-separated subset")
-    parser.add_argument("--iters", type=int, default=None,
-                        help="timed calls per cell (default 200 on CUDA, 3 with --cpu-smoke)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="warm-up calls per cell (default 20 on CUDA, 1 with --cpu-smoke)")
-    parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None,
-                        help="inductor's precision (default fp16 on CUDA, fp32 with "
-                             "--cpu-smoke; a reduced one on CPU exercises the cast only)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="seconds for the whole check: no build starts with less than "
-                             f"{BUILD_RESERVE_S}s of it left (default 270 on CUDA, no limit "
-                             "with --cpu-smoke)")
-    parser.add_argument("--no-serve", action="store_true",
-                        help="skip the serving part (Kiln's engine and a burst of requests)")
-    parser.add_argument("--requests", type=int, default=None,
-                        help=f"requests per burst (default {SERVE_REQUESTS} on CUDA, "
-                             f"{SMOKE_REQUESTS} with --cpu-smoke)")
-    parser.add_argument("--concurrency", type=int, default=None,
-                        help=f"requests in flight (default {SERVE_CONCURRENCY} on CUDA, "
-                             f"{SMOKE_CONCURRENCY} with --cpu-smoke)")
-    parser.add_argument("--serve-budget-s", type=float, default=None,
-                        help="seconds for the serving part, engine starts included (default "
-                             f"{SERVE_BUDGET_S:.0f} on CUDA, {SMOKE_BUDGET_S:.0f} with "
-                             "--cpu-smoke; never more than --budget-s leaves)")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="timed calls per cell (default 200 on CUDA, 3 with --cpu-smoke)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up calls per cell (default 20 on CUDA, 1 with --cpu-smoke)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp16", "bf16", "fp32"),
+        default=None,
+        help="inductor's precision (default fp16 on CUDA, fp32 with "
+        "--cpu-smoke; a reduced one on CPU exercises the cast only)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds for the whole check: no build starts with less than "
+        f"{BUILD_RESERVE_S}s of it left (default 270 on CUDA, no limit "
+        "with --cpu-smoke)",
+    )
+    parser.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="skip the serving part (Kiln's engine and a burst of requests)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help=f"requests per burst (default {SERVE_REQUESTS} on CUDA, "
+        f"{SMOKE_REQUESTS} with --cpu-smoke)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help=f"requests in flight (default {SERVE_CONCURRENCY} on CUDA, "
+        f"{SMOKE_CONCURRENCY} with --cpu-smoke)",
+    )
+    parser.add_argument(
+        "--serve-budget-s",
+        type=float,
+        default=None,
+        help="seconds for the serving part, engine starts included (default "
+        f"{SERVE_BUDGET_S:.0f} on CUDA, {SMOKE_BUDGET_S:.0f} with "
+        "--cpu-smoke; never more than --budget-s leaves)",
+    )
     args = parser.parse_args(argv)
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -794,8 +972,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}: use digits, minilm")
     if not (args.carry / "manifest.json").exists():
-        print(f"{args.carry} has no manifest.json: run bench/prepare_gpu_check.py first",
-              file=sys.stderr)
+        print(
+            f"{args.carry} has no manifest.json: run bench/prepare_gpu_check.py first",
+            file=sys.stderr,
+        )
         return 2
 
     device = "cuda" if cuda else "cpu"
@@ -803,11 +983,14 @@ def main(argv: list[str] | None = None) -> int:
     if smoke:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="kiln-gpu-check-") as work:
-        s = Settings(device=device, carry=args.carry, work=Path(work),
-                     warmup=args.warmup if args.warmup is not None else (1 if smoke else 20),
-                     iters=args.iters if args.iters is not None else (3 if smoke else 200),
-                     budget_s=args.budget_s if args.budget_s is not None
-                     else (None if smoke else 270.0))
+        s = Settings(
+            device=device,
+            carry=args.carry,
+            work=Path(work),
+            warmup=args.warmup if args.warmup is not None else (1 if smoke else 20),
+            iters=args.iters if args.iters is not None else (3 if smoke else 200),
+            budget_s=args.budget_s if args.budget_s is not None else (None if smoke else 270.0),
+        )
         precision = args.precision or ("fp32" if smoke else "fp16")
         builders = {"digits": digits_model, "minilm": minilm_model}
         models: list[Model] = []
@@ -826,9 +1009,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_serve and models:
             opts = ServeOptions(
                 requests=args.requests or (SMOKE_REQUESTS if smoke else SERVE_REQUESTS),
-                concurrency=args.concurrency or (SMOKE_CONCURRENCY if smoke
-                                                 else SERVE_CONCURRENCY),
-                budget_s=args.serve_budget_s or (SMOKE_BUDGET_S if smoke else SERVE_BUDGET_S))
+                concurrency=args.concurrency or (SMOKE_CONCURRENCY if smoke else SERVE_CONCURRENCY),
+                budget_s=args.serve_budget_s or (SMOKE_BUDGET_S if smoke else SERVE_BUDGET_S),
+            )
             try:
                 serving = serve_models(models, precision, s, opts)
             except Exception as exc:  # the build results are still reported
@@ -841,16 +1024,22 @@ def main(argv: list[str] | None = None) -> int:
 
     doc: dict[str, Any] = {
         "machine": machine(device),
-        "command": "python3 bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None
-                                                             else argv),
+        "command": "python3 bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "settings": {"warmup": s.warmup, "iters": s.iters, "batches": list(BATCHES),
-                     "budget_s": s.budget_s, "timing": "device-resident inputs, synchronised "
-                     "after every call; samples/s = batch / mean latency; speedup = samples/s "
-                     "over the eager fp32 baseline's at the same batch"},
+        "settings": {
+            "warmup": s.warmup,
+            "iters": s.iters,
+            "batches": list(BATCHES),
+            "budget_s": s.budget_s,
+            "timing": "device-resident inputs, synchronised "
+            "after every call; samples/s = batch / mean latency; speedup = samples/s "
+            "over the eager fp32 baseline's at the same batch",
+        },
         "total_s": round(total_s, 1),
-        "models": {m.name: {"extract": m.extract, "variants": [
-            dict(vars(var)) for var in m.variants]} for m in models},
+        "models": {
+            m.name: {"extract": m.extract, "variants": [dict(vars(var)) for var in m.variants]}
+            for m in models
+        },
         "rows": rows(models),
         "errors": errors,
         "serving": serving,
@@ -865,8 +1054,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {md} and {js}", file=sys.stderr)
     failed = [f"{m.name} {v.label}" for m in models for v in m.variants if v.status == "failed"]
     failed += errors
-    failed += [f"serving {r['model']} {r['variant']}" for r in serving.get("rows", [])
-               if r.get("status") == "failed"]
+    failed += [
+        f"serving {r['model']} {r['variant']}"
+        for r in serving.get("rows", [])
+        if r.get("status") == "failed"
+    ]
     failed += serving.get("errors", [])
     if failed:
         print(f"[gpu-check] failed: {', '.join(failed)}", file=sys.stderr)

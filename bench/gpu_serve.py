@@ -49,8 +49,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PARENT_ENV = "KILN_ENGINE_PARENT_PID"  # serving.engine: the engine stops when this pid is gone
 STOP_TIMEOUT_S = 15.0
-_OIP_DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4",
-               "INT8": "<i1", "UINT8": "<u1", "BOOL": "|b1"}
+_OIP_DTYPES = {
+    "FP32": "<f4",
+    "FP16": "<f2",
+    "FP64": "<f8",
+    "INT64": "<i8",
+    "INT32": "<i4",
+    "INT8": "<i1",
+    "UINT8": "<u1",
+    "BOOL": "|b1",
+}
 
 
 # ------------------------------------------------------------------------------ client
@@ -102,18 +110,33 @@ class Engine:
 def wire_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
     """One tensor in :mod:`serving.wire`'s format (that module needs pydantic: not imported)."""
     if array.dtype.kind in ("U", "S", "O"):
-        return {"name": name, "datatype": "BYTES", "shape": list(array.shape),
-                "data": [str(v) for v in array.reshape(-1)]}
+        return {
+            "name": name,
+            "datatype": "BYTES",
+            "shape": list(array.shape),
+            "data": [str(v) for v in array.reshape(-1)],
+        }
     datatype = {np.dtype(v).name: k for k, v in _OIP_DTYPES.items()}[array.dtype.name]
     raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    return {"name": name, "datatype": datatype, "shape": list(array.shape),
-            "b64": base64.b64encode(raw).decode("ascii")}
+    return {
+        "name": name,
+        "datatype": datatype,
+        "shape": list(array.shape),
+        "b64": base64.b64encode(raw).decode("ascii"),
+    }
 
 
 def wire_request(model: str, version: str, inputs: dict[str, np.ndarray]) -> bytes:
-    return json.dumps({"model": model, "version": version, "deadline": None,
-                       "inputs": [wire_tensor(n, a) for n, a in inputs.items()],
-                       "outputs": None}, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "model": model,
+            "version": version,
+            "deadline": None,
+            "inputs": [wire_tensor(n, a) for n, a in inputs.items()],
+            "outputs": None,
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def _wire_output(doc: dict[str, Any]) -> np.ndarray:
@@ -127,14 +150,18 @@ def install_wheels(wheels: Path, site: Path) -> list[str]:
     ``.data`` folder (these have none), with no pip, index or network needed."""
     found = sorted(wheels.glob("*.whl"))
     if not found:
-        raise RuntimeError(f"{wheels} holds no wheels: rebuild the carry folder with "
-                           "bench/prepare_gpu_check.py (it downloads them)")
+        raise RuntimeError(
+            f"{wheels} holds no wheels: rebuild the carry folder with "
+            "bench/prepare_gpu_check.py (it downloads them)"
+        )
     for wheel in found:
         why = wheel_mismatch(wheel.name)
         if why:
-            raise RuntimeError(f"{wheel.name} {why}: rebuild the carry folder with "
-                               "bench/prepare_gpu_check.py --wheels-for gpu (CPython 3.12 on "
-                               "x86_64) or --wheels-for here")
+            raise RuntimeError(
+                f"{wheel.name} {why}: rebuild the carry folder with "
+                "bench/prepare_gpu_check.py --wheels-for gpu (CPython 3.12 on "
+                "x86_64) or --wheels-for here"
+            )
     site.mkdir(parents=True, exist_ok=True)
     for wheel in found:
         with zipfile.ZipFile(wheel) as archive:
@@ -149,8 +176,10 @@ def wheel_mismatch(filename: str) -> str:
     python, abi, plat = filename.removesuffix(".whl").split("-")[-3:]
     here = f"cp{sys.version_info.major}{sys.version_info.minor}"
     if abi not in ("none", here) and not (
-            abi == "abi3" and python.startswith("cp3")
-            and int(python[3:] or 0) <= sys.version_info.minor):
+        abi == "abi3"
+        and python.startswith("cp3")
+        and int(python[3:] or 0) <= sys.version_info.minor
+    ):
         return f"is built for {python}/{abi}, and this is CPython {sys.version.split()[0]}"
     if plat != "any" and not plat.endswith(platform.machine()):
         return f"is built for {plat}, and this machine is {platform.machine()}"
@@ -168,20 +197,47 @@ def start_engine(target: Target, s: ServeSettings) -> Engine:
     engine = Engine(target, free_port(), s.logs / f"engine-{target.model}-{target.version}.log")
     spec = s.logs / f"spec-{target.model}-{target.version}.json"
     spec.write_text(json.dumps(target.spec))
-    command = [sys.executable, str(Path(__file__).resolve()), "--name", target.model,
-               "--version", target.version, "--backend", target.backend,
-               "--precision", target.precision, "--artifact", str(target.artifact),
-               "--spec", str(spec), "--port", str(engine.port), "--device", s.device,
-               "--max-batch-size", str(s.max_batch_size)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--name",
+        target.model,
+        "--version",
+        target.version,
+        "--backend",
+        target.backend,
+        "--precision",
+        target.precision,
+        "--artifact",
+        str(target.artifact),
+        "--spec",
+        str(spec),
+        "--port",
+        str(engine.port),
+        "--device",
+        s.device,
+        "--max-batch-size",
+        str(s.max_batch_size),
+    ]
     if target.tokenizer is not None:
         command += ["--tokenizer", str(target.tokenizer)]
     path = [str(s.site), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1",
-           PARENT_ENV: str(os.getpid())}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(path),
+        "PYTHONUNBUFFERED": "1",
+        PARENT_ENV: str(os.getpid()),
+    }
     with engine.log.open("ab") as out:
-        engine.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+        engine.proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return engine
 
 
@@ -233,8 +289,11 @@ def wait_ready(engines: list[Engine], s: ServeSettings) -> None:
         for engine in list(waiting):
             assert engine.proc is not None
             if engine.proc.poll() is not None:
-                engine.row = _failed(engine, f"the engine exited with {engine.proc.returncode} "
-                                             f"before it was ready: {tail(engine.log)}")
+                engine.row = _failed(
+                    engine,
+                    f"the engine exited with {engine.proc.returncode} "
+                    f"before it was ready: {tail(engine.log)}",
+                )
                 waiting.remove(engine)
                 continue
             try:
@@ -243,20 +302,32 @@ def wait_ready(engines: list[Engine], s: ServeSettings) -> None:
                 continue
             if status == 200:
                 engine.ready_s = round(time.perf_counter() - s.started, 1)
-                print(f"[gpu-check] serving {engine.target.model} {engine.target.variant}: "
-                      f"ready after {engine.ready_s:.1f}s", file=sys.stderr, flush=True)
+                print(
+                    f"[gpu-check] serving {engine.target.model} {engine.target.variant}: "
+                    f"ready after {engine.ready_s:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 waiting.remove(engine)
         time.sleep(0.25)
     for engine in waiting:
-        engine.row = _failed(engine, f"not ready within the serving budget ({s.budget_s:.0f}s): "
-                                     f"{tail(engine.log)}")
+        engine.row = _failed(
+            engine, f"not ready within the serving budget ({s.budget_s:.0f}s): {tail(engine.log)}"
+        )
 
 
 def _failed(engine: Engine, reason: str, status: str = "failed") -> dict[str, Any]:
-    print(f"[gpu-check] serving {engine.target.model} {engine.target.variant} {status}: "
-          f"{reason}", file=sys.stderr, flush=True)
-    return {"model": engine.target.model, "variant": engine.target.variant, "status": status,
-            "reason": reason}
+    print(
+        f"[gpu-check] serving {engine.target.model} {engine.target.variant} {status}: {reason}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "model": engine.target.model,
+        "variant": engine.target.variant,
+        "status": status,
+        "reason": reason,
+    }
 
 
 @dataclass
@@ -267,8 +338,9 @@ class Answer:
     body: bytes
 
 
-def burst(port: int, bodies: list[bytes], requests: int, concurrency: int
-          ) -> tuple[list[Answer], float]:
+def burst(
+    port: int, bodies: list[bytes], requests: int, concurrency: int
+) -> tuple[list[Answer], float]:
     """``requests`` POSTs to ``/predict``, ``concurrency`` at a time (a thread each, with its
     own keep-alive connection); the answers and the seconds the burst took."""
     local = threading.local()
@@ -290,8 +362,12 @@ def burst(port: int, bodies: list[bytes], requests: int, concurrency: int
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             local.conn = None
-            return Answer(index, None, (time.perf_counter() - started) * 1000,
-                          f"{type(exc).__name__}: {exc}".encode())
+            return Answer(
+                index,
+                None,
+                (time.perf_counter() - started) * 1000,
+                f"{type(exc).__name__}: {exc}".encode(),
+            )
         return Answer(index, resp.status, (time.perf_counter() - started) * 1000, body)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -316,29 +392,45 @@ def measure(engine: Engine, s: ServeSettings) -> dict[str, Any]:
     warm, _ = burst(engine.port, target.bodies, s.warmup, s.concurrency)
     bad = [a for a in warm if a.status != 200]
     if bad:
-        return _failed(engine, f"{len(bad)} of {len(warm)} warm-up requests failed, the first: "
-                               f"{bad[0].status} {bad[0].body[:200].decode(errors='replace')}")
+        return _failed(
+            engine,
+            f"{len(bad)} of {len(warm)} warm-up requests failed, the first: "
+            f"{bad[0].status} {bad[0].body[:200].decode(errors='replace')}",
+        )
     before = stats(engine.port)
     answers, wall = burst(engine.port, target.bodies, s.requests, s.concurrency)
     after = stats(engine.port)
     delta = {k: after[k] - before.get(k, 0) for k in after}
 
     ok = [a for a in answers if a.status == 200]
-    errors = Counter(str(a.status) if a.status is not None else a.body.decode()[:80]
-                     for a in answers if a.status != 200)
+    errors = Counter(
+        str(a.status) if a.status is not None else a.body.decode()[:80]
+        for a in answers
+        if a.status != 200
+    )
     row: dict[str, Any] = {
-        "model": target.model, "variant": target.variant, "status": "ok", "reason": "",
-        "requests": s.requests, "concurrency": s.concurrency, "ok": len(ok),
-        "errors": sum(errors.values()), "error_kinds": dict(errors),
-        "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 1),
-        "ready_s": engine.ready_s, "max_batch_size": s.max_batch_size,
+        "model": target.model,
+        "variant": target.variant,
+        "status": "ok",
+        "reason": "",
+        "requests": s.requests,
+        "concurrency": s.concurrency,
+        "ok": len(ok),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(ok) / wall, 1),
+        "ready_s": engine.ready_s,
+        "max_batch_size": s.max_batch_size,
         "engine_stats": delta,
     }
     if ok:
         ms = np.array([a.ms for a in ok])
-        row |= {"p50_ms": round(float(np.percentile(ms, 50)), 3),
-                "p99_ms": round(float(np.percentile(ms, 99)), 3),
-                "mean_ms": round(float(ms.mean()), 3)}
+        row |= {
+            "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "mean_ms": round(float(ms.mean()), 3),
+        }
         docs = [json.loads(a.body) for a in ok]
         sizes = np.array([d["batch_size"] for d in docs])
         row["max_batch_seen"] = int(sizes.max())
@@ -356,10 +448,16 @@ def measure(engine: Engine, s: ServeSettings) -> dict[str, Any]:
 
 def serve_check(targets: list[Target], wheels: Path, s: ServeSettings) -> dict[str, Any]:
     """Serve every target, burst each in turn, stop them all: the JSON section and its rows."""
-    section: dict[str, Any] = {"device": s.device, "requests": s.requests,
-                               "concurrency": s.concurrency, "warmup": s.warmup,
-                               "max_batch_size": s.max_batch_size, "budget_s": s.budget_s,
-                               "rows": [], "errors": []}
+    section: dict[str, Any] = {
+        "device": s.device,
+        "requests": s.requests,
+        "concurrency": s.concurrency,
+        "warmup": s.warmup,
+        "max_batch_size": s.max_batch_size,
+        "budget_s": s.budget_s,
+        "rows": [],
+        "errors": [],
+    }
     try:
         started = time.perf_counter()
         section["wheels"] = install_wheels(wheels, s.site)
@@ -371,16 +469,20 @@ def serve_check(targets: list[Target], wheels: Path, s: ServeSettings) -> dict[s
     engines: list[Engine] = []
     try:
         for target in targets:
-            print(f"[gpu-check] serving {target.model} {target.variant}: starting the engine",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[gpu-check] serving {target.model} {target.variant}: starting the engine",
+                file=sys.stderr,
+                flush=True,
+            )
             engines.append(start_engine(target, s))
         wait_ready(engines, s)
         for engine in engines:
             if engine.row:  # not ready: its row says why
                 continue
             if s.left_s() <= 0:
-                engine.row = _failed(engine, "serving budget spent before its burst",
-                                     status="skipped")
+                engine.row = _failed(
+                    engine, "serving budget spent before its burst", status="skipped"
+                )
                 continue
             try:
                 engine.row = measure(engine, s)
@@ -389,17 +491,24 @@ def serve_check(targets: list[Target], wheels: Path, s: ServeSettings) -> dict[s
             else:
                 r = engine.row
                 if r.get("p50_ms") is not None:
-                    print(f"[gpu-check] serving {r['model']} {r['variant']}: {r['ok']}/"
-                          f"{r['requests']} ok, p50 {r['p50_ms']:.1f} ms, "
-                          f"{r['requests_per_s']:.0f} req/s, mean batch {r['mean_batch']}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[gpu-check] serving {r['model']} {r['variant']}: {r['ok']}/"
+                        f"{r['requests']} ok, p50 {r['p50_ms']:.1f} ms, "
+                        f"{r['requests_per_s']:.0f} req/s, mean batch {r['mean_batch']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         stop_engines(engines)
     for engine in engines:  # the GPU machine keeps no files: its log goes to the output
         if engine.row.get("status") == "failed":
             end = "\n".join(last_lines(engine.log, 40))
-            print(f"[gpu-check] log of the {engine.target.model} {engine.target.variant} "
-                  f"engine, its end:\n{end}", file=sys.stderr, flush=True)
+            print(
+                f"[gpu-check] log of the {engine.target.model} {engine.target.variant} "
+                f"engine, its end:\n{end}",
+                file=sys.stderr,
+                flush=True,
+            )
     section["rows"] = [e.row for e in engines]
     section["total_s"] = round(time.perf_counter() - s.started, 1)
     return section
@@ -427,11 +536,14 @@ class CarriedModel:
         from serving.loader import LoadedModel
 
         if (name, version) != (self.name, self.version):
-            raise NotFound(f"{name}@{version} is not served here: this engine serves "
-                           f"{self.name}@{self.version}")
+            raise NotFound(
+                f"{name}@{version} is not served here: this engine serves "
+                f"{self.name}@{self.version}"
+            )
         spec = ModelSpec.model_validate(self.spec)
-        runner = get_backend(self.backend).load(Path(self.artifact), spec=spec, device=device,
-                                                threads=threads)
+        runner = get_backend(self.backend).load(
+            Path(self.artifact), spec=spec, device=device, threads=threads
+        )
         tokenizer = None
         if spec.preprocess is not None:  # as serving.loader loads a text model's tokenizer
             from tokenizers import Tokenizer
@@ -441,9 +553,16 @@ class CarriedModel:
             tokenizer = Tokenizer.from_file(self.tokenizer)
             tokenizer.enable_truncation(spec.preprocess.max_length)
             tokenizer.enable_padding()
-        return LoadedModel(name=name, version=version, spec=spec, runner=runner,
-                           memory_bytes=Path(self.artifact).stat().st_size,
-                           backend=self.backend, precision=self.precision, tokenizer=tokenizer)
+        return LoadedModel(
+            name=name,
+            version=version,
+            spec=spec,
+            runner=runner,
+            memory_bytes=Path(self.artifact).stat().st_size,
+            backend=self.backend,
+            precision=self.precision,
+            tokenizer=tokenizer,
+        )
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -451,8 +570,10 @@ def serve(argv: list[str] | None = None) -> int:
     import argparse
     import logging
 
-    parser = argparse.ArgumentParser(description="Serve one built artifact with Kiln's engine "
-                                                 "(no registry); bench/gpu_check.py starts it.")
+    parser = argparse.ArgumentParser(
+        description="Serve one built artifact with Kiln's engine "
+        "(no registry); bench/gpu_check.py starts it."
+    )
     parser.add_argument("--name", required=True)
     parser.add_argument("--version", required=True)
     parser.add_argument("--backend", required=True, choices=["torch-eager", "inductor"])
@@ -474,25 +595,43 @@ def serve(argv: list[str] | None = None) -> int:
     log = logging.getLogger("kiln.engine")
     signal.signal(signal.SIGTERM, engine._raise_interrupt)  # LitServe's Ctrl-C path
     engine._watch_parent()  # stop with bench/gpu_check.py, even when it is killed
-    loader = CarriedModel(args.name, args.version, args.backend, args.precision,
-                          str(args.artifact), json.loads(args.spec.read_text()),
-                          str(args.tokenizer) if args.tokenizer else None)
-    api = engine.KilnEngine(args.name, args.version,
-                            ServingSettings(max_batch_size=args.max_batch_size),
-                            engine.EngineStats(), loader=loader)
+    loader = CarriedModel(
+        args.name,
+        args.version,
+        args.backend,
+        args.precision,
+        str(args.artifact),
+        json.loads(args.spec.read_text()),
+        str(args.tokenizer) if args.tokenizer else None,
+    )
+    api = engine.KilnEngine(
+        args.name,
+        args.version,
+        ServingSettings(max_batch_size=args.max_batch_size),
+        engine.EngineStats(),
+        loader=loader,
+    )
     # one GPU, whatever nvidia-smi and CUDA_VISIBLE_DEVICES say (LitServe's "auto" reads both)
-    server = engine.lit_server(api, accelerator=args.device,
-                               devices=1 if args.device == "cuda" else "auto")
+    server = engine.lit_server(
+        api, accelerator=args.device, devices=1 if args.device == "cuda" else "auto"
+    )
     code = 0
     try:
-        server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
-                   generate_client_file=False, api_server_worker_type="thread",
-                   access_log=False)
+        server.run(
+            host="127.0.0.1",
+            port=args.port,
+            num_api_servers=1,
+            log_level="warning",
+            generate_client_file=False,
+            api_server_worker_type="thread",
+            access_log=False,
+        )
     except KeyboardInterrupt:
         log.info("engine for %s@%s stopping", args.name, args.version)
-    except Exception as exc:  # noqa: BLE001 - a worker failed its setup (it logged why) or died
-        log.error("engine for %s@%s stopped: %s: %s", args.name, args.version,
-                  type(exc).__name__, exc)
+    except Exception as exc:  # a worker failed its setup (it logged why) or died
+        log.error(
+            "engine for %s@%s stopped: %s: %s", args.name, args.version, type(exc).__name__, exc
+        )
         code = 1
     engine._stop_children()
     return code

@@ -42,13 +42,29 @@ ROOT = Path(__file__).resolve().parents[1]
 #: what Kiln's engine imports (bench/gpu_serve.py) that the GPU machine's python3 lacks, or has
 #: at versions too old for the rest (anyio, typing-extensions); it has click, h11, idna and
 #: annotated-doc, and uvicorn falls back to h11 and asyncio without httptools or websockets
-WHEELS = ("litserve", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core",
-          "annotated-types", "typing-inspection", "typing-extensions", "opentelemetry-api",
-          "pyzmq", "orjson", "anyio")
+WHEELS = (
+    "litserve",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "opentelemetry-api",
+    "pyzmq",
+    "orjson",
+    "anyio",
+)
 #: the GPU machine's python3 (bench/README-gpu.md); pip matches manylinux tags exactly
 GPU_PYTHON = "3.12"
-GPU_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-                 "manylinux2014_x86_64")
+GPU_PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+)
 MIB = 1024 * 1024
 LIMIT_MIB = 60  # the carry folder's own budget; the device tool's limit for everything is 64
 TOOL_LIMIT_MIB = 64
@@ -66,9 +82,11 @@ def _sha256(path: Path) -> str:
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        raise SystemExit(f"{path} is missing: build the examples first (`dvc repro`, or "
-                         "`make bench`), or point --data-root at a folder holding "
-                         "digits/{model.pt2,test.npz} and minilm/{model/,sentences.npz}")
+        raise SystemExit(
+            f"{path} is missing: build the examples first (`dvc repro`, or "
+            "`make bench`), or point --data-root at a folder holding "
+            "digits/{model.pt2,test.npz} and minilm/{model/,sentences.npz}"
+        )
     return path
 
 
@@ -94,7 +112,7 @@ def minilm_reference(folder: Path, config: dict, sentences: list[str]) -> np.nda
     parts = []
     with torch.inference_mode():
         for start in range(0, len(sentences), BATCH):
-            encoded = tokenizer.encode_batch(sentences[start:start + BATCH])
+            encoded = tokenizer.encode_batch(sentences[start : start + BATCH])
             ids = torch.tensor([e.ids for e in encoded], dtype=torch.int64)
             mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.int64)
             parts.append(model(ids, mask).float().numpy())
@@ -114,10 +132,15 @@ def carry_minilm(data: Path, out: Path) -> None:
     shutil.copyfile(_need(folder / "tokenizer.json"), out / "tokenizer.json")
 
     state = load_file(_need(folder / spec["weights"]))
-    half = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
-            for k, v in state.items()}
-    save_file(half, out / "model.fp16.safetensors",
-              metadata={"format": "pt", "source": "kiln.examples.minilm weights, cast to fp16"})
+    half = {
+        k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
+        for k, v in state.items()
+    }
+    save_file(
+        half,
+        out / "model.fp16.safetensors",
+        metadata={"format": "pt", "source": "kiln.examples.minilm weights, cast to fp16"},
+    )
 
     with np.load(_need(data / "sentences.npz"), allow_pickle=False) as npz:
         sentences = [str(s) for s in npz["inputs"][:N_SENTENCES]]
@@ -145,8 +168,18 @@ def carry_wheels(out: Path, wheels_for: str, lock: Path) -> None:
     missing = [name for name in WHEELS if name not in pins]
     if missing:
         raise SystemExit(f"{lock} pins no version of {', '.join(missing)}: run `make lock`")
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-               "--no-deps", "--only-binary=:all:", "--dest", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(out),
+    ]
     if wheels_for == "gpu":
         command += ["--python-version", GPU_PYTHON, "--implementation", "cp"]
         command += [arg for platform in GPU_PLATFORMS for arg in ("--platform", platform)]
@@ -155,9 +188,11 @@ def carry_wheels(out: Path, wheels_for: str, lock: Path) -> None:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if "ERROR" in line] or [
-            proc.stderr.strip()[-500:]]
-        raise SystemExit(f"pip download of the engine's wheels failed (PyPI unreachable?): "
-                         f"{errors[0]}")
+            proc.stderr.strip()[-500:]
+        ]
+        raise SystemExit(
+            f"pip download of the engine's wheels failed (PyPI unreachable?): {errors[0]}"
+        )
     found = sorted(p.name for p in out.glob("*.whl"))
     if len(found) != len(WHEELS):
         raise SystemExit(f"expected {len(WHEELS)} wheels in {out}, found {found}")
@@ -167,8 +202,13 @@ def travelling_tree_bytes() -> int | None:
     """Bytes of the files the device tool sends besides ``carry`` (tracked, and untracked but
     not ignored), or None where git cannot say."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT,
-                                capture_output=True, check=True, timeout=60).stdout
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "-co", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     total = 0
@@ -180,17 +220,34 @@ def travelling_tree_bytes() -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=ROOT / "data",
-                        help="folder holding digits/ and minilm/ as dvc repro writes them")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu-carry",
-                        help="the carry folder to (re)build")
-    parser.add_argument("--wheels-for", choices=("gpu", "here"), default="gpu",
-                        help=f"download the engine's wheels for the GPU machine (CPython "
-                             f"{GPU_PYTHON}, manylinux x86_64) or for this interpreter (tests)")
-    parser.add_argument("--lock", type=Path, default=ROOT / "requirements.lock",
-                        help="where the wheels' versions are pinned")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=ROOT / "data",
+        help="folder holding digits/ and minilm/ as dvc repro writes them",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "gpu-carry",
+        help="the carry folder to (re)build",
+    )
+    parser.add_argument(
+        "--wheels-for",
+        choices=("gpu", "here"),
+        default="gpu",
+        help=f"download the engine's wheels for the GPU machine (CPython "
+        f"{GPU_PYTHON}, manylinux x86_64) or for this interpreter (tests)",
+    )
+    parser.add_argument(
+        "--lock",
+        type=Path,
+        default=ROOT / "requirements.lock",
+        help="where the wheels' versions are pinned",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -202,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
 
     files = sorted(p for p in args.out.rglob("*") if p.is_file())
     manifest = {
-        "files": {str(p.relative_to(args.out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                  for p in files},
+        "files": {
+            str(p.relative_to(args.out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files
+        },
         "n_sentences": N_SENTENCES,
         "wheels_for": args.wheels_for,
         "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -217,15 +276,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {entry['bytes'] / MIB:8.2f} MiB  {name}")
     wheels = sum(e["bytes"] for n, e in manifest["files"].items() if n.startswith("wheels/"))
     print(f"  {wheels / MIB:8.2f} MiB  in {len(WHEELS)} wheels (for {args.wheels_for})")
-    print(f"{args.out}: {total / MIB:.2f} MiB in {len(files) + 1} files "
-          f"(limit {LIMIT_MIB} MiB); built in {time.perf_counter() - started:.1f}s")
+    print(
+        f"{args.out}: {total / MIB:.2f} MiB in {len(files) + 1} files "
+        f"(limit {LIMIT_MIB} MiB); built in {time.perf_counter() - started:.1f}s"
+    )
     tree = travelling_tree_bytes()
     if tree is not None:
-        print(f"working tree that travels besides it: {tree / MIB:.2f} MiB; together "
-              f"{(tree + total) / MIB:.2f} MiB of the device tool's {TOOL_LIMIT_MIB} MiB")
+        print(
+            f"working tree that travels besides it: {tree / MIB:.2f} MiB; together "
+            f"{(tree + total) / MIB:.2f} MiB of the device tool's {TOOL_LIMIT_MIB} MiB"
+        )
     if total >= LIMIT_MIB * MIB:
-        print(f"error: the carry folder is {total / MIB:.2f} MiB, over {LIMIT_MIB} MiB",
-              file=sys.stderr)
+        print(
+            f"error: the carry folder is {total / MIB:.2f} MiB, over {LIMIT_MIB} MiB",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -77,10 +77,10 @@ class ExampleModel:
 
 
 MODELS = {
-    "digits": ExampleModel("data/digits/model.pt2", "data/digits/val.npz",
-                           "data/digits/test.npz"),
-    "minilm": ExampleModel("data/minilm/model", "data/minilm/sentences.npz",
-                           "data/minilm/sentences.npz"),
+    "digits": ExampleModel("data/digits/model.pt2", "data/digits/val.npz", "data/digits/test.npz"),
+    "minilm": ExampleModel(
+        "data/minilm/model", "data/minilm/sentences.npz", "data/minilm/sentences.npz"
+    ),
 }
 
 
@@ -130,8 +130,13 @@ def engine_body(model: str, km: KilnModel, sample: Any) -> dict[str, Any]:
         from serving.wire import encode_tensor
 
         tensor = encode_tensor(km.input_name, np.ascontiguousarray(sample[None]))
-    return {"model": model, "version": km.version, "deadline": None, "inputs": [tensor],
-            "outputs": None}
+    return {
+        "model": model,
+        "version": km.version,
+        "deadline": None,
+        "inputs": [tensor],
+        "outputs": None,
+    }
 
 
 def oip_body(model: str, km: KilnModel, sample: Any) -> dict[str, Any]:
@@ -140,8 +145,12 @@ def oip_body(model: str, km: KilnModel, sample: Any) -> dict[str, Any]:
         tensor = {"name": km.input_name, "datatype": "BYTES", "shape": [1], "data": [sample]}
     else:
         x = sample[None]
-        tensor = {"name": km.input_name, "datatype": "FP32", "shape": list(x.shape),
-                  "data": x.reshape(-1).tolist()}
+        tensor = {
+            "name": km.input_name,
+            "datatype": "FP32",
+            "shape": list(x.shape),
+            "data": x.reshape(-1).tolist(),
+        }
     return {"inputs": [tensor]}
 
 
@@ -159,9 +168,15 @@ def free_port() -> int:
 def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A server in its own process group (stopped as a group), logging to ``log``."""
     with log.open("ab") as out:
-        return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def family(root: int) -> list[psutil.Process]:
@@ -229,14 +244,19 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, *,
-               headers: dict[str, str] | None = None, timeout: float = READY_TIMEOUT_S) -> None:
+def wait_ready(
+    proc: subprocess.Popen,
+    url: str,
+    log: Path,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = READY_TIMEOUT_S,
+) -> None:
     """Until ``GET url`` answers 200; Skip if the server exits or takes longer than ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise Skip(f"server exited with {proc.returncode} before it was ready: "
-                       f"{tail(log)}")
+            raise Skip(f"server exited with {proc.returncode} before it was ready: {tail(log)}")
         try:
             if httpx.get(url, headers=headers, timeout=2.0).status_code == 200:
                 return
@@ -255,8 +275,12 @@ def check_answers(target: Target, count: int = 8) -> None:
     """One request for each of the first ``count`` bodies: every one must be a 2xx."""
     for body in target.bodies[:count]:
         try:
-            resp = httpx.post(target.url, content=body, timeout=120.0,
-                              headers={"Content-Type": "application/json", **target.headers})
+            resp = httpx.post(
+                target.url,
+                content=body,
+                timeout=120.0,
+                headers={"Content-Type": "application/json", **target.headers},
+            )
         except httpx.TransportError as exc:
             raise Skip(f"a request failed: {exc!r}") from None
         if resp.status_code // 100 != 2:
@@ -270,19 +294,32 @@ def drain(target: Target) -> None:
 
 
 # ----------------------------------------------------------------------------------- wrk
-def run_wrk(target: Target, *, connections: int, duration: float, threads: int,
-            workdir: Path) -> dict[str, Any]:
+def run_wrk(
+    target: Target, *, connections: int, duration: float, threads: int, workdir: Path
+) -> dict[str, Any]:
     """One wrk run; returns the script's JSON (requests, errors, latency in microseconds)."""
     bodies = workdir / "bodies.jsonl"
     bodies.write_text("\n".join(target.bodies) + "\n")
-    command = ["wrk", "-t", str(max(1, min(threads, connections))), "-c", str(connections),
-               "-d", f"{max(1, round(duration))}s", "--latency", "--timeout", "10s",
-               "-s", str(LUA)]
+    command = [
+        "wrk",
+        "-t",
+        str(max(1, min(threads, connections))),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(duration))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+    ]
     for name, value in target.headers.items():
         command += ["-H", f"{name}: {value}"]
     command += [target.url, "--", str(bodies)]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True,
-                          timeout=duration + 60)
+    proc = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=duration + 60
+    )
     drain(target)
     for line in proc.stdout.splitlines():
         if line.startswith("KILN_WRK "):
@@ -294,12 +331,20 @@ def to_row(system: str, model: str, connections: int, doc: dict[str, Any]) -> di
     seconds = doc["duration_us"] / 1e6
     ok = doc["requests"] - doc["errors"]["status"]
     lat = doc["latency_us"]
-    return {"system": system, "model": model, "concurrency": connections,
-            "rps": round(ok / seconds, 1) if seconds else 0.0,
-            "p50_ms": round(lat["p50"] / 1000, 3), "p99_ms": round(lat["p99"] / 1000, 3),
-            "errors": doc["error_total"], "requests": doc["requests"],
-            "p90_ms": round(lat["p90"] / 1000, 3), "p999_ms": round(lat["p999"] / 1000, 3),
-            "duration_s": round(seconds, 2), "error_kinds": doc["errors"]}
+    return {
+        "system": system,
+        "model": model,
+        "concurrency": connections,
+        "rps": round(ok / seconds, 1) if seconds else 0.0,
+        "p50_ms": round(lat["p50"] / 1000, 3),
+        "p99_ms": round(lat["p99"] / 1000, 3),
+        "errors": doc["error_total"],
+        "requests": doc["requests"],
+        "p90_ms": round(lat["p90"] / 1000, 3),
+        "p999_ms": round(lat["p999"] / 1000, 3),
+        "duration_s": round(seconds, 2),
+        "error_kinds": doc["errors"],
+    }
 
 
 # ------------------------------------------------------------------------------- systems
@@ -310,13 +355,26 @@ def group_memory(proc: subprocess.Popen) -> Callable[[], dict[str, float]]:
 @contextmanager
 def naive_fastapi(model: str, ctx: Bench) -> Iterator[Target]:
     port, log = free_port(), ctx.log("naive-fastapi", model)
-    proc = spawn([PY, str(SERVERS / "naive_fastapi.py"), "--model", model,
-                  "--path", str(ROOT / MODELS[model].source), "--port", str(port)], log)
+    proc = spawn(
+        [
+            PY,
+            str(SERVERS / "naive_fastapi.py"),
+            "--model",
+            model,
+            "--path",
+            str(ROOT / MODELS[model].source),
+            "--port",
+            str(port),
+        ],
+        log,
+    )
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
-        yield Target(f"http://127.0.0.1:{port}/predict",
-                     [dumps(plain_body(model, s)) for s in ctx.samples[model]],
-                     memory=group_memory(proc))
+        yield Target(
+            f"http://127.0.0.1:{port}/predict",
+            [dumps(plain_body(model, s)) for s in ctx.samples[model]],
+            memory=group_memory(proc),
+        )
     finally:
         stop(proc)
 
@@ -324,15 +382,31 @@ def naive_fastapi(model: str, ctx: Bench) -> Iterator[Target]:
 @contextmanager
 def litserve_plain(model: str, ctx: Bench, batch_timeout: float) -> Iterator[Target]:
     port, log = free_port(), ctx.log(f"litserve-plain-{batch_timeout}", model)
-    proc = spawn([PY, str(SERVERS / "litserve_plain.py"), "--model", model,
-                  "--path", str(ROOT / MODELS[model].source), "--port", str(port),
-                  "--max-batch-size", "32", "--batch-timeout", str(batch_timeout)], log)
+    proc = spawn(
+        [
+            PY,
+            str(SERVERS / "litserve_plain.py"),
+            "--model",
+            model,
+            "--path",
+            str(ROOT / MODELS[model].source),
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "32",
+            "--batch-timeout",
+            str(batch_timeout),
+        ],
+        log,
+    )
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
-        yield Target(f"http://127.0.0.1:{port}/predict",
-                     [dumps(plain_body(model, s)) for s in ctx.samples[model]],
-                     memory=group_memory(proc),
-                     info={"batch_timeout_s": batch_timeout, "max_batch_size": 32})
+        yield Target(
+            f"http://127.0.0.1:{port}/predict",
+            [dumps(plain_body(model, s)) for s in ctx.samples[model]],
+            memory=group_memory(proc),
+            info={"batch_timeout_s": batch_timeout, "max_batch_size": 32},
+        )
     finally:
         stop(proc)
 
@@ -341,15 +415,32 @@ def litserve_plain(model: str, ctx: Bench, batch_timeout: float) -> Iterator[Tar
 def kiln_engine(model: str, ctx: Bench) -> Iterator[Target]:
     km = ctx.kiln_model(model)
     port, log = free_port(), ctx.log("kiln-engine", model)
-    proc = spawn([PY, "-m", "serving.engine", "--model", model, "--version", km.version,
-                  "--port", str(port)], log, env=ctx.kiln_env())
+    proc = spawn(
+        [
+            PY,
+            "-m",
+            "serving.engine",
+            "--model",
+            model,
+            "--version",
+            km.version,
+            "--port",
+            str(port),
+        ],
+        log,
+        env=ctx.kiln_env(),
+    )
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
-        yield Target(f"http://127.0.0.1:{port}/predict",
-                     [dumps(engine_body(model, km, s)) for s in ctx.samples[model]],
-                     memory=lambda: {"rss_mb": rss_mb(family(proc.pid)),
-                                     "rss_engine_mb": rss_mb(family(proc.pid))},
-                     info={"served": km.selected, "version": km.version})
+        yield Target(
+            f"http://127.0.0.1:{port}/predict",
+            [dumps(engine_body(model, km, s)) for s in ctx.samples[model]],
+            memory=lambda: {
+                "rss_mb": rss_mb(family(proc.pid)),
+                "rss_engine_mb": rss_mb(family(proc.pid)),
+            },
+            info={"served": km.selected, "version": km.version},
+        )
     finally:
         stop(proc)
 
@@ -365,23 +456,40 @@ def kiln_gateway(model: str, ctx: Bench) -> Iterator[Target]:
     auth = {"Authorization": f"Bearer {key}"}
     try:
         wait_ready(proc, f"{base}/v2/health/live", log)
-        kiln_cli(["deploy", model, "--strategy", "direct", "--wait", str(int(READY_TIMEOUT_S)),
-                  "--json"], env)
+        kiln_cli(
+            [
+                "deploy",
+                model,
+                "--strategy",
+                "direct",
+                "--wait",
+                str(int(READY_TIMEOUT_S)),
+                "--json",
+            ],
+            env,
+        )
         wait_ready(proc, f"{base}/v2/models/{model}/ready", log, headers=auth)
 
         def memory() -> dict[str, float]:
             gateway = [p for p in family(proc.pid) if _pgid(p.pid) == proc.pid]
             engines = [p for p in family(proc.pid) if _pgid(p.pid) != proc.pid]
             mine = [p for p in engines if _serves(p, model)]
-            return {"rss_mb": round(rss_mb(gateway) + rss_mb(mine), 1),
-                    "rss_gateway_mb": rss_mb(gateway), "rss_engine_mb": rss_mb(mine),
-                    "rss_all_engines_mb": rss_mb(engines),
-                    "engine_replicas": len({_pgid(p.pid) for p in mine} - {None})}
+            return {
+                "rss_mb": round(rss_mb(gateway) + rss_mb(mine), 1),
+                "rss_gateway_mb": rss_mb(gateway),
+                "rss_engine_mb": rss_mb(mine),
+                "rss_all_engines_mb": rss_mb(engines),
+                "engine_replicas": len({_pgid(p.pid) for p in mine} - {None}),
+            }
 
-        yield Target(f"{base}/v2/models/{model}/infer",
-                     [dumps(oip_body(model, km, s)) for s in ctx.samples[model]],
-                     headers=auth, memory=memory,
-                     info={"served": km.selected, "version": km.version}, pid=proc.pid)
+        yield Target(
+            f"{base}/v2/models/{model}/infer",
+            [dumps(oip_body(model, km, s)) for s in ctx.samples[model]],
+            headers=auth,
+            memory=memory,
+            info={"served": km.selected, "version": km.version},
+            pid=proc.pid,
+        )
     finally:
         stop(proc)
 
@@ -393,32 +501,44 @@ def _serves(proc: psutil.Process, model: str) -> bool:
         args = leader.cmdline()
     except (ProcessLookupError, psutil.Error):
         return False
-    return "--model" in args and args[args.index("--model") + 1:][:1] == [model]
+    return "--model" in args and args[args.index("--model") + 1 :][:1] == [model]
 
 
 # ----------------------------------------------------------------------------- Kiln home
 def kiln_cli(args: list[str], env: dict[str, str], timeout: float = 1800) -> dict[str, Any]:
     """``kiln ARGS`` (with ``--json``): its one JSON document; Skip with its stderr on failure."""
-    proc = subprocess.run([KILN, *args], check=False, cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [KILN, *args],
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        raise Skip(f"`kiln {' '.join(args)}` failed ({proc.returncode}): "
-                   f"{proc.stderr.strip()[-400:] or proc.stdout.strip()[-400:]}")
+        raise Skip(
+            f"`kiln {' '.join(args)}` failed ({proc.returncode}): "
+            f"{proc.stderr.strip()[-400:] or proc.stdout.strip()[-400:]}"
+        )
     return json.loads(proc.stdout)
 
 
 def has_command(command: list[str]) -> str | None:
     """None when ``command --help`` works, else why not."""
     try:
-        proc = subprocess.run([*command, "--help"], check=False, cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*command, "--help"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"`{' '.join(command)}` cannot run: {exc}"
     if proc.returncode != 0:
         lines = [ln.strip(" │╭╮╰╯─") for ln in (proc.stderr or proc.stdout).splitlines()]
         lines = [ln for ln in lines if ln and ln != "Error"]
-        why = next((ln for ln in lines if "No such" in ln or "No module" in ln),
-                   lines[-1] if lines else f"exit {proc.returncode}")
+        why = next(
+            (ln for ln in lines if "No such" in ln or "No module" in ln),
+            lines[-1] if lines else f"exit {proc.returncode}",
+        )
         return f"`{' '.join(command)}` is not available yet: {why}"
     return None
 
@@ -426,8 +546,7 @@ def has_command(command: list[str]) -> str | None:
 class Bench:
     """One run: shared samples, logs, and the Kiln home (prepared once, on first use)."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, home: Path | None = None
-                 ) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, home: Path | None = None) -> None:
         self.args = args
         self.workdir = workdir
         self.samples = {m: samples(m) for m in args.models}
@@ -458,36 +577,53 @@ class Bench:
                 doc = kiln_cli(["show", model, "--json"], env)
             except Skip:
                 print(f"[serve] kiln upload {model} (KILN_HOME={self.home})", file=sys.stderr)
-                kiln_cli(["upload", model, str(ROOT / data.source), "--dataset",
-                          str(ROOT / data.dataset), "--json"], env)
+                kiln_cli(
+                    [
+                        "upload",
+                        model,
+                        str(ROOT / data.source),
+                        "--dataset",
+                        str(ROOT / data.dataset),
+                        "--json",
+                    ],
+                    env,
+                )
                 doc = kiln_cli(["show", model, "--json"], env)
             if doc["status"] == "uploaded":
-                print(f"[serve] kiln optimize {model}@{doc['version']} (minilm takes minutes)",
-                      file=sys.stderr)
+                print(
+                    f"[serve] kiln optimize {model}@{doc['version']} (minilm takes minutes)",
+                    file=sys.stderr,
+                )
                 kiln_cli(["optimize", f"{model}@{doc['version']}", "--json"], env)
                 doc = kiln_cli(["show", f"{model}@{doc['version']}", "--json"], env)
         except Skip as exc:
             self._home_error = f"preparing KILN_HOME failed: {exc}"
             raise Skip(self._home_error) from None
         if doc["status"] in ("uploaded", "optimizing", "rejected"):
-            raise Skip(f"{model}@{doc['version']} is {doc['status']} in {self.home}, "
-                       "not servable")
+            raise Skip(f"{model}@{doc['version']} is {doc['status']} in {self.home}, not servable")
         spec = doc["spec"]
         pre = spec.get("preprocess") or {}
-        selected = next((f"{a['backend']}/{a['precision']}" for a in doc["artifacts"]
-                         if a["selected"]), "?")
-        km = KilnModel(version=doc["version"], status=doc["status"],
-                       input_name=pre.get("text_input") or spec["inputs"][0]["name"],
-                       selected=selected)
-        print(f"[serve] {model}@{km.version} in KILN_HOME: {km.status}, serves {selected}",
-              file=sys.stderr)
+        selected = next(
+            (f"{a['backend']}/{a['precision']}" for a in doc["artifacts"] if a["selected"]), "?"
+        )
+        km = KilnModel(
+            version=doc["version"],
+            status=doc["status"],
+            input_name=pre.get("text_input") or spec["inputs"][0]["name"],
+            selected=selected,
+        )
+        print(
+            f"[serve] {model}@{km.version} in KILN_HOME: {km.status}, serves {selected}",
+            file=sys.stderr,
+        )
         self._kiln_models[model] = km
         return km
 
     def kiln_key(self) -> str:
         if self._key is None:
-            self._key = str(kiln_cli(["keys", "create", "--scope", "infer", "--json"],
-                                     self.kiln_env())["key"])
+            self._key = str(
+                kiln_cli(["keys", "create", "--scope", "infer", "--json"], self.kiln_env())["key"]
+            )
         return self._key
 
 
@@ -497,16 +633,29 @@ def measure(system: str, model: str, target: Target, ctx: Bench) -> list[dict[st
     check_answers(target)
     args = ctx.args
     if args.warmup > 0:
-        run_wrk(target, connections=min(16, max(args.concurrency)), duration=args.warmup,
-                threads=args.threads, workdir=ctx.workdir)
+        run_wrk(
+            target,
+            connections=min(16, max(args.concurrency)),
+            duration=args.warmup,
+            threads=args.threads,
+            workdir=ctx.workdir,
+        )
     rows = []
     for connections in args.concurrency:
-        doc = run_wrk(target, connections=connections, duration=args.duration,
-                      threads=args.threads, workdir=ctx.workdir)
+        doc = run_wrk(
+            target,
+            connections=connections,
+            duration=args.duration,
+            threads=args.threads,
+            workdir=ctx.workdir,
+        )
         row = {**to_row(system, model, connections, doc), **target.info}
-        print(f"[serve] {system:15} {model:7} c={connections:<3} {row['rps']:9.1f} rps  "
-              f"p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  "
-              f"errors {row['errors']}", file=sys.stderr)
+        print(
+            f"[serve] {system:15} {model:7} c={connections:<3} {row['rps']:9.1f} rps  "
+            f"p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  "
+            f"errors {row['errors']}",
+            file=sys.stderr,
+        )
         rows.append(row)
     memory = target.memory()
     for row in rows:
@@ -521,20 +670,31 @@ def run_litserve(model: str, ctx: Bench) -> list[dict[str, Any]]:
         try:
             with litserve_plain(model, ctx, timeout) as target:
                 check_answers(target)
-                run_wrk(target, connections=TUNE_CONCURRENCY, duration=1, threads=ctx.args.threads,
-                        workdir=ctx.workdir)
-                doc = run_wrk(target, connections=TUNE_CONCURRENCY,
-                              duration=ctx.args.tune_duration, threads=ctx.args.threads,
-                              workdir=ctx.workdir)
+                run_wrk(
+                    target,
+                    connections=TUNE_CONCURRENCY,
+                    duration=1,
+                    threads=ctx.args.threads,
+                    workdir=ctx.workdir,
+                )
+                doc = run_wrk(
+                    target,
+                    connections=TUNE_CONCURRENCY,
+                    duration=ctx.args.tune_duration,
+                    threads=ctx.args.threads,
+                    workdir=ctx.workdir,
+                )
         except Skip as exc:
-            print(f"[serve] litserve-plain {model} batch_timeout {timeout}: {exc}",
-                  file=sys.stderr)
+            print(f"[serve] litserve-plain {model} batch_timeout {timeout}: {exc}", file=sys.stderr)
             continue
         trial = to_row("litserve-plain", model, TUNE_CONCURRENCY, doc)
         tuning[str(timeout)] = trial["rps"]
-        print(f"[serve] litserve-plain {model} batch_timeout {timeout * 1000:g} ms: "
-              f"{trial['rps']} rps at c={TUNE_CONCURRENCY}, p50 {trial['p50_ms']} ms, "
-              f"errors {trial['errors']}", file=sys.stderr)
+        print(
+            f"[serve] litserve-plain {model} batch_timeout {timeout * 1000:g} ms: "
+            f"{trial['rps']} rps at c={TUNE_CONCURRENCY}, p50 {trial['p50_ms']} ms, "
+            f"errors {trial['errors']}",
+            file=sys.stderr,
+        )
     if not tuning:
         raise Skip("no batch timeout got a LitServe server running (logs in the work dir)")
     best = float(max(tuning, key=lambda t: tuning[t]))
@@ -558,8 +718,9 @@ def availability(systems: list[str]) -> dict[str, str]:
     return missing
 
 
-def run(args: argparse.Namespace, home: Path | None = None
-        ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def run(
+    args: argparse.Namespace, home: Path | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     missing = availability(args.systems)
@@ -577,8 +738,11 @@ def run(args: argparse.Namespace, home: Path | None = None
                     if system == "litserve-plain":
                         rows += run_litserve(model, ctx)
                     else:
-                        starter = {"naive-fastapi": naive_fastapi, "kiln-engine": kiln_engine,
-                                   "kiln": kiln_gateway}[system]
+                        starter = {
+                            "naive-fastapi": naive_fastapi,
+                            "kiln-engine": kiln_engine,
+                            "kiln": kiln_gateway,
+                        }[system]
                         with starter(model, ctx) as target:
                             rows += measure(system, model, target, ctx)
                 except Skip as exc:
@@ -604,16 +768,22 @@ def sampled_gateway(ctx: Bench, sample: float) -> Iterator[Target]:
     """``kiln serve`` logging ``sample`` of its requests (digits already deployed)."""
     km = ctx.kiln_model("digits")
     port, log = free_port(), ctx.log(f"kiln-log-{sample:g}", "digits")
-    env = {**ctx.kiln_env(), "KILN_GATEWAY_PORT": str(port),
-           "KILN_INFERENCE_LOG_SAMPLE": str(sample)}
+    env = {
+        **ctx.kiln_env(),
+        "KILN_GATEWAY_PORT": str(port),
+        "KILN_INFERENCE_LOG_SAMPLE": str(sample),
+    }
     proc = spawn([KILN, "serve", "--port", str(port)], log, env=env)
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {ctx.kiln_key()}"}
     try:
         wait_ready(proc, f"{base}/v2/models/digits/ready", log, headers=auth)
-        yield Target(f"{base}/v2/models/digits/infer",
-                     [dumps(oip_body("digits", km, s)) for s in ctx.samples["digits"]],
-                     headers=auth, info={"metrics": f"{base}/metrics", "sample": sample})
+        yield Target(
+            f"{base}/v2/models/digits/infer",
+            [dumps(oip_body("digits", km, s)) for s in ctx.samples["digits"]],
+            headers=auth,
+            info={"metrics": f"{base}/metrics", "sample": sample},
+        )
     finally:
         stop(proc)
 
@@ -650,19 +820,28 @@ async def _closed_loop(target: Target, connections: int, duration: float) -> dic
         await asyncio.gather(*(worker(session, i) for i in range(connections)))
     seconds = time.perf_counter() - started
     lat = np.asarray(latencies) * 1000
-    return {"rps": round((len(lat) - errors) / seconds, 1), "requests": int(len(lat)),
-            "errors": errors, "p50_ms": round(float(np.percentile(lat, 50)), 3),
-            "p99_ms": round(float(np.percentile(lat, 99)), 3), "duration_s": round(seconds, 2)}
+    return {
+        "rps": round((len(lat) - errors) / seconds, 1),
+        "requests": len(lat),
+        "errors": errors,
+        "p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "duration_s": round(seconds, 2),
+    }
 
 
 def load_run(target: Target, ctx: Bench, connections: int, duration: float) -> dict[str, Any]:
     """One measured run: wrk where installed, else the closed-loop Python generator."""
     if shutil.which("wrk") is not None:
-        doc = run_wrk(target, connections=connections, duration=duration,
-                      threads=ctx.args.threads, workdir=ctx.workdir)
+        doc = run_wrk(
+            target,
+            connections=connections,
+            duration=duration,
+            threads=ctx.args.threads,
+            workdir=ctx.workdir,
+        )
         row = to_row("kiln", "digits", connections, doc)
-        return {k: row[k] for k in ("rps", "requests", "errors", "p50_ms", "p99_ms",
-                                    "duration_s")}
+        return {k: row[k] for k in ("rps", "requests", "errors", "p50_ms", "p99_ms", "duration_s")}
     row = asyncio.run(_closed_loop(target, connections, duration))
     drain(target)
     return row
@@ -711,8 +890,7 @@ def run_log_overhead(ctx: Bench) -> dict[str, Any]:
     connections, duration = args.log_concurrency, args.log_duration or args.duration
     ctx.samples.setdefault("digits", samples("digits"))
     ctx.kiln_model("digits")
-    kiln_cli(["deploy", "digits", "--strategy", "direct", "--wait", "0", "--json"],
-             ctx.kiln_env())
+    kiln_cli(["deploy", "digits", "--strategy", "direct", "--wait", "0", "--json"], ctx.kiln_env())
     runs: dict[str, list[dict[str, Any]]] = {f"{s:g}": [] for s in LOG_SAMPLES}
     with sampled_gateway(ctx, LOG_SAMPLES[0]) as off, sampled_gateway(ctx, LOG_SAMPLES[1]) as on:
         targets = {f"{LOG_SAMPLES[0]:g}": off, f"{LOG_SAMPLES[1]:g}": on}
@@ -725,44 +903,62 @@ def run_log_overhead(ctx: Bench) -> dict[str, Any]:
                 row = load_run(target, ctx, connections, duration)
                 row["settle_s"] = round(settle(target), 2)
                 runs[key].append(row)
-                print(f"[log-overhead] run {index + 1} sample {key}: {row['rps']:.1f} rps  "
-                      f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}  log settled in "
-                      f"{row['settle_s']:.1f} s", file=sys.stderr)
+                print(
+                    f"[log-overhead] run {index + 1} sample {key}: {row['rps']:.1f} rps  "
+                    f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}  log settled in "
+                    f"{row['settle_s']:.1f} s",
+                    file=sys.stderr,
+                )
         counts = {key: log_counts(t) for key, t in targets.items()}
     medians = {key: float(np.median([r["p99_ms"] for r in rows])) for key, rows in runs.items()}
     off_p99, on_p99 = medians[f"{LOG_SAMPLES[0]:g}"], medians[f"{LOG_SAMPLES[1]:g}"]
     ratio = on_p99 / off_p99 if off_p99 > 0 else float("nan")
-    return {"model": "digits", "concurrency": connections, "duration_s": duration,
-            "runs_each": args.log_runs,
-            "generator": "wrk" if shutil.which("wrk") else "python-aiohttp (wrk not installed)",
-            "p99_ms": {k: [r["p99_ms"] for r in rows] for k, rows in runs.items()},
-            "rps": {k: [r["rps"] for r in rows] for k, rows in runs.items()},
-            "settle_s": {k: [r["settle_s"] for r in rows] for k, rows in runs.items()},
-            "errors": {k: sum(r["errors"] for r in rows) for k, rows in runs.items()},
-            "median_p99_ms": medians, "p99_ratio": round(ratio, 4),
-            "max_ratio": LOG_MAX_RATIO, "passed": bool(ratio <= LOG_MAX_RATIO),
-            "log_counters": counts,
-            "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "model": "digits",
+        "concurrency": connections,
+        "duration_s": duration,
+        "runs_each": args.log_runs,
+        "generator": "wrk" if shutil.which("wrk") else "python-aiohttp (wrk not installed)",
+        "p99_ms": {k: [r["p99_ms"] for r in rows] for k, rows in runs.items()},
+        "rps": {k: [r["rps"] for r in rows] for k, rows in runs.items()},
+        "settle_s": {k: [r["settle_s"] for r in rows] for k, rows in runs.items()},
+        "errors": {k: sum(r["errors"] for r in rows) for k, rows in runs.items()},
+        "median_p99_ms": medians,
+        "p99_ratio": round(ratio, 4),
+        "max_ratio": LOG_MAX_RATIO,
+        "passed": bool(ratio <= LOG_MAX_RATIO),
+        "log_counters": counts,
+        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def log_markdown(doc: dict[str, Any]) -> str:
-    lines = [LOG_MARKER, "## Inference-log overhead", "",
-             f"digits through `kiln serve`, {doc['concurrency']} connections, "
-             f"{doc['runs_each']} alternating runs of {doc['duration_s']:g} s per sample "
-             f"({doc['generator']}; {doc['at']}). Acceptance: median p99 at sample 1 <= "
-             f"{doc['max_ratio']:g} x median p99 at sample 0.", "",
-             "| sample | p99 ms per run | median p99 ms | req/s per run | errors | logged | "
-             "dropped |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        LOG_MARKER,
+        "## Inference-log overhead",
+        "",
+        f"digits through `kiln serve`, {doc['concurrency']} connections, "
+        f"{doc['runs_each']} alternating runs of {doc['duration_s']:g} s per sample "
+        f"({doc['generator']}; {doc['at']}). Acceptance: median p99 at sample 1 <= "
+        f"{doc['max_ratio']:g} x median p99 at sample 0.",
+        "",
+        "| sample | p99 ms per run | median p99 ms | req/s per run | errors | logged | dropped |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key in doc["p99_ms"]:
         counts = doc["log_counters"][key]
-        lines.append(f"| {key} | {', '.join(f'{v:.2f}' for v in doc['p99_ms'][key])} | "
-                     f"{doc['median_p99_ms'][key]:.2f} | "
-                     f"{', '.join(f'{v:.0f}' for v in doc['rps'][key])} | "
-                     f"{doc['errors'][key]} | {counts['logged']:.0f} | "
-                     f"{counts['dropped']:.0f} |")
+        lines.append(
+            f"| {key} | {', '.join(f'{v:.2f}' for v in doc['p99_ms'][key])} | "
+            f"{doc['median_p99_ms'][key]:.2f} | "
+            f"{', '.join(f'{v:.0f}' for v in doc['rps'][key])} | "
+            f"{doc['errors'][key]} | {counts['logged']:.0f} | "
+            f"{counts['dropped']:.0f} |"
+        )
     settled = max(v for values in doc.get("settle_s", {"": [0.0]}).values() for v in values)
-    lines.append(f"\nEach run started once the previous one's log was written (its queue "
-                 f"empty, its counters still; at most {settled:.1f} s after a run).")
+    lines.append(
+        f"\nEach run started once the previous one's log was written (its queue "
+        f"empty, its counters still; at most {settled:.1f} s after a run)."
+    )
     verdict = "passed" if doc["passed"] else "FAILED"
     lines.append(f"\np99 ratio (sample 1 / sample 0): **{doc['p99_ratio']:.3f}** ({verdict}).")
     return "\n".join(lines) + "\n"
@@ -808,8 +1004,10 @@ def engine_target(gateway: Target, model: str, ctx: Bench) -> Target:
             ports.append(int(args[args.index("--port") + 1]))
     if len(set(ports)) != 1:
         raise Skip(f"expected one engine serving {model} under the gateway, found ports {ports}")
-    return Target(f"http://127.0.0.1:{ports[0]}/predict",
-                  [dumps(engine_body(model, km, s)) for s in ctx.samples[model]])
+    return Target(
+        f"http://127.0.0.1:{ports[0]}/predict",
+        [dumps(engine_body(model, km, s)) for s in ctx.samples[model]],
+    )
 
 
 def run_gateway_overhead(ctx: Bench) -> dict[str, Any]:
@@ -822,86 +1020,135 @@ def run_gateway_overhead(ctx: Bench) -> dict[str, Any]:
             for target in (gateway, engine):
                 check_answers(target)
                 if args.warmup > 0:
-                    run_wrk(target, connections=1, duration=args.warmup, threads=1,
-                            workdir=ctx.workdir)
+                    run_wrk(
+                        target, connections=1, duration=args.warmup, threads=1, workdir=ctx.workdir
+                    )
             pairs = []
             for index in range(args.gap_runs):
                 order = ("gateway", "engine") if index % 2 == 0 else ("engine", "gateway")
                 p50 = {}
                 for name in order:
-                    doc = run_wrk(gateway if name == "gateway" else engine, connections=1,
-                                  duration=args.gap_duration, threads=1, workdir=ctx.workdir)
+                    doc = run_wrk(
+                        gateway if name == "gateway" else engine,
+                        connections=1,
+                        duration=args.gap_duration,
+                        threads=1,
+                        workdir=ctx.workdir,
+                    )
                     p50[name] = to_row(name, model, 1, doc)["p50_ms"]
-                pair = {"first": order[0], "gateway_p50_ms": p50["gateway"],
-                        "engine_p50_ms": p50["engine"],
-                        "gap_ms": round(p50["gateway"] - p50["engine"], 3)}
-                print(f"[gateway-overhead] {model} pair {index + 1}: gateway "
-                      f"{pair['gateway_p50_ms']:.3f} ms, engine {pair['engine_p50_ms']:.3f} ms, "
-                      f"gap {pair['gap_ms']:.3f} ms", file=sys.stderr)
+                pair = {
+                    "first": order[0],
+                    "gateway_p50_ms": p50["gateway"],
+                    "engine_p50_ms": p50["engine"],
+                    "gap_ms": round(p50["gateway"] - p50["engine"], 3),
+                }
+                print(
+                    f"[gateway-overhead] {model} pair {index + 1}: gateway "
+                    f"{pair['gateway_p50_ms']:.3f} ms, engine {pair['engine_p50_ms']:.3f} ms, "
+                    f"gap {pair['gap_ms']:.3f} ms",
+                    file=sys.stderr,
+                )
                 pairs.append(pair)
         gap = float(np.median([p["gap_ms"] for p in pairs]))
         models[model] = {
-            "served": gateway.info["served"], "pairs": pairs,
-            "median_gateway_p50_ms": round(float(np.median([p["gateway_p50_ms"]
-                                                            for p in pairs])), 3),
-            "median_engine_p50_ms": round(float(np.median([p["engine_p50_ms"]
-                                                           for p in pairs])), 3),
-            "median_gap_ms": round(gap, 3), "met": bool(gap <= GAP_TARGET_MS)}
-    return {"concurrency": 1, "duration_s": args.gap_duration, "pairs_each": args.gap_runs,
-            "target_ms": GAP_TARGET_MS, "models": models,
-            "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "served": gateway.info["served"],
+            "pairs": pairs,
+            "median_gateway_p50_ms": round(
+                float(np.median([p["gateway_p50_ms"] for p in pairs])), 3
+            ),
+            "median_engine_p50_ms": round(float(np.median([p["engine_p50_ms"] for p in pairs])), 3),
+            "median_gap_ms": round(gap, 3),
+            "met": bool(gap <= GAP_TARGET_MS),
+        }
+    return {
+        "concurrency": 1,
+        "duration_s": args.gap_duration,
+        "pairs_each": args.gap_runs,
+        "target_ms": GAP_TARGET_MS,
+        "models": models,
+        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def gap_markdown(doc: dict[str, Any]) -> str:
-    lines = [GAP_MARKER, "## Gateway overhead", "",
-             (f"One `kiln serve` per model; wrk, 1 connection, {doc['pairs_each']} pairs of "
-              f"{doc['duration_s']:g} s runs alternating between the gateway (OIP v2 JSON, key "
-              "checked, routed) and the same engine's /predict, the order flipped every pair "
-              f"({doc['at']}). Target: median gap <= {doc['target_ms']:g} ms."), "",
-             ("| model | served | gateway p50 ms per pair | engine p50 ms per pair | gap ms per "
-              "pair | median gap ms | target |"), "|---|---|---|---|---|---|---|"]
+    lines = [
+        GAP_MARKER,
+        "## Gateway overhead",
+        "",
+        (
+            f"One `kiln serve` per model; wrk, 1 connection, {doc['pairs_each']} pairs of "
+            f"{doc['duration_s']:g} s runs alternating between the gateway (OIP v2 JSON, key "
+            "checked, routed) and the same engine's /predict, the order flipped every pair "
+            f"({doc['at']}). Target: median gap <= {doc['target_ms']:g} ms."
+        ),
+        "",
+        (
+            "| model | served | gateway p50 ms per pair | engine p50 ms per pair | gap ms per "
+            "pair | median gap ms | target |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for model, m in doc["models"].items():
+
         def column(key: str, pairs: list[dict[str, Any]] = m["pairs"]) -> str:
             return ", ".join(f"{p[key]:.2f}" for p in pairs)
-        lines.append(f"| {model} | {m['served']} | {column('gateway_p50_ms')} | "
-                     f"{column('engine_p50_ms')} | {column('gap_ms')} | "
-                     f"**{m['median_gap_ms']:.2f}** | {'met' if m['met'] else 'missed'} |")
+
+        lines.append(
+            f"| {model} | {m['served']} | {column('gateway_p50_ms')} | "
+            f"{column('engine_p50_ms')} | {column('gap_ms')} | "
+            f"**{m['median_gap_ms']:.2f}** | {'met' if m['met'] else 'missed'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------- outputs
-def markdown(rows: list[dict[str, Any]], skipped: list[dict[str, str]],
-             args: argparse.Namespace) -> str:
-    header = (f"Command: `python bench/serve_bench.py --duration {args.duration:g} "
-              f"--concurrency {','.join(map(str, args.concurrency))}` "
-              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). wrk {args.threads} "
-              "thread(s), `--timeout 10s`, on the same machine as the servers; one request is "
-              "one digits image or one MiniLM sentence; the same requests for every system. "
-              "RSS is read after the runs, summed over each server's processes (kiln: gateway "
-              "+ this model's engine).")
-    lines = [SERVE_MARKER, "## Serve", "", header, "",
-             "| model | system | concurrency | req/s | p50 ms | p99 ms | errors | RSS MB | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["model"], r["concurrency"],
-                                          SYSTEMS.index(r["system"]))):
+def markdown(
+    rows: list[dict[str, Any]], skipped: list[dict[str, str]], args: argparse.Namespace
+) -> str:
+    header = (
+        f"Command: `python bench/serve_bench.py --duration {args.duration:g} "
+        f"--concurrency {','.join(map(str, args.concurrency))}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). wrk {args.threads} "
+        "thread(s), `--timeout 10s`, on the same machine as the servers; one request is "
+        "one digits image or one MiniLM sentence; the same requests for every system. "
+        "RSS is read after the runs, summed over each server's processes (kiln: gateway "
+        "+ this model's engine)."
+    )
+    lines = [
+        SERVE_MARKER,
+        "## Serve",
+        "",
+        header,
+        "",
+        "| model | system | concurrency | req/s | p50 ms | p99 ms | errors | RSS MB | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["model"], r["concurrency"], SYSTEMS.index(r["system"]))):
         notes = []
         if "batch_timeout_s" in r:
             notes.append(f"batch_timeout {r['batch_timeout_s'] * 1000:g} ms")
         if "served" in r:
             notes.append(r["served"])
         if "rss_gateway_mb" in r:
-            notes.append(f"gateway {r['rss_gateway_mb']} + {r['engine_replicas']} engine(s) "
-                         f"{r['rss_engine_mb']} MB")
-        lines.append(f"| {r['model']} | {r['system']} | {r['concurrency']} | {r['rps']:.1f} | "
-                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
-                     f"{r.get('rss_mb', '-')} | {'; '.join(notes)} |")
+            notes.append(
+                f"gateway {r['rss_gateway_mb']} + {r['engine_replicas']} engine(s) "
+                f"{r['rss_engine_mb']} MB"
+            )
+        lines.append(
+            f"| {r['model']} | {r['system']} | {r['concurrency']} | {r['rps']:.1f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+            f"{r.get('rss_mb', '-')} | {'; '.join(notes)} |"
+        )
     for r in rows:
         if r["system"] == "litserve-plain" and r["concurrency"] == args.concurrency[0]:
-            tried = ", ".join(f"{float(t) * 1000:g} ms: {v:.1f}" for t, v in
-                              r["tuning_rps"].items())
-            lines.append(f"\n- litserve-plain {r['model']}: batch_timeout tried at concurrency "
-                         f"{TUNE_CONCURRENCY} ({args.tune_duration:g} s each, req/s): {tried}; "
-                         f"kept {r['batch_timeout_s'] * 1000:g} ms.")
+            tried = ", ".join(
+                f"{float(t) * 1000:g} ms: {v:.1f}" for t, v in r["tuning_rps"].items()
+            )
+            lines.append(
+                f"\n- litserve-plain {r['model']}: batch_timeout tried at concurrency "
+                f"{TUNE_CONCURRENCY} ({args.tune_duration:g} s each, req/s): {tried}; "
+                f"kept {r['batch_timeout_s'] * 1000:g} ms."
+            )
     for s in skipped:
         lines.append(f"\n- skipped {s['system']} ({s['model']}): {s['reason']}")
     return "\n".join(lines) + "\n"
@@ -916,54 +1163,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if not items:
                 raise argparse.ArgumentTypeError("give at least one value")
             return items
+
         return parse
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per wrk run")
-    parser.add_argument("--concurrency", type=csv(int), default=[1, 16, 64],
-                        help="connections, comma-separated")
+    parser.add_argument(
+        "--concurrency", type=csv(int), default=[1, 16, 64], help="connections, comma-separated"
+    )
     parser.add_argument("--models", type=csv(str, tuple(MODELS)), default=list(MODELS))
     parser.add_argument("--systems", type=csv(str, SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--reuse-home", type=Path, default=None, metavar="DIR",
-                        help="a KILN_HOME to use and keep: models missing from it are "
-                             "uploaded and optimized there first, so the next run skips that "
-                             "(default: a fresh temporary one)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench",
-                        help="folder of results.json and results.md")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before "
-                        "the measured runs (0: none)")
-    parser.add_argument("--tune-duration", type=float, default=5.0,
-                        help="seconds per LitServe batch_timeout trial")
-    parser.add_argument("--batch-timeouts", type=csv(float), default=list(BATCH_TIMEOUTS),
-                        help="LitServe batch_timeout values to try, seconds")
+    parser.add_argument(
+        "--reuse-home",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a KILN_HOME to use and keep: models missing from it are "
+        "uploaded and optimized there first, so the next run skips that "
+        "(default: a fresh temporary one)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench", help="folder of results.json and results.md"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=3.0,
+        help="seconds of load before the measured runs (0: none)",
+    )
+    parser.add_argument(
+        "--tune-duration", type=float, default=5.0, help="seconds per LitServe batch_timeout trial"
+    )
+    parser.add_argument(
+        "--batch-timeouts",
+        type=csv(float),
+        default=list(BATCH_TIMEOUTS),
+        help="LitServe batch_timeout values to try, seconds",
+    )
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
-    parser.add_argument("--sections", type=csv(str, SECTIONS), default=list(SECTIONS),
-                        help="what to run: the systems' table (serve), the gateway's p50 "
-                             "cost over its engine (gateway-overhead), the inference log's "
-                             "p99 cost (log-overhead); e.g. a smoke check: --sections "
-                             "log-overhead --duration 3 --warmup 1 --log-runs 2")
-    parser.add_argument("--gap-runs", type=int, default=6,
-                        help="gateway-overhead: pairs of runs per model (medians of them)")
-    parser.add_argument("--gap-duration", type=float, default=5.0,
-                        help="gateway-overhead: seconds per run")
-    parser.add_argument("--log-runs", type=int, default=5,
-                        help="log-overhead: alternating runs per sample (medians of them)")
-    parser.add_argument("--log-duration", type=float, default=None,
-                        help="log-overhead: seconds per run (default: --duration)")
-    parser.add_argument("--log-concurrency", type=int, default=16,
-                        help="log-overhead: connections")
-    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
-                        help="copy the servers' logs here")
+    parser.add_argument(
+        "--sections",
+        type=csv(str, SECTIONS),
+        default=list(SECTIONS),
+        help="what to run: the systems' table (serve), the gateway's p50 "
+        "cost over its engine (gateway-overhead), the inference log's "
+        "p99 cost (log-overhead); e.g. a smoke check: --sections "
+        "log-overhead --duration 3 --warmup 1 --log-runs 2",
+    )
+    parser.add_argument(
+        "--gap-runs",
+        type=int,
+        default=6,
+        help="gateway-overhead: pairs of runs per model (medians of them)",
+    )
+    parser.add_argument(
+        "--gap-duration", type=float, default=5.0, help="gateway-overhead: seconds per run"
+    )
+    parser.add_argument(
+        "--log-runs",
+        type=int,
+        default=5,
+        help="log-overhead: alternating runs per sample (medians of them)",
+    )
+    parser.add_argument(
+        "--log-duration",
+        type=float,
+        default=None,
+        help="log-overhead: seconds per run (default: --duration)",
+    )
+    parser.add_argument("--log-concurrency", type=int, default=16, help="log-overhead: connections")
+    parser.add_argument(
+        "--keep-logs", type=Path, default=None, metavar="DIR", help="copy the servers' logs here"
+    )
     args = parser.parse_args(argv)
     if args.reuse_home is not None:
         args.reuse_home = args.reuse_home.resolve()
     return args
 
 
-def section(args: argparse.Namespace, name: str, marker: str,
-            render: Callable[[dict[str, Any]], str],
-            measure: Callable[[Path], dict[str, Any]]) -> bool:
+def section(
+    args: argparse.Namespace,
+    name: str,
+    marker: str,
+    render: Callable[[dict[str, Any]], str],
+    measure: Callable[[Path], dict[str, Any]],
+) -> bool:
     """One of the extra sections: measured in a scratch folder, written under its marker
     (results.json key: ``name`` with underscores); False, with the reason, when skipped."""
     try:
@@ -984,8 +1270,11 @@ def main(argv: list[str] | None = None) -> int:
     needed = args.models if {"serve", "gateway-overhead"} & set(args.sections) else ["digits"]
     for model in needed:
         if not (ROOT / MODELS[model].source).exists():
-            print(f"[serve] {MODELS[model].source} is missing: run "
-                  "`.venv/bin/dvc repro train_digits build_minilm` first", file=sys.stderr)
+            print(
+                f"[serve] {MODELS[model].source} is missing: run "
+                "`.venv/bin/dvc repro train_digits build_minilm` first",
+                file=sys.stderr,
+            )
             return 2
     ok = True
     # serve and gateway-overhead share one KILN_HOME (--reuse-home, else a temporary one), so
@@ -998,13 +1287,22 @@ def main(argv: list[str] | None = None) -> int:
             write_section(args.out, "serve", rows, SERVE_MARKER, table)
             print(table)
         if "gateway-overhead" in args.sections:
-            ok &= section(args, "gateway-overhead", GAP_MARKER, gap_markdown,
-                          lambda work: run_gateway_overhead(Bench(args, work, home)))
+            ok &= section(
+                args,
+                "gateway-overhead",
+                GAP_MARKER,
+                gap_markdown,
+                lambda work: run_gateway_overhead(Bench(args, work, home)),
+            )
     if "log-overhead" in args.sections:
-        ok &= section(args, "log-overhead", LOG_MARKER, log_markdown,
-                      lambda work: run_log_overhead(Bench(args, work)))
+        ok &= section(
+            args,
+            "log-overhead",
+            LOG_MARKER,
+            log_markdown,
+            lambda work: run_log_overhead(Bench(args, work)),
+        )
     return 0 if ok else 1
-
 
 
 if __name__ == "__main__":

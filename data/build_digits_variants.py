@@ -104,10 +104,12 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/digits"),
-                        help="folder with model.pt2 and test.npz")
-    parser.add_argument("--out", type=Path, default=Path("data/digits/variants"),
-                        help="output folder")
+    parser.add_argument(
+        "--data", type=Path, default=Path("data/digits"), help="folder with model.pt2 and test.npz"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/digits/variants"), help="output folder"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(SEED)

@@ -46,31 +46,147 @@ MAX_LENGTH = 128
 # BertConfig values copied from the package's config.json; the rest of that file (architectures,
 # transformers_version, gradient_checkpointing...) is bookkeeping the model does not need.
 CONFIG_KEYS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
-    "max_position_embeddings", "type_vocab_size", "initializer_range", "layer_norm_eps",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "initializer_range",
+    "layer_norm_eps",
     "pad_token_id",
 )
 
 # Standard-library modules whose docstrings give the sentences: imported for their docstrings
 # only, none has import-time side effects (no `this`, `antigravity`, GUI or deprecated modules).
 MODULES = (
-    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmath",
-    "codecs", "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "dis", "email.message", "enum", "filecmp",
-    "fnmatch", "fractions", "ftplib", "functools", "gc", "getopt", "gettext", "glob", "gzip",
-    "hashlib", "heapq", "hmac", "html", "html.parser", "http.client", "http.cookiejar",
-    "http.server", "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "keyword",
-    "linecache", "locale", "logging", "logging.handlers", "lzma", "mailbox", "math", "mimetypes",
-    "multiprocessing", "netrc", "numbers", "operator", "os", "os.path", "pathlib", "pickle",
-    "pkgutil", "platform", "plistlib", "poplib", "pprint", "profile", "pstats", "queue", "quopri",
-    "random", "re", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil",
-    "signal", "smtplib", "socket", "socketserver", "sqlite3", "ssl", "stat", "statistics",
-    "string", "struct", "subprocess", "symtable", "sys", "sysconfig", "tabnanny", "tarfile",
-    "tempfile", "textwrap", "threading", "time", "timeit", "token", "tokenize", "trace",
-    "traceback", "types", "typing", "unittest", "urllib.parse", "urllib.request", "uuid",
-    "warnings", "wave", "weakref", "webbrowser", "xml.dom.minidom", "xml.etree.ElementTree",
-    "zipfile", "zlib", "zoneinfo",
+    "abc",
+    "argparse",
+    "array",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "bz2",
+    "calendar",
+    "cmath",
+    "codecs",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "email.message",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "gc",
+    "getopt",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "html.parser",
+    "http.client",
+    "http.cookiejar",
+    "http.server",
+    "imaplib",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "keyword",
+    "linecache",
+    "locale",
+    "logging",
+    "logging.handlers",
+    "lzma",
+    "mailbox",
+    "math",
+    "mimetypes",
+    "multiprocessing",
+    "netrc",
+    "numbers",
+    "operator",
+    "os",
+    "os.path",
+    "pathlib",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "profile",
+    "pstats",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "reprlib",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "ssl",
+    "stat",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "symtable",
+    "sys",
+    "sysconfig",
+    "tabnanny",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "timeit",
+    "token",
+    "tokenize",
+    "trace",
+    "traceback",
+    "types",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "webbrowser",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zlib",
+    "zoneinfo",
 )
 
 _SENTENCE_END = re.compile(r"(?<=[a-z0-9)][.!?])\s+(?=[A-Z])")
@@ -102,9 +218,11 @@ def docstrings(module: ModuleType) -> list[str | None]:
             continue
         if inspect.isclass(obj):
             docs.append(obj.__doc__)
-            docs.extend(getattr(member, "__doc__", None)
-                        for member_name, member in sorted(vars(obj).items())
-                        if not member_name.startswith("_") and callable(member))
+            docs.extend(
+                getattr(member, "__doc__", None)
+                for member_name, member in sorted(vars(obj).items())
+                if not member_name.startswith("_") and callable(member)
+            )
         elif callable(obj):
             docs.append(obj.__doc__)
     return docs
@@ -118,8 +236,9 @@ def collect_sentences() -> np.ndarray:
     with warnings.catch_warnings():  # touching typing.io and friends warns
         warnings.simplefilter("ignore", DeprecationWarning)
         for name in MODULES:
-            found.update(s for doc in docstrings(importlib.import_module(name))
-                         if (s := first_sentence(doc)))
+            found.update(
+                s for doc in docstrings(importlib.import_module(name)) if (s := first_sentence(doc))
+            )
     pool = sorted(found)
     if len(pool) < N_SENTENCES:
         raise SystemExit(f"only {len(pool)} sentences found, need {N_SENTENCES}: extend MODULES")
@@ -153,8 +272,12 @@ def write_model_folder(package_dir: Path, folder: Path) -> None:
             {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
             {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
         ],
-        "preprocess": {"kind": "tokenizer", "file": "tokenizer.json",
-                       "max_length": MAX_LENGTH, "text_input": "text"},
+        "preprocess": {
+            "kind": "tokenizer",
+            "file": "tokenizer.json",
+            "max_length": MAX_LENGTH,
+            "text_input": "text",
+        },
     }
     (folder / "kiln.yaml").write_text(
         yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=100)
@@ -207,11 +330,15 @@ def main() -> None:
     write_model_folder(package_dir, folder)
 
     cosine = check_against_reference(package_dir, folder, sentences[:N_CHECK].tolist())
-    print(f"min cosine vs sentence-transformers on {N_CHECK} sentences: {cosine:.6f}; "
-          f"{time.perf_counter() - started:.1f}s")
+    print(
+        f"min cosine vs sentence-transformers on {N_CHECK} sentences: {cosine:.6f}; "
+        f"{time.perf_counter() - started:.1f}s"
+    )
     if cosine < MIN_COSINE:
-        raise SystemExit(f"cosine {cosine:.6f} < {MIN_COSINE}: kiln.examples.minilm does not "
-                         "reproduce sentence-transformers; check the re-keying and pooling")
+        raise SystemExit(
+            f"cosine {cosine:.6f} < {MIN_COSINE}: kiln.examples.minilm does not "
+            "reproduce sentence-transformers; check the re-keying and pooling"
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,15 @@ def main() -> None:
         env = {**os.environ, "KILN_HOME": home}
         for name in ("KILN_DATABASE_URL", "KILN_DVC_REMOTE"):
             env.pop(name, None)
-        kiln("upload", "digits", str(args.data / "model.pt2"), "--dataset",
-             str(args.data / "val.npz"), "--json", env=env)
+        kiln(
+            "upload",
+            "digits",
+            str(args.data / "model.pt2"),
+            "--dataset",
+            str(args.data / "val.npz"),
+            "--json",
+            env=env,
+        )
         printed = kiln("optimize", "digits", "--json", env=env)
     doc = json.loads(printed)  # the whole of stdout is one JSON document
     (args.out / "optimize.json").write_text(printed)
@@ -62,8 +69,14 @@ def main() -> None:
         writer.writerow(["variant", "p50_ms_batch32", "accuracy", "passed"])
         for v in [doc["baseline"], *doc["variants"]]:
             if "32" in v["latency_ms"]:
-                writer.writerow([f"{v['backend']}/{v['precision']}",
-                                 v["latency_ms"]["32"]["p50"], v["metric"], v["passed"]])
+                writer.writerow(
+                    [
+                        f"{v['backend']}/{v['precision']}",
+                        v["latency_ms"]["32"]["p50"],
+                        v["metric"],
+                        v["passed"],
+                    ]
+                )
 
 
 if __name__ == "__main__":

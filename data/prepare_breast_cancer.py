@@ -30,8 +30,9 @@ def split(inputs: np.ndarray, labels: np.ndarray) -> dict[str, tuple[np.ndarray,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("data/breast_cancer"),
-                        help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/breast_cancer"), help="output folder"
+    )
     args = parser.parse_args()
 
     data = load_breast_cancer()

@@ -38,8 +38,11 @@ class BreastCancerMLP(nn.Module):
         self.register_buffer("mean", mean.clone())
         self.register_buffer("std", std.clone())
         self.net = nn.Sequential(
-            nn.Linear(30, 64), nn.ReLU(), nn.Dropout(0.1),
-            nn.Linear(64, 32), nn.ReLU(),
+            nn.Linear(30, 64),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(64, 32),
+            nn.ReLU(),
             nn.Linear(32, 2),
         )
 
@@ -56,16 +59,20 @@ def load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(accuracy, mean cross-entropy)."""
     logits = model(x)
-    return ((logits.argmax(dim=1) == y).float().mean().item(),
-            nn.functional.cross_entropy(logits, y).item())
+    return (
+        (logits.argmax(dim=1) == y).float().mean().item(),
+        nn.functional.cross_entropy(logits, y).item(),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/breast_cancer"),
-                        help="prepared splits")
-    parser.add_argument("--out", type=Path, default=Path("data/breast_cancer"),
-                        help="output folder")
+    parser.add_argument(
+        "--data", type=Path, default=Path("data/breast_cancer"), help="prepared splits"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/breast_cancer"), help="output folder"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(SEED)
@@ -110,8 +117,7 @@ def main() -> None:
         "val_accuracy": round(evaluate(exported, x_val, y_val)[0], 6),
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"best epoch {best_epoch + 1}/{EPOCHS}; {metrics}; "
-          f"{time.perf_counter() - started:.1f}s")
+    print(f"best epoch {best_epoch + 1}/{EPOCHS}; {metrics}; {time.perf_counter() - started:.1f}s")
 
 
 if __name__ == "__main__":

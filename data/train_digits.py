@@ -104,8 +104,7 @@ def main() -> None:
         "val_accuracy": round(accuracy(exported, x_val, y_val), 6),
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"best epoch {best_epoch + 1}/{EPOCHS}; {metrics}; "
-          f"{time.perf_counter() - started:.1f}s")
+    print(f"best epoch {best_epoch + 1}/{EPOCHS}; {metrics}; {time.perf_counter() - started:.1f}s")
 
 
 if __name__ == "__main__":

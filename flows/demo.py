@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import httpx
 import numpy as np
@@ -64,10 +64,18 @@ class Flawed:
 
 
 FLAWED: tuple[Flawed, ...] = (
-    Flawed("0.2.0", "data/digits/variants/permuted.pt2", "rejected",
-           "the head's weights permuted: every logit belongs to the wrong digit"),
-    Flawed("0.3.0", "data/digits/variants/slow.pt2", "rolled_back",
-           "the same answers, but a chain of float64 matmuls on every call"),
+    Flawed(
+        "0.2.0",
+        "data/digits/variants/permuted.pt2",
+        "rejected",
+        "the head's weights permuted: every logit belongs to the wrong digit",
+    ),
+    Flawed(
+        "0.3.0",
+        "data/digits/variants/slow.pt2",
+        "rolled_back",
+        "the same answers, but a chain of float64 matmuls on every call",
+    ),
 )
 
 
@@ -91,7 +99,7 @@ class LocalGateway:
         self._log: IO[bytes] | None = None
         self._previous_port = os.environ.get("KILN_GATEWAY_PORT")
 
-    def __enter__(self) -> LocalGateway:
+    def __enter__(self) -> Self:
         self.start()
         try:
             self.wait_ready()
@@ -110,9 +118,14 @@ class LocalGateway:
         env = {**os.environ, "KILN_HOME": str(self._settings.home)}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen([*_kiln_command(), "serve", "--port", str(self.port)],
-                                      env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        self._proc = subprocess.Popen(
+            [*_kiln_command(), "serve", "--port", str(self.port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -125,8 +138,9 @@ class LocalGateway:
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        raise RuntimeError(f"kiln serve was not ready within {timeout_s:.0f} s: see "
-                           f"{self.log_path}")
+        raise RuntimeError(
+            f"kiln serve was not ready within {timeout_s:.0f} s: see {self.log_path}"
+        )
 
     def stop(self, grace_s: float = 30.0) -> None:
         proc, self._proc = self._proc, None
@@ -196,11 +210,15 @@ class Demo:
 
     # ------------------------------------------------------------------ the steps
     def reproduce(self) -> bool:
-        self.heading("1. dvc repro", "example data and models, and the flawed digits versions "
-                      "(cached after the first run)")
+        self.heading(
+            "1. dvc repro",
+            "example data and models, and the flawed digits versions (cached after the first run)",
+        )
         dvc = Path(sys.executable).with_name("dvc")
         env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        proc = subprocess.run([str(dvc), "repro", *DEMO_STAGES], cwd=self.project, env=env)
+        proc = subprocess.run(
+            [str(dvc), "repro", *DEMO_STAGES], cwd=self.project, env=env, check=False
+        )
         if proc.returncode != 0:
             self.err.print("[red]error:[/red] dvc repro failed: see its output above")
             return False
@@ -210,24 +228,32 @@ class Demo:
         """Upload the examples; returns digits' version (0.1.0 in a fresh KILN_HOME)."""
         from flows.register import register_examples
 
-        self.heading("2. register-examples", "a Prefect flow: upload + Great Expectations "
-                      "checks of each dataset")
+        self.heading(
+            "2. register-examples",
+            "a Prefect flow: upload + Great Expectations checks of each dataset",
+        )
         results = register_examples(project=str(self.project))
-        table = Table("model", "version", "status", "sha256", "dataset check",
-                      title="registered")
+        table = Table("model", "version", "status", "sha256", "dataset check", title="registered")
         for r in results:
             ds = r["dataset"]
-            table.add_row(r["name"], r["version"], r["status"], r["sha256"][:16],
-                          "passed" if ds and ds["check_passed"] else "failed" if ds else "-")
+            table.add_row(
+                r["name"],
+                r["version"],
+                r["status"],
+                r["sha256"][:16],
+                "passed" if ds and ds["check_passed"] else "failed" if ds else "-",
+            )
         self.out.print(table)
         return str(next(r["version"] for r in results if r["name"] == "digits"))
 
     def deploy_champion(self, version: str) -> dict[str, Any]:
         from flows.deploy import deploy_model
 
-        self.heading(f"4. deploy-model digits@{version}",
-                      "a Prefect flow: optimize (extract, quantize, compile, validate, select), "
-                      "the gates, then production (the model's first version goes direct)")
+        self.heading(
+            f"4. deploy-model digits@{version}",
+            "a Prefect flow: optimize (extract, quantize, compile, validate, select), "
+            "the gates, then production (the model's first version goes direct)",
+        )
         result = self._run(lambda: deploy_model("digits", version), "digits", version)
         self._record(result, expected="promoted")
         self.out.print(variant_table(self.settings, "digits", result["version"]))
@@ -237,64 +263,89 @@ class Demo:
         from kiln.registry import crud
         from kiln.registry.db import session_scope
 
-        self.heading("   real test digits through the gateway",
-                      "OIP v2 JSON with an infer-scope API key")
+        self.heading(
+            "   real test digits through the gateway", "OIP v2 JSON with an infer-scope API key"
+        )
         with session_scope(self.settings.db_url) as session:
             key, row = crud.create_api_key(session=session, scopes=["infer"], models=["digits"])
             prefix = row.prefix
         try:
             with np.load(self.project / TEST_SPLIT, allow_pickle=False) as npz:
                 x, labels = npz["inputs"].astype(np.float32), npz["labels"]
-            with httpx.Client(base_url=gateway.url, timeout=30.0,
-                              headers={"Authorization": f"Bearer {key}"}) as client:
+            with httpx.Client(
+                base_url=gateway.url, timeout=30.0, headers={"Authorization": f"Bearer {key}"}
+            ) as client:
                 shown, version = infer_digits(client, x[:SHOWN_DIGITS])
                 every, _ = infer_digits(client, x)
         finally:
             with session_scope(self.settings.db_url) as session:
                 crud.revoke_api_key(session=session, prefix=prefix)
-        self.out.print(predictions_table(shown, labels[:SHOWN_DIGITS],
-                                         title=f"{SHOWN_DIGITS} test digits, answered by "
-                                               f"digits@{version} (green: right)"))
+        self.out.print(
+            predictions_table(
+                shown,
+                labels[:SHOWN_DIGITS],
+                title=f"{SHOWN_DIGITS} test digits, answered by digits@{version} (green: right)",
+            )
+        )
         self.accuracy = float(np.mean(every.argmax(axis=1) == labels))
         self.served_version = version
         shown_ok = int(np.sum(shown.argmax(axis=1) == labels[:SHOWN_DIGITS]))
-        self.out.print(f"{shown_ok}/{SHOWN_DIGITS} right above; accuracy over the whole test "
-                       f"split ({len(labels)} digits, one request): [bold]{self.accuracy:.1%}"
-                       "[/bold]")
+        self.out.print(
+            f"{shown_ok}/{SHOWN_DIGITS} right above; accuracy over the whole test "
+            f"split ({len(labels)} digits, one request): [bold]{self.accuracy:.1%}"
+            "[/bold]"
+        )
 
     def deploy_flawed(self, number: int, flawed: Flawed, champion: str) -> None:
         from flows.deploy import deploy_model
 
-        self.heading(f"{number}. deploy-model digits@{flawed.version}",
-                      f"{flawed.story}; expected: {flawed.expected.replace('_', ' ')}")
+        self.heading(
+            f"{number}. deploy-model digits@{flawed.version}",
+            f"{flawed.story}; expected: {flawed.expected.replace('_', ' ')}",
+        )
         source = str(self.project / flawed.source)
         dataset = str(self.project / VAL_SPLIT)
-        result = self._run(lambda: deploy_model("digits", flawed.version, source=source,
-                                                dataset=dataset, canary_steps=CANARY_STEPS,
-                                                step_seconds=STEP_SECONDS),
-                           "digits", flawed.version)
+        result = self._run(
+            lambda: deploy_model(
+                "digits",
+                flawed.version,
+                source=source,
+                dataset=dataset,
+                canary_steps=CANARY_STEPS,
+                step_seconds=STEP_SECONDS,
+            ),
+            "digits",
+            flawed.version,
+        )
         self._record(result, expected=flawed.expected)
         chosen = selected_summary(self.settings, "digits", flawed.version)
         before = selected_summary(self.settings, "digits", champion)
         if chosen and before:
-            self.out.print(f"optimize selected {chosen} (digits@{champion}: {before}); its "
-                           "gates compare variants with the version's own baseline",
-                           highlight=False)
+            self.out.print(
+                f"optimize selected {chosen} (digits@{champion}: {before}); its "
+                "gates compare variants with the version's own baseline",
+                highlight=False,
+            )
         gate = result.get("gate") or {}
         if "champion_metric" in gate:
-            table = Table("", "version", gate["metric"], title="champion/challenger gate on "
-                          f"{gate.get('dataset', 'the validation data')}")
+            table = Table(
+                "",
+                "version",
+                gate["metric"],
+                title=f"champion/challenger gate on {gate.get('dataset', 'the validation data')}",
+            )
             table.add_row("champion", str(gate["champion"]), f"{gate['champion_metric']:.4f}")
-            table.add_row("challenger", str(gate["candidate"]),
-                          f"{gate['candidate_metric']:.4f}")
+            table.add_row("challenger", str(gate["candidate"]), f"{gate['candidate_metric']:.4f}")
             self.out.print(table)
         if result.get("steps"):
             self.out.print(steps_table(result["steps"]))
         colour = "green" if result["outcome"] == flawed.expected else "red"
-        self.out.print(f"[{colour}]{result['outcome']}[/{colour}]: {self.steps[-1]['reason']}",
-                       highlight=False)
-        self.out.print(f"digits is still served by {self._stable() or '-'} "
-                       f"(production before: {champion})")
+        self.out.print(
+            f"[{colour}]{result['outcome']}[/{colour}]: {self.steps[-1]['reason']}", highlight=False
+        )
+        self.out.print(
+            f"digits is still served by {self._stable() or '-'} (production before: {champion})"
+        )
 
     def summary(self) -> int:
         seconds = round(time.monotonic() - self.started, 1)
@@ -305,23 +356,35 @@ class Demo:
             if not ok:
                 failed.append(step["version"])
             colour = "green" if ok else "red"
-            table.add_row(step["version"], f"[{colour}]{step['outcome']}[/{colour}]",
-                          step["expected"], step["reason"])
+            table.add_row(
+                step["version"],
+                f"[{colour}]{step['outcome']}[/{colour}]",
+                step["expected"],
+                step["reason"],
+            )
         self.out.print(table)
-        doc = {"steps": [{k: s[k] for k in ("version", "outcome", "reason", "expected")}
-                         for s in self.steps],
-               "accuracy": self.accuracy, "served_version": self.served_version,
-               "stable": self._stable(), "seconds": seconds}
+        doc = {
+            "steps": [
+                {k: s[k] for k in ("version", "outcome", "reason", "expected")} for s in self.steps
+            ],
+            "accuracy": self.accuracy,
+            "served_version": self.served_version,
+            "stable": self._stable(),
+            "seconds": seconds,
+        }
         path = self.settings.home / "demo-summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=2) + "\n")
         self.out.print(f"{seconds:.0f} s; summary: {path}")
-        self.out.print(f"registry: {self.settings.db_url}   artifacts: "
-                       f"{self.settings.home / 'objects'}")
+        self.out.print(
+            f"registry: {self.settings.db_url}   artifacts: {self.settings.home / 'objects'}"
+        )
         self.out.print("try: .venv/bin/kiln models, .venv/bin/kiln show digits@0.3.0 --json")
         if failed:
-            self.err.print(f"[red]error:[/red] {', '.join(failed)} did not end as the demo "
-                           "expects: see the reasons above")
+            self.err.print(
+                f"[red]error:[/red] {', '.join(failed)} did not end as the demo "
+                "expects: see the reasons above"
+            )
             return 1
         return 0
 
@@ -334,17 +397,22 @@ class Demo:
         with session_scope(self.settings.db_url) as session:
             model = crud.require_model(session=session, name="digits")
             previous = dict((model.settings or {}).get("optimize", {}))
-            crud.update_model_settings(session=session, model=model,
-                                       settings={"optimize": {**previous, **optimize}})
-        self.err.print(f"(digits' later versions: optimize settings {optimize}, to keep the "
-                       "demo short; put back afterwards)", highlight=False)
+            crud.update_model_settings(
+                session=session, model=model, settings={"optimize": {**previous, **optimize}}
+            )
+        self.err.print(
+            f"(digits' later versions: optimize settings {optimize}, to keep the "
+            "demo short; put back afterwards)",
+            highlight=False,
+        )
         try:
             yield
         finally:
             with session_scope(self.settings.db_url) as session:
                 model = crud.require_model(session=session, name="digits")
-                crud.update_model_settings(session=session, model=model,
-                                           settings={"optimize": previous})
+                crud.update_model_settings(
+                    session=session, model=model, settings={"optimize": previous}
+                )
 
     # ------------------------------------------------------------------ helpers
     def heading(self, title: str, detail: str) -> None:
@@ -357,8 +425,14 @@ class Demo:
             earlier = self._decision_reason(result["version"])
             if earlier:
                 reason = f"{earlier} (decided by an earlier run)"
-        self.steps.append({"version": result["version"], "outcome": result["outcome"],
-                           "reason": reason, "expected": expected})
+        self.steps.append(
+            {
+                "version": result["version"],
+                "outcome": result["outcome"],
+                "reason": reason,
+                "expected": expected,
+            }
+        )
 
     def _decision_reason(self, version: str) -> str | None:
         """The reason of the latest rejection or rollback of digits@version, from the
@@ -372,8 +446,10 @@ class Demo:
             if dep is None:
                 return None
             for event in reversed(crud.list_deployment_events(session=session, deployment=dep)):
-                if event.kind in ("rejected", "rollback") and \
-                        (event.detail or {}).get("version") == version:
+                if (
+                    event.kind in ("rejected", "rollback")
+                    and (event.detail or {}).get("version") == version
+                ):
                     return event.reason
         return None
 
@@ -389,8 +465,7 @@ class Demo:
             row = session.get(crud.ModelVersion, dep.stable_version_id)
             return row.version if row else None
 
-    def _run(self, work: Callable[[], dict[str, Any]], name: str, version: str
-             ) -> dict[str, Any]:
+    def _run(self, work: Callable[[], dict[str, Any]], name: str, version: str) -> dict[str, Any]:
         """Run a flow in a thread and draw a progress bar from its optimize jobs meanwhile."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -406,27 +481,44 @@ class Demo:
 
         thread = threading.Thread(target=target, daemon=True, name=f"demo-{name}-{version}")
         thread.start()
-        with Progress(TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.fields[jobs]}"), TimeElapsedColumn(),
-                      console=self.err, transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[jobs]}"),
+            TimeElapsedColumn(),
+            console=self.err,
+            transient=True,
+        ) as bar:
             task = bar.add_task(f"{name}@{version}", total=100, jobs="")
             while thread.is_alive():
                 thread.join(timeout=0.5)
                 done, _total, running = job_progress(self.settings, name=name, version=version)
-                bar.update(task, completed=done, jobs=running or ("gates, serving" if done
-                                                                  else "uploading"))
+                bar.update(
+                    task,
+                    completed=done,
+                    jobs=running or ("gates, serving" if done else "uploading"),
+                )
         if "error" in result:
             raise result["error"]
         return result["doc"]  # type: ignore[no-any-return]
 
 
-def infer_digits(client: httpx.Client, x: np.ndarray, wait_s: float = 60.0
-                 ) -> tuple[np.ndarray, str]:
+def infer_digits(
+    client: httpx.Client, x: np.ndarray, wait_s: float = 60.0
+) -> tuple[np.ndarray, str]:
     """Logits for ``x`` ([n, 1, 8, 8] float32) from the gateway, and the version that answered.
 
     A 503 (the engine still warming up) is retried for up to ``wait_s``."""
-    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.reshape(-1).tolist()}]}
+    body = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.reshape(-1).tolist(),
+            }
+        ]
+    }
     deadline = time.monotonic() + wait_s
     while True:
         resp = client.post("/v2/models/digits/infer", json=body)
@@ -450,21 +542,29 @@ def predictions_table(logits: np.ndarray, labels: np.ndarray, title: str) -> Tab
     probs /= probs.sum(axis=1, keepdims=True)
     preds = logits.argmax(axis=1)
     table.add_row("label", *[str(int(y)) for y in labels])
-    table.add_row("predicted", *[f"[{'green' if p == y else 'red'}]{int(p)}[/]"
-                                 for p, y in zip(preds, labels, strict=True)])
+    table.add_row(
+        "predicted",
+        *[
+            f"[{'green' if p == y else 'red'}]{int(p)}[/]"
+            for p, y in zip(preds, labels, strict=True)
+        ],
+    )
     table.add_row("confidence %", *[f"{100 * probs[i, p]:.0f}" for i, p in enumerate(preds)])
     return table
 
 
 def selected_summary(settings: Settings, name: str, version: str) -> str | None:
-    """"backend/precision, p50 X ms at batch 1" of the variant a version's optimize selected."""
+    """ "backend/precision, p50 X ms at batch 1" of the variant a version's optimize selected."""
     from kiln.registry import crud
     from kiln.registry.db import session_scope
 
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=name, version=version)
-        runs = [j for j in crud.list_jobs(session=session, version=row)
-                if j.optimization_type == "optimize" and j.status == "done" and j.metrics]
+        runs = [
+            j
+            for j in crud.list_jobs(session=session, version=row)
+            if j.optimization_type == "optimize" and j.status == "done" and j.metrics
+        ]
         chosen = dict(runs[-1].metrics).get("selected") if runs else None
     if not chosen:
         return None
@@ -479,43 +579,78 @@ def variant_table(settings: Settings, name: str, version: str) -> Table:
 
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=name, version=version)
-        runs = [j for j in crud.list_jobs(session=session, version=row)
-                if j.optimization_type == "optimize" and j.status == "done" and j.metrics]
+        runs = [
+            j
+            for j in crud.list_jobs(session=session, version=row)
+            if j.optimization_type == "optimize" and j.status == "done" and j.metrics
+        ]
         doc = dict(runs[-1].metrics) if runs else {}
     if not doc:
         table = Table(title=f"{name}@{version}: no optimize report")
         table.add_column("kiln show " + f"{name}@{version} lists its artifacts")
         return table
     chosen = doc["selected"]
-    table = Table(title=f"{name}@{version}: variants against the fp32 eager baseline",
-                  caption=f"selected: {chosen['backend']}/{chosen['precision']}. "
-                          f"{doc.get('reason', '')}")
+    table = Table(
+        title=f"{name}@{version}: variants against the fp32 eager baseline",
+        caption=f"selected: {chosen['backend']}/{chosen['precision']}. {doc.get('reason', '')}",
+    )
     table.add_column("variant", no_wrap=True)
-    for column in ("accuracy", "drop", "p50 b1 ms", "p99 b1 ms", "p50 b32 ms", "speedup",
-                   "size", "passed", "why not"):
+    for column in (
+        "accuracy",
+        "drop",
+        "p50 b1 ms",
+        "p99 b1 ms",
+        "p50 b32 ms",
+        "speedup",
+        "size",
+        "passed",
+        "why not",
+    ):
         table.add_column(column)
     for v in [doc["baseline"], *doc["variants"]]:
         lat = v.get("latency_ms", {})
         selected = (v["backend"], v["precision"]) == (chosen["backend"], chosen["precision"])
-        table.add_row(f"{v['backend']}/{v['precision']}", f"{v['metric']:.4f}",
-                      f"{v.get('metric_drop', 0.0):+.4f}", _ms(lat, "1", "p50"),
-                      _ms(lat, "1", "p99"), _ms(lat, "32", "p50"),
-                      f"{v.get('speedup') or 1.0:.2f}x", f"{v.get('size_bytes', 0) / 1024:.0f} KiB",
-                      "yes" if v.get("passed") else "no", "; ".join(v.get("reasons") or []),
-                      style="bold green" if selected else None)
+        table.add_row(
+            f"{v['backend']}/{v['precision']}",
+            f"{v['metric']:.4f}",
+            f"{v.get('metric_drop', 0.0):+.4f}",
+            _ms(lat, "1", "p50"),
+            _ms(lat, "1", "p99"),
+            _ms(lat, "32", "p50"),
+            f"{v.get('speedup') or 1.0:.2f}x",
+            f"{v.get('size_bytes', 0) / 1024:.0f} KiB",
+            "yes" if v.get("passed") else "no",
+            "; ".join(v.get("reasons") or []),
+            style="bold green" if selected else None,
+        )
     return table
 
 
 def steps_table(steps: list[dict[str, Any]]) -> Table:
-    table = Table("weight", "verdict", "canary requests", "canary p99 ms", "stable requests",
-                  "stable p99 ms", "p99 limit ms", "replayed", title="canary steps")
+    table = Table(
+        "weight",
+        "verdict",
+        "canary requests",
+        "canary p99 ms",
+        "stable requests",
+        "stable p99 ms",
+        "p99 limit ms",
+        "replayed",
+        title="canary steps",
+    )
     for step in steps:
         fig = step.get("figures", {})
         can, sta = fig.get("canary", {}), fig.get("stable", {})
-        table.add_row(f"{step['weight']:.0%}", step["decision"], str(can.get("requests", 0)),
-                      _num(can.get("p99_ms")), str(sta.get("requests", 0)),
-                      _num(sta.get("p99_ms")), _num(fig.get("p99_limit_ms")),
-                      str(step.get("replayed", 0)))
+        table.add_row(
+            f"{step['weight']:.0%}",
+            step["decision"],
+            str(can.get("requests", 0)),
+            _num(can.get("p99_ms")),
+            str(sta.get("requests", 0)),
+            _num(sta.get("p99_ms")),
+            _num(fig.get("p99_limit_ms")),
+            str(step.get("replayed", 0)),
+        )
     return table
 
 
@@ -535,11 +670,15 @@ def run_demo(project: Path) -> int:
         return 6  # an external tool failed (the CLI's code for it)
     with _terminate_as_interrupt():
         champion = demo.register()
-        demo.heading("3. kiln serve", "the gateway and the supervisor of engines, on a free "
-                      "port (logs: $KILN_HOME/logs/demo-gateway.log)")
+        demo.heading(
+            "3. kiln serve",
+            "the gateway and the supervisor of engines, on a free "
+            "port (logs: $KILN_HOME/logs/demo-gateway.log)",
+        )
         try:
-            with LocalGateway(demo.settings, demo.settings.home / "logs" / "demo-gateway.log"
-                              ) as gateway:
+            with LocalGateway(
+                demo.settings, demo.settings.home / "logs" / "demo-gateway.log"
+            ) as gateway:
                 demo.err.print(f"gateway ready on {gateway.url}", highlight=False)
                 demo.settings = get_settings()  # now pointing at the demo's gateway
                 demo.deploy_champion(champion)

@@ -22,17 +22,20 @@ from typing import Any
 from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from kiln.monitor.drift import DEFAULT_MIN_SAMPLES, DriftSettings
 from kiln.errors import KilnError
+from kiln.monitor.drift import DEFAULT_MIN_SAMPLES, DriftSettings
 from kiln.settings import get_settings
 from kiln.store.artifacts import ArtifactStore
 from tasks import monitor as t
 
 
 @flow(name="monitor-drift", log_prints=True)
-def monitor_drift(model: str | None = None, hours: float = 24,
-                  min_samples: int = DEFAULT_MIN_SAMPLES,
-                  version: str | None = None) -> dict[str, Any]:
+def monitor_drift(
+    model: str | None = None,
+    hours: float = 24,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    version: str | None = None,
+) -> dict[str, Any]:
     """Judge drift of ``model``'s recent traffic (every deployed model when None).
 
     One model: ``{"model", "drift_detected", "drift_share", "samples", "report", ...}``
@@ -48,43 +51,61 @@ def monitor_drift(model: str | None = None, hours: float = 24,
             rows.append(_one(name, hours, settings, None))
         except KilnError as exc:
             print(f"{name}: not judged ({exc})")
-            rows.append({"model": name, "drift_detected": None, "drift_share": None,
-                         "samples": 0, "report": None, "error": str(exc)})
+            rows.append(
+                {
+                    "model": name,
+                    "drift_detected": None,
+                    "drift_share": None,
+                    "samples": 0,
+                    "report": None,
+                    "error": str(exc),
+                }
+            )
     _summary(rows)
     return {"models": rows}
 
 
-def _one(model: str, hours: float, settings: DriftSettings, version: str | None
-         ) -> dict[str, Any]:
+def _one(model: str, hours: float, settings: DriftSettings, version: str | None) -> dict[str, Any]:
     gathered = t.gather(model, hours, version)
     checked = t.check(gathered)
     kiln_settings = get_settings()
     store = ArtifactStore(kiln_settings.home, kiln_settings.remote_url).ensure()
     with store.staging() as work:
         result, html = t.detect(gathered, checked, settings, work)
-        doc = t.record(gathered, checked, result, html,
-                       str(runtime.flow_run.id or "") or None)
+        doc = t.record(gathered, checked, result, html, str(runtime.flow_run.id or "") or None)
     text = t.markdown(doc, result)
     key = f"drift-{doc['model']}".lower()
-    create_markdown_artifact(markdown=text, key=key,
-                             description=f"drift of {doc['model']} over {hours:g} h")
+    create_markdown_artifact(
+        markdown=text, key=key, description=f"drift of {doc['model']} over {hours:g} h"
+    )
     if doc["report"]:
-        create_link_artifact(link=Path(doc["report"]).as_uri(), link_text="Evidently report "
-                             "(HTML)", key=f"{key}-report")
+        create_link_artifact(
+            link=Path(doc["report"]).as_uri(),
+            link_text="Evidently report (HTML)",
+            key=f"{key}-report",
+        )
     print(text)
     return doc
 
 
 def _summary(rows: list[dict[str, Any]]) -> None:
-    lines = ["# monitor-drift", "", "| model | verdict | drift share | samples | report |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# monitor-drift",
+        "",
+        "| model | verdict | drift share | samples | report |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
-        verdict = row.get("error") or {True: "drift", False: "no drift",
-                                       None: "not enough data"}[row["drift_detected"]]
+        verdict = (
+            row.get("error")
+            or {True: "drift", False: "no drift", None: "not enough data"}[row["drift_detected"]]
+        )
         share = "-" if row["drift_share"] is None else f"{row['drift_share']:.3f}"
-        lines.append(f"| {row['model']} | {verdict} | {share} | {row['samples']} | "
-                     f"{row['report'] or '-'} |")
+        lines.append(
+            f"| {row['model']} | {verdict} | {share} | {row['samples']} | {row['report'] or '-'} |"
+        )
     if not rows:
         lines.append("| - | no model is deployed | - | - | - |")
-    create_markdown_artifact(markdown="\n".join(lines), key="monitor-drift",
-                             description=f"{len(rows)} model(s)")
+    create_markdown_artifact(
+        markdown="\n".join(lines), key="monitor-drift", description=f"{len(rows)} model(s)"
+    )

@@ -32,8 +32,14 @@ def optimize_model(name: str, version: str | None = None) -> dict[str, Any]:
             extracted, parity = t.extract(prepared, work)
         except ExtractionError as exc:
             print(f"{name}@{prepared.version} rejected: {exc}")
-            return {"job_id": prepared.parent_job_id, "status": "rejected", "reason": str(exc),
-                    "baseline": None, "variants": [], "selected": None}
+            return {
+                "job_id": prepared.parent_job_id,
+                "status": "rejected",
+                "reason": str(exc),
+                "baseline": None,
+                "variants": [],
+                "selected": None,
+            }
         base, base_outputs = t.baseline(prepared, extracted)
         reports = [
             t.variant(prepared, extracted, base, base_outputs, backend, precision, work)
@@ -41,13 +47,28 @@ def optimize_model(name: str, version: str | None = None) -> dict[str, Any]:
         ]
         if prepared.settings.prune and (pruned := t.prune(prepared, extracted, work)):
             backend, precision, label = t.stages.PRUNED
-            reports.append(t.variant(prepared, pruned[0], base, base_outputs, backend, precision,
-                                     work, label=label, notes={"pruning": pruned[1]}))
+            reports.append(
+                t.variant(
+                    prepared,
+                    pruned[0],
+                    base,
+                    base_outputs,
+                    backend,
+                    precision,
+                    work,
+                    label=label,
+                    notes={"pruning": pruned[1]},
+                )
+            )
         doc = t.record(prepared, extracted, parity, base, reports)
     key = f"optimize-{name}".lower()
-    create_markdown_artifact(markdown=doc["markdown"] + f"\n\nChart: `{doc['chart']}`", key=key,
-                             description=f"variants of {name}@{prepared.version}")
-    create_link_artifact(link=Path(doc["chart"]).as_uri(), link_text="latency vs quality (PNG)",
-                         key=f"{key}-chart")
+    create_markdown_artifact(
+        markdown=doc["markdown"] + f"\n\nChart: `{doc['chart']}`",
+        key=key,
+        description=f"variants of {name}@{prepared.version}",
+    )
+    create_link_artifact(
+        link=Path(doc["chart"]).as_uri(), link_text="latency vs quality (PNG)", key=f"{key}-chart"
+    )
     print(doc["markdown"])
     return doc

@@ -32,6 +32,8 @@ def register_examples(project: str = ".") -> list[dict[str, Any]]:
     results = []
     for ex in EXAMPLES:
         result = upload_model(ex.name, str(root / ex.source), dataset=str(root / ex.dataset))
-        print(f"{ex.name}@{result['version']}: {'registered' if result['created'] else 'unchanged'}")
+        print(
+            f"{ex.name}@{result['version']}: {'registered' if result['created'] else 'unchanged'}"
+        )
         results.append(result)
     return results

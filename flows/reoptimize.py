@@ -26,8 +26,8 @@ import httpx
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from kiln.optimize import reoptimize as core
 from kiln.errors import KilnError
+from kiln.optimize import reoptimize as core
 from kiln.rollout.client import gateway_url
 from kiln.settings import get_settings
 from tasks import deploy as deploy_tasks
@@ -37,8 +37,9 @@ OUTCOMES = ("promoted", "rolled_back", "rejected", "no improvement", "skipped", 
 
 
 @flow(name="reoptimize", log_prints=True)
-def reoptimize(model: str | None = None, min_speedup: float = 1.1,
-               step_seconds: float | None = None) -> dict[str, Any]:
+def reoptimize(
+    model: str | None = None, min_speedup: float = 1.1, step_seconds: float | None = None
+) -> dict[str, Any]:
     """Re-optimize the production version of every model (or ``model``).
 
     Returns ``{"models": [{"model", "production", "candidate", "speedup", "outcome",
@@ -49,24 +50,31 @@ def reoptimize(model: str | None = None, min_speedup: float = 1.1,
     """
     if min_speedup <= 0:
         raise ValueError(f"min_speedup must be positive, got {min_speedup}")
-    rows = [_one(production, min_speedup, step_seconds)
-            for production in t.productions(model)]
+    rows = [_one(production, min_speedup, step_seconds) for production in t.productions(model)]
     result = {"models": rows}
     _report(result, min_speedup)
     return result
 
 
-def _one(production: core.Production, min_speedup: float, step_seconds: float | None
-         ) -> dict[str, Any]:
+def _one(
+    production: core.Production, min_speedup: float, step_seconds: float | None
+) -> dict[str, Any]:
     from flows.deploy import deploy_model
     from flows.optimize import optimize_model
 
     name = production.model
-    row: dict[str, Any] = {"model": name, "production": production.version, "candidate": None,
-                           "speedup": None}
+    row: dict[str, Any] = {
+        "model": name,
+        "production": production.version,
+        "candidate": None,
+        "speedup": None,
+    }
     if production.canary is not None:
-        return _done(row, "skipped", f"{name} has a canary in flight ({production.canary}): "
-                                     "promote or roll it back first")
+        return _done(
+            row,
+            "skipped",
+            f"{name} has a canary in flight ({production.canary}): promote or roll it back first",
+        )
     if (problem := _gateway_problem()) is not None:
         return _done(row, "skipped", problem)
     candidate = t.register_candidate(production)
@@ -76,24 +84,34 @@ def _one(production: core.Production, min_speedup: float, step_seconds: float | 
         optimized = optimize_model(name, candidate)
         if optimized.get("status") != "validated":
             removed = t.discard_candidate(name, candidate)
-            return _done(row, "rejected", f"optimize rejected {name}@{candidate} "
-                                          f"({optimized.get('reason')}); removed it again",
-                         removed=removed)
+            return _done(
+                row,
+                "rejected",
+                f"optimize rejected {name}@{candidate} "
+                f"({optimized.get('reason')}); removed it again",
+                removed=removed,
+            )
         st = deploy_tasks.standing(name, candidate)
-        verdict = t.compare(st.task, st.model_settings,
-                            t.optimize_report(name, production.version),
-                            t.optimize_report(name, candidate), min_speedup)
+        verdict = t.compare(
+            st.task,
+            st.model_settings,
+            t.optimize_report(name, production.version),
+            t.optimize_report(name, candidate),
+            min_speedup,
+        )
         row.update(speedup=verdict["speedup"], comparison=verdict)
         if not verdict["better"]:
             removed = t.discard_candidate(name, candidate)
-            return _done(row, "no improvement", f"{verdict['reason']}; {name}@{candidate} "
-                                                "removed again, nothing changed",
-                         removed=removed)
+            return _done(
+                row,
+                "no improvement",
+                f"{verdict['reason']}; {name}@{candidate} removed again, nothing changed",
+                removed=removed,
+            )
         print(f"{name}@{candidate}: {verdict['reason']}; deploying it")
         deployed = deploy_model(name, candidate, step_seconds=step_seconds)
     except Exception as exc:
-        return _done(row, "error", f"{type(exc).__name__}: {exc}"[:500]
-                     + _cleanup(name, candidate))
+        return _done(row, "error", f"{type(exc).__name__}: {exc}"[:500] + _cleanup(name, candidate))
     except BaseException:  # interrupted: leave nothing half-made behind, then stop
         _cleanup(name, candidate)
         raise
@@ -118,8 +136,10 @@ def _gateway_problem() -> str | None:
     try:
         httpx.get(url + "/v2/health/live", timeout=5.0).raise_for_status()
     except httpx.HTTPError as exc:
-        return (f"no gateway answers at {url} ({type(exc).__name__}): a better candidate "
-                "would need a canary; start `kiln serve` (nothing was changed)")
+        return (
+            f"no gateway answers at {url} ({type(exc).__name__}): a better candidate "
+            "would need a canary; start `kiln serve` (nothing was changed)"
+        )
     return None
 
 
@@ -130,17 +150,27 @@ def _done(row: dict[str, Any], outcome: str, reason: str, **extra: Any) -> dict[
 
 
 def _report(result: dict[str, Any], min_speedup: float) -> None:
-    lines = ["# reoptimize", "", f"Candidates need {min_speedup:g}x at equal quality.", "",
-             "| model | production | candidate | speedup | outcome | reason |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# reoptimize",
+        "",
+        f"Candidates need {min_speedup:g}x at equal quality.",
+        "",
+        "| model | production | candidate | speedup | outcome | reason |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in result["models"]:
         speed = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
-        lines.append(f"| {row['model']} | {row['production']} | {row['candidate'] or '-'} | "
-                     f"{speed} | {row['outcome']} | {row['reason']} |")
+        lines.append(
+            f"| {row['model']} | {row['production']} | {row['candidate'] or '-'} | "
+            f"{speed} | {row['outcome']} | {row['reason']} |"
+        )
     if not result["models"]:
         lines.append("| - | - | - | - | - | no model has a production version |")
     try:
-        create_markdown_artifact(markdown="\n".join(lines), key="reoptimize",
-                                 description=f"{len(result['models'])} model(s)")
+        create_markdown_artifact(
+            markdown="\n".join(lines),
+            key="reoptimize",
+            description=f"{len(result['models'])} model(s)",
+        )
     except Exception:  # outside a flow run: printing is enough
         pass

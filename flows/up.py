@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, Self
 
 import httpx
 import psutil
@@ -60,8 +60,9 @@ class Child:
     sessions; the supervisor starts engines in theirs).
     """
 
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path,
-                 log: IO[bytes]) -> None:
+    def __init__(
+        self, name: str, proc: subprocess.Popen[bytes], log_path: Path, log: IO[bytes]
+    ) -> None:
         self.name = name
         self.proc = proc
         self.log_path = log_path
@@ -150,9 +151,15 @@ class Stack:
     the worker starts writes the registry that ``kiln serve`` reads.
     """
 
-    def __init__(self, up: UpSettings | None = None, *, home: Path | None = None,
-                 gateway_port: int | None = None, base_env: Mapping[str, str] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        up: UpSettings | None = None,
+        *,
+        home: Path | None = None,
+        gateway_port: int | None = None,
+        base_env: Mapping[str, str] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         kiln = get_settings()  # defaults for what the caller does not pass
         self.up = up or UpSettings()
         # Absolute: the worker's flow runs change directory to the checkout.
@@ -165,7 +172,8 @@ class Stack:
         self.gateway_url = f"http://{self.gateway_host}:{self.gateway_port}"
         self.logs = self.home / "logs"
         self.env = {
-            **base, **{k: v for k, v in PRIVACY_ENV.items() if k not in base},
+            **base,
+            **{k: v for k, v in PRIVACY_ENV.items() if k not in base},
             "KILN_HOME": str(self.home),
             "KILN_GATEWAY_PORT": str(self.gateway_port),
             "PREFECT_HOME": str(self.home / "prefect"),
@@ -185,7 +193,7 @@ class Stack:
         self._bin = Path(sys.executable).parent
 
     # --- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -211,40 +219,83 @@ class Stack:
 
     def check_ports(self) -> None:
         for what, host, port, option in (
-                ("Prefect", HOST, self.up.prefect_port, "--prefect-port"),
-                ("gateway", self.gateway_host, self.gateway_port, "--gateway-port")):
+            ("Prefect", HOST, self.up.prefect_port, "--prefect-port"),
+            ("gateway", self.gateway_host, self.gateway_port, "--gateway-port"),
+        ):
             if port_in_use(host, port):
-                raise Conflict(f"{what} port {port} on {host} is in use: stop what holds it "
-                               f"or pass another port with {option}")
+                raise Conflict(
+                    f"{what} port {port} on {host} is in use: stop what holds it "
+                    f"or pass another port with {option}"
+                )
 
     def start_server(self) -> None:
-        self._say(f"starting the Prefect server on {self.prefect_url} "
-                  f"(PREFECT_HOME {self.env['PREFECT_HOME']})")
-        server = self._spawn("prefect-server", [self._tool("prefect"), "server", "start",
-                                                "--host", HOST,
-                                                "--port", str(self.up.prefect_port)])
+        self._say(
+            f"starting the Prefect server on {self.prefect_url} "
+            f"(PREFECT_HOME {self.env['PREFECT_HOME']})"
+        )
+        server = self._spawn(
+            "prefect-server",
+            [
+                self._tool("prefect"),
+                "server",
+                "start",
+                "--host",
+                HOST,
+                "--port",
+                str(self.up.prefect_port),
+            ],
+        )
         self._wait_http(server, self.api_url + "/health")
 
     def ensure_work_pool(self) -> None:
         resp = httpx.get(f"{self.api_url}/work_pools/{WORK_POOL}", timeout=10)
         if resp.status_code == 200:
             return
-        self._cli("work pool", "prefect", "--no-prompt", "work-pool", "create", WORK_POOL,
-                  "--type", "process")
+        self._cli(
+            "work pool",
+            "prefect",
+            "--no-prompt",
+            "work-pool",
+            "create",
+            WORK_POOL,
+            "--type",
+            "process",
+        )
 
     def register_deployments(self) -> None:
         self._say(f"registering the deployments of {self.up.prefect_file}")
         # prefect.yaml's pull step is `set_working_directory: {{ $PWD }}`, resolved here.
-        self._cli("deployments", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
-                  self.up.prefect_file, cwd=self.up.project,
-                  env={"PWD": str(self.up.project)})
+        self._cli(
+            "deployments",
+            "prefect",
+            "--no-prompt",
+            "deploy",
+            "--all",
+            "--prefect-file",
+            self.up.prefect_file,
+            cwd=self.up.project,
+            env={"PWD": str(self.up.project)},
+        )
 
     def start_worker(self) -> None:
         self._say(f"starting a process worker on the {WORK_POOL} pool")
-        worker = self._spawn("prefect-worker", [
-            self._tool("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-            "--name", f"kiln-{socket.gethostname()}-{os.getpid()}",
-            "--install-policy", "never", "--no-create-pool-if-not-found"])
+        worker = self._spawn(
+            "prefect-worker",
+            [
+                self._tool("prefect"),
+                "worker",
+                "start",
+                "--pool",
+                WORK_POOL,
+                "--type",
+                "process",
+                "--name",
+                f"kiln-{socket.gethostname()}-{os.getpid()}",
+                "--install-policy",
+                "never",
+                "--no-create-pool-if-not-found",
+            ],
+        )
         # Ready once it has reported to the server (the pool turns READY).
         deadline = time.monotonic() + self.up.start_timeout_s
         while time.monotonic() < deadline:
@@ -253,13 +304,16 @@ class Stack:
             if pool.get("status") == "READY":
                 return
             time.sleep(0.25)
-        raise ExternalToolError(f"the Prefect worker did not report in "
-                                f"{self.up.start_timeout_s:.0f} s: see {worker.log_path}")
+        raise ExternalToolError(
+            f"the Prefect worker did not report in "
+            f"{self.up.start_timeout_s:.0f} s: see {worker.log_path}"
+        )
 
     def start_gateway(self) -> None:
         self._say(f"starting the gateway (kiln serve) on {self.gateway_url}")
-        gateway = self._spawn("gateway", [self._tool("kiln"), "serve", "--port",
-                                          str(self.gateway_port)])
+        gateway = self._spawn(
+            "gateway", [self._tool("kiln"), "serve", "--port", str(self.gateway_port)]
+        )
         self._wait_http(gateway, self.gateway_url + "/v2/health/live")
 
     def create_admin_key(self) -> None:
@@ -301,28 +355,50 @@ class Stack:
     def _spawn(self, name: str, argv: list[str]) -> Child:
         log_path = self.logs / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed by Child.stop()
-        proc = subprocess.Popen(argv, env=self.env, cwd=self.up.project, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            cwd=self.up.project,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         child = Child(name, proc, log_path, log)
         self.children.append(child)
         return child
 
-    def _cli(self, what: str, tool: str, *args: str, cwd: Path | None = None,
-             env: Mapping[str, str] | None = None) -> str:
-        proc = subprocess.run([self._tool(tool), *args], env={**self.env, **(env or {})},
-                              cwd=cwd or self.up.project, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=self.up.start_timeout_s)
+    def _cli(
+        self,
+        what: str,
+        tool: str,
+        *args: str,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> str:
+        proc = subprocess.run(
+            [self._tool(tool), *args],
+            env={**self.env, **(env or {})},
+            cwd=cwd or self.up.project,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=self.up.start_timeout_s,
+            check=False,
+        )
         if proc.returncode != 0:
             detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-            raise ExternalToolError(f"{what}: `{tool} {' '.join(args[:3])}` failed: "
-                                    f"{detail[-1] if detail else proc.returncode}")
+            raise ExternalToolError(
+                f"{what}: `{tool} {' '.join(args[:3])}` failed: "
+                f"{detail[-1] if detail else proc.returncode}"
+            )
         return proc.stdout
 
     def _check_alive(self, child: Child) -> None:
         if not child.alive():
-            raise ExternalToolError(f"{child.name} exited ({child.proc.returncode}): "
-                                    f"see {child.log_path}")
+            raise ExternalToolError(
+                f"{child.name} exited ({child.proc.returncode}): see {child.log_path}"
+            )
 
     def _wait_http(self, child: Child, url: str) -> None:
         deadline = time.monotonic() + self.up.start_timeout_s
@@ -332,29 +408,41 @@ class Stack:
                 if httpx.get(url, timeout=2).status_code == 200:
                     return
             time.sleep(0.25)
-        raise ExternalToolError(f"{child.name} did not answer {url} in "
-                                f"{self.up.start_timeout_s:.0f} s: see {child.log_path}")
+        raise ExternalToolError(
+            f"{child.name} did not answer {url} in "
+            f"{self.up.start_timeout_s:.0f} s: see {child.log_path}"
+        )
 
 
 def banner(stack: Stack) -> str:
-    lines = ["", "Kiln is up (Ctrl-C stops everything it started):",
-             f"  Prefect UI   {stack.prefect_url}"
-             + ("" if stack.up.prefect_ui else " (UI off: API only)"),
-             f"  gateway      {stack.gateway_url}   (OIP v2: /v2/models/NAME/infer)"]
+    lines = [
+        "",
+        "Kiln is up (Ctrl-C stops everything it started):",
+        f"  Prefect UI   {stack.prefect_url}"
+        + ("" if stack.up.prefect_ui else " (UI off: API only)"),
+        f"  gateway      {stack.gateway_url}   (OIP v2: /v2/models/NAME/infer)",
+    ]
     if stack.admin_key:
         lines.append(f"  admin key    {stack.admin_key}   (shown once: keep it)")
-    lines += [f"  logs         {stack.logs}",
-              f"  registry     {stack.home}",
-              "  deploy: UI > Deployments > deploy-model > Run > Custom run, "
-              'parameters {"model": "digits"}', ""]
+    lines += [
+        f"  logs         {stack.logs}",
+        f"  registry     {stack.home}",
+        "  deploy: UI > Deployments > deploy-model > Run > Custom run, "
+        'parameters {"model": "digits"}',
+        "",
+    ]
     return "\n".join(lines)
 
 
-def up(prefect_port: Annotated[int | None, typer.Option(
-           help="Prefect API + UI port (default KILN_PREFECT_PORT, 4200).")] = None,
-       gateway_port: Annotated[int | None, typer.Option(
-           help="Gateway port (default KILN_GATEWAY_PORT, 8000).")] = None,
-       ui: Annotated[bool, typer.Option(help="Serve Prefect's UI.")] = True) -> None:
+def up(
+    prefect_port: Annotated[
+        int | None, typer.Option(help="Prefect API + UI port (default KILN_PREFECT_PORT, 4200).")
+    ] = None,
+    gateway_port: Annotated[
+        int | None, typer.Option(help="Gateway port (default KILN_GATEWAY_PORT, 8000).")
+    ] = None,
+    ui: Annotated[bool, typer.Option(help="Serve Prefect's UI.")] = True,
+) -> None:
     """Start the Prefect server + UI, the deployments of prefect.yaml, a process worker and
     the gateway; print their addresses and an admin key; stop them all on Ctrl-C."""
     overrides: dict[str, Any] = {"prefect_ui": ui}

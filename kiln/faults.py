@@ -35,9 +35,9 @@ import random
 import signal
 import time
 from collections.abc import Mapping
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ENGINE_FAULTS_ENV = "KILN_ENGINE_FAULTS"
 ENGINE_FAULTS_FILE_ENV = "KILN_ENGINE_FAULTS_FILE"
@@ -71,8 +71,9 @@ class EngineFaults:
         for name in ("error_rate", "nan_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{ENGINE_FAULTS_ENV}: {name} is a share between 0 and 1, "
-                                 f"got {value}")
+                raise ValueError(
+                    f"{ENGINE_FAULTS_ENV}: {name} is a share between 0 and 1, got {value}"
+                )
         self._rng = random.Random(self.seed)
 
     @classmethod
@@ -83,17 +84,20 @@ class EngineFaults:
             key, sep, raw = part.partition("=")
             key = key.strip()
             if not sep or key not in ("delay_ms", "error_rate", "nan_rate", "seed", "versions"):
-                raise ValueError(f"{ENGINE_FAULTS_ENV}: cannot read {part!r}; use "
-                                 "delay_ms=MS,error_rate=SHARE,nan_rate=SHARE,seed=N,"
-                                 "versions=V1|V2")
+                raise ValueError(
+                    f"{ENGINE_FAULTS_ENV}: cannot read {part!r}; use "
+                    "delay_ms=MS,error_rate=SHARE,nan_rate=SHARE,seed=N,"
+                    "versions=V1|V2"
+                )
             if key == "versions":
                 values[key] = frozenset(v.strip() for v in raw.split("|") if v.strip())
                 continue
             try:
                 values[key] = int(raw) if key == "seed" else float(raw)
             except ValueError:
-                raise ValueError(f"{ENGINE_FAULTS_ENV}: {key} needs a number, got {raw!r}") \
-                    from None
+                raise ValueError(
+                    f"{ENGINE_FAULTS_ENV}: {key} needs a number, got {raw!r}"
+                ) from None
         return cls(**values)  # type: ignore[arg-type]
 
     @classmethod

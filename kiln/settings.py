@@ -56,22 +56,37 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="wait for in-flight work")
     inference_log_sample: float = Field(default=0.1, ge=0.0, le=1.0)
     # the gateway's inference log (serving/inference_log.py): a bounded queue, a writer thread
-    inference_log_queue: int = Field(default=10000, ge=1, description="sampled requests waiting "
-                                     "for the log's writer; more are dropped (and counted)")
-    inference_log_retention_days: float = Field(default=7.0, gt=0, description="logged "
-                                                "requests older than this are purged")
+    inference_log_queue: int = Field(
+        default=10000,
+        ge=1,
+        description="sampled requests waiting for the log's writer; more are dropped (and counted)",
+    )
+    inference_log_retention_days: float = Field(
+        default=7.0, gt=0, description="logged requests older than this are purged"
+    )
     # API keys and per-key rate limits (serving/auth.py)
-    auth_cache_s: float = Field(default=1.0, ge=0.0, le=60.0, description="key lookup cache TTL: a "
-                                "created or revoked key takes effect within it (0: no cache)")
-    rate_limit_storage: str = Field(default="memory://", description="`limits` storage URI; "
-                                    "redis://host:port/db shares limits between gateways")
+    auth_cache_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=60.0,
+        description="key lookup cache TTL: a "
+        "created or revoked key takes effect within it (0: no cache)",
+    )
+    rate_limit_storage: str = Field(
+        default="memory://",
+        description="`limits` storage URI; redis://host:port/db shares limits between gateways",
+    )
     rate_limit_strategy: Literal["moving-window", "sliding-window-counter"] = "moving-window"
-    default_rate_per_second: float | None = Field(default=None, gt=0, description="rate of "
-                                                  "keys created without one (None: unlimited)")
+    default_rate_per_second: float | None = Field(
+        default=None, gt=0, description="rate of keys created without one (None: unlimited)"
+    )
     # the gateway's alert monitor (serving/alerts.py); per-model thresholds: serving.config
     alert_interval_s: float = Field(default=5.0, gt=0, description="alert evaluation period")
-    alert_clear_ticks: int = Field(default=3, ge=1, description="clear evaluations in a row "
-                                   "before an open alert resolves (no flapping)")
+    alert_clear_ticks: int = Field(
+        default=3,
+        ge=1,
+        description="clear evaluations in a row before an open alert resolves (no flapping)",
+    )
 
     @field_validator("rate_limit_storage")
     @classmethod
@@ -79,8 +94,10 @@ class Settings(BaseSettings):
         scheme = uri.partition("://")[0].removeprefix("async+")
         if "://" not in uri or scheme not in RATE_LIMIT_SCHEMES:
             # the scheme only: a redis URI may carry a password
-            raise ValueError(f"rate_limit_storage scheme {scheme!r} is not supported: use "
-                             "memory:// or redis://HOST:PORT/DB (also rediss://, redis+unix://)")
+            raise ValueError(
+                f"rate_limit_storage scheme {scheme!r} is not supported: use "
+                "memory:// or redis://HOST:PORT/DB (also rediss://, redis+unix://)"
+            )
         return uri
 
     @field_validator("home")

@@ -28,11 +28,26 @@ _NUMPY_OF: dict[str, str] = {
     "FP64": "float64",
 }
 _DATATYPE_OF: dict[str, str] = {v: k for k, v in _NUMPY_OF.items()}
-_ALIASES: dict[str, str] = {"float32": "FP32", "float": "FP32", "float16": "FP16", "half": "FP16",
-                            "float64": "FP64", "double": "FP64", "bfloat16": "BF16",
-                            "int64": "INT64", "long": "INT64", "int32": "INT32", "int": "INT32",
-                            "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL",
-                            "string": "BYTES", "str": "BYTES", "bytes": "BYTES"}
+_ALIASES: dict[str, str] = {
+    "float32": "FP32",
+    "float": "FP32",
+    "float16": "FP16",
+    "half": "FP16",
+    "float64": "FP64",
+    "double": "FP64",
+    "bfloat16": "BF16",
+    "int64": "INT64",
+    "long": "INT64",
+    "int32": "INT32",
+    "int": "INT32",
+    "int16": "INT16",
+    "int8": "INT8",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+    "string": "BYTES",
+    "str": "BYTES",
+    "bytes": "BYTES",
+}
 
 
 def datatype_of_numpy(dtype: np.dtype) -> str:

@@ -58,8 +58,9 @@ class Finding:
     message: str = ""
 
 
-def evaluate(obs: Observation, alerts: AlertSettings, serving: ServingSettings, *,
-             start_grace_s: float) -> list[Finding]:
+def evaluate(
+    obs: Observation, alerts: AlertSettings, serving: ServingSettings, *, start_grace_s: float
+) -> list[Finding]:
     """The p99, error-rate and engine-down rules for one version. Latency and errors need
     ``min_requests`` in the window (fewer: the condition does not hold, so an alert resolves
     when traffic stops). A version that never had a ready engine gets ``start_grace_s`` (the
@@ -73,19 +74,35 @@ def evaluate(obs: Observation, alerts: AlertSettings, serving: ServingSettings, 
     grace = alerts.down_after_s if obs.ever_ready else max(alerts.down_after_s, start_grace_s)
     down = obs.unready_s > grace
     return [
-        Finding(P99, slow, obs.p99_ms, limit,
-                f"p99 {obs.p99_ms or 0:.0f} ms is over the {limit:.0f} ms limit {window}"),
-        Finding(ERROR_RATE, failing, rate, alerts.error_rate,
-                f"{rate or 0:.1%} of requests failed (5xx), over the {alerts.error_rate:.1%} "
-                f"limit, {window}"),
-        Finding(ENGINE_DOWN, down, obs.unready_s, grace,
-                f"no ready engine for {obs.unready_s:.0f} s"
-                + ("" if obs.ever_ready else " (never got ready)")),
+        Finding(
+            P99,
+            slow,
+            obs.p99_ms,
+            limit,
+            f"p99 {obs.p99_ms or 0:.0f} ms is over the {limit:.0f} ms limit {window}",
+        ),
+        Finding(
+            ERROR_RATE,
+            failing,
+            rate,
+            alerts.error_rate,
+            f"{rate or 0:.1%} of requests failed (5xx), over the {alerts.error_rate:.1%} "
+            f"limit, {window}",
+        ),
+        Finding(
+            ENGINE_DOWN,
+            down,
+            obs.unready_s,
+            grace,
+            f"no ready engine for {obs.unready_s:.0f} s"
+            + ("" if obs.ever_ready else " (never got ready)"),
+        ),
     ]
 
 
-def evaluate_gpu(samples: list[tuple[float, float]], alerts: AlertSettings, now: float
-                 ) -> Finding | None:
+def evaluate_gpu(
+    samples: list[tuple[float, float]], alerts: AlertSettings, now: float
+) -> Finding | None:
     """GPU utilization under ``gpu_util_min``: the mean of the (time, busy share) readings in
     the window, judged once readings cover the whole window (a gateway that just started, or a
     GPU that just came back, is not judged on a few seconds). None: no rule (turned off)."""
@@ -96,9 +113,14 @@ def evaluate_gpu(samples: list[tuple[float, float]], alerts: AlertSettings, now:
     if not inside or not covered:
         return Finding(GPU_UTIL, False, None, alerts.gpu_util_min)
     mean = sum(inside) / len(inside)
-    return Finding(GPU_UTIL, mean < alerts.gpu_util_min, mean, alerts.gpu_util_min,
-                   f"GPU utilization {mean:.0%} is under {alerts.gpu_util_min:.0%} over the "
-                   f"last {alerts.window_s:g} s")
+    return Finding(
+        GPU_UTIL,
+        mean < alerts.gpu_util_min,
+        mean,
+        alerts.gpu_util_min,
+        f"GPU utilization {mean:.0%} is under {alerts.gpu_util_min:.0%} over the "
+        f"last {alerts.window_s:g} s",
+    )
 
 
 Step = Literal["open", "hold", "resolve"] | None
@@ -161,9 +183,15 @@ class AlertMonitor:
     error), added to engine-down alerts.
     """
 
-    def __init__(self, settings: Settings, state: RoutingState, metrics: GatewayMetrics, *,
-                 gpu_reader: Callable[[], list[float] | None] | None = None,
-                 describe: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        state: RoutingState,
+        metrics: GatewayMetrics,
+        *,
+        gpu_reader: Callable[[], list[float] | None] | None = None,
+        describe: Callable[[], list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.settings = settings
         self.state = state
         self.metrics = metrics
@@ -223,8 +251,9 @@ class AlertMonitor:
         for (name, version), model in served.items():
             alerts = view.alerts.get(name) or AlertSettings()
             obs = self._observe(name, version, alerts, now, wall)
-            for finding in evaluate(obs, alerts, model.settings,
-                                    start_grace_s=self.settings.engine_start_timeout_s):
+            for finding in evaluate(
+                obs, alerts, model.settings, start_grace_s=self.settings.engine_start_timeout_s
+            ):
                 findings[(name, finding.kind, version)] = finding
         gpu = self._read_gpu(now)
         for name in {n for n, _ in served}:
@@ -237,34 +266,53 @@ class AlertMonitor:
             if step in ("open", "hold"):
                 actions.append(Action("fire", key, finding, self._detail(key)))
             elif step == "resolve":
-                actions.append(Action("clear", key, finding,
-                                      {"resolved_because": "clear for "
-                                       f"{self.hysteresis.clear_ticks} evaluations"}))
+                actions.append(
+                    Action(
+                        "clear",
+                        key,
+                        finding,
+                        {
+                            "resolved_because": "clear for "
+                            f"{self.hysteresis.clear_ticks} evaluations"
+                        },
+                    )
+                )
         # open alerts nothing judged this tick: their version is no longer served (or the
         # GPU is gone, or its rule turned off): their cause is gone with it
         for key in [k for k in self.hysteresis.open if k not in findings]:
             self.hysteresis.drop(key)
-            actions.append(Action("clear", key, None, {"resolved_because": "no longer served "
-                                                       "or no longer judged"}))
+            actions.append(
+                Action(
+                    "clear", key, None, {"resolved_because": "no longer served or no longer judged"}
+                )
+            )
         for key in [k for k in self._seen if k not in served]:
             self._seen.pop(key, None)
             self._ready_at.pop(key, None)
         return actions
 
-    def _observe(self, name: str, version: str, alerts: AlertSettings, now: float,
-                 wall: float) -> Observation:
+    def _observe(
+        self, name: str, version: str, alerts: AlertSettings, now: float, wall: float
+    ) -> Observation:
         key = (name, version)
         self._seen.setdefault(key, now)
         if self.state.ready(name, version):
             self._ready_at[key] = now
         ready_at = self._ready_at.get(key)
-        unready = 0.0 if ready_at == now else now - (ready_at if ready_at is not None
-                                                     else self._seen[key])
+        unready = (
+            0.0
+            if ready_at == now
+            else now - (ready_at if ready_at is not None else self._seen[key])
+        )
         window = self.state.windows.get(key)
         doc = window.summary(wall - alerts.window_s) if window is not None else {}
-        return Observation(requests=int(doc.get("requests") or 0),
-                           errors=int(doc.get("errors") or 0), p99_ms=doc.get("p99_ms"),
-                           unready_s=unready, ever_ready=ready_at is not None)
+        return Observation(
+            requests=int(doc.get("requests") or 0),
+            errors=int(doc.get("errors") or 0),
+            p99_ms=doc.get("p99_ms"),
+            unready_s=unready,
+            ever_ready=ready_at is not None,
+        )
 
     def _read_gpu(self, now: float) -> bool:
         """Add this tick's mean GPU reading; False (and no samples kept) without a GPU."""
@@ -277,8 +325,10 @@ class AlertMonitor:
             self.gpu_samples.clear()
             return False
         self.gpu_samples.append((now, sum(readings) / len(readings)))
-        longest = max((a.window_s for a in (self.view.alerts.values() if self.view else ())),
-                      default=AlertSettings().window_s)
+        longest = max(
+            (a.window_s for a in (self.view.alerts.values() if self.view else ())),
+            default=AlertSettings().window_s,
+        )
         while self.gpu_samples and self.gpu_samples[0][0] < now - 2 * longest:
             self.gpu_samples.popleft()
         return True
@@ -289,8 +339,11 @@ class AlertMonitor:
             return {}
         for row in self.describe():
             if row["model"] == model and row["version"] == version:
-                return {"restarts": row["restarts"], "last_error": row["last_error"],
-                        "wanted": row["wanted"]}
+                return {
+                    "restarts": row["restarts"],
+                    "last_error": row["last_error"],
+                    "wanted": row["wanted"],
+                }
         return {}
 
     def _gauge(self, open_keys: list[Key]) -> None:
@@ -315,17 +368,34 @@ class AlertMonitor:
             try:
                 if action.op == "fire" and action.finding is not None:
                     f = action.finding
-                    _, opened = kiln_alerts.fire(url, model=model, kind=kind, version=version,
-                                                 message=f.message, value=f.value,
-                                                 threshold=f.threshold, detail=action.detail)
+                    _, opened = kiln_alerts.fire(
+                        url,
+                        model=model,
+                        kind=kind,
+                        version=version,
+                        message=f.message,
+                        value=f.value,
+                        threshold=f.threshold,
+                        detail=action.detail,
+                    )
                     if opened:
-                        log.warning("alert opened: %s%s %s: %s", model,
-                                    f"@{version}" if version else "", kind, f.message)
+                        log.warning(
+                            "alert opened: %s%s %s: %s",
+                            model,
+                            f"@{version}" if version else "",
+                            kind,
+                            f.message,
+                        )
                 else:
-                    if kiln_alerts.clear(url, model=model, kind=kind, version=version,
-                                         detail=action.detail) is not None:
-                        log.info("alert resolved: %s%s %s", model,
-                                 f"@{version}" if version else "", kind)
+                    if (
+                        kiln_alerts.clear(
+                            url, model=model, kind=kind, version=version, detail=action.detail
+                        )
+                        is not None
+                    ):
+                        log.info(
+                            "alert resolved: %s%s %s", model, f"@{version}" if version else "", kind
+                        )
             except Exception:  # the next tick tries again (the alert is still open there)
                 log.exception("could not record alert %s", action.key)
         with session_scope(url) as session:
@@ -334,8 +404,10 @@ class AlertMonitor:
                 try:
                     settings[model.name] = AlertSettings.for_model(model.settings or {})
                 except ValueError as exc:
-                    log.warning("alert settings of %s are invalid (%s): using the defaults",
-                                model.name, exc)
-            open_keys = [(a.model_name, a.kind, a.version)
-                         for a in crud.open_alerts(session=session)]
+                    log.warning(
+                        "alert settings of %s are invalid (%s): using the defaults", model.name, exc
+                    )
+            open_keys = [
+                (a.model_name, a.kind, a.version) for a in crud.open_alerts(session=session)
+            ]
         return RegistryView(settings, open_keys)

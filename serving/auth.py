@@ -63,9 +63,12 @@ class Principal:
 
     @classmethod
     def from_row(cls, row: ApiKey) -> Principal:
-        return cls(prefix=row.prefix, scopes=frozenset(row.scopes),
-                   models=None if row.models is None else frozenset(row.models),
-                   rate_per_second=row.rate_per_second)
+        return cls(
+            prefix=row.prefix,
+            scopes=frozenset(row.scopes),
+            models=None if row.models is None else frozenset(row.models),
+            rate_per_second=row.rate_per_second,
+        )
 
 
 def bearer_token(authorization_header: str | None) -> str | None:
@@ -87,11 +90,15 @@ def authorize(principal: Principal, scope: str, model: str | None) -> None:
     if scope not in GRANTS:
         raise ValueError(f"unknown scope {scope!r}: one of {', '.join(SCOPES)}")
     if not any(scope in GRANTS.get(held, frozenset()) for held in principal.scopes):
-        raise Forbidden(f"key {principal.prefix} lacks the {scope!r} scope: use a key created "
-                        f"with `kiln keys create --scope {scope}`")
+        raise Forbidden(
+            f"key {principal.prefix} lacks the {scope!r} scope: use a key created "
+            f"with `kiln keys create --scope {scope}`"
+        )
     if model is not None and principal.models is not None and model not in principal.models:
-        raise Forbidden(f"key {principal.prefix} may not reach model {model!r}: it is limited "
-                        f"to {', '.join(sorted(principal.models)) or 'no models'}")
+        raise Forbidden(
+            f"key {principal.prefix} may not reach model {model!r}: it is limited "
+            f"to {', '.join(sorted(principal.models)) or 'no models'}"
+        )
 
 
 class KeyStore:
@@ -106,8 +113,9 @@ class KeyStore:
     propagate (and are not cached): the gateway answers 500 rather than guess.
     """
 
-    def __init__(self, settings: Settings, *, max_entries: int = CACHE_ENTRIES,
-                 max_lookups: int = DB_LOOKUPS) -> None:
+    def __init__(
+        self, settings: Settings, *, max_entries: int = CACHE_ENTRIES, max_lookups: int = DB_LOOKUPS
+    ) -> None:
         self.db_url = settings.db_url
         self.ttl = settings.auth_cache_s
         self.max_entries = max_entries
@@ -208,8 +216,7 @@ class RateLimiter:
         options: dict[str, float | str | bool] = {"wrap_exceptions": True}
         if uri.startswith(("async+redis", "async+rediss")):
             # redis-py is the client Kiln installs; a dead Redis must not stall requests
-            options.update(implementation="redispy", socket_timeout=0.5,
-                           socket_connect_timeout=0.5)
+            options.update(implementation="redispy", socket_timeout=0.5, socket_connect_timeout=0.5)
         storage = storage_from_string(uri, **options)
         assert isinstance(storage, Storage)
         self.storage: Storage = storage
@@ -222,8 +229,11 @@ class RateLimiter:
 
     def rate_of(self, principal: Principal) -> float | None:
         """The key's own rate, else the default; None is unlimited."""
-        return (principal.rate_per_second if principal.rate_per_second is not None
-                else self.default_rate)
+        return (
+            principal.rate_per_second
+            if principal.rate_per_second is not None
+            else self.default_rate
+        )
 
     async def hit(self, principal: Principal) -> float | None:
         """Count one request for ``principal``: None when admitted, else the whole seconds

@@ -12,7 +12,6 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-
 CPU_CORES_PER_REPLICA = 4
 
 
@@ -53,8 +52,9 @@ class ServingSettings(BaseModel):
     @model_validator(mode="after")
     def _replicas_ordered(self) -> ServingSettings:
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:
-            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas "
-                             f"({self.min_replicas})")
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
         return self
 
     @property

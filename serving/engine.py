@@ -59,8 +59,17 @@ class EngineStats:
     the counters travel to them inside the pickled LitAPI.
     """
 
-    FIELDS = ("requests", "served", "rows", "model_calls", "model_rows", "expired", "failed",
-              "invalid", "not_found")
+    FIELDS = (
+        "requests",
+        "served",
+        "rows",
+        "model_calls",
+        "model_rows",
+        "expired",
+        "failed",
+        "invalid",
+        "not_found",
+    )
 
     def __init__(self) -> None:
         self._values = mp.get_context("spawn").Array("q", len(self.FIELDS))
@@ -105,22 +114,23 @@ def _request_error(request: Any) -> str | None:
     """Why a decoded JSON body is not a wire request, or None."""
     if not isinstance(request, dict):
         return "the request must be a JSON object"
-    model, version, deadline = request.get("model"), request.get("version"), request.get(
-        "deadline")
+    model, version, deadline = request.get("model"), request.get("version"), request.get("deadline")
     inputs, wanted = request.get("inputs"), request.get("outputs")
     if not isinstance(model, str) or not model:
         return "'model' must name a model"
     if version is not None and not isinstance(version, str):
         return "'version' must be a string or null"
-    if deadline is not None and (isinstance(deadline, bool)
-                                 or not isinstance(deadline, int | float)):
+    if deadline is not None and (
+        isinstance(deadline, bool) or not isinstance(deadline, int | float)
+    ):
         return "'deadline' must be epoch seconds or null"
     if not isinstance(inputs, list) or not inputs:
         return "'inputs' must be a non-empty list of tensors"
     if not all(isinstance(doc, dict) for doc in inputs):
         return "each input must be a tensor object"
-    if wanted is not None and (not isinstance(wanted, list)
-                               or not all(isinstance(n, str) for n in wanted)):
+    if wanted is not None and (
+        not isinstance(wanted, list) or not all(isinstance(n, str) for n in wanted)
+    ):
         return "'outputs' must be a list of output names or null"
     return None
 
@@ -151,18 +161,28 @@ def _decode(request: Any) -> Job:
 def _encode(job: Job) -> Response:
     """A Job's answer: the wire response, or ``{"detail"}`` with the Job's status."""
     if job.status != 200 or job.outputs is None:
-        return Response(orjson.dumps({"detail": job.detail or "internal error"}),
-                        status_code=job.status or 500, media_type=JSON)
+        return Response(
+            orjson.dumps({"detail": job.detail or "internal error"}),
+            status_code=job.status or 500,
+            media_type=JSON,
+        )
     try:
-        body = orjson.dumps({
-            "model_name": job.model, "model_version": job.version,
-            "outputs": [encode_tensor(name, array) for name, array in job.outputs],
-            "batch_size": job.batch_size, "engine_ms": round(job.engine_ms, 3),
-        })
+        body = orjson.dumps(
+            {
+                "model_name": job.model,
+                "model_version": job.version,
+                "outputs": [encode_tensor(name, array) for name, array in job.outputs],
+                "batch_size": job.batch_size,
+                "engine_ms": round(job.engine_ms, 3),
+            }
+        )
     except (TypeError, ValueError):  # an output dtype the wire format has no name for
         log.exception("cannot encode the outputs of %s@%s", job.model, job.version)
-        return Response(orjson.dumps({"detail": "the model's outputs could not be encoded"}),
-                        status_code=500, media_type=JSON)
+        return Response(
+            orjson.dumps({"detail": "the model's outputs could not be encoded"}),
+            status_code=500,
+            media_type=JSON,
+        )
     return Response(body, status_code=200, media_type=JSON)
 
 
@@ -184,8 +204,9 @@ class DrainingBatchLoop(BatchedLoop):
     batch holds ``max_batch_size`` rows (a request may carry many) or requests.
     """
 
-    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any
-                           ) -> tuple[list[Any], list[Any]]:
+    def get_batch_requests(
+        self, lit_api: ls.LitAPI, request_queue: Any, transport: Any
+    ) -> tuple[list[Any], list[Any]]:
         try:
             first = request_queue.get(timeout=1.0)
         except Empty:
@@ -198,16 +219,20 @@ class DrainingBatchLoop(BatchedLoop):
             if item == _SENTINEL_VALUE:
                 raise _StopLoopError()
             response_queue_id, uid, _submitted, x_enc = item
-            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
-                              LoopResponseType.REGULAR)
+            self.put_response(
+                transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
+            )
             payloads.append((response_queue_id, uid, x_enc))
             rows += _payload_rows(x_enc)
             if rows >= lit_api.max_batch_size or len(payloads) >= lit_api.max_batch_size:
                 break
             remaining = until - time.monotonic()
             try:
-                item = (request_queue.get(timeout=remaining) if remaining > 0
-                        else request_queue.get_nowait())
+                item = (
+                    request_queue.get(timeout=remaining)
+                    if remaining > 0
+                    else request_queue.get_nowait()
+                )
             except Empty:
                 break
         return payloads, []
@@ -219,8 +244,9 @@ class ModelLoader(Protocol):
     :class:`KilnEngine`). It travels to LitServe's spawned workers inside the LitAPI, so it must
     pickle: a module-level function or an instance of a module-level class."""
 
-    def __call__(self, name: str, version: str, *, device: str, threads: int | None
-                 ) -> LoadedModel: ...
+    def __call__(
+        self, name: str, version: str, *, device: str, threads: int | None
+    ) -> LoadedModel: ...
 
 
 class KilnEngine(ls.LitAPI):
@@ -243,11 +269,20 @@ class KilnEngine(ls.LitAPI):
     runs where no registry is installed (``bench/gpu_serve.py`` on a bare GPU machine).
     """
 
-    def __init__(self, name: str, version: str, serving: ServingSettings,
-                 stats: EngineStats | None = None, *, loader: ModelLoader | None = None
-                 ) -> None:
-        super().__init__(max_batch_size=serving.max_batch_size,
-                         batch_timeout=serving.batch_timeout, loop=DrainingBatchLoop())
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        serving: ServingSettings,
+        stats: EngineStats | None = None,
+        *,
+        loader: ModelLoader | None = None,
+    ) -> None:
+        super().__init__(
+            max_batch_size=serving.max_batch_size,
+            batch_timeout=serving.batch_timeout,
+            loop=DrainingBatchLoop(),
+        )
         self.name = name
         self.version = version
         self.serving = serving
@@ -283,8 +318,13 @@ class KilnEngine(ls.LitAPI):
             raise
         started = time.perf_counter()
         warm_up(primary, {1, min(self.serving.max_batch_size, 64)})
-        log.info("%s@%s warmed up in %.0f ms; serving on %s", self.name, self.version,
-                 (time.perf_counter() - started) * 1000, device)
+        log.info(
+            "%s@%s warmed up in %.0f ms; serving on %s",
+            self.name,
+            self.version,
+            (time.perf_counter() - started) * 1000,
+            device,
+        )
         self._last_stats_log = time.monotonic()
         heap.freeze("engine worker")  # the loaded model and imports live until exit
 
@@ -328,8 +368,12 @@ class KilnEngine(ls.LitAPI):
         except KilnError as exc:
             status = 404 if exc.http_status == 404 else 500
             for job in jobs:
-                job.fail(status, str(exc) if status == 404 else
-                         f"{name}@{version} could not be loaded on this engine")
+                job.fail(
+                    status,
+                    str(exc)
+                    if status == 404
+                    else f"{name}@{version} could not be loaded on this engine",
+                )
             if status != 404:
                 log.error("loading %s@%s failed: %s", name, version, exc)
             return
@@ -345,16 +389,19 @@ class KilnEngine(ls.LitAPI):
                 if job.wanted is not None:
                     unknown = [n for n in job.wanted if n not in model.output_names]
                     if unknown:
-                        raise InvalidInput(f"unknown output {unknown[0]!r}: {name}@{version} "
-                                           f"returns {', '.join(model.output_names)}")
+                        raise InvalidInput(
+                            f"unknown output {unknown[0]!r}: {name}@{version} "
+                            f"returns {', '.join(model.output_names)}"
+                        )
             except InvalidInput as exc:
                 job.fail(400, str(exc))
                 continue
             job.rows = job.served[0].shape[0]
             # Texts are tokenized together (padded to the batch's longest); other inputs
             # concatenate only when their non-batch dimensions agree.
-            shape_key = () if model.tokenizer is not None else tuple(
-                a.shape[1:] for a in job.served)
+            shape_key = (
+                () if model.tokenizer is not None else tuple(a.shape[1:] for a in job.served)
+            )
             calls.setdefault(shape_key, []).append(job)
         for call in calls.values():
             self._call(model, call)
@@ -370,12 +417,16 @@ class KilnEngine(ls.LitAPI):
         if not live:
             return
         served = [job.served for job in live if job.served is not None]
-        inputs = served[0] if len(served) == 1 else [
-            np.concatenate(column) for column in zip(*served, strict=True)]
+        inputs = (
+            served[0]
+            if len(served) == 1
+            else [np.concatenate(column) for column in zip(*served, strict=True)]
+        )
         rows = inputs[0].shape[0]
         started = time.perf_counter()
-        faults = self.faults if self.faults is not None and self.faults.applies(
-            model.version) else None
+        faults = (
+            self.faults if self.faults is not None and self.faults.applies(model.version) else None
+        )
         try:
             if faults is not None:
                 faults.delay()
@@ -389,28 +440,39 @@ class KilnEngine(ls.LitAPI):
         self._calls = (self._calls[0] + 1, self._calls[1] + rows)
         self._split(model, live, outputs, rows, engine_ms, faults)
 
-    def _split(self, model: LoadedModel, jobs: list[Job], outputs: list[np.ndarray], rows: int,
-               engine_ms: float, faults: EngineFaults | None = None) -> None:
+    def _split(
+        self,
+        model: LoadedModel,
+        jobs: list[Job],
+        outputs: list[np.ndarray],
+        rows: int,
+        engine_ms: float,
+        faults: EngineFaults | None = None,
+    ) -> None:
         """Each Job's rows of the outputs; non-finite values make that Job a 500."""
         start = 0
         for job in jobs:
             stop = start + job.rows
-            mine = [(name, out[start:stop]) for name, out in
-                    zip(model.output_names, outputs, strict=True)
-                    if job.wanted is None or name in job.wanted]
+            mine = [
+                (name, out[start:stop])
+                for name, out in zip(model.output_names, outputs, strict=True)
+                if job.wanted is None or name in job.wanted
+            ]
             start = stop
             fault = faults.draw() if faults is not None else None
             if fault == "error":
                 job.fail(500, "injected fault (KILN_ENGINE_FAULTS): the model failed")
                 continue
             if fault == "nan":
-                mine = [(n, np.full_like(a, np.nan) if a.dtype.kind == "f" else a)
-                        for n, a in mine]
-            bad = next((n for n, a in mine if a.dtype.kind == "f" and not np.isfinite(a).all()),
-                       None)
+                mine = [(n, np.full_like(a, np.nan) if a.dtype.kind == "f" else a) for n, a in mine]
+            bad = next(
+                (n for n, a in mine if a.dtype.kind == "f" and not np.isfinite(a).all()), None
+            )
             if bad is not None:
-                job.fail(500, f"output {bad!r} of {model.name}@{model.version} holds NaN or "
-                              "infinite values")
+                job.fail(
+                    500,
+                    f"output {bad!r} of {model.name}@{model.version} holds NaN or infinite values",
+                )
                 continue
             job.status, job.outputs = 200, mine
             job.batch_size, job.engine_ms = rows, engine_ms
@@ -438,8 +500,9 @@ class KilnEngine(ls.LitAPI):
 _COUNTER_OF = {504: "expired", 404: "not_found", 400: "invalid"}
 
 
-def _load(settings: Any, name: str, version: str, *, device: str, threads: int | None
-          ) -> LoadedModel:
+def _load(
+    settings: Any, name: str, version: str, *, device: str, threads: int | None
+) -> LoadedModel:
     return load_version(settings, name, version, device, threads=threads)
 
 
@@ -461,8 +524,9 @@ def resolve_device(device: str, backend: str) -> str:
     return "cuda"
 
 
-def build_server(name: str, version: str, *, device: str = "auto",
-                 stats: EngineStats | None = None) -> ls.LitServer:
+def build_server(
+    name: str, version: str, *, device: str = "auto", stats: EngineStats | None = None
+) -> ls.LitServer:
     """The LitServer for ``name@version`` with the model's batching settings (not started).
 
     Fails fast (NotFound, IntegrityError) when the version is unknown or its artifact is
@@ -474,35 +538,54 @@ def build_server(name: str, version: str, *, device: str = "auto",
 
     settings = get_settings()
     record = read_version(settings, name, version)
-    ArtifactStore(settings.home, settings.remote_url).verified_path(record.artifact.path,
-                                                                  record.artifact.sha256)
+    ArtifactStore(settings.home, settings.remote_url).verified_path(
+        record.artifact.path, record.artifact.sha256
+    )
     serving = record.serving
     api = KilnEngine(name, version, serving, stats)
     server = lit_server(api, accelerator=resolve_device(device, record.artifact.backend))
-    log.info("engine for %s@%s: backend %s/%s, max_batch_size %d, batch_timeout %.3f s, "
-             "workers %d", name, version, record.artifact.backend, record.artifact.precision,
-             serving.max_batch_size, serving.batch_timeout, serving.workers_per_device)
+    log.info(
+        "engine for %s@%s: backend %s/%s, max_batch_size %d, batch_timeout %.3f s, workers %d",
+        name,
+        version,
+        record.artifact.backend,
+        record.artifact.precision,
+        serving.max_batch_size,
+        serving.batch_timeout,
+        serving.workers_per_device,
+    )
     return server
 
 
-def lit_server(api: KilnEngine, *, accelerator: str, devices: int | str = "auto"
-               ) -> "KilnLitServer":
+def lit_server(
+    api: KilnEngine, *, accelerator: str, devices: int | str = "auto"
+) -> "KilnLitServer":
     """The LitServer around ``api`` (not started): Kiln's queues, no gzip, and ``/stats`` when
     the engine counts (``api.stats``). ``devices``: LitServe's (``auto``: every GPU that
     ``nvidia-smi`` lists)."""
     name, version, stats = api.name, api.version, api.stats
-    server = KilnLitServer(api, accelerator=accelerator, devices=devices,
-                          workers_per_device=api.serving.workers_per_device, timeout=False,
-                          fast_queue=False, disable_openapi_url=True,
-                          model_metadata={"model": name, "version": version})
+    server = KilnLitServer(
+        api,
+        accelerator=accelerator,
+        devices=devices,
+        workers_per_device=api.serving.workers_per_device,
+        timeout=False,
+        fast_queue=False,
+        disable_openapi_url=True,
+        model_metadata={"model": name, "version": version},
+    )
     # LitServe gzips every response over 1 kB; the gateway is on the same host, where
     # compressing costs more time than it saves.
-    server.app.user_middleware = [m for m in server.app.user_middleware
-                                  if getattr(m.cls, "__name__", "") != "GZipMiddleware"]
+    server.app.user_middleware = [
+        m for m in server.app.user_middleware if getattr(m.cls, "__name__", "") != "GZipMiddleware"
+    ]
     if stats is not None:
+
         async def engine_stats() -> Response:
-            return Response(orjson.dumps({"model": name, "version": version,
-                                          **stats.snapshot()}), media_type=JSON)
+            return Response(
+                orjson.dumps({"model": name, "version": version, **stats.snapshot()}),
+                media_type=JSON,
+            )
 
         server.app.add_api_route("/stats", engine_stats, methods=["GET"])
     return server
@@ -526,12 +609,16 @@ class KilnLitServer(ls.LitServer):
         self._transport = MPQueueTransport(manager, [ctx.Queue() for _ in range(num_api_servers)])
         return manager
 
-    def _perform_graceful_shutdown(self, manager: Any, uvicorn_workers: dict[Any, Any],
-                                   shutdown_reason: str = "normal") -> None:
+    def _perform_graceful_shutdown(
+        self, manager: Any, uvicorn_workers: dict[Any, Any], shutdown_reason: str = "normal"
+    ) -> None:
         # LitServe calls terminate() on API server threads, which threads do not have; the
         # engine's process exits right after this instead (see the end of this module).
-        processes = {key: worker for key, worker in uvicorn_workers.items()
-                     if not isinstance(worker, threading.Thread)}
+        processes = {
+            key: worker
+            for key, worker in uvicorn_workers.items()
+            if not isinstance(worker, threading.Thread)
+        }
         super()._perform_graceful_shutdown(manager, processes, shutdown_reason)
 
 
@@ -539,9 +626,11 @@ def configure_logging() -> None:
     """Engine logs to stderr (the supervisor's per-engine log file), once per process: the
     main process and each spawned inference worker."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s [%(process)d] "
-                                   "%(message)s")
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        )
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -555,15 +644,24 @@ def main(argv: list[str] | None = None) -> int:
     0 after SIGTERM or Ctrl-C; the KilnError's exit code when the version cannot be served
     (unknown: 3, corrupt artifact: 5); 1 when a worker failed to start or died.
     """
-    parser = argparse.ArgumentParser(prog="python -m serving.engine",
-                                     description="Serve one Kiln model version (LitServe).")
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.engine", description="Serve one Kiln model version (LitServe)."
+    )
     parser.add_argument("--model", required=True, help="model name in the registry")
     parser.add_argument("--version", required=True, help="model version (semver)")
     parser.add_argument("--port", required=True, type=int, help="port to listen on")
-    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1"],
-                        help="interface to bind (loopback only: the gateway is the front door)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where the model runs (auto: CUDA when usable)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        choices=["127.0.0.1"],
+        help="interface to bind (loopback only: the gateway is the front door)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (auto: CUDA when usable)",
+    )
     args = parser.parse_args(argv)
     configure_logging()
     # SIGTERM takes LitServe's Ctrl-C path, which stops its worker processes too.
@@ -571,22 +669,32 @@ def main(argv: list[str] | None = None) -> int:
     _watch_parent()
     code = 0
     try:
-        server = build_server(args.model, args.version, device=args.device,
-                              stats=EngineStats())
+        server = build_server(args.model, args.version, device=args.device, stats=EngineStats())
         heap.freeze("engine")  # imports and the server object live until exit
         # One API server, as a thread: no fork of a process that already runs threads, one
         # process fewer, and (measured) no slower than a forked API server process.
-        server.run(host=args.host, port=args.port, num_api_servers=1, log_level="warning",
-                   generate_client_file=False, api_server_worker_type="thread",
-                   access_log=False)
+        server.run(
+            host=args.host,
+            port=args.port,
+            num_api_servers=1,
+            log_level="warning",
+            generate_client_file=False,
+            api_server_worker_type="thread",
+            access_log=False,
+        )
     except KilnError as exc:
         log.error("refusing to serve %s@%s: %s", args.model, args.version, exc)
         code = exc.exit_code
     except KeyboardInterrupt:
         log.info("engine for %s@%s stopping", args.model, args.version)
-    except Exception as exc:  # noqa: BLE001 - a worker failed its setup (it logged why) or died
-        log.error("engine for %s@%s stopped: an inference worker failed to start or died "
-                  "(%s: %s)", args.model, args.version, type(exc).__name__, exc)
+    except Exception as exc:  # a worker failed its setup (it logged why) or died
+        log.error(
+            "engine for %s@%s stopped: an inference worker failed to start or died (%s: %s)",
+            args.model,
+            args.version,
+            type(exc).__name__,
+            exc,
+        )
         code = 1
     _stop_children()
     return code
@@ -631,20 +739,43 @@ def _stop_children(timeout: float = 5.0) -> None:
 
 
 # ------------------------------------------------------------------------ process control
-def start_engine_process(name: str, version: str, port: int, *, env: dict[str, str],
-                         log_path: Path | None = None, device: str = "auto"
-                         ) -> "subprocess.Popen[bytes]":
+def start_engine_process(
+    name: str,
+    version: str,
+    port: int,
+    *,
+    env: dict[str, str],
+    log_path: Path | None = None,
+    device: str = "auto",
+) -> "subprocess.Popen[bytes]":
     """Start an engine in its own process group (so :func:`stop_process_group` can stop its
     LitServe workers too), logging to ``log_path`` (appended) or inheriting our output."""
-    command = [sys.executable, "-m", "serving.engine", "--model", name, "--version", version,
-               "--port", str(port), "--device", device]
+    command = [
+        sys.executable,
+        "-m",
+        "serving.engine",
+        "--model",
+        name,
+        "--version",
+        version,
+        "--port",
+        str(port),
+        "--device",
+        device,
+    ]
     env = {**env, PARENT_ENV: str(os.getpid())}
     if log_path is None:
         return subprocess.Popen(command, env=env, start_new_session=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
-        return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def group_members(pgid: int) -> list[int]:

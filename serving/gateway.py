@@ -111,9 +111,15 @@ class Gateway:
     """The ASGI app. Routes are few and fixed, so they are matched by hand (no framework cost
     on the hot path)."""
 
-    def __init__(self, settings: Settings, *, state: RoutingState | None = None,
-                 keys: KeyStore | None = None, limiter: RateLimiter | None = None,
-                 supervise: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        state: RoutingState | None = None,
+        keys: KeyStore | None = None,
+        limiter: RateLimiter | None = None,
+        supervise: bool = True,
+    ) -> None:
         self.settings = settings
         self.state = state or RoutingState()
         self.metrics = GatewayMetrics()
@@ -130,7 +136,9 @@ class Gateway:
     async def startup(self) -> None:
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, force_close=False),
-            skip_auto_headers=("User-Agent",), auto_decompress=False)
+            skip_auto_headers=("User-Agent",),
+            auto_decompress=False,
+        )
         self.inference_log.start()
         if self.supervise:
             from serving.supervisor import Supervisor
@@ -140,8 +148,9 @@ class Gateway:
             await self.supervisor.start()
             from serving.alerts import AlertMonitor
 
-            self.alerts = AlertMonitor(self.settings, self.state, self.metrics,
-                                       describe=self.supervisor.describe)
+            self.alerts = AlertMonitor(
+                self.settings, self.state, self.metrics, describe=self.supervisor.describe
+            )
             await self.alerts.start()
         heap.freeze("gateway")  # what startup built lives until exit (serving/heap.py)
 
@@ -202,23 +211,31 @@ class Gateway:
         principal = await self.keys.authenticate(_header(scope, b"authorization"))
         if principal is None:
             self.metrics.auth_failures.labels("401").inc()
-            raise HTTPError(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
-                            {"WWW-Authenticate": 'Bearer realm="kiln"'})
+            raise HTTPError(
+                401,
+                "missing or unknown API key: send 'Authorization: Bearer <key>'",
+                {"WWW-Authenticate": 'Bearer realm="kiln"'},
+            )
         retry_after = await self.limiter.hit(principal)
         if retry_after is not None:
             self.metrics.rate_limited.inc()
-            raise HTTPError(429, f"rate limit of key {principal.prefix} exceeded; retry after "
-                                 f"{retry_after:g} s", {"Retry-After": str(int(retry_after))})
+            raise HTTPError(
+                429,
+                f"rate limit of key {principal.prefix} exceeded; retry after {retry_after:g} s",
+                {"Retry-After": str(int(retry_after))},
+            )
         if path == "/metrics":
             self._method(method, "GET")
-            await self._respond(send, 200, self.metrics.render(),
-                                "text/plain; version=0.0.4; charset=utf-8")
+            await self._respond(
+                send, 200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
+            )
             return
         if path == "/v2":
             self._method(method, "GET")
             self._authorize(principal, "infer", None)
-            await self._json(send, 200, {"name": SERVER_NAME, "version": _version(),
-                                         "extensions": EXTENSIONS})
+            await self._json(
+                send, 200, {"name": SERVER_NAME, "version": _version(), "extensions": EXTENSIONS}
+            )
             return
         match = _STATS_PATH.match(path)
         if match is not None:
@@ -239,8 +256,9 @@ class Gateway:
             self._method(method, "GET")
             chosen = version or served.stable or served.canary
             ok = chosen is not None and self.state.ready(name, chosen)
-            await self._json(send, 200 if ok else 503, {"name": name, "version": chosen,
-                                                         "ready": ok})
+            await self._json(
+                send, 200 if ok else 503, {"name": name, "version": chosen, "ready": ok}
+            )
         else:
             self._method(method, "GET")
             await self._json(send, 200, self._metadata(served, version))
@@ -248,8 +266,9 @@ class Gateway:
     @staticmethod
     def _method(method: str, allowed: str) -> None:
         if method != allowed:
-            raise HTTPError(405, f"method {method} not allowed here: use {allowed}",
-                            {"Allow": allowed})
+            raise HTTPError(
+                405, f"method {method} not allowed here: use {allowed}", {"Allow": allowed}
+            )
 
     def _authorize(self, principal: Principal, scope: str, model: str | None) -> None:
         try:
@@ -261,23 +280,29 @@ class Gateway:
     def _served(self, name: str, version: str | None) -> ServedModel:
         served = self.state.models.get(name)
         if served is None:
-            raise HTTPError(404, f"model {name!r} is not deployed: see `kiln models` and "
-                                 "`kiln deploy`")
+            raise HTTPError(
+                404, f"model {name!r} is not deployed: see `kiln models` and `kiln deploy`"
+            )
         if version is not None and version not in served.specs:
             deployed = ", ".join(served.versions()) or "none"
-            raise HTTPError(404, f"version {version!r} of {name!r} is not served "
-                                 f"(served: {deployed})")
+            raise HTTPError(
+                404, f"version {version!r} of {name!r} is not served (served: {deployed})"
+            )
         return served
 
     def _metadata(self, served: ServedModel, version: str | None) -> dict[str, Any]:
         chosen = version or served.stable or served.canary
         spec = served.specs[chosen] if chosen else None
-        tensors = (lambda ts: [{"name": t.name, "datatype": t.datatype, "shape": t.shape}
-                               for t in ts])
-        return {"name": served.name, "versions": served.versions(),
-                "platform": f"kiln_{served.backends.get(chosen or '', 'unknown')}",
-                "inputs": tensors(spec.served_inputs()) if spec else [],
-                "outputs": tensors(spec.outputs) if spec else []}
+        tensors = lambda ts: [
+            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in ts
+        ]
+        return {
+            "name": served.name,
+            "versions": served.versions(),
+            "platform": f"kiln_{served.backends.get(chosen or '', 'unknown')}",
+            "inputs": tensors(spec.served_inputs()) if spec else [],
+            "outputs": tensors(spec.outputs) if spec else [],
+        }
 
     def _stats(self, name: str, scope: Scope) -> dict[str, Any]:
         """Per-version figures since ``?since=`` (unix seconds; default: all kept), for the
@@ -293,16 +318,26 @@ class Gateway:
                 try:
                     numbers[key] = float(value)
                 except ValueError:
-                    raise HTTPError(400, f"{key} must be a number (since: unix seconds; "
-                                         "over_ms: milliseconds)") from None
+                    raise HTTPError(
+                        400, f"{key} must be a number (since: unix seconds; over_ms: milliseconds)"
+                    ) from None
         since = numbers.get("since", 0.0)
-        versions = {version: self.state.window(name, version).summary(since,
-                                                                       numbers.get("over_ms"))
-                    for (model, version) in list(self.state.windows) if model == name}
-        return {"model": name, "stable": served.stable, "canary": served.canary,
-                "canary_weight": served.canary_weight, "shadow_share": served.shadow_share,
-                "ready": {v: self.state.ready(name, v) for v in served.versions()},
-                "now": time.time(), "since": since, "versions": versions}
+        versions = {
+            version: self.state.window(name, version).summary(since, numbers.get("over_ms"))
+            for (model, version) in list(self.state.windows)
+            if model == name
+        }
+        return {
+            "model": name,
+            "stable": served.stable,
+            "canary": served.canary,
+            "canary_weight": served.canary_weight,
+            "shadow_share": served.shadow_share,
+            "ready": {v: self.state.ready(name, v) for v in served.versions()},
+            "now": time.time(),
+            "since": since,
+            "versions": versions,
+        }
 
     # --- inference
     async def _read_body(self, receive: Receive) -> bytes:
@@ -315,28 +350,37 @@ class Gateway:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, served: ServedModel,
-                     pinned: str | None) -> None:
+    async def _infer(
+        self, scope: Scope, receive: Receive, send: Send, served: ServedModel, pinned: str | None
+    ) -> None:
         start = time.perf_counter()
         settings = served.settings
         header_length = _header(scope, b"inference-header-content-length")
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if content_type not in ("", "application/json", "application/octet-stream"):
-            raise HTTPError(415, f"content type {content_type!r} is not accepted: send JSON, or "
-                                 "the binary tensor extension with Inference-Header-Content-Length")
+            raise HTTPError(
+                415,
+                f"content type {content_type!r} is not accepted: send JSON, or "
+                "the binary tensor extension with Inference-Header-Content-Length",
+            )
         if content_type == "application/octet-stream" and header_length is None:
-            raise HTTPError(415, "application/octet-stream needs the Inference-Header-Content-"
-                                 "Length header (Triton's binary tensor extension)")
+            raise HTTPError(
+                415,
+                "application/octet-stream needs the Inference-Header-Content-"
+                "Length header (Triton's binary tensor extension)",
+            )
         encoding = (_header(scope, b"content-encoding") or "identity").lower()
         if encoding != "identity":
-            raise HTTPError(415, f"Content-Encoding {encoding!r} is not accepted: send the body "
-                                 "uncompressed")
+            raise HTTPError(
+                415, f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed"
+            )
         body = await self._read_body(receive)
         deadline = self._deadline(scope, settings.deadline_ms)
         version = pinned or served.pick_version(_header(scope, ROUTING_KEY))
         if version is None:
-            raise HTTPError(503, f"model {served.name!r} has no served version yet",
-                            {"Retry-After": "1"})
+            raise HTTPError(
+                503, f"model {served.name!r} has no served version yet", {"Retry-After": "1"}
+            )
         spec = served.specs[version]
         try:
             doc, tail = oip.parse(body, header_length)
@@ -357,27 +401,43 @@ class Gateway:
         if inflight >= settings.max_queue:
             self.metrics.rejected.labels(served.name, "queue_full").inc()
             self.metrics.requests.labels(served.name, version, "503").inc()
-            raise HTTPError(503, f"model {served.name!r} is at its queue limit "
-                                 f"({settings.max_queue}); retry shortly", {"Retry-After": "1"})
+            raise HTTPError(
+                503,
+                f"model {served.name!r} is at its queue limit "
+                f"({settings.max_queue}); retry shortly",
+                {"Retry-After": "1"},
+            )
         self.state.inflight[served.name] = inflight + 1
         self.metrics.inflight.labels(served.name).inc()
         try:
-            answer, used, fallback = await self._dispatch(served, version, pinned, req, deadline,
-                                                          start)
+            answer, used, fallback = await self._dispatch(
+                served, version, pinned, req, deadline, start
+            )
         except HTTPError as exc:
             self.metrics.requests.labels(served.name, version, str(exc.status)).inc()
             if exc.status in (500, 504):  # it reached a model: logged, with no output
-                self.inference_log.offer(served.name, version, req.inputs, {},
-                                         (time.perf_counter() - start) * 1000, exc.status)
+                self.inference_log.offer(
+                    served.name,
+                    version,
+                    req.inputs,
+                    {},
+                    (time.perf_counter() - start) * 1000,
+                    exc.status,
+                )
             raise
         finally:
             self.state.inflight[served.name] -= 1
             self.metrics.inflight.labels(served.name).dec()
         self.state.window(*used).record((time.perf_counter() - start) * 1000, True)
-        if (pinned is None and not fallback and served.canary is not None
-                and used == (served.name, served.stable) and served.shadow_share > 0
-                and len(self._shadows) < MAX_SHADOW_INFLIGHT
-                and random.random() < served.shadow_share):
+        if (
+            pinned is None
+            and not fallback
+            and served.canary is not None
+            and used == (served.name, served.stable)
+            and served.shadow_share > 0
+            and len(self._shadows) < MAX_SHADOW_INFLIGHT
+            and random.random() < served.shadow_share
+        ):
             self._mirror(served, served.canary, req, answer, deadline)
         if cache is not None and cache_key and not fallback:
             cache.put(cache_key, answer)
@@ -392,34 +452,57 @@ class Gateway:
             try:
                 ms = min(ms, float(asked))
             except ValueError:
-                raise HTTPError(400, "X-Kiln-Deadline-Ms must be a number of milliseconds") \
-                    from None
+                raise HTTPError(
+                    400, "X-Kiln-Deadline-Ms must be a number of milliseconds"
+                ) from None
             if not ms > 0:
                 raise HTTPError(400, "X-Kiln-Deadline-Ms must be positive")
         return time.monotonic() + ms / 1000
 
-    def _candidates(self, served: ServedModel, version: str, pinned: str | None
-                    ) -> list[tuple[str, str, str]]:
+    def _candidates(
+        self, served: ServedModel, version: str, pinned: str | None
+    ) -> list[tuple[str, str, str]]:
         """(model, version, fallback reason) in the order to try them."""
         order = [(served.name, version, "")]
         if pinned is None and version != served.stable and served.stable is not None:
-            order.append((served.name, served.stable, f"canary {version} unavailable or "
-                                                     f"failed; served by stable {served.stable}"))
+            order.append(
+                (
+                    served.name,
+                    served.stable,
+                    f"canary {version} unavailable or failed; served by stable {served.stable}",
+                )
+            )
         if pinned is None and served.previous is not None:
-            order.append((served.name, served.previous,
-                          f"stable {served.stable} warming up; served by the previous stable "
-                          f"{served.previous}"))
+            order.append(
+                (
+                    served.name,
+                    served.previous,
+                    f"stable {served.stable} warming up; served by the previous stable "
+                    f"{served.previous}",
+                )
+            )
         fallback = served.settings.fallback_model
         if pinned is None and fallback:
             other = self.state.models.get(fallback)
             if other is not None and other.stable is not None:
-                order.append((other.name, other.stable,
-                              f"{served.name} unavailable; served by {other.name}@{other.stable}"))
+                order.append(
+                    (
+                        other.name,
+                        other.stable,
+                        f"{served.name} unavailable; served by {other.name}@{other.stable}",
+                    )
+                )
         return order
 
-    async def _dispatch(self, served: ServedModel, version: str, pinned: str | None,
-                        req: oip.InferRequest, deadline: float, start: float
-                        ) -> tuple[EngineAnswer, tuple[str, str], str]:
+    async def _dispatch(
+        self,
+        served: ServedModel,
+        version: str,
+        pinned: str | None,
+        req: oip.InferRequest,
+        deadline: float,
+        start: float,
+    ) -> tuple[EngineAnswer, tuple[str, str], str]:
         """The first candidate that answers. A canary that fails on a request (a 5xx from its
         model, NaN outputs, its deadline) has that request answered by the stable version
         (inference is idempotent), and the failure is counted against the canary's window,
@@ -441,35 +524,56 @@ class Gateway:
                 if exc.status not in (500, 504):
                     raise
                 self.state.window(model, candidate).record(
-                    (time.perf_counter() - start) * 1000, False)
-                is_canary = (model == served.name and candidate == served.canary
-                             and candidate != served.stable)
-                if (is_canary and index + 1 < len(candidates)
-                        and time.monotonic() < deadline):
+                    (time.perf_counter() - start) * 1000, False
+                )
+                is_canary = (
+                    model == served.name
+                    and candidate == served.canary
+                    and candidate != served.stable
+                )
+                if is_canary and index + 1 < len(candidates) and time.monotonic() < deadline:
                     last = str(exc)
                     continue
                 raise
             if reason:
-                self.metrics.fallbacks.labels(served.name, "canary" if model == served.name
-                                              else "fallback_model").inc()
+                self.metrics.fallbacks.labels(
+                    served.name, "canary" if model == served.name else "fallback_model"
+                ).inc()
             return answer, (model, candidate), reason
         if time.monotonic() >= deadline:
             raise HTTPError(504, "deadline passed before an engine could answer")
         self.metrics.rejected.labels(served.name, "no_engine").inc()
-        raise HTTPError(503, f"model {served.name!r} has no engine able to answer ({last}); "
-                             "retry shortly", {"Retry-After": "1"})
+        raise HTTPError(
+            503,
+            f"model {served.name!r} has no engine able to answer ({last}); retry shortly",
+            {"Retry-After": "1"},
+        )
 
-    def _mirror(self, served: ServedModel, canary: str, req: oip.InferRequest,
-                answer: EngineAnswer, deadline: float) -> None:
+    def _mirror(
+        self,
+        served: ServedModel,
+        canary: str,
+        req: oip.InferRequest,
+        answer: EngineAnswer,
+        deadline: float,
+    ) -> None:
         """Shadow traffic: send the same request to the canary in the background, discard its
         answer, record its latency or failure and how far its outputs differ from the stable's."""
         task = asyncio.get_running_loop().create_task(
-            self._shadow(served.name, served.task, canary, req, answer, deadline))
+            self._shadow(served.name, served.task, canary, req, answer, deadline)
+        )
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
 
-    async def _shadow(self, name: str, task: str, canary: str, req: oip.InferRequest,
-                      answer: EngineAnswer, deadline: float) -> None:
+    async def _shadow(
+        self,
+        name: str,
+        task: str,
+        canary: str,
+        req: oip.InferRequest,
+        answer: EngineAnswer,
+        deadline: float,
+    ) -> None:
         """Mirrored calls count only as comparisons (a failed one: every row disagrees), not
         as the canary's requests: they arrive in bursts right after the stable's answers, so
         their latency is not what a client of the canary sees."""
@@ -487,15 +591,19 @@ class Gateway:
         if out is not None:
             window.record_shadow(*disagreements(task, answer.outputs[out], mirrored.outputs[out]))
 
-    async def _call_version(self, model: str, version: str, req: oip.InferRequest,
-                            deadline: float) -> EngineAnswer:
+    async def _call_version(
+        self, model: str, version: str, req: oip.InferRequest, deadline: float
+    ) -> EngineAnswer:
         """Call one replica of ``model@version``; on failure retry another, within the deadline."""
-        payload = orjson.dumps({
-            "model": model, "version": version,
-            "deadline": time.time() + (deadline - time.monotonic()),
-            "inputs": [encode_tensor(n, a) for n, a in req.inputs.items()],
-            "outputs": req.outputs,
-        })
+        payload = orjson.dumps(
+            {
+                "model": model,
+                "version": version,
+                "deadline": time.time() + (deadline - time.monotonic()),
+                "inputs": [encode_tensor(n, a) for n, a in req.inputs.items()],
+                "outputs": req.outputs,
+            }
+        )
         tried: set[int] = set()
 
         async def attempt_once() -> EngineAnswer:
@@ -515,18 +623,21 @@ class Gateway:
             if time.monotonic() >= deadline or not tried:
                 raise
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(MAX_ATTEMPTS - 1) | stop_before_delay(
-                max(0.0, deadline - time.monotonic())),
+            stop=stop_after_attempt(MAX_ATTEMPTS - 1)
+            | stop_before_delay(max(0.0, deadline - time.monotonic())),
             wait=wait_exponential_jitter(initial=0.005, max=0.1, jitter=0.01),
-            retry=retry_if_exception_type(EngineUnavailable), reraise=True)
+            retry=retry_if_exception_type(EngineUnavailable),
+            reraise=True,
+        )
         async for attempt in retrying:
             with attempt:
                 self.metrics.retries.labels(model, version).inc()
                 return await attempt_once()
         raise EngineUnavailable(f"no ready engine for {model}@{version}")  # pragma: no cover
 
-    async def _call_replica(self, replica: Replica, payload: bytes, deadline: float
-                            ) -> EngineAnswer:
+    async def _call_replica(
+        self, replica: Replica, payload: bytes, deadline: float
+    ) -> EngineAnswer:
         assert self.client is not None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -534,17 +645,18 @@ class Gateway:
         replica.outstanding += 1
         try:
             async with self.client.post(
-                    replica.url + "/predict", data=payload,
-                    headers={"Content-Type": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=remaining)) as resp:
+                replica.url + "/predict",
+                data=payload,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=remaining),
+            ) as resp:
                 status = resp.status
                 body = await resp.read()
         except TimeoutError:
             raise HTTPError(504, "deadline passed while the engine was working") from None
         except aiohttp.ClientError as exc:
             replica.failed(time.monotonic())
-            raise EngineUnavailable(f"engine {replica.url} failed: {type(exc).__name__}") \
-                from None
+            raise EngineUnavailable(f"engine {replica.url} failed: {type(exc).__name__}") from None
         finally:
             replica.outstanding -= 1
         if status in (502, 503):
@@ -560,27 +672,40 @@ class Gateway:
             raise HTTPError(status, detail)
         doc = orjson.loads(body)
         outputs = dict(decode_tensor(t) for t in doc["outputs"])
-        return EngineAnswer(outputs=outputs, batch_size=int(doc.get("batch_size", 0)),
-                            engine_ms=float(doc.get("engine_ms", 0.0)))
+        return EngineAnswer(
+            outputs=outputs,
+            batch_size=int(doc.get("batch_size", 0)),
+            engine_ms=float(doc.get("engine_ms", 0.0)),
+        )
 
-    async def _answer(self, send: Send, model: str, version: str, req: oip.InferRequest,
-                      answer: EngineAnswer, start: float, extra: dict[str, str]) -> None:
+    async def _answer(
+        self,
+        send: Send,
+        model: str,
+        version: str,
+        req: oip.InferRequest,
+        answer: EngineAnswer,
+        start: float,
+        extra: dict[str, str],
+    ) -> None:
         outputs = answer.outputs
         if req.outputs is not None:
             missing = [n for n in req.outputs if n not in outputs]
             if missing:
-                raise HTTPError(400, f"unknown output {missing[0]!r}: the model returns "
-                                     f"{', '.join(outputs)}")
+                raise HTTPError(
+                    400, f"unknown output {missing[0]!r}: the model returns {', '.join(outputs)}"
+                )
             outputs = {n: outputs[n] for n in req.outputs}
         binary = set(outputs) if req.binary_default else req.binary_outputs & set(outputs)
-        body, header_length = oip.response(model=model, version=version,
-                                           request_id=req.request_id, outputs=outputs,
-                                           binary=binary)
+        body, header_length = oip.response(
+            model=model, version=version, request_id=req.request_id, outputs=outputs, binary=binary
+        )
         headers = {"Kiln-Model-Version": version, **extra}
         if header_length is not None:
             headers["Inference-Header-Content-Length"] = str(header_length)
-        content_type = "application/octet-stream" if header_length is not None \
-            else "application/json"
+        content_type = (
+            "application/octet-stream" if header_length is not None else "application/json"
+        )
         await self._respond(send, 200, body, content_type, headers)
         elapsed = time.perf_counter() - start
         self.inference_log.offer(model, version, req.inputs, outputs, elapsed * 1000, 200)
@@ -593,20 +718,30 @@ class Gateway:
             m.batch.labels(model, version).observe(answer.batch_size)
 
     # --- responses
-    async def _respond(self, send: Send, status: int, body: bytes, content_type: str,
-                       headers: dict[str, str] | None = None) -> None:
-        raw = [(b"content-type", content_type.encode()),
-               (b"content-length", str(len(body)).encode())]
+    async def _respond(
+        self,
+        send: Send,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        raw = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
         raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
 
-    async def _json(self, send: Send, status: int, doc: dict[str, Any],
-                    headers: dict[str, str] | None = None) -> None:
+    async def _json(
+        self, send: Send, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         await self._respond(send, status, orjson.dumps(doc), "application/json", headers)
 
-    async def _error(self, send: Send, status: int, message: str,
-                     headers: dict[str, str] | None = None) -> None:
+    async def _error(
+        self, send: Send, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         try:
             await self._json(send, status, {"error": message}, headers)
         except Exception:  # the client is gone or a response already started
@@ -626,8 +761,11 @@ def _cache_key(version: str, inputs: dict[str, np.ndarray]) -> str:
     for name, array in inputs.items():
         digest.update(name.encode())
         digest.update(str(array.shape).encode())
-        digest.update(repr(array.tolist()).encode() if array.dtype == object
-                      else np.ascontiguousarray(array).tobytes())
+        digest.update(
+            repr(array.tolist()).encode()
+            if array.dtype == object
+            else np.ascontiguousarray(array).tobytes()
+        )
     return digest.hexdigest()
 
 
@@ -652,11 +790,18 @@ def serve(settings: Settings, *, port: int | None = None, host: str | None = Non
 
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=host or settings.gateway_host,
+        app,
+        host=host or settings.gateway_host,
         port=settings.gateway_port if port is None else port,
         http=guarded_protocol(HttpLimits(max_body_bytes=settings.max_body_bytes)),
-        loop="uvloop", lifespan="on", log_level="warning", access_log=False,
+        loop="uvloop",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
         ws="none",  # no WebSocket route: an Upgrade request is read as plain HTTP
-        timeout_keep_alive=5, limit_concurrency=settings.gateway_max_connections,
-        server_header=False, date_header=False)
+        timeout_keep_alive=5,
+        limit_concurrency=settings.gateway_max_connections,
+        server_header=False,
+        date_header=False,
+    )
     uvicorn.Server(config).run()

@@ -32,9 +32,14 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
-            414: b"URI Too Long", 431: b"Request Header Fields Too Large",
-            503: b"Service Unavailable"}
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _expired(self) -> None:
         self._guard = None
-        if self._rejected or self.transport.is_closing() or self.transport.get_protocol() \
-                is not self:  # closed, or handed to another protocol
+        if (
+            self._rejected
+            or self.transport.is_closing()
+            or self.transport.get_protocol() is not self
+        ):  # closed, or handed to another protocol
             return
         if self.flow.read_paused:  # we hold reading back (pipelining): not the client's delay
             self._arm()
@@ -129,9 +137,11 @@ class GuardedProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         body = message.encode()
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n%s\r\n%s"
-                             % (status, _REASONS[status], len(body), headers, body))
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n%s\r\n%s"
+            % (status, _REASONS[status], len(body), headers, body)
+        )
         self._lingering_close()
 
     def _lingering_close(self) -> None:
@@ -173,8 +183,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._in_head:
             self._head_bytes += len(data)
         super().data_received(data)
-        if (not self._rejected and self._in_head
-                and self._head_bytes > self.limits.max_head_bytes):
+        if not self._rejected and self._in_head and self._head_bytes > self.limits.max_head_bytes:
             self._reply(431, f"request head over {self.limits.max_head_bytes} bytes")
 
     # --- parser callbacks
@@ -205,13 +214,18 @@ class GuardedProtocol(HttpToolsProtocol):
             if name == b"content-length" and value.strip().isdigit():
                 length = int(value)
         if length is not None and length > self.limits.max_body_bytes:
-            self._reject(413, f"body of {length} bytes is over the "
-                              f"{self.limits.max_body_bytes}-byte limit")
+            self._reject(
+                413, f"body of {length} bytes is over the {self.limits.max_body_bytes}-byte limit"
+            )
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             # uvicorn's own refusal here is a bare 503; a client needs to know when to retry
-            self._reject(503, f"the gateway is at its limit of {limit} open connections and "
-                              "requests; retry shortly", b"retry-after: 1\r\n")
+            self._reject(
+                503,
+                f"the gateway is at its limit of {limit} open connections and "
+                "requests; retry shortly",
+                b"retry-after: 1\r\n",
+            )
         super().on_headers_complete()
 
     def on_chunk_header(self) -> None:

@@ -108,8 +108,9 @@ class _Writer:
 class InferenceLog:
     """The gateway's sampled request log (see the module docstring for its lifecycle)."""
 
-    def __init__(self, settings: Settings, metrics: GatewayMetrics, *,
-                 sample: float | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: GatewayMetrics, *, sample: float | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.sample = settings.inference_log_sample if sample is None else sample
@@ -124,9 +125,16 @@ class InferenceLog:
         metrics.log_queue.set_function(self.depth)  # read at scrape time only
 
     # --- the event loop's side: a draw and an enqueue, nothing else
-    def offer(self, model: str, version: str, inputs: Mapping[str, np.ndarray],
-              outputs: Mapping[str, np.ndarray], latency_ms: float, status: int,
-              batch_id: str | None = None) -> None:
+    def offer(
+        self,
+        model: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        latency_ms: float,
+        status: int,
+        batch_id: str | None = None,
+    ) -> None:
         """Log this answered request if it falls in the sample; never blocks."""
         sample = self.sample
         if sample <= 0.0 or (sample < 1.0 and random.random() >= sample):
@@ -134,8 +142,9 @@ class InferenceLog:
         if len(self._pending) >= self.capacity:
             self.metrics.log_dropped.labels("queue_full").inc()
             return
-        self._pending.append(Pending(model, version, inputs, outputs, latency_ms, status,
-                                     time.time(), batch_id))
+        self._pending.append(
+            Pending(model, version, inputs, outputs, latency_ms, status, time.time(), batch_id)
+        )
 
     def depth(self) -> int:
         """Records waiting for the feeder."""
@@ -149,8 +158,7 @@ class InferenceLog:
             return
         self._stopping.clear()
         self._deadline = float("inf")
-        self._thread = threading.Thread(target=self._run, name="kiln-inference-log",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kiln-inference-log", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -169,8 +177,12 @@ class InferenceLog:
         left = len(self._pending)
         if left:
             self._pending.clear()
-            log.warning("inference log: %d sampled requests not written at shutdown (the "
-                        "writer did not finish within %.0f s)", left, timeout_s)
+            log.warning(
+                "inference log: %d sampled requests not written at shutdown (the "
+                "writer did not finish within %.0f s)",
+                left,
+                timeout_s,
+            )
             self.metrics.log_dropped.labels("shutdown").inc(left)
 
     # --- the feeder thread
@@ -234,20 +246,30 @@ class InferenceLog:
         did not answer); the feeder starts one only when :meth:`_writer_due`."""
         self._last_spawn = time.monotonic()
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "serving.inference_log"],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "serving.inference_log"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
             assert proc.stdin is not None
-            proc.stdin.write(orjson.dumps({
-                "db_url": self.settings.db_url,
-                "retention_days": self.settings.inference_log_retention_days}) + b"\n")
+            proc.stdin.write(
+                orjson.dumps(
+                    {
+                        "db_url": self.settings.db_url,
+                        "retention_days": self.settings.inference_log_retention_days,
+                    }
+                )
+                + b"\n"
+            )
             proc.stdin.flush()
         except OSError as exc:
             log.warning("inference log: cannot start the writer process: %s", exc)
             self._writer = None
             return None
         writer = _Writer(proc)
-        writer.reader = threading.Thread(target=self._read, args=(writer,),
-                                         name="kiln-inference-log-answers", daemon=True)
+        writer.reader = threading.Thread(
+            target=self._read, args=(writer,), name="kiln-inference-log-answers", daemon=True
+        )
         writer.reader.start()
         self._writer = writer
         return writer
@@ -271,8 +293,12 @@ class InferenceLog:
         if lost:
             reason = "shutdown" if self._stopping.is_set() else "write_error"
             self.metrics.log_dropped.labels(reason).inc(lost)
-            log.warning("inference log: the writer process exited (code %s) with %d sampled "
-                        "requests not written", code, lost)
+            log.warning(
+                "inference log: the writer process exited (code %s) with %d sampled "
+                "requests not written",
+                code,
+                lost,
+            )
         writer.done.set()
 
     def _finish(self) -> None:
@@ -302,8 +328,7 @@ class InferenceLog:
         try:
             written = insert(self.settings.db_url, [to_row(p) for p in batch])
         except Exception as exc:
-            self._dropped(len(batch), f"the write failed: {type(exc).__name__}: "
-                                      f"{str(exc)[:300]}")
+            self._dropped(len(batch), f"the write failed: {type(exc).__name__}: {str(exc)[:300]}")
             return 0
         for model, n in written.items():
             self.metrics.log_records.labels(model).inc(n)
@@ -331,8 +356,9 @@ def pack(batch: list[Pending]) -> bytes:
                 array = np.asarray(value)
                 if array.dtype.kind in RAW_KINDS:
                     raw = np.ascontiguousarray(array).tobytes()
-                    specs.append([name, datatype_of(array), array.dtype.str, list(array.shape),
-                                  offset])
+                    specs.append(
+                        [name, datatype_of(array), array.dtype.str, list(array.shape), offset]
+                    )
                     chunks.append(raw)
                     offset += len(raw)
                 else:
@@ -366,21 +392,39 @@ def unpack(meta: list[list[Any]], data: bytes) -> list[dict[str, Any]]:
                 name, datatype, dtype_str, shape, offset = spec
                 dtype = _dtype(dtype_str)
                 flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
-                doc[name] = {"datatype": datatype, "shape": shape, "data": flat} \
-                    if dtype in NATIVE else encode({name: flat.reshape(shape)}, arrays=True)[name]
+                doc[name] = (
+                    {"datatype": datatype, "shape": shape, "data": flat}
+                    if dtype in NATIVE
+                    else encode({name: flat.reshape(shape)}, arrays=True)[name]
+                )
             docs.append(doc)
-        rows.append({"model_name": model, "version": version, "input": docs[0],
-                     "output": docs[1], "latency_ms": round(latency_ms, 3), "status": status,
-                     "batch_id": batch_id, "timestamp": datetime.fromtimestamp(at, UTC)})
+        rows.append(
+            {
+                "model_name": model,
+                "version": version,
+                "input": docs[0],
+                "output": docs[1],
+                "latency_ms": round(latency_ms, 3),
+                "status": status,
+                "batch_id": batch_id,
+                "timestamp": datetime.fromtimestamp(at, UTC),
+            }
+        )
     return rows
 
 
 def to_row(p: Pending) -> dict[str, Any]:
     """A record -> an ``InferenceRecord`` row's columns (tensors in their OIP JSON form)."""
-    return {"model_name": p.model, "version": p.version, "input": encode(p.inputs, arrays=True),
-            "output": encode(p.outputs, arrays=True), "latency_ms": round(p.latency_ms, 3),
-            "status": p.status, "batch_id": p.batch_id,
-            "timestamp": datetime.fromtimestamp(p.at, UTC)}
+    return {
+        "model_name": p.model,
+        "version": p.version,
+        "input": encode(p.inputs, arrays=True),
+        "output": encode(p.outputs, arrays=True),
+        "latency_ms": round(p.latency_ms, 3),
+        "status": p.status,
+        "batch_id": p.batch_id,
+        "timestamp": datetime.fromtimestamp(p.at, UTC),
+    }
 
 
 def insert(db_url: str, rows: list[dict[str, Any]]) -> Tally[str]:
@@ -398,8 +442,12 @@ def purge(db_url: str, retention_days: float, now: datetime | None = None) -> in
         with session_scope(db_url) as session:
             gone = crud.purge_inferences(session=session, older_than=cutoff)
     except Exception as exc:
-        log.warning("inference log: retention purge failed (retried in %.0f s): %s: %s",
-                    PURGE_EVERY_S, type(exc).__name__, str(exc)[:300])
+        log.warning(
+            "inference log: retention purge failed (retried in %.0f s): %s: %s",
+            PURGE_EVERY_S,
+            type(exc).__name__,
+            str(exc)[:300],
+        )
         return 0
     if gone:
         log.info("inference log: purged %d records older than %s", gone, cutoff.isoformat())
@@ -436,8 +484,12 @@ def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
             try:
                 answer: dict[str, Any] = {"written": insert(db_url, unpack(records, data))}
             except Exception as exc:
-                log.warning("inference log: %d sampled requests dropped, the write failed: "
-                            "%s: %s", len(records), type(exc).__name__, str(exc)[:300])
+                log.warning(
+                    "inference log: %d sampled requests dropped, the write failed: %s: %s",
+                    len(records),
+                    type(exc).__name__,
+                    str(exc)[:300],
+                )
                 answer = {"failed": len(records)}
             stdout.write(orjson.dumps(answer) + b"\n")
             stdout.flush()
@@ -446,8 +498,11 @@ def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # the gateway ends it by closing its stdin, after its own graceful shutdown: a SIGTERM or
     # SIGINT sent to the gateway's whole process group must not lose what is still in the pipe
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -73,18 +73,36 @@ def read_version(settings: Settings, name: str, version: str) -> VersionRecord:
         model = crud.require_model(session=session, name=name)
         row = crud.require_version(session=session, name=name, version=version)
         artifacts = list(crud.list_artifacts(session=session, version=row))
-        refs = [ArtifactRef(kind=str(a.kind), backend=a.backend, precision=a.precision,
-                            path=a.path, sha256=a.sha256, size=a.size) for a in artifacts]
+        refs = [
+            ArtifactRef(
+                kind=str(a.kind),
+                backend=a.backend,
+                precision=a.precision,
+                path=a.path,
+                sha256=a.sha256,
+                size=a.size,
+            )
+            for a in artifacts
+        ]
         selected = [ref for ref, a in zip(refs, artifacts, strict=True) if a.selected]
         source = next((r for r in refs if r.kind == "source"), None)
         spec = ModelSpec.model_validate(row.spec)
         serving = ServingSettings.for_model(model.settings or {})
         source_format = row.source_format
     if not selected:
-        raise NotFound(f"{name}@{version} has no selected artifact to serve: run "
-                       f"`kiln optimize {name}@{version}`")
-    return VersionRecord(name=name, version=version, spec=spec, serving=serving,
-                         artifact=selected[-1], source=source, source_format=source_format)
+        raise NotFound(
+            f"{name}@{version} has no selected artifact to serve: run "
+            f"`kiln optimize {name}@{version}`"
+        )
+    return VersionRecord(
+        name=name,
+        version=version,
+        spec=spec,
+        serving=serving,
+        artifact=selected[-1],
+        source=source,
+        source_format=source_format,
+    )
 
 
 @dataclass
@@ -123,8 +141,10 @@ class LoadedModel:
         """
         unknown = sorted(set(inputs) - {s.name for s in self.served})
         if unknown:
-            raise InvalidInput(f"unknown input {unknown[0]!r}: {self.name}@{self.version} takes "
-                               f"{', '.join(s.name for s in self.served)}")
+            raise InvalidInput(
+                f"unknown input {unknown[0]!r}: {self.name}@{self.version} takes "
+                f"{', '.join(s.name for s in self.served)}"
+            )
         arrays: list[np.ndarray] = []
         rows = -1
         for spec, dtype in zip(self.served, self._dtypes, strict=True):
@@ -133,19 +153,27 @@ class LoadedModel:
                 raise InvalidInput(f"input {spec.name!r} is missing")
             if spec.datatype == "BYTES":
                 if array.dtype.kind not in ("O", "U", "S"):
-                    raise InvalidInput(f"input {spec.name!r} must be BYTES (text), got "
-                                       f"{datatype_of_numpy(array.dtype)}")
+                    raise InvalidInput(
+                        f"input {spec.name!r} must be BYTES (text), got "
+                        f"{datatype_of_numpy(array.dtype)}"
+                    )
             elif array.dtype != dtype:
-                raise InvalidInput(f"input {spec.name!r} must be {spec.datatype}, got "
-                                   f"{_datatype_name(array.dtype)}")
+                raise InvalidInput(
+                    f"input {spec.name!r} must be {spec.datatype}, got "
+                    f"{_datatype_name(array.dtype)}"
+                )
             if not spec.matches(array.shape):
-                raise InvalidInput(f"input {spec.name!r} has shape {list(array.shape)}, the "
-                                   f"model takes {spec.shape} (-1: any size)")
+                raise InvalidInput(
+                    f"input {spec.name!r} has shape {list(array.shape)}, the "
+                    f"model takes {spec.shape} (-1: any size)"
+                )
             if array.shape[0] == 0:
                 raise InvalidInput(f"input {spec.name!r} has no rows")
             if rows not in (-1, array.shape[0]):
-                raise InvalidInput(f"input {spec.name!r} has {array.shape[0]} rows, the other "
-                                   f"inputs {rows}: send the same number of rows for each")
+                raise InvalidInput(
+                    f"input {spec.name!r} has {array.shape[0]} rows, the other "
+                    f"inputs {rows}: send the same number of rows for each"
+                )
             rows = array.shape[0]
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise InvalidInput(f"input {spec.name!r} holds NaN or infinite values")
@@ -163,11 +191,15 @@ class LoadedModel:
         (as :func:`kiln.optimize.pipeline.tokenize` does for validation)."""
         assert self.tokenizer is not None
         encoded = self.tokenizer.encode_batch([_text(t) for t in texts.reshape(-1)])
-        columns = {"input_ids": [e.ids for e in encoded],
-                   "attention_mask": [e.attention_mask for e in encoded],
-                   "token_type_ids": [e.type_ids for e in encoded]}
-        return [np.asarray(columns[s.name], dtype=numpy_of_datatype(s.datatype))
-                for s in self.spec.inputs]
+        columns = {
+            "input_ids": [e.ids for e in encoded],
+            "attention_mask": [e.attention_mask for e in encoded],
+            "token_type_ids": [e.type_ids for e in encoded],
+        }
+        return [
+            np.asarray(columns[s.name], dtype=numpy_of_datatype(s.datatype))
+            for s in self.spec.inputs
+        ]
 
     def sample_inputs(self, batch: int) -> list[np.ndarray]:
         """Served inputs of ``batch`` rows (warm-up): short texts, or the spec's sample shapes."""
@@ -176,8 +208,11 @@ class LoadedModel:
         for spec, dtype in zip(self.served, self._dtypes, strict=True):
             shape = spec.sample_shape(batch)
             if spec.datatype == "BYTES":
-                arrays.append(np.array(["warm up the engine"] * int(np.prod(shape)),
-                                       dtype=object).reshape(shape))
+                arrays.append(
+                    np.array(["warm up the engine"] * int(np.prod(shape)), dtype=object).reshape(
+                        shape
+                    )
+                )
             elif dtype.kind == "f":
                 arrays.append(rng.standard_normal(shape).astype(dtype))
             elif dtype.kind == "b":
@@ -198,8 +233,9 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def load_version(settings: Settings, name: str, version: str, device: str = "cpu",
-                 *, threads: int | None = None) -> LoadedModel:
+def load_version(
+    settings: Settings, name: str, version: str, device: str = "cpu", *, threads: int | None = None
+) -> LoadedModel:
     """``name@version`` loaded for serving, after its selected artifact's sha256 checks out.
 
     A corrupt or missing artifact raises IntegrityError and nothing is loaded. On a GPU host
@@ -217,30 +253,48 @@ def load_version(settings: Settings, name: str, version: str, device: str = "cpu
     if record.artifact.kind == "source":
         backend_name = SOURCE_BACKENDS.get(path.suffix, "")
         if not backend_name:
-            raise ModelLoadError(f"{name}@{version} was uploaded as a folder and has nothing "
-                                 f"the engine can load yet: run `kiln optimize {name}@{version}`")
+            raise ModelLoadError(
+                f"{name}@{version} was uploaded as a folder and has nothing "
+                f"the engine can load yet: run `kiln optimize {name}@{version}`"
+            )
     backend = get_backend(backend_name)
     backend.available()  # imports the backend's runtime, so its size is not charged to a model
     process = psutil.Process()
     rss_before = process.memory_info().rss
     try:
-        runner = backend.load(path, spec=record.spec, device=device, threads=threads,
-                              idle_spin=False)
+        runner = backend.load(
+            path, spec=record.spec, device=device, threads=threads, idle_spin=False
+        )
     except VariantUnavailable as exc:
         if device == "cpu":
             raise
         log.warning("%s@%s: %s; loading it on the CPU", name, version, exc)
         device = "cpu"
-        runner = backend.load(path, spec=record.spec, device=device, threads=threads,
-                              idle_spin=False)
+        runner = backend.load(
+            path, spec=record.spec, device=device, threads=threads, idle_spin=False
+        )
     tokenizer = _load_tokenizer(store, record) if record.spec.preprocess is not None else None
     grown = process.memory_info().rss - rss_before
-    loaded = LoadedModel(name=name, version=version, spec=record.spec, runner=runner,
-                         memory_bytes=max(grown, record.artifact.size), backend=backend_name,
-                         precision=record.artifact.precision, tokenizer=tokenizer)
-    log.info("loaded %s@%s: %s/%s on %s, sha256 %s... verified, %.1f MiB", name, version,
-             backend_name, record.artifact.precision, device, record.artifact.sha256[:12],
-             loaded.memory_bytes / 2**20)
+    loaded = LoadedModel(
+        name=name,
+        version=version,
+        spec=record.spec,
+        runner=runner,
+        memory_bytes=max(grown, record.artifact.size),
+        backend=backend_name,
+        precision=record.artifact.precision,
+        tokenizer=tokenizer,
+    )
+    log.info(
+        "loaded %s@%s: %s/%s on %s, sha256 %s... verified, %.1f MiB",
+        name,
+        version,
+        backend_name,
+        record.artifact.precision,
+        device,
+        record.artifact.sha256[:12],
+        loaded.memory_bytes / 2**20,
+    )
     return loaded
 
 
@@ -252,19 +306,24 @@ def _load_tokenizer(store: Any, record: VersionRecord) -> Any:
     preprocess = record.spec.preprocess
     assert preprocess is not None
     if record.source is None or record.source_format != "kiln":
-        raise ModelLoadError(f"{record.name}@{record.version} needs the tokenizer "
-                             f"{preprocess.file!r}, and only a kiln.yaml folder upload carries one")
+        raise ModelLoadError(
+            f"{record.name}@{record.version} needs the tokenizer "
+            f"{preprocess.file!r}, and only a kiln.yaml folder upload carries one"
+        )
     archive = store.verified_path(record.source.path, record.source.sha256)
     wanted = PurePosixPath(preprocess.file)
     if wanted.is_absolute() or ".." in wanted.parts:
         raise ModelLoadError(f"tokenizer path {preprocess.file!r} must stay inside the folder")
     with tarfile.open(archive, "r") as tar:
-        member = next((m for m in tar.getmembers()
-                       if PurePosixPath(m.name) == wanted and m.isfile()), None)
+        member = next(
+            (m for m in tar.getmembers() if PurePosixPath(m.name) == wanted and m.isfile()), None
+        )
         handle = tar.extractfile(member) if member is not None else None
         if handle is None:
-            raise ModelLoadError(f"{record.name}@{record.version}: the uploaded folder has no "
-                                 f"{preprocess.file!r}; upload it again with its tokenizer")
+            raise ModelLoadError(
+                f"{record.name}@{record.version}: the uploaded folder has no "
+                f"{preprocess.file!r}; upload it again with its tokenizer"
+            )
         text = handle.read().decode()
     tokenizer = Tokenizer.from_str(text)
     tokenizer.enable_truncation(preprocess.max_length)
@@ -338,13 +397,20 @@ class ModelCache:
                 continue
             dropped = self._entries.pop(key)
             self.evictions += 1
-            log.info("evicted %s@%s from the model cache (%.1f MiB; budget %.1f MiB)",
-                     dropped.name, dropped.version, dropped.memory_bytes / 2**20,
-                     self.budget_bytes / 2**20)
+            log.info(
+                "evicted %s@%s from the model cache (%.1f MiB; budget %.1f MiB)",
+                dropped.name,
+                dropped.version,
+                dropped.memory_bytes / 2**20,
+                self.budget_bytes / 2**20,
+            )
         if self.total_bytes > self.budget_bytes:
-            log.warning("model cache holds %.1f MiB, over its %.1f MiB budget: only pinned or "
-                        "in-use versions are left", self.total_bytes / 2**20,
-                        self.budget_bytes / 2**20)
+            log.warning(
+                "model cache holds %.1f MiB, over its %.1f MiB budget: only pinned or "
+                "in-use versions are left",
+                self.total_bytes / 2**20,
+                self.budget_bytes / 2**20,
+            )
 
     def pin(self, name: str, version: str) -> None:
         with self._lock:

@@ -24,8 +24,28 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
-                   0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -50,17 +70,21 @@ class _GpuCollector(Collector):
         count = nvml.nvmlDeviceGetCount()
         if not count:
             return None
-        return [nvml.nvmlDeviceGetUtilizationRates(nvml.nvmlDeviceGetHandleByIndex(i)).gpu / 100
-                for i in range(count)]
+        return [
+            nvml.nvmlDeviceGetUtilizationRates(nvml.nvmlDeviceGetHandleByIndex(i)).gpu / 100
+            for i in range(count)
+        ]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         if self._nvml is None:
             return []
         nvml = self._nvml
-        util = GaugeMetricFamily("kiln_gpu_utilization_ratio", "GPU busy share (NVML)",
-                                 labels=["gpu"])
-        mem = GaugeMetricFamily("kiln_gpu_memory_used_bytes", "GPU memory in use (NVML)",
-                                labels=["gpu"])
+        util = GaugeMetricFamily(
+            "kiln_gpu_utilization_ratio", "GPU busy share (NVML)", labels=["gpu"]
+        )
+        mem = GaugeMetricFamily(
+            "kiln_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"]
+        )
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             util.add_metric([str(index)], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
@@ -75,14 +99,21 @@ class _EngineCollector(Collector):
         self._source = source
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        up = GaugeMetricFamily("kiln_engine_up", "1 when the engine replica is ready",
-                               labels=["model", "version", "replica"])
-        rss = GaugeMetricFamily("kiln_engine_resident_memory_bytes",
-                                "resident memory of the engine replica's process group",
-                                labels=["model", "version", "replica"])
-        outstanding = GaugeMetricFamily("kiln_engine_outstanding_requests",
-                                        "requests sent to the replica and not yet answered",
-                                        labels=["model", "version", "replica"])
+        up = GaugeMetricFamily(
+            "kiln_engine_up",
+            "1 when the engine replica is ready",
+            labels=["model", "version", "replica"],
+        )
+        rss = GaugeMetricFamily(
+            "kiln_engine_resident_memory_bytes",
+            "resident memory of the engine replica's process group",
+            labels=["model", "version", "replica"],
+        )
+        outstanding = GaugeMetricFamily(
+            "kiln_engine_outstanding_requests",
+            "requests sent to the replica and not yet answered",
+            labels=["model", "version", "replica"],
+        )
         for row in self._source():
             labels = [row["model"], row["version"], str(row["replica"])]
             up.add_metric(labels, 1.0 if row["ready"] else 0.0)
@@ -97,43 +128,81 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.latency = Histogram("kiln_request_duration_seconds",
-                                 "request latency by model, version and stage",
-                                 ["model", "version", "stage"], buckets=LATENCY_BUCKETS,
-                                 registry=r)
-        self.requests = Counter("kiln_requests_total", "inference requests by final status",
-                                ["model", "version", "code"], registry=r)
-        self.inflight = Gauge("kiln_inflight_requests", "admitted requests not yet answered",
-                              ["model"], registry=r)
-        self.batch = Histogram("kiln_batch_size", "rows in the model call that served a request",
-                               ["model", "version"], buckets=BATCH_BUCKETS, registry=r)
-        self.cache_hits = Counter("kiln_result_cache_hits_total", "responses from the cache",
-                                  ["model"], registry=r)
-        self.retries = Counter("kiln_retries_total", "engine calls retried on another replica",
-                               ["model", "version"], registry=r)
-        self.fallbacks = Counter("kiln_fallbacks_total", "requests served by a fallback",
-                                 ["model", "reason"], registry=r)
-        self.rejected = Counter("kiln_rejected_total",
-                                "requests refused before an engine ran them",
-                                ["model", "reason"], registry=r)
-        self.auth_failures = Counter("kiln_auth_failures_total", "401 and 403 answers",
-                                     ["code"], registry=r)
+        self.latency = Histogram(
+            "kiln_request_duration_seconds",
+            "request latency by model, version and stage",
+            ["model", "version", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "kiln_requests_total",
+            "inference requests by final status",
+            ["model", "version", "code"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "kiln_inflight_requests", "admitted requests not yet answered", ["model"], registry=r
+        )
+        self.batch = Histogram(
+            "kiln_batch_size",
+            "rows in the model call that served a request",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "kiln_result_cache_hits_total", "responses from the cache", ["model"], registry=r
+        )
+        self.retries = Counter(
+            "kiln_retries_total",
+            "engine calls retried on another replica",
+            ["model", "version"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "kiln_fallbacks_total", "requests served by a fallback", ["model", "reason"], registry=r
+        )
+        self.rejected = Counter(
+            "kiln_rejected_total",
+            "requests refused before an engine ran them",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "kiln_auth_failures_total", "401 and 403 answers", ["code"], registry=r
+        )
         self.rate_limited = Counter("kiln_rate_limited_total", "429 answers", registry=r)
-        self.engine_restarts = Counter("kiln_engine_restarts_total",
-                                       "engine replicas restarted after dying or failing health",
-                                       ["model", "version"], registry=r)
-        self.alerts_open = Gauge("kiln_alerts_open", "open alerts (registry) by model and kind",
-                                 ["model", "kind"], registry=r)
+        self.engine_restarts = Counter(
+            "kiln_engine_restarts_total",
+            "engine replicas restarted after dying or failing health",
+            ["model", "version"],
+            registry=r,
+        )
+        self.alerts_open = Gauge(
+            "kiln_alerts_open",
+            "open alerts (registry) by model and kind",
+            ["model", "kind"],
+            registry=r,
+        )
         # the inference log (serving/inference_log.py); its writer thread counts what it wrote
-        self.log_records = Counter("kiln_inference_log_records_total",
-                                   "sampled requests written to the inference log", ["model"],
-                                   registry=r)
-        self.log_dropped = Counter("kiln_inference_log_dropped_total",
-                                   "sampled requests not logged (queue_full, write_error, "
-                                   "shutdown)", ["reason"], registry=r)
-        self.log_queue = Gauge("kiln_inference_log_queue_depth",
-                               "sampled requests waiting for the inference log's writer",
-                               registry=r)
+        self.log_records = Counter(
+            "kiln_inference_log_records_total",
+            "sampled requests written to the inference log",
+            ["model"],
+            registry=r,
+        )
+        self.log_dropped = Counter(
+            "kiln_inference_log_dropped_total",
+            "sampled requests not logged (queue_full, write_error, shutdown)",
+            ["reason"],
+            registry=r,
+        )
+        self.log_queue = Gauge(
+            "kiln_inference_log_queue_depth",
+            "sampled requests waiting for the inference log's writer",
+            registry=r,
+        )
         ProcessCollector(registry=r)  # the gateway's own CPU and resident memory
         self.gpu = _GpuCollector()
         r.register(self.gpu)

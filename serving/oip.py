@@ -24,8 +24,9 @@ import orjson
 
 from kiln.spec import TensorSpec, datatype_of_numpy, numpy_of_datatype
 
-DATATYPES = frozenset({"BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
-                       "FP64", "BYTES"})  # what a Kiln model spec can declare
+DATATYPES = frozenset(
+    {"BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"}
+)  # what a Kiln model spec can declare
 
 
 class BadRequest(ValueError):
@@ -62,8 +63,9 @@ def parse(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes
         except ValueError:
             raise BadRequest("Inference-Header-Content-Length must be an integer") from None
         if not 0 < size <= len(body):
-            raise BadRequest(f"Inference-Header-Content-Length {size} is outside the body "
-                             f"({len(body)} bytes)")
+            raise BadRequest(
+                f"Inference-Header-Content-Length {size} is outside the body ({len(body)} bytes)"
+            )
         doc = _json(body[:size])
         tail = body[size:]
     if not isinstance(doc, dict):
@@ -80,14 +82,15 @@ def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
         pos += 4
         if pos + size > len(raw):
             raise BadRequest(f"input {name!r}: BYTES element of {size} bytes overruns the data")
-        out.append(raw[pos:pos + size])
+        out.append(raw[pos : pos + size])
         pos += size
     return out
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                              for d in value):
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in value
+    ):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of integers")
     if any(d < 0 for d in value):
         raise BadRequest(f"input {name!r}: 'shape' {value} has a negative dimension")
@@ -113,23 +116,27 @@ def _array(entry: dict[str, Any], tail: bytes, offset: int) -> tuple[str, np.nda
             raise BadRequest(f"input {name!r}: 'binary_data_size' must be a non-negative integer")
         if offset + binary_size > len(tail):
             raise BadRequest(f"input {name!r}: binary_data_size {binary_size} overruns the body")
-        raw = tail[offset:offset + binary_size]
+        raw = tail[offset : offset + binary_size]
         offset += binary_size
         if datatype == "BYTES":
             values = _bytes_elements(raw, name)
             if len(values) != count:
-                raise BadRequest(f"input {name!r}: {len(values)} BYTES elements for shape "
-                                 f"{list(shape)}")
+                raise BadRequest(
+                    f"input {name!r}: {len(values)} BYTES elements for shape {list(shape)}"
+                )
             return name, np.array(values, dtype=object).reshape(shape), offset
         dtype = numpy_of_datatype(datatype).newbyteorder("<")
         if binary_size != count * dtype.itemsize:
-            raise BadRequest(f"input {name!r}: {binary_size} bytes of binary data for shape "
-                             f"{list(shape)} of {datatype} (want {count * dtype.itemsize})")
+            raise BadRequest(
+                f"input {name!r}: {binary_size} bytes of binary data for shape "
+                f"{list(shape)} of {datatype} (want {count * dtype.itemsize})"
+            )
         array = np.frombuffer(raw, dtype=dtype).reshape(shape)
         return name, array.astype(dtype.newbyteorder("="), copy=False), offset
     if "data" not in entry:
-        raise BadRequest(f"input {name!r}: needs 'data' (or binary_data_size with the binary "
-                         "extension)")
+        raise BadRequest(
+            f"input {name!r}: needs 'data' (or binary_data_size with the binary extension)"
+        )
     data = entry["data"]
     try:
         if datatype == "BYTES":
@@ -142,25 +149,31 @@ def _array(entry: dict[str, Any], tail: bytes, offset: int) -> tuple[str, np.nda
     except (ValueError, TypeError, OverflowError):
         raise BadRequest(f"input {name!r}: 'data' does not hold {datatype} values") from None
     if array.size != count:
-        raise BadRequest(f"input {name!r}: 'data' has {array.size} values for shape "
-                         f"{list(shape)} ({count} values)")
+        raise BadRequest(
+            f"input {name!r}: 'data' has {array.size} values for shape "
+            f"{list(shape)} ({count} values)"
+        )
     return name, array.reshape(shape), offset
 
 
 def _check(spec: TensorSpec, array: np.ndarray) -> None:
     name = spec.name
     if array.ndim != len(spec.shape):
-        raise BadRequest(f"input {name!r}: rank {array.ndim}, the model takes rank "
-                         f"{len(spec.shape)} (shape {spec.shape})")
+        raise BadRequest(
+            f"input {name!r}: rank {array.ndim}, the model takes rank "
+            f"{len(spec.shape)} (shape {spec.shape})"
+        )
     if not spec.matches(array.shape):
-        raise BadRequest(f"input {name!r}: shape {list(array.shape)} does not fit {spec.shape} "
-                         "(-1 is any size)")
+        raise BadRequest(
+            f"input {name!r}: shape {list(array.shape)} does not fit {spec.shape} (-1 is any size)"
+        )
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise BadRequest(f"input {name!r}: contains NaN or infinite values")
 
 
-def request(doc: dict[str, Any], tail: bytes, specs: list[TensorSpec], *,
-            max_rows: int) -> InferRequest:
+def request(
+    doc: dict[str, Any], tail: bytes, specs: list[TensorSpec], *, max_rows: int
+) -> InferRequest:
     """Validate a parsed body against the model's served inputs."""
     entries = doc.get("inputs")
     if not isinstance(entries, list) or not entries:
@@ -175,13 +188,14 @@ def request(doc: dict[str, Any], tail: bytes, specs: list[TensorSpec], *,
             raise BadRequest(f"input {name!r} is given twice")
         by_name[name] = array
     if offset != len(tail):
-        raise BadRequest(f"{len(tail) - offset} bytes of binary data are not claimed by any "
-                         "input's binary_data_size")
+        raise BadRequest(
+            f"{len(tail) - offset} bytes of binary data are not claimed by any "
+            "input's binary_data_size"
+        )
     wanted = {s.name: s for s in specs}
     unknown = sorted(set(by_name) - set(wanted))
     if unknown:
-        raise BadRequest(f"unknown input {unknown[0]!r}: the model takes "
-                         f"{', '.join(wanted)}")
+        raise BadRequest(f"unknown input {unknown[0]!r}: the model takes {', '.join(wanted)}")
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in by_name:
@@ -200,14 +214,20 @@ def request(doc: dict[str, Any], tail: bytes, specs: list[TensorSpec], *,
     if count < 1:
         raise BadRequest("the batch dimension is 0: send at least one row")
     if count > max_rows:
-        raise BadRequest(f"batch of {count} rows is over this model's max_request_batch "
-                         f"({max_rows}); split the request")
+        raise BadRequest(
+            f"batch of {count} rows is over this model's max_request_batch "
+            f"({max_rows}); split the request"
+        )
     outputs, binary, params = _outputs(doc)
     request_id = doc.get("id")
-    return InferRequest(inputs=inputs, rows=count,
-                        request_id=str(request_id) if request_id is not None else None,
-                        outputs=outputs, binary_outputs=binary,
-                        binary_default=bool(params.get("binary_data_output", False)))
+    return InferRequest(
+        inputs=inputs,
+        rows=count,
+        request_id=str(request_id) if request_id is not None else None,
+        outputs=outputs,
+        binary_outputs=binary,
+        binary_default=bool(params.get("binary_data_output", False)),
+    )
 
 
 def _outputs(doc: dict[str, Any]) -> tuple[list[str] | None, set[str], dict[str, Any]]:
@@ -232,8 +252,14 @@ def _outputs(doc: dict[str, Any]) -> tuple[list[str] | None, set[str], dict[str,
     return names, binary, params
 
 
-def response(*, model: str, version: str, request_id: str | None,
-             outputs: dict[str, np.ndarray], binary: set[str]) -> tuple[bytes, int | None]:
+def response(
+    *,
+    model: str,
+    version: str,
+    request_id: str | None,
+    outputs: dict[str, np.ndarray],
+    binary: set[str],
+) -> tuple[bytes, int | None]:
     """The response body, and the JSON header length when any output travels as binary."""
     tensors, tail = [], []
     for name, array in outputs.items():
@@ -241,17 +267,22 @@ def response(*, model: str, version: str, request_id: str | None,
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if name in binary:
             if datatype == "BYTES":
-                raw = b"".join(struct.pack("<I", len(b)) + b for b in
-                               (v if isinstance(v, bytes) else str(v).encode()
-                                for v in array.reshape(-1)))
+                raw = b"".join(
+                    struct.pack("<I", len(b)) + b
+                    for b in (
+                        v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)
+                    )
+                )
             else:
                 raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             tail.append(raw)
         else:
-            entry["data"] = (array.reshape(-1).tolist() if datatype != "BYTES"
-                             else [v.decode() if isinstance(v, bytes) else str(v)
-                                   for v in array.reshape(-1)])
+            entry["data"] = (
+                array.reshape(-1).tolist()
+                if datatype != "BYTES"
+                else [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+            )
         tensors.append(entry)
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": tensors}
     if request_id is not None:

@@ -144,11 +144,16 @@ class VersionWindow:
             compared += rows
             disagreed += bad
         span = now - (since if since > 0 else first)
-        doc: dict[str, Any] = {"requests": n, "errors": errors,
-                               "error_rate": errors / n if n else None,
-                               "p50_ms": None, "p99_ms": None,
-                               "rps": round(n / span, 3) if n and span > 0 else None,
-                               "shadow_compared": compared, "shadow_disagreed": disagreed}
+        doc: dict[str, Any] = {
+            "requests": n,
+            "errors": errors,
+            "error_rate": errors / n if n else None,
+            "p50_ms": None,
+            "p99_ms": None,
+            "rps": round(n / span, 3) if n and span > 0 else None,
+            "shadow_compared": compared,
+            "shadow_disagreed": disagreed,
+        }
         if latencies:
             ordered = sorted(latencies)
             doc["p50_ms"] = round(_quantile(ordered, 0.50), 3)
@@ -204,8 +209,12 @@ class RoutingState:
 
     def all_ready(self) -> tuple[bool, list[str]]:
         """Whether every served version has a ready engine (and which do not)."""
-        missing = [f"{m.name}@{v}" for m in self.models.values() for v in m.versions()
-                   if not self.ready(m.name, v)]
+        missing = [
+            f"{m.name}@{v}"
+            for m in self.models.values()
+            for v in m.versions()
+            if not self.ready(m.name, v)
+        ]
         return not missing, missing
 
     def cache_for(self, model: ServedModel) -> ResultCache | None:

@@ -79,8 +79,14 @@ class VersionPlan:
 class Supervisor:
     """Keeps one engine process group per wanted replica (see the module docstring)."""
 
-    def __init__(self, settings: Settings, state: RoutingState, metrics: GatewayMetrics,
-                 *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        state: RoutingState,
+        metrics: GatewayMetrics,
+        *,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.state = state
         self.metrics = metrics
@@ -133,18 +139,21 @@ class Supervisor:
         with session_scope(self.settings.db_url) as session:
             for model, dep, stable, canary in crud.served_versions(session=session):
                 served = ServedModel(
-                    name=model.name, task=str(model.task),
+                    name=model.name,
+                    task=str(model.task),
                     settings=ServingSettings.for_model(model.settings or {}),
                     stable=stable.version if stable else None,
                     canary=canary.version if canary else None,
                     canary_weight=dep.canary_weight if canary else 0.0,
-                    shadow_share=dep.shadow_share)
+                    shadow_share=dep.shadow_share,
+                )
                 for row in (stable, canary):
                     if row is None:
                         continue
                     served.specs[row.version] = ModelSpec.model_validate(row.spec)
-                    selected = [a for a in crud.list_artifacts(session=session, version=row)
-                                if a.selected]
+                    selected = [
+                        a for a in crud.list_artifacts(session=session, version=row) if a.selected
+                    ]
                     served.backends[row.version] = selected[0].backend if selected else "unknown"
                 if served.versions():
                     models[model.name] = served
@@ -158,10 +167,13 @@ class Supervisor:
         from kiln.registry.db import engine_for
 
         with engine_for(self.settings.db_url).connect() as conn:
-            rows = conn.execute(text(
-                "SELECT d.id, d.stable_version_id, d.canary_version_id, d.canary_weight, "
-                "d.shadow_share, d.state, d.updated_at, m.settings FROM deployment d "
-                "JOIN model m ON m.id = d.model_id ORDER BY d.id")).all()
+            rows = conn.execute(
+                text(
+                    "SELECT d.id, d.stable_version_id, d.canary_version_id, d.canary_weight, "
+                    "d.shadow_share, d.state, d.updated_at, m.settings FROM deployment d "
+                    "JOIN model m ON m.id = d.model_id ORDER BY d.id"
+                )
+            ).all()
         return tuple(tuple(str(v) for v in row) for row in rows)
 
     def _read_if_changed(self) -> dict[str, ServedModel] | None:
@@ -180,13 +192,17 @@ class Supervisor:
         models = self.state.models
         self._end_handovers(models)
         self.state.loaded_at = time.monotonic()
-        wanted = {(m.name, v): m.settings for m in models.values()
-                  for v in [*m.versions(), *([m.previous] if m.previous else [])]}
+        wanted = {
+            (m.name, v): m.settings
+            for m in models.values()
+            for v in [*m.versions(), *([m.previous] if m.previous else [])]
+        }
         for key, serving in wanted.items():
             plan = self.plans.get(key)
             if plan is None:
-                plan = self.plans[key] = VersionPlan(key[0], key[1], serving,
-                                                     wanted=serving.min_replicas)
+                plan = self.plans[key] = VersionPlan(
+                    key[0], key[1], serving, wanted=serving.min_replicas
+                )
             plan.settings = serving
             plan.wanted = min(max(plan.wanted, serving.min_replicas), serving.replica_limit)
         for key in [k for k in self.plans if k not in wanted]:
@@ -210,15 +226,29 @@ class Supervisor:
             old = before.get(name)
             if old is None or new.stable is None or self.state.ready(name, new.stable):
                 continue
-            outgoing = next((v for v in (old.stable, old.previous) if v is not None
-                             and v != new.stable and v not in new.versions()
-                             and v in old.specs and self.state.ready(name, v)), None)
+            outgoing = next(
+                (
+                    v
+                    for v in (old.stable, old.previous)
+                    if v is not None
+                    and v != new.stable
+                    and v not in new.versions()
+                    and v in old.specs
+                    and self.state.ready(name, v)
+                ),
+                None,
+            )
             if outgoing is not None:
                 new.previous = outgoing
                 new.specs[outgoing] = old.specs[outgoing]
                 new.backends[outgoing] = old.backends.get(outgoing, "unknown")
-                log.info("%s@%s has no ready engine yet: %s@%s keeps serving until it has",
-                         name, new.stable, name, outgoing)
+                log.info(
+                    "%s@%s has no ready engine yet: %s@%s keeps serving until it has",
+                    name,
+                    new.stable,
+                    name,
+                    outgoing,
+                )
 
     def _end_handovers(self, models: dict[str, ServedModel]) -> None:
         """Drop ``previous`` once the new stable is ready (or the previous one is not)."""
@@ -242,11 +272,13 @@ class Supervisor:
         if self.settings.database_url:
             env["KILN_DATABASE_URL"] = self.settings.database_url
         proc = start_engine_process(plan.model, plan.version, port, env=env, log_path=log_path)
-        replica = Replica(model=plan.model, version=plan.version,
-                          url=f"http://127.0.0.1:{port}", pid=proc.pid)
+        replica = Replica(
+            model=plan.model, version=plan.version, url=f"http://127.0.0.1:{port}", pid=proc.pid
+        )
         plan.engines.append(EngineProc(replica=replica, proc=proc, started=time.monotonic()))
-        log.info("started engine %s@%s on port %d (pid %d)", plan.model, plan.version, port,
-                 proc.pid)
+        log.info(
+            "started engine %s@%s on port %d (pid %d)", plan.model, plan.version, port, proc.pid
+        )
 
     def _converge(self, plan: VersionPlan) -> None:
         live = [e for e in plan.engines if e.draining_since is None]
@@ -266,15 +298,22 @@ class Supervisor:
         now = time.monotonic()
         for engine in list(plan.engines):
             died = engine.proc.poll() is not None
-            stuck = (not engine.replica.ready
-                     and now - engine.started > self.settings.engine_start_timeout_s)
+            stuck = (
+                not engine.replica.ready
+                and now - engine.started > self.settings.engine_start_timeout_s
+            )
             failing = engine.health_failures >= HEALTH_FAILURES
             if not (died or stuck or failing):
                 continue
             engine.replica.ready = False
             plan.engines.remove(engine)
-            why = (f"exited with code {engine.proc.returncode}" if died
-                   else "not ready in time" if stuck else "failed its health checks")
+            why = (
+                f"exited with code {engine.proc.returncode}"
+                if died
+                else "not ready in time"
+                if stuck
+                else "failed its health checks"
+            )
             plan.last_error = why
             # Stopped off the event loop by _finish_drains, at once (no drain: it is broken);
             # a dead leader's workers may still hold its process group.
@@ -284,11 +323,16 @@ class Supervisor:
             plan.restarts += 1
             self.metrics.engine_restarts.labels(plan.model, plan.version).inc()
             never_ready = not engine.ever_ready
-            backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** min(plan.restarts, 6)) if never_ready \
-                else 0.0
+            backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** min(plan.restarts, 6)) if never_ready else 0.0
             plan.next_start = now + backoff
-            log.warning("engine %s@%s (pid %d) %s; restarting%s", plan.model, plan.version,
-                        engine.proc.pid, why, f" in {backoff:.1f} s" if backoff else "")
+            log.warning(
+                "engine %s@%s (pid %d) %s; restarting%s",
+                plan.model,
+                plan.version,
+                engine.proc.pid,
+                why,
+                f" in {backoff:.1f} s" if backoff else "",
+            )
 
     def _autoscale(self, plan: VersionPlan) -> None:
         ready = [e for e in plan.engines if e.replica.ready and e.draining_since is None]
@@ -297,37 +341,51 @@ class Supervisor:
         now = time.monotonic()
         load = sum(e.replica.outstanding for e in ready)
         target = plan.settings.target_outstanding
-        want = min(plan.settings.replica_limit, max(plan.settings.min_replicas,
-                                                   math.ceil(load / target)))
+        want = min(
+            plan.settings.replica_limit, max(plan.settings.min_replicas, math.ceil(load / target))
+        )
         if want > plan.wanted and now - plan.last_scale_up >= SCALE_UP_COOLDOWN_S:
             plan.wanted = want
             plan.last_scale_up = now
             plan.low_since = None
-            log.info("scaling %s@%s up to %d replicas (outstanding %d)", plan.model,
-                     plan.version, want, load)
+            log.info(
+                "scaling %s@%s up to %d replicas (outstanding %d)",
+                plan.model,
+                plan.version,
+                want,
+                load,
+            )
         elif plan.wanted > plan.settings.min_replicas and load < target * (plan.wanted - 1) / 4:
             plan.low_since = plan.low_since or now
             if now - plan.low_since >= SCALE_DOWN_AFTER_S:
                 plan.wanted -= 1
                 plan.low_since = None
-                log.info("scaling %s@%s down to %d replicas", plan.model, plan.version,
-                         plan.wanted)
+                log.info("scaling %s@%s down to %d replicas", plan.model, plan.version, plan.wanted)
         else:
             plan.low_since = None
 
     # --- draining
     def _begin_drain(self, engine: EngineProc) -> None:
         if not engine.replica.draining:
-            log.info("draining engine %s@%s (pid %d, %d in flight)", engine.replica.model,
-                     engine.replica.version, engine.proc.pid, engine.replica.outstanding)
+            log.info(
+                "draining engine %s@%s (pid %d, %d in flight)",
+                engine.replica.model,
+                engine.replica.version,
+                engine.proc.pid,
+                engine.replica.outstanding,
+            )
         engine.replica.draining = True
         engine.draining_since = engine.draining_since or time.monotonic()
 
     async def _finish_drains(self) -> None:
         now = time.monotonic()
-        done = [e for e in self.retiring if e.replica.outstanding == 0
-                or now - (e.draining_since or now) >= self.settings.drain_timeout_s
-                or e.proc.poll() is not None]
+        done = [
+            e
+            for e in self.retiring
+            if e.replica.outstanding == 0
+            or now - (e.draining_since or now) >= self.settings.drain_timeout_s
+            or e.proc.poll() is not None
+        ]
         for engine in done:
             self.retiring.remove(engine)
         if done:
@@ -356,8 +414,12 @@ class Supervisor:
         if ok:
             engine.health_failures = 0
             if not engine.replica.ready:
-                log.info("engine %s@%s ready after %.1f s", engine.replica.model,
-                         engine.replica.version, time.monotonic() - engine.started)
+                log.info(
+                    "engine %s@%s ready after %.1f s",
+                    engine.replica.model,
+                    engine.replica.version,
+                    time.monotonic() - engine.started,
+                )
             engine.replica.ready = True
             engine.ever_ready = True
         elif engine.replica.ready:
@@ -373,7 +435,8 @@ class Supervisor:
             replicas[key] = [e.replica for e in plan.engines]
         for engine in self.retiring:
             replicas.setdefault((engine.replica.model, engine.replica.version), []).append(
-                engine.replica)
+                engine.replica
+            )
         self.state.replicas = replicas
 
     # --- reporting
@@ -383,16 +446,30 @@ class Supervisor:
         rows = []
         for plan in list(self.plans.values()):
             for index, engine in enumerate(plan.engines):
-                rows.append({"model": plan.model, "version": plan.version, "replica": index,
-                             "ready": engine.replica.ready,
-                             "outstanding": engine.replica.outstanding,
-                             "rss_bytes": _group_rss(psutil, engine.proc.pid)})
+                rows.append(
+                    {
+                        "model": plan.model,
+                        "version": plan.version,
+                        "replica": index,
+                        "ready": engine.replica.ready,
+                        "outstanding": engine.replica.outstanding,
+                        "rss_bytes": _group_rss(psutil, engine.proc.pid),
+                    }
+                )
         return rows
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"model": p.model, "version": p.version, "wanted": p.wanted,
-                 "ready": sum(e.replica.ready for e in p.engines), "restarts": p.restarts,
-                 "last_error": p.last_error} for p in self.plans.values()]
+        return [
+            {
+                "model": p.model,
+                "version": p.version,
+                "wanted": p.wanted,
+                "ready": sum(e.replica.ready for e in p.engines),
+                "restarts": p.restarts,
+                "last_error": p.last_error,
+            }
+            for p in self.plans.values()
+        ]
 
 
 def scale_in_victim(live: list[EngineProc]) -> EngineProc:

@@ -39,15 +39,20 @@ def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
         flat = [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
         return {"name": name, "datatype": datatype, "shape": shape, "data": flat}
     raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    return {"name": name, "datatype": datatype, "shape": shape,
-            "b64": base64.b64encode(raw).decode("ascii")}
+    return {
+        "name": name,
+        "datatype": datatype,
+        "shape": shape,
+        "b64": base64.b64encode(raw).decode("ascii"),
+    }
 
 
 def decode_tensor(doc: dict[str, Any]) -> tuple[str, np.ndarray]:
     """Inverse of :func:`encode_tensor`; raises ValueError naming the tensor when malformed."""
     name = doc.get("name")
     if not isinstance(name, str):
-        raise ValueError("each tensor needs a string 'name'")
+        # callers turn a ValueError into a 400 naming the tensor, whatever was wrong with it
+        raise ValueError("each tensor needs a string 'name'")  # noqa: TRY004
     try:
         shape = tuple(int(d) for d in doc["shape"])
         datatype = str(doc["datatype"])

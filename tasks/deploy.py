@@ -16,9 +16,9 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from kiln.errors import IllegalTransition
 from kiln.registry import crud
 from kiln.registry.db import session_scope
-from kiln.errors import IllegalTransition
 from kiln.registry.tables import Task, VersionStatus
 from kiln.rollout.canary import RolloutSettings
 from kiln.settings import get_settings
@@ -52,11 +52,16 @@ def standing(name: str, version: str | None) -> Standing:
             stable = session.get(type(row), dep.stable_version_id)
         if dep is not None and dep.canary_version_id is not None:
             canary = session.get(type(row), dep.canary_version_id)
-        return Standing(model=name, version=row.version, status=str(row.status),
-                        task=str(model.task), stable=stable.version if stable else None,
-                        canary=canary.version if canary else None,
-                        canary_weight=dep.canary_weight if dep else 0.0,
-                        model_settings=dict(model.settings or {}))
+        return Standing(
+            model=name,
+            version=row.version,
+            status=str(row.status),
+            task=str(model.task),
+            stable=stable.version if stable else None,
+            canary=canary.version if canary else None,
+            canary_weight=dep.canary_weight if dep else 0.0,
+            model_settings=dict(model.settings or {}),
+        )
 
 
 @task(name="champion-challenger-gate", retries=0, cache_policy=NO_CACHE)
@@ -70,12 +75,15 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
     answers agree with the champion's and passes; the canary's shadow comparison judges next.
     """
     from kiln.intake.datasets import load_dataset
-    from kiln.store.artifacts import ArtifactStore
     from kiln.optimize.validate import quality
+    from kiln.store.artifacts import ArtifactStore
     from serving.loader import load_version
 
-    result: dict[str, Any] = {"candidate": st.version, "champion": st.stable,
-                              "max_drop": rollout.champion_max_drop}
+    result: dict[str, Any] = {
+        "candidate": st.version,
+        "champion": st.stable,
+        "max_drop": rollout.champion_max_drop,
+    }
     if st.stable is None or st.stable == st.version:
         return {**result, "passed": True, "reason": "no production version to compare with"}
     settings = get_settings()
@@ -84,8 +92,11 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
         dataset = crud.dataset_for(session=session, version=row)
         data_ref = (dataset.path, dataset.sha256, dataset.name) if dataset else None
     if data_ref is None:
-        return {**result, "passed": True,
-                "reason": "no registered dataset: nothing to compare the versions on"}
+        return {
+            **result,
+            "passed": True,
+            "reason": "no registered dataset: nothing to compare the versions on",
+        }
     store = ArtifactStore(settings.home, settings.remote_url)
     data = load_dataset(store.verified_path(data_ref[0], data_ref[1]))
     outputs = {}
@@ -94,30 +105,39 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
         name = loaded.spec.served_inputs()[0].name
         parts = []
         for start in range(0, len(data.inputs), 256):
-            out = loaded({name: data.inputs[start:start + 256]})
+            out = loaded({name: data.inputs[start : start + 256]})
             parts.append(next(iter(out.values())))
         outputs[version] = np.concatenate(parts)
     task_kind = Task(st.task)
     labels = data.labels
     result["dataset"] = data_ref[2]
-    result["rows"] = int(len(data.inputs))
+    result["rows"] = len(data.inputs)
     if labels is None or task_kind is Task.embedding:
         agreement = quality(task_kind, outputs[st.version], outputs[st.stable], None)
-        result.update(passed=True, agreement=agreement.metric,
-                      reason=f"no labels to rank the versions ({task_kind.value}): the "
-                             f"candidate agrees with {st.stable} at {agreement.metric:.4f}")
+        result.update(
+            passed=True,
+            agreement=agreement.metric,
+            reason=f"no labels to rank the versions ({task_kind.value}): the "
+            f"candidate agrees with {st.stable} at {agreement.metric:.4f}",
+        )
         return result
     champion = quality(task_kind, outputs[st.stable], outputs[st.stable], labels).metric
     candidate = quality(task_kind, outputs[st.version], outputs[st.version], labels).metric
     drop = champion - candidate
     metric = "accuracy" if task_kind is Task.classification else "negative RMSE"
-    result.update(metric=metric, champion_metric=round(champion, 6),
-                  candidate_metric=round(candidate, 6), drop=round(drop, 6),
-                  passed=drop <= rollout.champion_max_drop)
+    result.update(
+        metric=metric,
+        champion_metric=round(champion, 6),
+        candidate_metric=round(candidate, 6),
+        drop=round(drop, 6),
+        passed=drop <= rollout.champion_max_drop,
+    )
     verb = "is not worse than" if result["passed"] else "is worse than"
-    result["reason"] = (f"{st.model}@{st.version} {verb} production {st.stable} on "
-                        f"{data_ref[2]}: {metric} {candidate:.4f} against {champion:.4f} "
-                        f"(drop {drop:+.4f}, allowed {rollout.champion_max_drop:g})")
+    result["reason"] = (
+        f"{st.model}@{st.version} {verb} production {st.stable} on "
+        f"{data_ref[2]}: {metric} {candidate:.4f} against {champion:.4f} "
+        f"(drop {drop:+.4f}, allowed {rollout.champion_max_drop:g})"
+    )
     return result
 
 
@@ -129,8 +149,13 @@ def reject(st: Standing, reason: str, gate: dict[str, Any]) -> None:
         model = crud.require_model(session=session, name=st.model)
         dep = crud.get_deployment(session=session, model=model)
         if dep is not None:
-            crud.add_deployment_event(session=session, deployment=dep, kind="rejected",
-                                      reason=reason, detail={"version": st.version, **gate})
+            crud.add_deployment_event(
+                session=session,
+                deployment=dep,
+                kind="rejected",
+                reason=reason,
+                detail={"version": st.version, **gate},
+            )
 
 
 @task(name="deploy-direct", retries=0, cache_policy=NO_CACHE)
@@ -148,16 +173,22 @@ def start_canary(st: Standing, shadow_share: float) -> None:
         row = crud.require_version(session=session, name=st.model, version=st.version)
         if VersionStatus(row.status) == VersionStatus.canary:
             return
-        crud.start_canary(session=session, version=row, weight=0.0, shadow_share=shadow_share,
-                          reason="canary started by deploy-model")
+        crud.start_canary(
+            session=session,
+            version=row,
+            weight=0.0,
+            shadow_share=shadow_share,
+            reason="canary started by deploy-model",
+        )
 
 
 @task(name="set-canary-weight", retries=0, cache_policy=NO_CACHE)
 def set_weight(st: Standing, weight: float, reason: str, detail: dict[str, Any]) -> None:
     with session_scope(get_settings().db_url) as session:
         model = crud.require_model(session=session, name=st.model)
-        crud.set_canary_weight(session=session, model=model, weight=weight, reason=reason,
-                               detail=detail)
+        crud.set_canary_weight(
+            session=session, model=model, weight=weight, reason=reason, detail=detail
+        )
 
 
 @task(name="promote", retries=0, cache_policy=NO_CACHE)
@@ -196,17 +227,23 @@ def replay_inputs(st: Standing, limit: int = 512) -> list[bytes]:
         spec = ModelSpec.model_validate(row.spec)
         logged: list[dict[str, Any]] = []
         if rollout.replay_source == "log" and st.stable is not None:
-            logged = [r.input for r in crud.recent_inferences(
-                session=session, model=st.model, version=st.stable, status=200, limit=limit)]
+            logged = [
+                r.input
+                for r in crud.recent_inferences(
+                    session=session, model=st.model, version=st.stable, status=200, limit=limit
+                )
+            ]
     bodies = logged_bodies(spec, logged, limit) if logged else []
     if rollout.replay_source == "log" and len(bodies) >= min(rollout.replay_min_logged, limit):
         _say(f"replaying {len(bodies)} logged requests of {st.model}@{st.stable} to the canary")
         return bodies
     dataset_bodies = _dataset_bodies(st, spec, limit)
     if rollout.replay_source == "log":
-        _say(f"replaying the validation dataset to the canary: {len(bodies)} usable logged "
-             f"requests of {st.model}@{st.stable}, fewer than replay_min_logged "
-             f"({rollout.replay_min_logged})")
+        _say(
+            f"replaying the validation dataset to the canary: {len(bodies)} usable logged "
+            f"requests of {st.model}@{st.stable}, fewer than replay_min_logged "
+            f"({rollout.replay_min_logged})"
+        )
     return dataset_bodies
 
 

@@ -16,12 +16,12 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kiln.monitor import alerts
-from kiln.registry import crud
-from kiln.monitor import drift as core
-from kiln.intake.datasets import load_dataset
-from kiln.registry.db import session_scope
 from kiln.errors import InvalidInput
+from kiln.intake.datasets import load_dataset
+from kiln.monitor import alerts
+from kiln.monitor import drift as core
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.registry.tables import DriftReport, utcnow
 from kiln.settings import get_settings
 from kiln.spec import ModelSpec, TensorSpec
@@ -56,8 +56,13 @@ class Gathered:
 def deployed_models() -> list[str]:
     """Models with a served (stable or canary) version: what the hourly run covers."""
     with session_scope(get_settings().db_url) as session:
-        return sorted({model.name for model, _, stable, canary in
-                       crud.served_versions(session=session) if stable or canary})
+        return sorted(
+            {
+                model.name
+                for model, _, stable, canary in crud.served_versions(session=session)
+                if stable or canary
+            }
+        )
 
 
 def resolve(model: str, version: str | None) -> tuple[str, str]:
@@ -87,12 +92,15 @@ def gather_inputs(model: str, hours: float, version: str | None) -> Gathered:
         spec = ModelSpec.model_validate(row.spec)
         dataset = crud.dataset_for(session=session, version=row)
         if dataset is None:
-            raise InvalidInput(f"{name}@{ref_version} has no dataset that passed its checks, so "
-                               "there is nothing to compare traffic with: register one with "
-                               f"`kiln upload {name} SOURCE --dataset PATH`")
+            raise InvalidInput(
+                f"{name}@{ref_version} has no dataset that passed its checks, so "
+                "there is nothing to compare traffic with: register one with "
+                f"`kiln upload {name} SOURCE --dataset PATH`"
+            )
         ds_path, ds_sha, ds_name = dataset.path, dataset.sha256, dataset.name
-        records = crud.recent_inferences(session=session, model=name, since=since,
-                                         version=version, status=200, limit=MAX_RECORDS)
+        records = crud.recent_inferences(
+            session=session, model=name, since=since, version=version, status=200, limit=MAX_RECORDS
+        )
         docs = [(r.version, r.input, r.output) for r in records]
     served = spec.served_inputs()[0]
     output = spec.outputs[0].name if spec.outputs else ""
@@ -106,10 +114,20 @@ def gather_inputs(model: str, hours: float, version: str | None) -> Gathered:
             embeddings.extend(outs if len(outs) == len(batch) else [None] * len(batch))
     store = ArtifactStore(settings.home, settings.remote_url)
     reference = load_dataset(store.verified_path(ds_path, ds_sha)).inputs
-    return Gathered(model=name, version=ref_version, traffic_version=version,
-                    served=served, output=output, records=len(docs), rows=rows,
-                    embeddings=embeddings, reference=reference, dataset=ds_name,
-                    window_hours=hours, versions_seen=sorted({v for v, _, _ in docs}))
+    return Gathered(
+        model=name,
+        version=ref_version,
+        traffic_version=version,
+        served=served,
+        output=output,
+        records=len(docs),
+        rows=rows,
+        embeddings=embeddings,
+        reference=reference,
+        dataset=ds_name,
+        window_hours=hours,
+        versions_seen=sorted({v for v, _, _ in docs}),
+    )
 
 
 def check_rows(gathered: Gathered) -> core.InputCheck:
@@ -127,8 +145,11 @@ def frames(gathered: Gathered, check: core.InputCheck) -> tuple[Any, Any | None,
     valid = np.flatnonzero(check.valid)
     if gathered.text:
         current = [e for e in (gathered.embeddings[i] for i in valid) if e is not None]
-        cur = (np.stack([np.asarray(e, dtype=np.float64).reshape(-1) for e in current])
-               if current else np.zeros((0, 1)))
+        cur = (
+            np.stack([np.asarray(e, dtype=np.float64).reshape(-1) for e in current])
+            if current
+            else np.zeros((0, 1))
+        )
         return core.embedding_frame(cur), None, core.METHOD_EMBEDDINGS
     method = core.METHOD_IMAGE if core.is_image(gathered.served) else core.METHOD_COLUMNS
     ref = core.feature_frame(gathered.reference, gathered.served)
@@ -146,13 +167,14 @@ def reference_embeddings(gathered: Gathered) -> np.ndarray:
     texts = np.asarray([str(t) for t in np.asarray(gathered.reference).reshape(-1)], dtype=object)
     outputs: list[np.ndarray] = []
     for start in range(0, len(texts), 64):
-        batch = texts[start:start + 64]
+        batch = texts[start : start + 64]
         outputs.append(np.asarray(loaded({gathered.served.name: batch})[gathered.output]))
     return np.concatenate(outputs, axis=0).reshape(len(texts), -1)
 
 
-def detect_drift(gathered: Gathered, check: core.InputCheck, settings: core.DriftSettings,
-                 work_dir: Path) -> tuple[core.DriftResult, Path | None]:
+def detect_drift(
+    gathered: Gathered, check: core.InputCheck, settings: core.DriftSettings, work_dir: Path
+) -> tuple[core.DriftResult, Path | None]:
     """The verdict, and the HTML report Evidently wrote (None when nothing ran)."""
     current, reference, method = frames(gathered, check)
     if len(current) < settings.min_samples:
@@ -165,8 +187,13 @@ def detect_drift(gathered: Gathered, check: core.InputCheck, settings: core.Drif
     return result, html
 
 
-def record_report(gathered: Gathered, check: core.InputCheck, result: core.DriftResult,
-                  html: Path | None, flow_run_id: str | None) -> dict[str, Any]:
+def record_report(
+    gathered: Gathered,
+    check: core.InputCheck,
+    result: core.DriftResult,
+    html: Path | None,
+    flow_run_id: str | None,
+) -> dict[str, Any]:
     """Store the HTML report (content-addressed, DVC-tracked), add the DriftReport row, and
     open (drift) or resolve (no drift) the model's drift alert; "not enough data" leaves the
     alert as it is. Returns the run's document (``kiln drift --json``)."""
@@ -176,29 +203,54 @@ def record_report(gathered: Gathered, check: core.InputCheck, result: core.Drift
         store = ArtifactStore(settings.home, settings.remote_url).ensure()
         with store.locked():
             stored_path = store.put(html, suffix=".html").path
-    detail = {"reason": result.reason, "threshold": result.threshold,
-              "reference_rows": result.reference_rows, "reference_version": gathered.version,
-              "dataset": gathered.dataset, "records": gathered.records,
-              "logged_rows": check.rows, "window_hours": gathered.window_hours,
-              "versions_seen": gathered.versions_seen, "checks": check.to_dict(),
-              "columns": result.columns}
+    detail = {
+        "reason": result.reason,
+        "threshold": result.threshold,
+        "reference_rows": result.reference_rows,
+        "reference_version": gathered.version,
+        "dataset": gathered.dataset,
+        "records": gathered.records,
+        "logged_rows": check.rows,
+        "window_hours": gathered.window_hours,
+        "versions_seen": gathered.versions_seen,
+        "checks": check.to_dict(),
+        "columns": result.columns,
+    }
     with session_scope(settings.db_url) as session:
-        row = crud.add_drift_report(session=session, report=DriftReport(
-            model_name=gathered.model, version=gathered.traffic_version,
-            drift_detected=result.drift_detected, drift_share=result.drift_share,
-            samples=result.samples, method=result.method, report_path=stored_path,
-            detail=detail, flow_run_id=flow_run_id))
+        row = crud.add_drift_report(
+            session=session,
+            report=DriftReport(
+                model_name=gathered.model,
+                version=gathered.traffic_version,
+                drift_detected=result.drift_detected,
+                drift_share=result.drift_share,
+                samples=result.samples,
+                method=result.method,
+                report_path=stored_path,
+                detail=detail,
+                flow_run_id=flow_run_id,
+            ),
+        )
         report_id = row.id
     alert = _alert(gathered, result, stored_path)
     alerts.flush()  # the event goes out while this run's Prefect API is still up
-    return {"model": gathered.model, "drift_detected": result.drift_detected,
-            "drift_share": result.drift_share, "samples": result.samples,
-            "report": str(settings.home / stored_path) if stored_path else None,
-            "report_path": stored_path, "version": gathered.traffic_version,
-            "reference_version": gathered.version, "method": result.method,
-            "threshold": result.threshold, "reason": result.reason,
-            "reference_rows": result.reference_rows, "checks": check.to_dict(),
-            "alert": alert, "drift_report_id": report_id}
+    return {
+        "model": gathered.model,
+        "drift_detected": result.drift_detected,
+        "drift_share": result.drift_share,
+        "samples": result.samples,
+        "report": str(settings.home / stored_path) if stored_path else None,
+        "report_path": stored_path,
+        "version": gathered.traffic_version,
+        "reference_version": gathered.version,
+        "method": result.method,
+        "threshold": result.threshold,
+        "reason": result.reason,
+        "reference_rows": result.reference_rows,
+        "checks": check.to_dict(),
+        "alert": alert,
+        "drift_report_id": report_id,
+    }
 
 
 def _alert(gathered: Gathered, result: core.DriftResult, report: str | None) -> str:
@@ -207,16 +259,24 @@ def _alert(gathered: Gathered, result: core.DriftResult, report: str | None) -> 
     if result.drift_detected is None:
         return "unchanged"
     if result.drift_detected:
-        _, opened = alerts.fire(url, model=gathered.model, kind="drift",
-                                version=gathered.traffic_version,
-                                message=f"{gathered.model}: input drift ({result.reason})",
-                                value=result.drift_share, threshold=result.threshold,
-                                detail={"report": report, "method": result.method,
-                                        "samples": result.samples})
+        _, opened = alerts.fire(
+            url,
+            model=gathered.model,
+            kind="drift",
+            version=gathered.traffic_version,
+            message=f"{gathered.model}: input drift ({result.reason})",
+            value=result.drift_share,
+            threshold=result.threshold,
+            detail={"report": report, "method": result.method, "samples": result.samples},
+        )
         return "opened" if opened else "refreshed"
-    resolved = alerts.clear(url, model=gathered.model, kind="drift",
-                            version=gathered.traffic_version,
-                            detail={"resolved_by": "no drift", "report": report})
+    resolved = alerts.clear(
+        url,
+        model=gathered.model,
+        kind="drift",
+        version=gathered.traffic_version,
+        detail={"resolved_by": "no drift", "report": report},
+    )
     return "resolved" if resolved is not None else "unchanged"
 
 
@@ -224,25 +284,36 @@ def markdown(doc: dict[str, Any], result: core.DriftResult) -> str:
     """The Prefect markdown artifact: verdict table, per-column tests, checks, the report."""
     verdict = {True: "**drift**", False: "no drift", None: core.NOT_ENOUGH}[doc["drift_detected"]]
     share = "-" if doc["drift_share"] is None else f"{doc['drift_share']:.3f}"
-    lines = [f"# drift: {doc['model']}", "",
-             "| model | traffic | reference | verdict | drift share | threshold | samples | "
-             "reference rows | method | alert |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| {doc['model']} | {doc['version'] or 'all versions'} | "
-             f"{doc['reference_version']} | {verdict} | {share} | "
-             f"{'-' if doc['threshold'] is None else doc['threshold']} | {doc['samples']} | "
-             f"{doc['reference_rows']} | {doc['method']} | {doc['alert']} |", "",
-             f"{doc['reason']}"]
+    lines = [
+        f"# drift: {doc['model']}",
+        "",
+        "| model | traffic | reference | verdict | drift share | threshold | samples | "
+        "reference rows | method | alert |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {doc['model']} | {doc['version'] or 'all versions'} | "
+        f"{doc['reference_version']} | {verdict} | {share} | "
+        f"{'-' if doc['threshold'] is None else doc['threshold']} | {doc['samples']} | "
+        f"{doc['reference_rows']} | {doc['method']} | {doc['alert']} |",
+        "",
+        f"{doc['reason']}",
+    ]
     rows = core.summary_rows(result)
     if rows:
         lines += ["", "| column | test | score | drifted |", "|---|---|---|---|"]
         lines += [f"| {c} | {t} | {s} | {d} |" for c, t, s, d in rows]
     checks = doc["checks"]
-    lines += ["", f"Great Expectations: {checks['valid_rows']} of {checks['rows']} logged rows "
-                  f"valid ({checks['evaluated']} expectations)"]
+    lines += [
+        "",
+        f"Great Expectations: {checks['valid_rows']} of {checks['rows']} logged rows "
+        f"valid ({checks['evaluated']} expectations)",
+    ]
     lines += [f"- {failure}" for failure in checks["failures"]]
-    lines += ["", f"HTML report (DVC-tracked): `{doc['report']}`" if doc["report"]
-              else "No HTML report: too few rows to run Evidently."]
+    lines += [
+        "",
+        f"HTML report (DVC-tracked): `{doc['report']}`"
+        if doc["report"]
+        else "No HTML report: too few rows to run Evidently.",
+    ]
     return "\n".join(lines)
 
 

@@ -14,25 +14,31 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kiln.registry import crud
-from kiln.optimize import pipeline as stages
 from kiln.backends import get_backend
 from kiln.backends.base import ExtractedModel
+from kiln.optimize import pipeline as stages
+from kiln.optimize.validate import VariantReport, judge
+from kiln.registry import crud
 from kiln.registry.db import session_scope
 from kiln.registry.tables import ArtifactKind, OptimizationJob
 from kiln.settings import get_settings
 from kiln.store.artifacts import ArtifactStore
-from kiln.optimize.validate import VariantReport, judge
 
-KIND_OF = {"onnxruntime": ArtifactKind.onnx, "inductor": ArtifactKind.compiled,
-           "tensorrt": ArtifactKind.compiled, "torch-eager": ArtifactKind.exported}
+KIND_OF = {
+    "onnxruntime": ArtifactKind.onnx,
+    "inductor": ArtifactKind.compiled,
+    "tensorrt": ArtifactKind.compiled,
+    "torch-eager": ArtifactKind.exported,
+}
 
 
 @task(name="prepare", cache_policy=NO_CACHE)
-def prepare(name: str, version: str | None, work_dir: Path, flow_run_id: str | None
-            ) -> stages.Prepared:
-    return stages.start(get_settings(), name=name, version=version, work_dir=work_dir,
-                        flow_run_id=flow_run_id)
+def prepare(
+    name: str, version: str | None, work_dir: Path, flow_run_id: str | None
+) -> stages.Prepared:
+    return stages.start(
+        get_settings(), name=name, version=version, work_dir=work_dir, flow_run_id=flow_run_id
+    )
 
 
 @task(name="extract", cache_policy=NO_CACHE)
@@ -41,14 +47,16 @@ def extract(prepared: stages.Prepared, work_dir: Path) -> tuple[ExtractedModel, 
 
 
 @task(name="prune", cache_policy=NO_CACHE)
-def prune(prepared: stages.Prepared, extracted: ExtractedModel, work_dir: Path
-          ) -> tuple[ExtractedModel, dict[str, Any]] | None:
+def prune(
+    prepared: stages.Prepared, extracted: ExtractedModel, work_dir: Path
+) -> tuple[ExtractedModel, dict[str, Any]] | None:
     return stages.prune_stage(prepared, extracted, work_dir)
 
 
 @task(name="baseline", cache_policy=NO_CACHE)
-def baseline(prepared: stages.Prepared, extracted: ExtractedModel
-             ) -> tuple[VariantReport, np.ndarray]:
+def baseline(
+    prepared: stages.Prepared, extracted: ExtractedModel
+) -> tuple[VariantReport, np.ndarray]:
     backend = get_backend("torch-eager")
     built = backend.build(extracted, "fp32", extracted.onnx.parent)
     runner = backend.load(built.path, spec=prepared.spec)
@@ -74,9 +82,17 @@ def _update_job(job_id: int, **changes: Any) -> None:
 
 
 @task(name="build-and-validate-variant", cache_policy=NO_CACHE)
-def variant(prepared: stages.Prepared, extracted: ExtractedModel, base: VariantReport,
-            base_outputs: np.ndarray, backend_name: str, precision: str, work_dir: Path,
-            label: str | None = None, notes: dict[str, Any] | None = None) -> VariantReport:
+def variant(
+    prepared: stages.Prepared,
+    extracted: ExtractedModel,
+    base: VariantReport,
+    base_outputs: np.ndarray,
+    backend_name: str,
+    precision: str,
+    work_dir: Path,
+    label: str | None = None,
+    notes: dict[str, Any] | None = None,
+) -> VariantReport:
     """Build one variant, judge it against the baseline; failures are recorded, not raised.
 
     ``label`` reports the variant under another precision name (``fp32-pruned``: a pruned model
@@ -93,25 +109,45 @@ def variant(prepared: stages.Prepared, extracted: ExtractedModel, base: VariantR
         _update_job(job_id, progress=40)
         report = _measure(prepared, backend, shown, built.path, base_outputs, base)
         report.meta.update({**built.meta, **(notes or {})})
-        if (precision == "int8-static" and not report.passed
-                and any("drop" in r or "cosine" in r or "RMSE" in r for r in report.reasons)):
-            report = _accuracy_aware(prepared, extracted, backend, base, base_outputs, out_dir,
-                                     report)
+        if (
+            precision == "int8-static"
+            and not report.passed
+            and any("drop" in r or "cosine" in r or "RMSE" in r for r in report.reasons)
+        ):
+            report = _accuracy_aware(
+                prepared, extracted, backend, base, base_outputs, out_dir, report
+            )
         report.meta["build_and_validate_s"] = stages.seconds_since(started)
         _update_job(job_id, progress=90)
         artifact_id = _store(prepared, report, Path(report.meta["path"]))
-        _update_job(job_id, status="passed" if report.passed else "failed-gate", progress=100,
-                    metrics=report.model_dump(mode="json"), result_artifact_id=artifact_id)
+        _update_job(
+            job_id,
+            status="passed" if report.passed else "failed-gate",
+            progress=100,
+            metrics=report.model_dump(mode="json"),
+            result_artifact_id=artifact_id,
+        )
     except Exception as exc:  # a variant that cannot be built is a row, not a failed run
         reason = stages.error_summary(exc)
-        report = VariantReport(backend=backend_name, precision=shown, metric=float("nan"),
-                               passed=False, reasons=[f"build failed: {reason}"])
+        report = VariantReport(
+            backend=backend_name,
+            precision=shown,
+            metric=float("nan"),
+            passed=False,
+            reasons=[f"build failed: {reason}"],
+        )
         _update_job(job_id, status="failed", progress=100, error=reason)
     return report
 
 
-def _measure(prepared: stages.Prepared, backend: Any, precision: str, path: Path,
-             base_outputs: np.ndarray, base: VariantReport) -> VariantReport:
+def _measure(
+    prepared: stages.Prepared,
+    backend: Any,
+    precision: str,
+    path: Path,
+    base_outputs: np.ndarray,
+    base: VariantReport,
+) -> VariantReport:
     runner = backend.load(path, spec=prepared.spec)
     report, _ = stages.measure(prepared, runner, base_outputs)
     report.backend, report.precision = backend.name, precision
@@ -120,9 +156,15 @@ def _measure(prepared: stages.Prepared, backend: Any, precision: str, path: Path
     return judge(prepared.task, report, base, prepared.settings.gates)
 
 
-def _accuracy_aware(prepared: stages.Prepared, extracted: ExtractedModel, backend: Any,
-                    base: VariantReport, base_outputs: np.ndarray, out_dir: Path,
-                    first: VariantReport) -> VariantReport:
+def _accuracy_aware(
+    prepared: stages.Prepared,
+    extracted: ExtractedModel,
+    backend: Any,
+    base: VariantReport,
+    base_outputs: np.ndarray,
+    out_dir: Path,
+    first: VariantReport,
+) -> VariantReport:
     """Retry static int8 with the most sensitive nodes kept in float (kiln.backends.ort_quantize)."""
     from kiln.backends.ort_quantize import accuracy_aware_quantize
     from kiln.optimize.validate import quality, run_all
@@ -130,27 +172,41 @@ def _accuracy_aware(prepared: stages.Prepared, extracted: ExtractedModel, backen
     gates = prepared.settings.gates
 
     def metric_of(path: Path) -> float:
-        outputs = run_all(backend.load(path, spec=prepared.spec), prepared.inputs,
-                          mask_index=prepared.mask_index)[0]
+        outputs = run_all(
+            backend.load(path, spec=prepared.spec), prepared.inputs, mask_index=prepared.mask_index
+        )[0]
         q = quality(prepared.task, outputs, base_outputs, prepared.labels)
         if prepared.task.value == "embedding":  # the minimum-cosine gate counts too
             return min(q.metric, (q.metric_min or 0.0) + gates.min_mean_cosine - gates.min_cosine)
         return q.metric
 
-    max_drop = (gates.max_accuracy_drop if prepared.task.value == "classification"
-                else base.metric - gates.min_mean_cosine if prepared.task.value == "embedding"
-                else gates.max_relative_error_increase * abs(base.metric))
+    max_drop = (
+        gates.max_accuracy_drop
+        if prepared.task.value == "classification"
+        else base.metric - gates.min_mean_cosine
+        if prepared.task.value == "embedding"
+        else gates.max_relative_error_increase * abs(base.metric)
+    )
     target = out_dir / "model.accuracy-aware.onnx"
     # start from the graph the variant was built on (fused where fusion applied)
     graph, _ = backend.float_graph(extracted, check_inputs=prepared.calibration)
     result = accuracy_aware_quantize(
-        graph, target, calibration=prepared.calibration or [], evaluate=metric_of,
-        baseline_metric=base.metric, max_drop=max_drop,
-        budget=prepared.settings.accuracy_aware_budget)
+        graph,
+        target,
+        calibration=prepared.calibration or [],
+        evaluate=metric_of,
+        baseline_metric=base.metric,
+        max_drop=max_drop,
+        budget=prepared.settings.accuracy_aware_budget,
+    )
     report = _measure(prepared, backend, "int8-static", target, base_outputs, base)
-    report.meta.update({"accuracy_aware": result.model_dump(mode="json"),
-                        "nodes_in_float": result.nodes_excluded,
-                        "first_attempt": {"metric": first.metric, "reasons": first.reasons}})
+    report.meta.update(
+        {
+            "accuracy_aware": result.model_dump(mode="json"),
+            "nodes_in_float": result.nodes_excluded,
+            "first_attempt": {"metric": first.metric, "reasons": first.reasons},
+        }
+    )
     return report
 
 
@@ -159,18 +215,33 @@ def _store(prepared: stages.Prepared, report: VariantReport, path: Path) -> int:
     store = ArtifactStore(settings.home, settings.remote_url)
     with store.locked(), session_scope(settings.db_url) as session:
         stored = store.put(path, suffix=path.suffix or ".bin")
-        kind = (ArtifactKind.quantized if report.precision.startswith("int8")
-                else KIND_OF[report.backend])
+        kind = (
+            ArtifactKind.quantized
+            if report.precision.startswith("int8")
+            else KIND_OF[report.backend]
+        )
         row = crud.add_artifact(
-            session=session, version=session.get(crud.ModelVersion, prepared.version_id),
-            kind=kind, backend=report.backend, precision=report.precision, path=stored.path,
-            sha256=stored.sha256, size=stored.size, dvc_hash=stored.dvc_hash)
+            session=session,
+            version=session.get(crud.ModelVersion, prepared.version_id),
+            kind=kind,
+            backend=report.backend,
+            precision=report.precision,
+            path=stored.path,
+            sha256=stored.sha256,
+            size=stored.size,
+            dvc_hash=stored.dvc_hash,
+        )
         report.meta["path"] = stored.path
         report.meta["sha256"] = stored.sha256
         return row.id  # type: ignore[return-value]
 
 
 @task(name="record", cache_policy=NO_CACHE)
-def record(prepared: stages.Prepared, extracted: ExtractedModel, parity: dict[str, Any],
-           base: VariantReport, reports: list[VariantReport]) -> dict[str, Any]:
+def record(
+    prepared: stages.Prepared,
+    extracted: ExtractedModel,
+    parity: dict[str, Any],
+    base: VariantReport,
+    reports: list[VariantReport],
+) -> dict[str, Any]:
     return stages.finish(get_settings(), prepared, extracted, parity, base, reports)

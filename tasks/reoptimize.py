@@ -30,10 +30,20 @@ def optimize_report(model: str, version: str) -> dict[str, Any] | None:
 
 
 @task(name="compare-with-production", retries=0, cache_policy=NO_CACHE)
-def compare(task_kind: str, model_settings: dict[str, Any], production: dict[str, Any] | None,
-            candidate: dict[str, Any], min_speedup: float) -> dict[str, Any]:
-    return core.compare(task=task_kind, model_settings=model_settings, production=production,
-                        candidate=candidate, min_speedup=min_speedup)
+def compare(
+    task_kind: str,
+    model_settings: dict[str, Any],
+    production: dict[str, Any] | None,
+    candidate: dict[str, Any],
+    min_speedup: float,
+) -> dict[str, Any]:
+    return core.compare(
+        task=task_kind,
+        model_settings=model_settings,
+        production=production,
+        candidate=candidate,
+        min_speedup=min_speedup,
+    )
 
 
 @task(name="discard-candidate", retries=0, cache_policy=NO_CACHE)

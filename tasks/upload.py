@@ -6,8 +6,8 @@ from typing import Any
 
 from prefect import task
 
-from kiln.settings import get_settings
 from kiln.intake.upload import upload
+from kiln.settings import get_settings
 
 
 @task(name="upload-model", retries=0)  # not retried: a refused source stays refused
@@ -19,6 +19,12 @@ def upload_model(
     task_type: str | None = None,
 ) -> dict[str, Any]:
     """Register ``source`` as ``name``; returns ``kiln upload --json``'s document."""
-    result = upload(settings=get_settings(), name=name, source=source, version=version,
-                    dataset=dataset, task=task_type)
+    result = upload(
+        settings=get_settings(),
+        name=name,
+        source=source,
+        version=version,
+        dataset=dataset,
+        task=task_type,
+    )
     return result.model_dump(mode="json")

@@ -116,25 +116,38 @@ def tiny_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(Tiny().eval(), (torch.randn(2, 4),),
-                                  dynamic_shapes={"x": {0: batch}})
+    program = torch.export.export(
+        Tiny().eval(), (torch.randn(2, 4),), dynamic_shapes={"x": {0: batch}}
+    )
     path = tmp_path_factory.mktemp("models") / "tiny.pt2"
     torch.export.save(program, str(path))
     return path
 
 
-def run_kiln(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
-             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_kiln(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real `kiln` console script in a child process."""
     kiln = Path(sys.executable).with_name("kiln")
-    return subprocess.run([str(kiln), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [str(kiln), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def run_data_script(script: str, *args: str | Path) -> None:
     """Run one of data/'s scripts as `dvc repro` does (a subprocess from the repo root)."""
-    proc = subprocess.run([sys.executable, str(REPO / "data" / script), *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "data" / script), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
 
 
@@ -155,8 +168,7 @@ def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def kiln_env(home: Path, **extra: str) -> dict[str, str]:
     """Environment for a child process working on ``home`` (SQLite registry inside it)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("KILN_DATABASE_URL", "KILN_DVC_REMOTE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("KILN_DATABASE_URL", "KILN_DVC_REMOTE")}
     env.update({"KILN_HOME": str(home), **extra})
     return env
 
@@ -169,11 +181,21 @@ def validated_home(tmp_path_factory: pytest.TempPathFactory, examples: Path) -> 
     home = tmp_path_factory.mktemp("validated") / "kiln-home"
     env = kiln_env(home)
     digits = examples / "digits"
-    up = run_kiln("upload", "digits", str(digits / "model.pt2"), "--dataset",
-                  str(digits / "val.npz"), "--json", env=env)
+    up = run_kiln(
+        "upload",
+        "digits",
+        str(digits / "model.pt2"),
+        "--dataset",
+        str(digits / "val.npz"),
+        "--json",
+        env=env,
+    )
     assert up.returncode == 0, up.stderr
-    set_model_settings(home, "digits", {"optimize": {"backends": ["onnxruntime"],
-                                                     "precisions": {"onnxruntime": ["fp32"]}}})
+    set_model_settings(
+        home,
+        "digits",
+        {"optimize": {"backends": ["onnxruntime"], "precisions": {"onnxruntime": ["fp32"]}}},
+    )
     opt = run_kiln("optimize", "digits", "--json", env=env, timeout=900)
     assert opt.returncode == 0, opt.stderr[-3000:]
     return home
@@ -245,8 +267,13 @@ def register_variants(home: Path, variants: list[dict[str, object]]) -> list[str
     """Register digits variants in ``home`` (see ``_VARIANTS``): validated ONNX Runtime
     versions whose answers differ from the first version's by their bias change. For tests
     whose subject is deploying, not optimizing: seconds instead of an optimizer run each."""
-    made = subprocess.run([sys.executable, "-c", _VARIANTS, json.dumps(variants)],
-                          env=kiln_env(home), capture_output=True, text=True, timeout=600)
+    made = subprocess.run(
+        [sys.executable, "-c", _VARIANTS, json.dumps(variants)],
+        env=kiln_env(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert made.returncode == 0, made.stderr[-3000:]
     versions = json.loads(made.stdout.strip().splitlines()[-1])
     assert isinstance(versions, list)
@@ -256,35 +283,47 @@ def register_variants(home: Path, variants: list[dict[str, object]]) -> list[str
 def set_model_settings(home: Path, name: str, settings: dict[str, object]) -> None:
     """Merge ``settings`` into a model's settings in ``home``'s registry (a child process, so the
     test process's own settings cache is untouched)."""
-    code = ("import json,sys; from kiln.registry import crud; from kiln.registry.db import session_scope; "
-            "from kiln.settings import get_settings\n"
-            "with session_scope(get_settings().db_url) as s:\n"
-            "    m = crud.require_model(session=s, name=sys.argv[1])\n"
-            "    crud.update_model_settings(session=s, model=m, "
-            "settings={**(m.settings or {}), **json.loads(sys.argv[2])})")
-    subprocess.run([sys.executable, "-c", code, name, json.dumps(settings)],
-                   env=kiln_env(home), check=True, timeout=120)
+    code = (
+        "import json,sys; from kiln.registry import crud; from kiln.registry.db import session_scope; "
+        "from kiln.settings import get_settings\n"
+        "with session_scope(get_settings().db_url) as s:\n"
+        "    m = crud.require_model(session=s, name=sys.argv[1])\n"
+        "    crud.update_model_settings(session=s, model=m, "
+        "settings={**(m.settings or {}), **json.loads(sys.argv[2])})"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, name, json.dumps(settings)],
+        env=kiln_env(home),
+        check=True,
+        timeout=120,
+    )
 
 
 class RunningGateway:
     """`kiln serve` in its own process group on a free port, with an API key."""
 
-    def __init__(self, home: Path, *, env: dict[str, str] | None = None,
-                 scopes: tuple[str, ...] = ("admin",)) -> None:
+    def __init__(
+        self, home: Path, *, env: dict[str, str] | None = None, scopes: tuple[str, ...] = ("admin",)
+    ) -> None:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = kiln_env(home, KILN_GATEWAY_PORT=str(self.port), **(env or {}))
-        created = run_kiln("keys", "create", *[a for s in scopes for a in ("--scope", s)],
-                           "--json", env=self.env)
+        created = run_kiln(
+            "keys", "create", *[a for s in scopes for a in ("--scope", s)], "--json", env=self.env
+        )
         assert created.returncode == 0, created.stderr
         self.key = json.loads(created.stdout)["key"]
         self.headers = {"Authorization": f"Bearer {self.key}"}
         self.log = open(home / "gateway.log", "ab")  # noqa: SIM115 - closed in stop()
         kiln = Path(sys.executable).with_name("kiln")
-        self.proc = subprocess.Popen([str(kiln), "serve", "--port", str(self.port)],
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(kiln), "serve", "--port", str(self.port)],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def __enter__(self) -> RunningGateway:
         try:
@@ -332,8 +371,9 @@ class RunningGateway:
 
 
 def deploy(home: Path, ref: str = "digits", *, wait: float = 0) -> dict[str, object]:
-    proc = run_kiln("deploy", ref, "--strategy", "direct", "--wait", str(wait), "--json",
-                    env=kiln_env(home))
+    proc = run_kiln(
+        "deploy", ref, "--strategy", "direct", "--wait", str(wait), "--json", env=kiln_env(home)
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -361,8 +401,10 @@ def digits_rows(examples: Path, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
         loaded = _DIGITS.get(examples)
         if loaded is None:
             with np.load(examples / "digits" / "test.npz", allow_pickle=False) as data:
-                loaded = _DIGITS[examples] = (data["inputs"].astype(np.float32),
-                                              data["labels"].copy())
+                loaded = _DIGITS[examples] = (
+                    data["inputs"].astype(np.float32),
+                    data["labels"].copy(),
+                )
     return loaded[0][:n].copy(), loaded[1][:n].copy()
 
 

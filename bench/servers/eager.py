@@ -43,6 +43,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def tokenize(tokenizer: Tokenizer, texts: list[str]) -> dict[str, Any]:
     """``input_ids`` and ``attention_mask`` int64 tensors for ``texts`` (padded to the longest)."""
     encoded = tokenizer.encode_batch(texts)
-    return {"input_ids": torch.tensor([e.ids for e in encoded], dtype=torch.int64),
-            "attention_mask": torch.tensor([e.attention_mask for e in encoded],
-                                           dtype=torch.int64)}
+    return {
+        "input_ids": torch.tensor([e.ids for e in encoded], dtype=torch.int64),
+        "attention_mask": torch.tensor([e.attention_mask for e in encoded], dtype=torch.int64),
+    }

@@ -87,8 +87,7 @@ def main():
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
     args = parser.parse_args()
     api_class = MiniLMAPI if args.model == "minilm" else DigitsAPI
-    api = api_class(args.path, max_batch_size=args.max_batch_size,
-                    batch_timeout=args.batch_timeout)
+    api = api_class(args.path, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator="cpu", fast_queue=True)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
 

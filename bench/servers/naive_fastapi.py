@@ -48,6 +48,7 @@ def build_app(model_name: str, path: str) -> FastAPI:
                 embedding = model(**tokenize(tokenizer, [req.text]))
             return {"embedding": embedding[0].tolist()}
     else:
+
         @app.post("/predict")
         def classify(req: ImageRequest) -> dict[str, list]:
             x = torch.tensor(req.inputs, dtype=torch.float32)
@@ -64,8 +65,13 @@ def main() -> None:
     parser.add_argument("--path", required=True, help=".pt2 archive or kiln.yaml folder")
     parser.add_argument("--port", required=True, type=int)
     args = parser.parse_args()
-    uvicorn.run(build_app(args.model, args.path), host="127.0.0.1", port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        build_app(args.model, args.path),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ from kiln.errors import NotFound
 #: name -> backend, the baseline first
 REGISTRY: dict[str, Backend] = {
     backend.name: backend
-    for backend in (TorchEagerBackend(), OnnxRuntimeBackend(), InductorBackend(),
-                    TensorRTBackend())
+    for backend in (TorchEagerBackend(), OnnxRuntimeBackend(), InductorBackend(), TensorRTBackend())
 }
 
 BASELINE = "torch-eager"

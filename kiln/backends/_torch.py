@@ -56,8 +56,10 @@ def input_dims(program: ExportedProgram) -> list[list[int | DimRange]]:
                 continue
             expr = size.node.expr
             if not isinstance(expr, sympy.Symbol) or str(expr) not in ranges:
-                raise ValueError(f"input {node.name} has a derived dimension {expr}: "
-                                 "export it with plain torch.export.Dim dimensions")
+                raise ValueError(
+                    f"input {node.name} has a derived dimension {expr}: "
+                    "export it with plain torch.export.Dim dimensions"
+                )
             vr = ranges[str(expr)]
             upper = None if not math.isfinite(float(vr.upper)) else int(vr.upper)
             dims.append(DimRange(str(expr), int(vr.lower), upper))
@@ -88,8 +90,9 @@ def export_dynamic_shapes(shapes: list[list[int | DimRange]]) -> tuple[dict[int,
     return tuple(out)
 
 
-def concrete_shapes(shapes: list[list[int | DimRange]], *, batch: int = 2,
-                    other: int = 8) -> list[tuple[int, ...]]:
+def concrete_shapes(
+    shapes: list[list[int | DimRange]], *, batch: int = 2, other: int = 8
+) -> list[tuple[int, ...]]:
     """Example shapes inside the dims' ranges: ``batch`` rows, ``other`` for other dynamic
     dims (one value per symbol, so dimensions that must be equal are)."""
     chosen: dict[str, int] = {}
@@ -107,16 +110,18 @@ def concrete_shapes(shapes: list[list[int | DimRange]], *, batch: int = 2,
     return out
 
 
-def example_tensors(program: ExportedProgram, *, batch: int = 2, other: int = 8,
-                    device: str = "cpu") -> list[torch.Tensor]:
+def example_tensors(
+    program: ExportedProgram, *, batch: int = 2, other: int = 8, device: str = "cpu"
+) -> list[torch.Tensor]:
     """Deterministic example inputs for ``program`` (small integers, as token ids are)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     tensors = []
     nodes = user_input_nodes(program)
-    for node, shape in zip(nodes, concrete_shapes(input_dims(program), batch=batch, other=other),
-                           strict=True):
+    for node, shape in zip(
+        nodes, concrete_shapes(input_dims(program), batch=batch, other=other), strict=True
+    ):
         dtype = node.meta["val"].dtype
         if dtype.is_floating_point:
             t = torch.rand(shape, generator=gen).to(dtype)
@@ -128,8 +133,9 @@ def example_tensors(program: ExportedProgram, *, batch: int = 2, other: int = 8,
     return tensors
 
 
-def cast_program(program: ExportedProgram, *, dtype: torch.dtype,
-                 device: str = "cpu") -> ExportedProgram:
+def cast_program(
+    program: ExportedProgram, *, dtype: torch.dtype, device: str = "cpu"
+) -> ExportedProgram:
     """The same program with float weights, float inputs and float constants in ``dtype``, on
     ``device``, re-exported with the same dynamic dimensions.
 
@@ -166,9 +172,7 @@ def cast_program(program: ExportedProgram, *, dtype: torch.dtype,
             node.args = tuple(dtype if a is torch.float32 else a for a in node.args)
             node.kwargs = {k: dtype if v is torch.float32 else v for k, v in node.kwargs.items()}
     module.recompile()
-    args = tuple(
-        (t.to(dtype) if t.dtype == torch.float32 else t).to(device) for t in examples
-    )
+    args = tuple((t.to(dtype) if t.dtype == torch.float32 else t).to(device) for t in examples)
     return torch.export.export(module, args, dynamic_shapes=export_dynamic_shapes(shapes))
 
 
@@ -181,16 +185,23 @@ def flatten_outputs(out: Any) -> list[Any]:
     return [out]
 
 
-def to_tensors(inputs: Sequence[np.ndarray], specs: Sequence[TensorSpec], *, device: str = "cpu",
-               float_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def to_tensors(
+    inputs: Sequence[np.ndarray],
+    specs: Sequence[TensorSpec],
+    *,
+    device: str = "cpu",
+    float_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
     """Numpy inputs as torch tensors of the spec's dtype (floats in ``float_dtype`` if given)."""
     import torch
 
     from kiln.spec import numpy_of_datatype
 
     if len(inputs) != len(specs):
-        raise ValueError(f"the model takes {len(specs)} inputs "
-                         f"({', '.join(s.name for s in specs)}), got {len(inputs)}")
+        raise ValueError(
+            f"the model takes {len(specs)} inputs "
+            f"({', '.join(s.name for s in specs)}), got {len(inputs)}"
+        )
     tensors = []
     for array, spec in zip(inputs, specs, strict=True):
         want = numpy_of_datatype(spec.datatype)
@@ -220,9 +231,15 @@ class TorchRunner:
     ``meta`` says what runs (backend, device, precision...) for reports and logs.
     """
 
-    def __init__(self, fn: Callable[..., Any], specs: Sequence[TensorSpec], *, device: str,
-                 float_dtype: torch.dtype | None = None, meta: dict[str, Any] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        specs: Sequence[TensorSpec],
+        *,
+        device: str,
+        float_dtype: torch.dtype | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self._fn = fn
         self._specs = list(specs)
         self._device = device
@@ -232,8 +249,9 @@ class TorchRunner:
     def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 
-        tensors = to_tensors(inputs, self._specs, device=self._device,
-                             float_dtype=self._float_dtype)
+        tensors = to_tensors(
+            inputs, self._specs, device=self._device, float_dtype=self._float_dtype
+        )
         with torch.inference_mode():
             out = self._fn(*tensors)
         return to_numpy(out)

@@ -79,8 +79,10 @@ class Backend(ABC):
         if not verdict.ok:
             raise VariantUnavailable(verdict.reason)
         if model is not None and model.program is None:
-            raise VariantUnavailable(f"{self.name} compiles a torch program, and this model was "
-                                     "uploaded as ONNX: upload a .pt2 or kiln.yaml folder")
+            raise VariantUnavailable(
+                f"{self.name} compiles a torch program, and this model was "
+                "uploaded as ONNX: upload a .pt2 or kiln.yaml folder"
+            )
 
     @abstractmethod
     def build(
@@ -90,7 +92,12 @@ class Backend(ABC):
 
     @abstractmethod
     def load(
-        self, path: Path, *, spec: ModelSpec, device: str = "cpu", threads: int | None = None,
+        self,
+        path: Path,
+        *,
+        spec: ModelSpec,
+        device: str = "cpu",
+        threads: int | None = None,
         idle_spin: bool = True,
     ) -> Runner:
         """Load a built artifact for inference.

@@ -38,8 +38,9 @@ FUSED_GRAPH = "model.fused.onnx"  # beside the extracted model.onnx (see float_g
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
-def session_settings(threads: int | None = None, device: str = "cpu",
-                     idle_spin: bool = True) -> dict[str, Any]:
+def session_settings(
+    threads: int | None = None, device: str = "cpu", idle_spin: bool = True
+) -> dict[str, Any]:
     """The SessionOptions every Kiln session uses, as a record (build meta, reports).
 
     ``force_spinning_stop`` (``idle_spin=False``, what engines use): ORT's intra-op threads
@@ -73,8 +74,9 @@ def providers_for(device: str) -> list[str]:
     return [CPU_EP]
 
 
-def make_session(path: Path, *, device: str = "cpu", threads: int | None = None,
-                 idle_spin: bool = True) -> Any:
+def make_session(
+    path: Path, *, device: str = "cpu", threads: int | None = None, idle_spin: bool = True
+) -> Any:
     """An InferenceSession for ``path`` with Kiln's providers and thread settings."""
     import onnxruntime as ort
 
@@ -85,10 +87,15 @@ def make_session(path: Path, *, device: str = "cpu", threads: int | None = None,
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initializers are noise here
-    options.add_session_config_entry("session.force_spinning_stop",
-                                     "1" if settings["force_spinning_stop"] else "0")
-    return ort.InferenceSession(str(path), options, providers=providers_for(device),
-                                disabled_optimizers=settings["disabled_optimizers"] or None)
+    options.add_session_config_entry(
+        "session.force_spinning_stop", "1" if settings["force_spinning_stop"] else "0"
+    )
+    return ort.InferenceSession(
+        str(path),
+        options,
+        providers=providers_for(device),
+        disabled_optimizers=settings["disabled_optimizers"] or None,
+    )
 
 
 class OrtRunner:
@@ -99,24 +106,39 @@ class OrtRunner:
         self._names = [i.name for i in session.get_inputs()]
         self._dtypes = [numpy_of_datatype(s.datatype) for s in specs]
         if len(self._names) != len(specs):
-            raise ValueError(f"the ONNX model takes {len(self._names)} inputs, the spec "
-                             f"{len(specs)}")
+            raise ValueError(
+                f"the ONNX model takes {len(self._names)} inputs, the spec {len(specs)}"
+            )
         self.meta = meta
 
     def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         if len(inputs) != len(self._names):
-            raise ValueError(f"the model takes {len(self._names)} inputs "
-                             f"({', '.join(self._names)}), got {len(inputs)}")
-        feeds = {name: np.ascontiguousarray(x, dtype=dtype)
-                 for name, x, dtype in zip(self._names, inputs, self._dtypes, strict=True)}
+            raise ValueError(
+                f"the model takes {len(self._names)} inputs "
+                f"({', '.join(self._names)}), got {len(inputs)}"
+            )
+        feeds = {
+            name: np.ascontiguousarray(x, dtype=dtype)
+            for name, x, dtype in zip(self._names, inputs, self._dtypes, strict=True)
+        }
         return [np.asarray(out) for out in self._session.run(None, feeds)]
 
 
-def load_onnx(path: Path, *, spec: ModelSpec, device: str = "cpu", threads: int | None = None,
-              idle_spin: bool = True, meta: dict[str, Any] | None = None) -> OrtRunner:
+def load_onnx(
+    path: Path,
+    *,
+    spec: ModelSpec,
+    device: str = "cpu",
+    threads: int | None = None,
+    idle_spin: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> OrtRunner:
     session = make_session(path, device=device, threads=threads, idle_spin=idle_spin)
-    record = {"providers": session.get_providers(),
-              **session_settings(threads, device, idle_spin), **(meta or {})}
+    record = {
+        "providers": session.get_providers(),
+        **session_settings(threads, device, idle_spin),
+        **(meta or {}),
+    }
     return OrtRunner(session, spec.inputs, record)
 
 
@@ -159,13 +181,18 @@ class OnnxRuntimeBackend(Backend):
         path = out_dir / "model.onnx"
         in_place = path.resolve() == model.onnx.resolve()
         if in_place and precision != "fp32":
-            raise ValueError(f"build {precision} into a folder of its own: {out_dir} holds the "
-                             "extracted model.onnx, which quantization must not overwrite")
+            raise ValueError(
+                f"build {precision} into a folder of its own: {out_dir} holds the "
+                "extracted model.onnx, which quantization must not overwrite"
+            )
         graph, fusion = self.float_graph(model, check_inputs=calibration, fuse=fuse)
-        meta: dict[str, Any] = {"backend": self.name, "precision": precision,
-                                "session": session_settings(threads),
-                                "graph": "fused" if graph != model.onnx else "extracted",
-                                "fusion": fusion}
+        meta: dict[str, Any] = {
+            "backend": self.name,
+            "precision": precision,
+            "session": session_settings(threads),
+            "graph": "fused" if graph != model.onnx else "extracted",
+            "fusion": fusion,
+        }
         if precision == "fp32":
             if in_place:  # built in the extract folder: the graph itself (fused or extracted)
                 return BuildResult(path=graph, meta=meta)
@@ -176,7 +203,8 @@ class OnnxRuntimeBackend(Backend):
 
         if precision == "int8-dynamic":
             meta["quantization"] = quantize.quantize_dynamic(
-                graph, path, nodes_to_exclude=list(nodes_to_exclude), **options)
+                graph, path, nodes_to_exclude=list(nodes_to_exclude), **options
+            )
         else:
             if not calibration:
                 raise VariantUnavailable(
@@ -184,13 +212,21 @@ class OnnxRuntimeBackend(Backend):
                     "(kiln upload --dataset) or build int8-dynamic instead"
                 )
             meta["quantization"] = quantize.quantize_static(
-                graph, path, calibration=calibration,
-                nodes_to_exclude=list(nodes_to_exclude), **options)
+                graph,
+                path,
+                calibration=calibration,
+                nodes_to_exclude=list(nodes_to_exclude),
+                **options,
+            )
         return BuildResult(path=path, meta=meta)
 
-    def float_graph(self, model: ExtractedModel, *,
-                    check_inputs: list[np.ndarray] | None = None,
-                    fuse: bool = True) -> tuple[Path, dict[str, Any]]:
+    def float_graph(
+        self,
+        model: ExtractedModel,
+        *,
+        check_inputs: list[np.ndarray] | None = None,
+        fuse: bool = True,
+    ) -> tuple[Path, dict[str, Any]]:
         """The fp32 graph every variant is built on, and the fusion record.
 
         The fused graph is written once beside the extracted one (``model.fused.onnx``, its
@@ -206,9 +242,15 @@ class OnnxRuntimeBackend(Backend):
 
         fused = model.onnx.with_name(FUSED_GRAPH)
         record_path = fused.with_suffix(".json")
-        key = json.loads(json.dumps({  # as it reads back from the record (tuples as lists)
-            "source_sha256": _sha256(model.onnx), "versions": fusion._versions(),
-            "settings": asdict(fusion.FusionSettings())}))
+        key = json.loads(
+            json.dumps(
+                {  # as it reads back from the record (tuples as lists)
+                    "source_sha256": _sha256(model.onnx),
+                    "versions": fusion._versions(),
+                    "settings": asdict(fusion.FusionSettings()),
+                }
+            )
+        )
         if record_path.is_file():
             try:
                 saved = json.loads(record_path.read_text())
@@ -216,25 +258,46 @@ class OnnxRuntimeBackend(Backend):
                 saved = {}
             saved = saved if isinstance(saved, dict) else {}
             done = saved.get("record")
-            if saved.get("key") == key and isinstance(done, dict) and "applied" in done and (
-                    not done["applied"] or fused.is_file()):
+            if (
+                saved.get("key") == key
+                and isinstance(done, dict)
+                and "applied" in done
+                and (not done["applied"] or fused.is_file())
+            ):
                 return (fused if done["applied"] else model.onnx), done
         try:
-            record = fusion.optimize_graph(model.onnx, fused, spec=model.spec,
-                                           check_inputs=check_inputs)
+            record = fusion.optimize_graph(
+                model.onnx, fused, spec=model.spec, check_inputs=check_inputs
+            )
         except Exception as exc:  # never worse than the extracted graph
-            record = {"applied": False, "method": fusion.METHOD,
-                      "reason": f"fusion failed: {' '.join(str(exc).split())[:300]}"}
+            record = {
+                "applied": False,
+                "method": fusion.METHOD,
+                "reason": f"fusion failed: {' '.join(str(exc).split())[:300]}",
+            }
         record = json.loads(json.dumps(record, default=str))  # the same whether read or made
         tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}")
         tmp.write_text(json.dumps({"key": key, "record": record}))
         os.replace(tmp, record_path)
         return (fused if record["applied"] else model.onnx), record
 
-    def load(self, path: Path, *, spec: ModelSpec, device: str = "cpu",
-             threads: int | None = None, idle_spin: bool = True) -> Runner:
-        return load_onnx(path, spec=spec, device=device, threads=threads, idle_spin=idle_spin,
-                         meta={"backend": self.name})
+    def load(
+        self,
+        path: Path,
+        *,
+        spec: ModelSpec,
+        device: str = "cpu",
+        threads: int | None = None,
+        idle_spin: bool = True,
+    ) -> Runner:
+        return load_onnx(
+            path,
+            spec=spec,
+            device=device,
+            threads=threads,
+            idle_spin=idle_spin,
+            meta={"backend": self.name},
+        )
 
 
 def _sha256(path: Path) -> str:

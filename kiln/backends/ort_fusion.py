@@ -56,12 +56,26 @@ log = logging.getLogger(__name__)
 METHOD = "onnxscript.rewriter.ort_fusions.optimize_for_ort + constant folding"
 MS_DOMAIN = "com.microsoft"
 #: ORT contrib ops that stand for a fused subgraph (what ``fused_ops`` counts).
-FUSED_OPS = frozenset({
-    "Attention", "MultiHeadAttention", "GroupQueryAttention", "EmbedLayerNormalization",
-    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
-    "BiasGelu", "FastGelu", "Gelu", "GemmFastGelu", "RotaryEmbedding", "FusedMatMul",
-    "BiasSplitGelu", "BiasAdd", "GroupNorm",
-})
+FUSED_OPS = frozenset(
+    {
+        "Attention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "EmbedLayerNormalization",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "SimplifiedLayerNormalization",
+        "BiasGelu",
+        "FastGelu",
+        "Gelu",
+        "GemmFastGelu",
+        "RotaryEmbedding",
+        "FusedMatMul",
+        "BiasSplitGelu",
+        "BiasAdd",
+        "GroupNorm",
+    }
+)
 #: Fused ops that alone do not make a fused graph worth building on (a CNN or MLP keeps its
 #: extracted graph: ORT's own session-time fusions already cover Conv/Gemm chains).
 MINOR_OPS = frozenset({"FusedMatMul", "BiasAdd"})
@@ -116,12 +130,17 @@ def optimize_graph(
     """
     settings = settings or FusionSettings()
     started = time.perf_counter()
-    record: dict[str, Any] = {"applied": False, "method": METHOD, "versions": _versions(),
-                              "settings": asdict(settings)}
+    record: dict[str, Any] = {
+        "applied": False,
+        "method": METHOD,
+        "versions": _versions(),
+        "settings": asdict(settings),
+    }
     model_in, model_out = Path(model_in), Path(model_out)
     if model_in.stat().st_size > MAX_FUSE_BYTES:
-        return _skip(record, started, "the graph is over 1.9 GB: fusion writes one "
-                                      "self-contained file")
+        return _skip(
+            record, started, "the graph is over 1.9 GB: fusion writes one self-contained file"
+        )
     try:
         original = _load(model_in)
         record["nodes"] = {"before": len(original.graph.node)}
@@ -130,28 +149,43 @@ def optimize_graph(
         return _skip(record, started, f"onnxscript's ORT fusions failed: {_one_line(exc)}")
     record["fused_ops"] = _fused_ops(fused)
     if not set(record["fused_ops"]) - MINOR_OPS:
-        return _skip(record, started, "no transformer subgraph matched onnxscript's ORT fusions "
-                                      "(no Attention, LayerNorm or GELU pattern)")
+        return _skip(
+            record,
+            started,
+            "no transformer subgraph matched onnxscript's ORT fusions "
+            "(no Attention, LayerNorm or GELU pattern)",
+        )
     model_out.parent.mkdir(parents=True, exist_ok=True)
     try:
         fused, failure = _check(fused, model_in, model_out, spec, check_inputs, settings, record)
     except Exception as exc:  # e.g. a contrib op this onnxruntime build lacks
         return _skip(record, started, f"the fused graph could not be checked: {_one_line(exc)}")
     if failure:
-        return _skip(record, started, f"the fused graph disagrees with the unfused one: "
-                                      f"{failure}")
+        return _skip(record, started, f"the fused graph disagrees with the unfused one: {failure}")
     record["fused_ops"] = _fused_ops(fused)
     record["nodes"]["after"] = len(fused.graph.node)
     record["applied"] = True
     record["seconds"] = round(time.perf_counter() - started, 3)
-    log.info("fused %s: %s, %d -> %d nodes, %s", model_in.name, record["fused_ops"],
-             record["nodes"]["before"], record["nodes"]["after"], record["attention_mask"])
+    log.info(
+        "fused %s: %s, %d -> %d nodes, %s",
+        model_in.name,
+        record["fused_ops"],
+        record["nodes"]["before"],
+        record["nodes"]["after"],
+        record["attention_mask"],
+    )
     return record
 
 
-def _check(fused: onnx.ModelProto, model_in: Path, model_out: Path, spec: ModelSpec,
-           check_inputs: Sequence[np.ndarray] | None, settings: FusionSettings,
-           record: dict[str, Any]) -> tuple[onnx.ModelProto, str]:
+def _check(
+    fused: onnx.ModelProto,
+    model_in: Path,
+    model_out: Path,
+    spec: ModelSpec,
+    check_inputs: Sequence[np.ndarray] | None,
+    settings: FusionSettings,
+    record: dict[str, Any],
+) -> tuple[onnx.ModelProto, str]:
     """The mask rewrite, then parity with ``model_in``; ``model_out`` written when it holds.
     Returns the graph written (or last tried) and '' or the disagreement."""
     cases = _cases(spec, check_inputs, settings)
@@ -169,8 +203,9 @@ def _check(fused: onnx.ModelProto, model_in: Path, model_out: Path, spec: ModelS
         failure = _parity(model_in, candidate, cases, settings, record)
         if failure and note.startswith("mask_index"):
             # the bias values were the key-padding mask, yet the outputs differ: undo it
-            log.warning("fused graph with mask_index disagrees (%s); retrying with "
-                        "attention_bias", failure)
+            log.warning(
+                "fused graph with mask_index disagrees (%s); retrying with attention_bias", failure
+            )
             fused = _fuse(_load(model_in), settings)[0]
             _prune(fused)
             record["attention_mask"] = f"attention_bias kept: with mask_index, {failure}"
@@ -182,8 +217,9 @@ def _check(fused: onnx.ModelProto, model_in: Path, model_out: Path, spec: ModelS
 
 
 # ------------------------------------------------------------------------------ fusion
-def _fuse(model: onnx.ModelProto, settings: FusionSettings
-          ) -> tuple[onnx.ModelProto, dict[str, int], dict[str, int]]:
+def _fuse(
+    model: onnx.ModelProto, settings: FusionSettings
+) -> tuple[onnx.ModelProto, dict[str, int], dict[str, int]]:
     """onnxscript's ORT fusions, then constant folding with limits that fit packed weights,
     ``qkv_hidden_sizes`` dropped where equal, and SkipLayerNormalization split again unless
     ``settings.skip_layer_norm``. Returns the graph, onnxscript's fusion counts and what was
@@ -194,8 +230,9 @@ def _fuse(model: onnx.ModelProto, settings: FusionSettings
 
     graph = ir.from_proto(model)
     graph, counts = optimize_for_ort(graph)
-    onnxscript.optimizer.optimize(graph, input_size_limit=settings.fold_limit,
-                                  output_size_limit=settings.fold_limit)
+    onnxscript.optimizer.optimize(
+        graph, input_size_limit=settings.fold_limit, output_size_limit=settings.fold_limit
+    )
     fused = ir.to_proto(graph)
     _drop_equal_qkv_sizes(_attention_nodes(fused))
     opset = next((o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -204,8 +241,15 @@ def _fuse(model: onnx.ModelProto, settings: FusionSettings
 
 
 def _fused_ops(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(sorted(Counter(n.op_type for n in model.graph.node
-                               if n.domain == MS_DOMAIN and n.op_type in FUSED_OPS).items()))
+    return dict(
+        sorted(
+            Counter(
+                n.op_type
+                for n in model.graph.node
+                if n.domain == MS_DOMAIN and n.op_type in FUSED_OPS
+            ).items()
+        )
+    )
 
 
 def _attention_nodes(model: onnx.ModelProto) -> list[Any]:
@@ -240,18 +284,25 @@ def _unfuse_skip_layer_norm(model: onnx.ModelProto) -> dict[str, int]:
         beta, bias = _input(node, 3), _input(node, 4)
         base = node.name or node.output[0]
         if bias:
-            nodes.append(helper.make_node("Add", [x, bias], [f"{base}_biased"],
-                                          name=f"{base}_bias"))
+            nodes.append(
+                helper.make_node("Add", [x, bias], [f"{base}_biased"], name=f"{base}_bias")
+            )
             x = f"{base}_biased"
         total = _output(node, 3) or f"{base}_sum"  # input + skip + bias, when it is used
         nodes.append(helper.make_node("Add", [x, skip], [total], name=f"{base}_skip"))
         outputs = [node.output[0], _output(node, 1), _output(node, 2)]
         while outputs and not outputs[-1]:
             outputs.pop()
-        nodes.append(helper.make_node("LayerNormalization", [total, gamma, *([beta] if beta
-                                                                              else [])],
-                                      outputs, name=f"{base}_layernorm", axis=-1,
-                                      epsilon=epsilon))
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization",
+                [total, gamma, *([beta] if beta else [])],
+                outputs,
+                name=f"{base}_layernorm",
+                axis=-1,
+                epsilon=epsilon,
+            )
+        )
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return {"SkipLayerNormalization": count} if count else {}
@@ -261,18 +312,37 @@ def _output(node: Any, index: int) -> str:
     return node.output[index] if len(node.output) > index else ""
 
 
-def _to_mask_index(model: onnx.ModelProto, nodes: list[Any], spec: ModelSpec,
-                   cases: list[dict[str, np.ndarray]], scratch: Path) -> str:
+def _to_mask_index(
+    model: onnx.ModelProto,
+    nodes: list[Any],
+    spec: ModelSpec,
+    cases: list[dict[str, np.ndarray]],
+    scratch: Path,
+) -> str:
     """Replace each Attention's key-padding ``attention_bias`` by ``mask_index`` (the 2-D mask
     as int32); returns the note for the record. The bias values are checked first."""
     from onnx import TensorProto, helper
 
-    mask = next((t for t in spec.inputs if t.name in _MASK_NAMES and len(t.shape) == 2
-                 and numpy_of_datatype(t.datatype).kind in "iub"), None)
+    mask = next(
+        (
+            t
+            for t in spec.inputs
+            if t.name in _MASK_NAMES
+            and len(t.shape) == 2
+            and numpy_of_datatype(t.datatype).kind in "iub"
+        ),
+        None,
+    )
     if mask is None:
         return "attention_bias kept: the model has no 2-D integer attention_mask input"
-    candidates = [n for n in nodes if _input(n, 5) and not _input(n, 3) and not _input(n, 4)
-                  and not any(a.name == "unidirectional" and a.i for a in n.attribute)]
+    candidates = [
+        n
+        for n in nodes
+        if _input(n, 5)
+        and not _input(n, 3)
+        and not _input(n, 4)
+        and not any(a.name == "unidirectional" and a.i for a in n.attribute)
+    ]
     if len(candidates) != len(nodes):
         return "attention_bias kept: an Attention node has a past state, a mask or is causal"
     biases = sorted({n.input[5] for n in candidates})
@@ -283,8 +353,12 @@ def _to_mask_index(model: onnx.ModelProto, nodes: list[Any], spec: ModelSpec,
     if problem:
         return f"attention_bias kept: {problem}"
     cast_out = f"{mask.name}_int32_mask_index"
-    model.graph.node.insert(0, helper.make_node(
-        "Cast", [mask.name], [cast_out], name=f"{mask.name}_to_mask_index", to=TensorProto.INT32))
+    model.graph.node.insert(
+        0,
+        helper.make_node(
+            "Cast", [mask.name], [cast_out], name=f"{mask.name}_to_mask_index", to=TensorProto.INT32
+        ),
+    )
     for node in candidates:
         inputs = list(node.input)
         inputs[3], inputs[5] = cast_out, ""
@@ -292,12 +366,19 @@ def _to_mask_index(model: onnx.ModelProto, nodes: list[Any], spec: ModelSpec,
             inputs.pop()
         del node.input[:]
         node.input.extend(inputs)
-    return (f"mask_index from {mask.name}: the attention_bias of {len(candidates)} Attention "
-            f"node(s) was its key-padding mask on {len(padded)} padded sample(s)")
+    return (
+        f"mask_index from {mask.name}: the attention_bias of {len(candidates)} Attention "
+        f"node(s) was its key-padding mask on {len(padded)} padded sample(s)"
+    )
 
 
-def _check_key_padding(model: onnx.ModelProto, biases: list[str], mask_name: str,
-                       cases: list[dict[str, np.ndarray]], scratch: Path) -> str:
+def _check_key_padding(
+    model: onnx.ModelProto,
+    biases: list[str],
+    mask_name: str,
+    cases: list[dict[str, np.ndarray]],
+    scratch: Path,
+) -> str:
     """'' when every bias tensor is 0 where ``mask`` is set and <= -1e4 where it is not, for
     every query row and head; else what differs."""
     import onnx
@@ -306,8 +387,9 @@ def _check_key_padding(model: onnx.ModelProto, biases: list[str], mask_name: str
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(b, TensorProto.FLOAT, None)
-                              for b in biases if b not in known)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(b, TensorProto.FLOAT, None) for b in biases if b not in known
+    )
     with tempfile.TemporaryDirectory(prefix=".mask-", dir=scratch) as tmp:
         path = Path(tmp) / "probe.onnx"
         _save(probe, path)
@@ -318,8 +400,11 @@ def _check_key_padding(model: onnx.ModelProto, biases: list[str], mask_name: str
             keep = case[mask_name].astype(bool)[:, None, None, :]  # [batch, 1, 1, key]
             for name in biases:
                 bias = np.asarray(got[name], dtype=np.float64)
-                if bias.ndim != 4 or bias.shape[0] not in (1, keep.shape[0]) or \
-                        bias.shape[-1] != keep.shape[-1]:
+                if (
+                    bias.ndim != 4
+                    or bias.shape[0] not in (1, keep.shape[0])
+                    or bias.shape[-1] != keep.shape[-1]
+                ):
                     return f"bias {name} has shape {list(bias.shape)}, not [batch, 1, q, key]"
                 full = np.broadcast_to(keep, np.broadcast_shapes(keep.shape, bias.shape))
                 bias = np.broadcast_to(bias, full.shape)
@@ -364,8 +449,9 @@ def _subgraph_reads(node: Any) -> set[str]:
 
 
 # ------------------------------------------------------------------------------ parity
-def _cases(spec: ModelSpec, check_inputs: Sequence[np.ndarray] | None,
-           settings: FusionSettings) -> list[dict[str, np.ndarray]]:
+def _cases(
+    spec: ModelSpec, check_inputs: Sequence[np.ndarray] | None, settings: FusionSettings
+) -> list[dict[str, np.ndarray]]:
     """Deterministic samples (each twice for a text model: mask all set, and padded) and the
     caller's rows, as feeds by input name."""
     rng = np.random.default_rng(0)
@@ -388,21 +474,32 @@ def _cases(spec: ModelSpec, check_inputs: Sequence[np.ndarray] | None,
             for t in masks:
                 mask = np.ones_like(case[t.name])
                 for row in range(batch):  # row r keeps size - 1 - r tokens (at least 1)
-                    mask[row, max(1, size - 1 - row * max(1, size // (batch + 1))):] = 0
+                    mask[row, max(1, size - 1 - row * max(1, size // (batch + 1))) :] = 0
                 padded[t.name] = mask
             cases.append(padded)
     if check_inputs is not None:
         if len(check_inputs) != len(spec.inputs):
-            raise ValueError(f"check inputs: the model takes {len(spec.inputs)} inputs, got "
-                             f"{len(check_inputs)} arrays")
+            raise ValueError(
+                f"check inputs: the model takes {len(spec.inputs)} inputs, got "
+                f"{len(check_inputs)} arrays"
+            )
         rows = [np.asarray(x)[: settings.check_rows] for x in check_inputs]
-        cases.append({t.name: np.ascontiguousarray(x, dtype=numpy_of_datatype(t.datatype))
-                      for t, x in zip(spec.inputs, rows, strict=True)})
+        cases.append(
+            {
+                t.name: np.ascontiguousarray(x, dtype=numpy_of_datatype(t.datatype))
+                for t, x in zip(spec.inputs, rows, strict=True)
+            }
+        )
     return cases
 
 
-def _parity(reference: Path, candidate: Path, cases: list[dict[str, np.ndarray]],
-            settings: FusionSettings, record: dict[str, Any]) -> str:
+def _parity(
+    reference: Path,
+    candidate: Path,
+    cases: list[dict[str, np.ndarray]],
+    settings: FusionSettings,
+    record: dict[str, Any],
+) -> str:
     """'' when ``candidate`` agrees with ``reference`` on every case; else the first
     disagreement. Fills ``record["parity"]``."""
     want_session, got_session = _session(reference), _session(candidate)
@@ -423,10 +520,17 @@ def _parity(reference: Path, candidate: Path, cases: list[dict[str, np.ndarray]]
             worst = max(worst, float(diff.max(initial=0.0)))
             allowed = settings.atol + settings.rtol * np.abs(w.astype(np.float64))
             if not np.isfinite(g).all() or (diff > allowed).any():
-                return (f"max abs diff {float(diff.max(initial=0.0)):.3g} beyond rtol="
-                        f"{settings.rtol}, atol={settings.atol} on inputs of shape {shape}")
-    record["parity"] = {"reference": "the unfused graph in ONNX Runtime", "cases": len(cases),
-                        "max_abs_diff": worst, "rtol": settings.rtol, "atol": settings.atol}
+                return (
+                    f"max abs diff {float(diff.max(initial=0.0)):.3g} beyond rtol="
+                    f"{settings.rtol}, atol={settings.atol} on inputs of shape {shape}"
+                )
+    record["parity"] = {
+        "reference": "the unfused graph in ONNX Runtime",
+        "cases": len(cases),
+        "max_abs_diff": worst,
+        "rtol": settings.rtol,
+        "atol": settings.atol,
+    }
     return ""
 
 

@@ -53,8 +53,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NO_CALIBRATION = ("static quantization needs calibration data: register a dataset with the model "
-                  "(kiln upload --dataset) or use dynamic quantization")
+NO_CALIBRATION = (
+    "static quantization needs calibration data: register a dataset with the model "
+    "(kiln upload --dataset) or use dynamic quantization"
+)
 METADATA_KEY = "kiln.quantization"
 CALIBRATION_BATCH = 16
 PREPROCESS_TIMEOUT_S = 1800
@@ -64,15 +66,42 @@ ActivationType = Literal["auto", "QUInt8", "QInt8"]
 
 # Ops that only move or select quantized values: they consume DequantizeLinear outputs in a QDQ
 # graph but add no rounding of their own, so they are not candidates for staying in float.
-_DATA_MOVEMENT = frozenset({
-    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split", "Concat", "Pad",
-    "MaxPool", "Resize", "Identity", "Expand", "Tile", "TopK", "GatherElements", "Where",
-})
-_QUANT_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-    "QLinearConv", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-    "QAttention",
-})
+_DATA_MOVEMENT = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Slice",
+        "Split",
+        "Concat",
+        "Pad",
+        "MaxPool",
+        "Resize",
+        "Identity",
+        "Expand",
+        "Tile",
+        "TopK",
+        "GatherElements",
+        "Where",
+    }
+)
+_QUANT_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QAttention",
+    }
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,8 +144,11 @@ def quantize_dynamic(
         prepared, preprocess = _preprocess(Path(model_in), work)
         graph = _load(prepared, weights=False)
         ops = {n.op_type for n in graph.graph.node}
-        chosen = list(op_types) if op_types is not None else (
-            ["MatMul", "Gemm"] if "Conv" in ops else None)
+        chosen = (
+            list(op_types)
+            if op_types is not None
+            else (["MatMul", "Gemm"] if "Conv" in ops else None)
+        )
         names = {n.name: n.op_type for n in graph.graph.node}
         excluded = list(dict.fromkeys(nodes_to_exclude))
         # Dynamic mode rewrites Gemm as MatMul(+Add) named "<gemm>_MatMul" before quantizing.
@@ -132,8 +164,12 @@ def quantize_dynamic(
         }
         log.info("quantize_dynamic %s: %s", Path(model_in).name, settings)
         ort_quantize_dynamic(
-            str(prepared), str(model_out), op_types_to_quantize=chosen, per_channel=per_channel,
-            reduce_range=preset.reduce_range, weight_type=QuantType.QInt8,
+            str(prepared),
+            str(model_out),
+            op_types_to_quantize=chosen,
+            per_channel=per_channel,
+            reduce_range=preset.reduce_range,
+            weight_type=QuantType.QInt8,
             nodes_to_exclude=ort_exclude or None,
         )
     _write_metadata(model_out, {**settings, "nodes_excluded": excluded})
@@ -193,8 +229,9 @@ def quantize_static(
         settings["calibration_samples"] = _rows(data)
         settings["op_types"] = _static_op_types(prepared, op_types)
         log.info("quantize_static %s: %s", Path(model_in).name, settings)
-        record = _static(prepared, model_out, data, settings, nodes_to_exclude, cache=None,
-                         preprocess=preprocess)
+        record = _static(
+            prepared, model_out, data, settings, nodes_to_exclude, cache=None, preprocess=preprocess
+        )
     _smoke_run(model_out, data)
     record["smoke_check"] = "ok"
     record["seconds"] = round(time.perf_counter() - started, 3)
@@ -231,15 +268,21 @@ def node_sensitivity(
         raise InvalidInput(NO_CALIBRATION)
     quantized = _load(Path(quantized_model), weights=False)
     if not any(n.op_type == "DequantizeLinear" for n in quantized.graph.node):
-        raise InvalidInput(f"{Path(quantized_model).name} has no DequantizeLinear nodes: node "
-                           "sensitivity needs a static (QDQ) quantized model")
+        raise InvalidInput(
+            f"{Path(quantized_model).name} has no DequantizeLinear nodes: node "
+            "sensitivity needs a static (QDQ) quantized model"
+        )
     stored = _read_metadata(quantized)
     settings = _static_settings(
-        bool(stored.get("per_channel", True)), stored.get("calibrate_method", "MinMax"),
-        stored.get("activation_type", "auto"), stored.get("reduce_range"))
+        bool(stored.get("per_channel", True)),
+        stored.get("calibrate_method", "MinMax"),
+        stored.get("activation_type", "auto"),
+        stored.get("reduce_range"),
+    )
     with tempfile.TemporaryDirectory(prefix="kiln-sensitivity-") as tmp:
-        data = _calibration_arrays(Path(float_model), calibration,
-                                   int(stored.get("calibration_samples") or 256))
+        data = _calibration_arrays(
+            Path(float_model), calibration, int(stored.get("calibration_samples") or 256)
+        )
         work = Path(tmp)
         prepared, _ = _preprocess(Path(float_model), work)
         settings["op_types"] = stored.get("op_types") or _static_op_types(prepared, None)
@@ -274,9 +317,11 @@ class AccuracyAwareResult(BaseModel):
         """One line for reports: what passed, and which nodes stayed in float."""
         verdict = "passed" if self.passed else "missed"
         kept = ", ".join(self.nodes_excluded) or "none"
-        return (f"int8 static {verdict} the gate after {len(self.attempts)} attempt(s): metric "
-                f"{self.metric:.4f} (drop {self.metric_drop:.4f}, allowed {self.max_drop:.4f}); "
-                f"nodes kept in float: {kept}")
+        return (
+            f"int8 static {verdict} the gate after {len(self.attempts)} attempt(s): metric "
+            f"{self.metric:.4f} (drop {self.metric_drop:.4f}, allowed {self.max_drop:.4f}); "
+            f"nodes kept in float: {kept}"
+        )
 
 
 def accuracy_aware_quantize(
@@ -325,23 +370,42 @@ def accuracy_aware_quantize(
         settings["calibration_samples"] = _rows(data)
         settings["op_types"] = _static_op_types(prepared, op_types)
         cache = work / "calibration.json"
-        log.info("accuracy_aware_quantize %s: %s; gate drop <= %s, budget %d",
-                 Path(model_in).name, settings, max_drop, budget)
+        log.info(
+            "accuracy_aware_quantize %s: %s; gate drop <= %s, budget %d",
+            Path(model_in).name,
+            settings,
+            max_drop,
+            budget,
+        )
 
         tries: list[_Try] = []
 
         def attempt(excluded: list[str]) -> _Try:
             began = time.perf_counter()
             path = work / f"attempt-{len(tries)}.onnx"
-            record = _static(prepared, path, data, settings, excluded, cache=cache,
-                             preprocess=preprocess)
+            record = _static(
+                prepared, path, data, settings, excluded, cache=cache, preprocess=preprocess
+            )
             metric = float(evaluate(path))
             drop = baseline_metric - metric
-            done = _Try(path, record, AccuracyAwareAttempt(
-                excluded=list(excluded), metric=metric, drop=drop,
-                passed=drop <= max_drop + 1e-12, seconds=round(time.perf_counter() - began, 3)))
-            log.info("attempt %d: %d node(s) in float, metric %.4f, drop %.4f", len(tries) + 1,
-                     len(excluded), metric, drop)
+            done = _Try(
+                path,
+                record,
+                AccuracyAwareAttempt(
+                    excluded=list(excluded),
+                    metric=metric,
+                    drop=drop,
+                    passed=drop <= max_drop + 1e-12,
+                    seconds=round(time.perf_counter() - began, 3),
+                ),
+            )
+            log.info(
+                "attempt %d: %d node(s) in float, metric %.4f, drop %.4f",
+                len(tries) + 1,
+                len(excluded),
+                metric,
+                drop,
+            )
             tries.append(done)
             return done
 
@@ -350,8 +414,7 @@ def accuracy_aware_quantize(
         if not first.info.passed and budget > 1:
             quantized = _load(first.path, weights=False)
             candidates = _sensitivity_candidates(quantized, settings["op_types"])
-            ranking = _rank(prepared, candidates, data, settings, work,
-                            samples=sensitivity_samples)
+            ranking = _rank(prepared, candidates, data, settings, work, samples=sensitivity_samples)
             per_try = step or max(1, len(ranking) // 8)
             count = 0
             while len(tries) < budget and count < len(ranking):
@@ -363,9 +426,14 @@ def accuracy_aware_quantize(
         best = max(passing or tries, key=lambda t: (t.info.metric, -len(t.info.excluded)))
         os.replace(best.path, model_out)
     return AccuracyAwareResult(
-        passed=best.info.passed, metric=best.info.metric, metric_drop=best.info.drop,
-        baseline_metric=baseline_metric, max_drop=max_drop, nodes_excluded=best.info.excluded,
-        attempts=[t.info for t in tries], sensitivity=ranking,
+        passed=best.info.passed,
+        metric=best.info.metric,
+        metric_drop=best.info.drop,
+        baseline_metric=baseline_metric,
+        max_drop=max_drop,
+        nodes_excluded=best.info.excluded,
+        attempts=[t.info for t in tries],
+        sensitivity=ranking,
         quantization={**best.record, "model": str(model_out)},
     )
 
@@ -389,8 +457,11 @@ def cpu_preset() -> CpuPreset:
         return CpuPreset("QUInt8", False, f"{machine}: U8S8 (CPU flags unknown)")
     if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
         return CpuPreset("QUInt8", False, f"{machine} with VNNI: U8S8, full-range weights")
-    return CpuPreset("QUInt8", True, f"{machine} without VNNI: U8S8, 7-bit weights "
-                                     "(reduce_range) against int16 saturation")
+    return CpuPreset(
+        "QUInt8",
+        True,
+        f"{machine} without VNNI: U8S8, 7-bit weights (reduce_range) against int16 saturation",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,8 +484,10 @@ class _Calibration:
 
     def __post_init__(self) -> None:
         rows = _rows(self)
-        self.batches = [{k: v[i:i + CALIBRATION_BATCH] for k, v in self.arrays.items()}
-                        for i in range(0, rows, CALIBRATION_BATCH)]
+        self.batches = [
+            {k: v[i : i + CALIBRATION_BATCH] for k, v in self.arrays.items()}
+            for i in range(0, rows, CALIBRATION_BATCH)
+        ]
 
     def reader(self) -> Any:
         from onnxruntime.quantization import CalibrationDataReader
@@ -438,13 +511,16 @@ def _rows(data: _Calibration) -> int:
     return int(next(iter(data.arrays.values())).shape[0])
 
 
-def _static_settings(per_channel: bool, calibrate_method: str, activation_type: str,
-                     reduce_range: bool | None) -> dict[str, Any]:
+def _static_settings(
+    per_channel: bool, calibrate_method: str, activation_type: str, reduce_range: bool | None
+) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod
 
     if calibrate_method not in CalibrationMethod.__members__:
-        raise InvalidInput(f"calibrate_method {calibrate_method!r} is not one of "
-                           f"{', '.join(CalibrationMethod.__members__)}")
+        raise InvalidInput(
+            f"calibrate_method {calibrate_method!r} is not one of "
+            f"{', '.join(CalibrationMethod.__members__)}"
+        )
     if activation_type not in ("auto", "QUInt8", "QInt8"):
         raise InvalidInput(f"activation_type {activation_type!r}: use auto, QUInt8 or QInt8")
     preset = cpu_preset()
@@ -452,8 +528,7 @@ def _static_settings(per_channel: bool, calibrate_method: str, activation_type: 
         "mode": "int8-static",
         "format": "QDQ",
         "weight_type": "QInt8",
-        "activation_type": preset.activation_type if activation_type == "auto"
-        else activation_type,
+        "activation_type": preset.activation_type if activation_type == "auto" else activation_type,
         "per_channel": per_channel,
         "reduce_range": preset.reduce_range if reduce_range is None else reduce_range,
         "preset": preset.reason,
@@ -491,9 +566,12 @@ def _static(
     excluded = list(dict.fromkeys(nodes_to_exclude))
     reader = None if cache is not None and cache.is_file() else data.reader()
     ort_quantize_static(
-        str(prepared), str(model_out), reader,
+        str(prepared),
+        str(model_out),
+        reader,
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=None if settings["op_types"] == ALL_QDQ_OPS
+        op_types_to_quantize=None
+        if settings["op_types"] == ALL_QDQ_OPS
         else list(settings["op_types"]),
         per_channel=settings["per_channel"],
         reduce_range=settings["reduce_range"],
@@ -527,20 +605,28 @@ def _rank(
     scores: list[tuple[str, float]] = []
     for index, name in enumerate(candidates):
         probe = work / f"sensitivity-{index}.onnx"
-        _static(prepared, probe, data, settings, (), cache=cache, preprocess="",
-                nodes_to_quantize=[name])
+        _static(
+            prepared,
+            probe,
+            data,
+            settings,
+            (),
+            cache=cache,
+            preprocess="",
+            nodes_to_quantize=[name],
+        )
         scores.append((name, _relative_error(reference, _run(probe, feeds))))
         probe.unlink()
     scores.sort(key=lambda item: item[1], reverse=True)
-    log.info("node sensitivity (relative output error, only that node quantized): %s",
-             ", ".join(f"{n}={s:.4f}" for n, s in scores))
+    log.info(
+        "node sensitivity (relative output error, only that node quantized): %s",
+        ", ".join(f"{n}={s:.4f}" for n, s in scores),
+    )
     return scores
 
 
 def _sensitivity_candidates(quantized: onnx.ModelProto, op_types: list[str] | str) -> list[str]:
-    """Quantized compute nodes of a QDQ graph, in graph order.
-
-    """
+    """Quantized compute nodes of a QDQ graph, in graph order."""
     _, nodes = _quantized_nodes_static(quantized, op_types)
     return [n.name for n in nodes if n.name and n.op_type not in _DATA_MOVEMENT]
 
@@ -551,11 +637,14 @@ def _quantized_nodes_static(
     """Nodes of a QDQ graph that read DequantizeLinear outputs and whose op type was asked for
     (ORT routes every consumer of a quantized tensor through its DequantizeLinear, so a float
     Add beside a quantized MatMul reads one too)."""
-    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear"
-                  for o in n.output}
-    nodes = [n for n in model.graph.node if n.op_type not in _QUANT_OPS
-             and (op_types == ALL_QDQ_OPS or n.op_type in op_types)
-             and any(i in dq_outputs for i in n.input)]
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    nodes = [
+        n
+        for n in model.graph.node
+        if n.op_type not in _QUANT_OPS
+        and (op_types == ALL_QDQ_OPS or n.op_type in op_types)
+        and any(i in dq_outputs for i in n.input)
+    ]
     return Counter(n.op_type for n in nodes), nodes
 
 
@@ -595,8 +684,9 @@ def _record(
         "model": str(model_out),
         "quantized_nodes": dict(sorted(by_type.items())),
         "quantized_node_names": names,
-        "quantization_ops": dict(sorted(Counter(
-            n.op_type for n in model.graph.node if n.op_type in _QUANT_OPS).items())),
+        "quantization_ops": dict(
+            sorted(Counter(n.op_type for n in model.graph.node if n.op_type in _QUANT_OPS).items())
+        ),
         "nodes_excluded": excluded,
         "nodes_not_found": [n for n in excluded if n not in original],
         "preprocess": preprocess,
@@ -618,14 +708,30 @@ def _preprocess(model_in: Path, work: Path) -> tuple[Path, str]:
     scratch.mkdir()
     # A model with its weights in a side file keeps them there: ORT's optimizer otherwise
     # writes a graph pointing at the side file's old name.
-    options = {"save_as_external_data": True, "all_tensors_to_one_file": True,
-               "external_data_location": "prepared.onnx.data"} if _has_external_data(
-                   model_in) else {}
+    options = (
+        {
+            "save_as_external_data": True,
+            "all_tensors_to_one_file": True,
+            "external_data_location": "prepared.onnx.data",
+        }
+        if _has_external_data(model_in)
+        else {}
+    )
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _PREPROCESS_CHILD, str(model_in.resolve()),
-             str(out.resolve()), json.dumps(options)],
-            cwd=scratch, capture_output=True, text=True, timeout=PREPROCESS_TIMEOUT_S,
+            [
+                sys.executable,
+                "-c",
+                _PREPROCESS_CHILD,
+                str(model_in.resolve()),
+                str(out.resolve()),
+                json.dumps(options),
+            ],
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            timeout=PREPROCESS_TIMEOUT_S,
+            check=False,
         )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"status"')]
         if lines:
@@ -671,15 +777,16 @@ print(json.dumps(outcome))
 
 def _require_model(path: Path) -> None:
     if not path.is_file():
-        raise InvalidInput(f"model file {path.name} does not exist: export the model to ONNX "
-                           "first")
+        raise InvalidInput(f"model file {path.name} does not exist: export the model to ONNX first")
 
 
 def _has_external_data(model_path: Path) -> bool:
     from onnx import TensorProto
 
-    return any(t.data_location == TensorProto.EXTERNAL
-               for t in _load(model_path, weights=False).graph.initializer)
+    return any(
+        t.data_location == TensorProto.EXTERNAL
+        for t in _load(model_path, weights=False).graph.initializer
+    )
 
 
 def _calibration_arrays(
@@ -695,16 +802,21 @@ def _calibration_arrays(
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(calibration) != len(inputs):
-        raise InvalidInput(f"calibration data has {len(calibration)} array(s) but the model takes "
-                           f"{len(inputs)} input(s) ({', '.join(i.name for i in inputs)}): give "
-                           "one array per input, in that order")
+        raise InvalidInput(
+            f"calibration data has {len(calibration)} array(s) but the model takes "
+            f"{len(inputs)} input(s) ({', '.join(i.name for i in inputs)}): give "
+            "one array per input, in that order"
+        )
     rows = {np.asarray(a).shape[0] if np.asarray(a).ndim else 0 for a in calibration}
     if len(rows) != 1 or 0 in rows:
-        raise InvalidInput(f"calibration arrays must share a non-zero first dimension (samples); "
-                           f"got {sorted(rows)}")
+        raise InvalidInput(
+            f"calibration arrays must share a non-zero first dimension (samples); "
+            f"got {sorted(rows)}"
+        )
     total = rows.pop()
-    pick = np.unique(np.linspace(0, total - 1, num=min(total, max(1, max_samples))).round()
-                     .astype(int))
+    pick = np.unique(
+        np.linspace(0, total - 1, num=min(total, max(1, max_samples))).round().astype(int)
+    )
     arrays: dict[str, np.ndarray] = {}
     for spec, raw in zip(inputs, calibration, strict=True):
         array = np.asarray(raw)[pick]
@@ -712,11 +824,15 @@ def _calibration_arrays(
         if array.dtype.kind == "f":
             bad = int((~np.isfinite(array)).sum())
             if bad:
-                raise InvalidInput(f"calibration data for input {spec.name!r} has {bad} NaN or "
-                                   "infinite value(s): fix or drop those rows")
+                raise InvalidInput(
+                    f"calibration data for input {spec.name!r} has {bad} NaN or "
+                    "infinite value(s): fix or drop those rows"
+                )
         elif array.dtype.kind not in "iub":
-            raise InvalidInput(f"calibration data for input {spec.name!r} is {array.dtype}, not "
-                               "numeric: give the model-ready tensor")
+            raise InvalidInput(
+                f"calibration data for input {spec.name!r} is {array.dtype}, not "
+                "numeric: give the model-ready tensor"
+            )
         arrays[spec.name] = np.ascontiguousarray(array.astype(dtype, copy=False))
     return _Calibration(arrays)
 
@@ -736,8 +852,11 @@ def _relative_error(reference: list[np.ndarray], other: list[np.ndarray]) -> flo
 
 def _smoke_run(model: Path, calibration: list[np.ndarray] | _Calibration) -> None:
     """Run the written model once on a few rows: a kernel ORT lacks fails here, not in serving."""
-    data = calibration if isinstance(calibration, _Calibration) else _calibration_arrays(
-        model, calibration, 8)
+    data = (
+        calibration
+        if isinstance(calibration, _Calibration)
+        else _calibration_arrays(model, calibration, 8)
+    )
     _run(model, data.head(8))
 
 

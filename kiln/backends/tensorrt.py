@@ -54,9 +54,16 @@ class TensorRTBackend(Backend):
 
         if not torch.cuda.is_available():
             installed = importlib.util.find_spec("torch_tensorrt") is not None
-            return Availability(False, "no CUDA device" + (
-                "" if installed else " (and torch_tensorrt is not installed: "
-                                     "pip install -e .[tensorrt] on a GPU host)"))
+            return Availability(
+                False,
+                "no CUDA device"
+                + (
+                    ""
+                    if installed
+                    else " (and torch_tensorrt is not installed: "
+                    "pip install -e .[tensorrt] on a GPU host)"
+                ),
+            )
         try:
             import torch_tensorrt  # noqa: F401
         except Exception as exc:  # a missing libnvinfer raises a plain Exception
@@ -75,21 +82,35 @@ class TensorRTBackend(Backend):
         try:
             import modelopt.torch.quantization  # noqa: F401
         except Exception as exc:
-            return Availability(False, f"tensorrt {precision} calibrates with NVIDIA ModelOpt, "
-                                       f"which does not import: {_first_line(exc)} "
-                                       "(pip install nvidia-modelopt)")
+            return Availability(
+                False,
+                f"tensorrt {precision} calibrates with NVIDIA ModelOpt, "
+                f"which does not import: {_first_line(exc)} "
+                "(pip install nvidia-modelopt)",
+            )
         return verdict
 
-    def build(self, model: ExtractedModel, precision: str, out_dir: Path, *,
-              calibration: list[np.ndarray] | None = None, max_batch: int | None = None,
-              opt_batch: int = OPT_BATCH, compile_options: dict[str, Any] | None = None,
-              threads: int | None = None, **options: Any) -> BuildResult:
+    def build(
+        self,
+        model: ExtractedModel,
+        precision: str,
+        out_dir: Path,
+        *,
+        calibration: list[np.ndarray] | None = None,
+        max_batch: int | None = None,
+        opt_batch: int = OPT_BATCH,
+        compile_options: dict[str, Any] | None = None,
+        threads: int | None = None,
+        **options: Any,
+    ) -> BuildResult:
         self.require(precision, model)
         if options:
             raise TypeError(f"tensorrt build got unknown options: {sorted(options)}")
         if precision in ("int8", "fp8") and not calibration:
-            raise VariantUnavailable(f"tensorrt {precision} needs calibration data: register a "
-                                     "dataset with the model, or build fp16")
+            raise VariantUnavailable(
+                f"tensorrt {precision} needs calibration data: register a "
+                "dataset with the model, or build fp16"
+            )
         import torch
         import torch_tensorrt
 
@@ -108,26 +129,51 @@ class TensorRTBackend(Backend):
         if precision in ("int8", "fp8"):
             program = _quantize(program, precision, calibration or [], model.spec)
         inputs = _trt_inputs(program, dims, max_batch=max_batch, opt_batch=opt_batch)
-        enabled = {"fp32": {torch.float32}, "fp16": {torch.float16},
-                   "int8": {torch.int8}, "fp8": {torch.float8_e4m3fn}}[precision]
+        enabled = {
+            "fp32": {torch.float32},
+            "fp16": {torch.float16},
+            "int8": {torch.int8},
+            "fp8": {torch.float8_e4m3fn},
+        }[precision]
         started = time.perf_counter()
         trt_gm = torch_tensorrt.dynamo.compile(
-            program, inputs=inputs, enabled_precisions=enabled, **(compile_options or {}))
+            program, inputs=inputs, enabled_precisions=enabled, **(compile_options or {})
+        )
         compile_s = time.perf_counter() - started
         # Input objects with min/opt/max let save() re-trace with the same dynamic dims.
-        torch_tensorrt.save(trt_gm, str(path), output_format="exported_program",
-                            arg_inputs=inputs, retrace=True)
-        return BuildResult(path=path, meta={
-            "backend": self.name, "precision": precision, "device": "cuda",
-            "compile_s": round(compile_s, 2), "gpu": torch.cuda.get_device_name(),
-            "threads": threads or default_threads(),
-            "shapes": [{"min": list(i.shape["min_shape"]), "opt": list(i.shape["opt_shape"]),
-                        "max": list(i.shape["max_shape"])} for i in inputs],
-            "torch_tensorrt": torch_tensorrt.__version__,
-        })
+        torch_tensorrt.save(
+            trt_gm, str(path), output_format="exported_program", arg_inputs=inputs, retrace=True
+        )
+        return BuildResult(
+            path=path,
+            meta={
+                "backend": self.name,
+                "precision": precision,
+                "device": "cuda",
+                "compile_s": round(compile_s, 2),
+                "gpu": torch.cuda.get_device_name(),
+                "threads": threads or default_threads(),
+                "shapes": [
+                    {
+                        "min": list(i.shape["min_shape"]),
+                        "opt": list(i.shape["opt_shape"]),
+                        "max": list(i.shape["max_shape"]),
+                    }
+                    for i in inputs
+                ],
+                "torch_tensorrt": torch_tensorrt.__version__,
+            },
+        )
 
-    def load(self, path: Path, *, spec: ModelSpec, device: str = "cuda",
-             threads: int | None = None, idle_spin: bool = True) -> Runner:
+    def load(
+        self,
+        path: Path,
+        *,
+        spec: ModelSpec,
+        device: str = "cuda",
+        threads: int | None = None,
+        idle_spin: bool = True,
+    ) -> Runner:
         verdict = self.available()
         if not verdict.ok:
             raise VariantUnavailable(f"cannot load a tensorrt variant here: {verdict.reason}")
@@ -138,13 +184,18 @@ class TensorRTBackend(Backend):
 
         module = torch.export.load(str(path)).module()
         float_dtype = _float_input_dtype(module)
-        return TorchRunner(module, spec.inputs, device="cuda", float_dtype=float_dtype,
-                           meta={"backend": self.name, "device": "cuda",
-                                 "threads": threads or default_threads()})
+        return TorchRunner(
+            module,
+            spec.inputs,
+            device="cuda",
+            float_dtype=float_dtype,
+            meta={"backend": self.name, "device": "cuda", "threads": threads or default_threads()},
+        )
 
 
-def _trt_inputs(program: Any, dims: list[list[Any]], *, max_batch: int | None,
-                opt_batch: int) -> list[Any]:
+def _trt_inputs(
+    program: Any, dims: list[list[Any]], *, max_batch: int | None, opt_batch: int
+) -> list[Any]:
     """One ``torch_tensorrt.Input`` per program input, ranges from its dynamic dims."""
     import torch_tensorrt
 
@@ -166,13 +217,19 @@ def _trt_inputs(program: Any, dims: list[list[Any]], *, max_batch: int | None,
             lo.append(dim.min)
             opt.append(max(dim.min, min(top, want)))
             hi.append(top)
-        inputs.append(torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi,
-                                           dtype=node.meta["val"].dtype, name=node.name))
+        inputs.append(
+            torch_tensorrt.Input(
+                min_shape=lo,
+                opt_shape=opt,
+                max_shape=hi,
+                dtype=node.meta["val"].dtype,
+                name=node.name,
+            )
+        )
     return inputs
 
 
-def _quantize(program: Any, precision: str, calibration: list[np.ndarray],
-              spec: ModelSpec) -> Any:
+def _quantize(program: Any, precision: str, calibration: list[np.ndarray], spec: ModelSpec) -> Any:
     """ModelOpt post-training quantization of the program's module, calibrated on the given
     arrays, re-exported with its QDQ nodes for TensorRT."""
     import modelopt.torch.quantization as mtq
@@ -188,13 +245,14 @@ def _quantize(program: Any, precision: str, calibration: list[np.ndarray],
 
     def forward_loop(m: Any) -> None:
         for start in range(0, batch[0].shape[0], 32):
-            m(*(t[start:start + 32] for t in batch))
+            m(*(t[start : start + 32] for t in batch))
 
     mtq.quantize(module, config, forward_loop=forward_loop)
     if not any("quantizer" in name for name, _ in module.named_modules()):
         raise VariantUnavailable(
             f"tensorrt {precision}: ModelOpt found no layer to quantize in the exported program "
-            "(it quantizes nn.Linear/nn.Conv modules, which torch.export lowers to functions)")
+            "(it quantizes nn.Linear/nn.Conv modules, which torch.export lowers to functions)"
+        )
     with torch.no_grad(), export_torch_mode():
         example = tuple(t[:2] for t in batch)
         return torch.export.export(module, example, dynamic_shapes=export_dynamic_shapes(dims))

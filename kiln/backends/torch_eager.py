@@ -37,27 +37,44 @@ class TorchEagerBackend(Backend):
             return Availability(False, f"torch not importable: {exc}"[:200])
         return Availability(True)
 
-    def build(self, model: ExtractedModel, precision: str, out_dir: Path,
-              **options: Any) -> BuildResult:
+    def build(
+        self, model: ExtractedModel, precision: str, out_dir: Path, **options: Any
+    ) -> BuildResult:
         self.require(precision)
         out_dir.mkdir(parents=True, exist_ok=True)
         source = model.program if model.program is not None else model.onnx
         path = out_dir / source.name
         if path.resolve() != source.resolve():  # built in the extract folder: the file itself
             shutil.copyfile(source, path)
-        meta: dict[str, Any] = {"backend": self.name, "precision": precision,
-                                "threads": options.get("threads") or default_threads()}
+        meta: dict[str, Any] = {
+            "backend": self.name,
+            "precision": precision,
+            "threads": options.get("threads") or default_threads(),
+        }
         if model.program is None:
             meta["fallback"] = ONNX_FALLBACK
         return BuildResult(path=path, meta=meta)
 
-    def load(self, path: Path, *, spec: ModelSpec, device: str = "cpu",
-             threads: int | None = None, idle_spin: bool = True) -> Runner:
+    def load(
+        self,
+        path: Path,
+        *,
+        spec: ModelSpec,
+        device: str = "cpu",
+        threads: int | None = None,
+        idle_spin: bool = True,
+    ) -> Runner:
         if path.suffix == ".onnx":
             from kiln.backends.onnxruntime import load_onnx
 
-            return load_onnx(path, spec=spec, device=device, threads=threads, idle_spin=idle_spin,
-                             meta={"backend": self.name, "fallback": ONNX_FALLBACK})
+            return load_onnx(
+                path,
+                spec=spec,
+                device=device,
+                threads=threads,
+                idle_spin=idle_spin,
+                meta={"backend": self.name, "fallback": ONNX_FALLBACK},
+            )
         import torch
 
         from kiln.backends._torch import TorchRunner
@@ -69,5 +86,9 @@ class TorchEagerBackend(Backend):
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, device)
-        return TorchRunner(program.module(), spec.inputs, device=device,
-                           meta={"backend": self.name, "device": device, "threads": threads})
+        return TorchRunner(
+            program.module(),
+            spec.inputs,
+            device=device,
+            meta={"backend": self.name, "device": device, "threads": threads},
+        )

@@ -56,5 +56,3 @@ def _settings() -> Settings:
 def _split_ref(ref: str) -> tuple[str, str | None]:
     name, _, version = ref.partition("@")
     return name, version or None
-
-

@@ -35,12 +35,20 @@ def upload(
     """Register a model version (and its dataset) in the registry and the artifact store."""
     from kiln.intake.upload import upload as do_upload
 
-    result = do_upload(settings=_settings(), name=name, source=source, version=version,
-                       dataset=dataset, task=task)
+    result = do_upload(
+        settings=_settings(), name=name, source=source, version=version, dataset=dataset, task=task
+    )
     if as_json:
-        _emit({"name": result.name, "version": result.version, "sha256": result.sha256,
-               "status": str(result.status), "created": result.created,
-               "dataset": result.dataset.model_dump() if result.dataset else None})
+        _emit(
+            {
+                "name": result.name,
+                "version": result.version,
+                "sha256": result.sha256,
+                "status": str(result.status),
+                "created": result.created,
+                "dataset": result.dataset.model_dump() if result.dataset else None,
+            }
+        )
         return
     verb = "registered" if result.created else "unchanged (same content already stored as)"
     out.print(f"{verb} [bold]{result.name}@{result.version}[/bold] sha256 {result.sha256}")
@@ -65,8 +73,7 @@ def models(as_json: JsonOpt = False) -> None:
     table = Table("model", "task", "version", "status", "sha256")
     for model in doc["models"]:
         for v in model["versions"]:
-            table.add_row(model["name"], model["task"], v["version"], v["status"],
-                          v["sha256"][:16])
+            table.add_row(model["name"], model["task"], v["version"], v["status"], v["sha256"][:16])
     out.print(table)
 
 
@@ -84,19 +91,29 @@ def show(
     if as_json:
         _emit(doc)
         return
-    out.print(f"[bold]{doc['name']}@{doc['version']}[/bold]  status {doc['status']}  "
-              f"task {doc['task']}")
+    out.print(
+        f"[bold]{doc['name']}@{doc['version']}[/bold]  status {doc['status']}  task {doc['task']}"
+    )
     for io in ("inputs", "outputs"):
         for t in doc["spec"].get(io, []):
             out.print(f"  {io[:-1]} {t['name']}: {t['datatype']} {t['shape']}")
     table = Table("kind", "backend", "precision", "sha256", "size", "selected", "path")
     for a in doc["artifacts"]:
-        table.add_row(a["kind"], a["backend"], a["precision"], a["sha256"][:16], str(a["size"]),
-                      "yes" if a["selected"] else "", a["path"])
+        table.add_row(
+            a["kind"],
+            a["backend"],
+            a["precision"],
+            a["sha256"][:16],
+            str(a["size"]),
+            "yes" if a["selected"] else "",
+            a["path"],
+        )
     out.print(table)
     for d in doc["datasets"]:
-        out.print(f"  dataset {d['name']} ({d['rows']} rows): "
-                  f"{'passed' if d['check_passed'] else 'failed'}")
+        out.print(
+            f"  dataset {d['name']} ({d['rows']} rows): "
+            f"{'passed' if d['check_passed'] else 'failed'}"
+        )
 
 
 @app.command()
@@ -114,19 +131,37 @@ def optimize(
     if rejected:
         err.print(f"[red]rejected:[/red] {doc['reason']}", highlight=False)
         raise typer.Exit(7)
-    table = Table("backend", "precision", "metric", "drop", "p50 b1 ms", "p50 b32 ms",
-                  "speedup", "size", "passed", title=f"{ref}: variants")
+    table = Table(
+        "backend",
+        "precision",
+        "metric",
+        "drop",
+        "p50 b1 ms",
+        "p50 b32 ms",
+        "speedup",
+        "size",
+        "passed",
+        title=f"{ref}: variants",
+    )
     for v in [doc["baseline"], *doc["variants"]]:
         lat = v["latency_ms"]
-        table.add_row(v["backend"], v["precision"], f"{v['metric']:.4f}",
-                      f"{v['metric_drop']:+.4f}",
-                      f"{lat.get('1', {}).get('p50', float('nan')):.3f}",
-                      f"{lat.get('32', {}).get('p50', float('nan')):.3f}",
-                      f"{v.get('speedup') or 1.0:.2f}x", str(v["size_bytes"]),
-                      "[green]yes[/green]" if v["passed"] else "[red]no[/red]")
+        table.add_row(
+            v["backend"],
+            v["precision"],
+            f"{v['metric']:.4f}",
+            f"{v['metric_drop']:+.4f}",
+            f"{lat.get('1', {}).get('p50', float('nan')):.3f}",
+            f"{lat.get('32', {}).get('p50', float('nan')):.3f}",
+            f"{v.get('speedup') or 1.0:.2f}x",
+            str(v["size_bytes"]),
+            "[green]yes[/green]" if v["passed"] else "[red]no[/red]",
+        )
     out.print(table)
-    out.print(f"selected [bold]{doc['selected']['backend']}/{doc['selected']['precision']}"
-              f"[/bold]: {doc['reason']}", highlight=False)
+    out.print(
+        f"selected [bold]{doc['selected']['backend']}/{doc['selected']['precision']}"
+        f"[/bold]: {doc['reason']}",
+        highlight=False,
+    )
     for note in doc.get("skipped", []):
         out.print(f"  note: {note}", highlight=False)
     out.print(f"chart: {doc['chart']}")
@@ -152,15 +187,19 @@ def _run_with_progress(settings: Settings, ref: str) -> dict[str, Any]:
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[jobs]}"),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[jobs]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
         task = bar.add_task(f"optimizing {ref}", total=100, jobs="")
         while thread.is_alive():
             thread.join(timeout=0.5)
-            done, total, running = job_progress(settings, name=name, version=version)
+            done, _total, running = job_progress(settings, name=name, version=version)
             bar.update(task, completed=done, jobs=running)
     if "error" in result:
         raise result["error"]
     return result["doc"]
-
-

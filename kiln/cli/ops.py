@@ -24,16 +24,28 @@ from kiln.cli._common import (
 def drift(
     name: Annotated[str, typer.Argument(help="The model whose recent traffic is judged.")],
     hours: Annotated[float, typer.Option(help="Window of logged requests, in hours.")] = 24.0,
-    min_samples: Annotated[int, typer.Option(
-        help="Fewer valid logged rows than this: 'not enough data' (drift_detected null).")
+    min_samples: Annotated[
+        int,
+        typer.Option(
+            help="Fewer valid logged rows than this: 'not enough data' (drift_detected null)."
+        ),
     ] = 100,
-    version: Annotated[str | None, typer.Option(
-        help="Judge only this version's traffic, against its dataset (default: every "
-             "version's traffic, against the stable version's dataset).")] = None,
-    exit_code: Annotated[bool, typer.Option(
-        "--exit-code", help=f"Exit {DRIFT_EXIT_CODE} when drift is detected (0 for no drift or "
-                            "not enough data), for scripts and cron jobs, as `git diff "
-                            "--exit-code` does.")] = False,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="Judge only this version's traffic, against its dataset (default: every "
+            "version's traffic, against the stable version's dataset)."
+        ),
+    ] = None,
+    exit_code: Annotated[
+        bool,
+        typer.Option(
+            "--exit-code",
+            help=f"Exit {DRIFT_EXIT_CODE} when drift is detected (0 for no drift or "
+            "not enough data), for scripts and cron jobs, as `git diff "
+            "--exit-code` does.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the monitor-drift flow now: the model's recent inputs against its reference dataset
@@ -61,11 +73,17 @@ def drift(
     if as_json:
         _emit(doc)
     else:
-        verdict = {True: "[red]drift[/red]", False: "[green]no drift[/green]",
-                   None: "[yellow]not enough data[/yellow]"}[doc["drift_detected"]]
+        verdict = {
+            True: "[red]drift[/red]",
+            False: "[green]no drift[/green]",
+            None: "[yellow]not enough data[/yellow]",
+        }[doc["drift_detected"]]
         share = "-" if doc["drift_share"] is None else f"{doc['drift_share']:.3f}"
-        out.print(f"[bold]{doc['model']}[/bold]: {verdict} (drift share {share}, "
-                  f"{doc['samples']} rows; {doc['reason']})", highlight=False)
+        out.print(
+            f"[bold]{doc['model']}[/bold]: {verdict} (drift share {share}, "
+            f"{doc['samples']} rows; {doc['reason']})",
+            highlight=False,
+        )
         for failure in doc["checks"]["failures"]:
             out.print(f"  - {failure}", highlight=False)
         if doc["report"]:
@@ -84,11 +102,15 @@ def backup_cmd(
     from kiln.registry.backup import backup
 
     manifest = backup(_settings(), directory)
-    doc = {"dir": str(directory), "database": manifest["database"],
-           "artifacts": len(manifest["artifacts"])}
+    doc = {
+        "dir": str(directory),
+        "database": manifest["database"],
+        "artifacts": len(manifest["artifacts"]),
+    }
     _emit(doc) if as_json else out.print(
         f"backed up the {doc['database']} registry and {doc['artifacts']} artifact pointers "
-        f"to {directory}")
+        f"to {directory}"
+    )
 
 
 @app.command("restore")
@@ -103,7 +125,8 @@ def restore_cmd(
     doc = restore(_settings(), directory)
     _emit(doc) if as_json else out.print(
         f"restored the {doc['database']} registry and {doc['restored']} artifacts "
-        f"(hashes checked) from {doc['remote']}")
+        f"(hashes checked) from {doc['remote']}"
+    )
 
 
 @app.command()
@@ -119,5 +142,3 @@ def demo(
     code = run_demo(project)
     if code:
         raise typer.Exit(code)
-
-

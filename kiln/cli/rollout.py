@@ -24,15 +24,23 @@ from kiln.cli._common import (
 @handled
 def deploy(
     ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]", help="Default: newest.")],
-    strategy: Annotated[str | None, typer.Option(
-        help="canary (the default once the model has a stable version: weight steps with "
-             "guardrails, then promote or roll back) or direct (stable at once, no gates).")
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="canary (the default once the model has a stable version: weight steps with "
+            "guardrails, then promote or roll back) or direct (stable at once, no gates)."
+        ),
     ] = None,
     steps: Annotated[str | None, typer.Option(help="Canary weights, e.g. 0.1,0.5,1.")] = None,
-    step_seconds: Annotated[float | None, typer.Option(help="Seconds each canary step is "
-                                                            "held (default 30).")] = None,
-    wait: Annotated[float, typer.Option(help="direct: seconds to wait for the engine to answer "
-                                             "ready (0: do not wait).")] = 180.0,
+    step_seconds: Annotated[
+        float | None, typer.Option(help="Seconds each canary step is held (default 30).")
+    ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(
+            help="direct: seconds to wait for the engine to answer ready (0: do not wait)."
+        ),
+    ] = 180.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Deploy a version: the deploy-model flow (optimize if needed, champion/challenger gate,
@@ -47,33 +55,43 @@ def deploy(
     name, version = _split_ref(ref)
     if strategy == "direct":
         doc = deploy_direct(settings, name=name, version=version)
-        doc["served"] = wait_until_served(settings, timeout_s=wait, model=name,
-                                          version=doc["version"]) if wait > 0 else "not-waited"
+        doc["served"] = (
+            wait_until_served(settings, timeout_s=wait, model=name, version=doc["version"])
+            if wait > 0
+            else "not-waited"
+        )
     else:
         weights = None
         if steps is not None:
             try:
                 weights = [float(w) for w in steps.split(",") if w.strip()]
             except ValueError:
-                raise InvalidInput("--steps takes weights between 0 and 1, e.g. 0.1,0.5,1") \
-                    from None
+                raise InvalidInput(
+                    "--steps takes weights between 0 and 1, e.g. 0.1,0.5,1"
+                ) from None
         from contextlib import redirect_stdout
 
         from flows.deploy import deploy_model
 
         with redirect_stdout(sys.stderr):  # the flow's prints and logs: never on stdout
-            doc = deploy_model(name, version, strategy=strategy, canary_steps=weights,
-                               step_seconds=step_seconds)
+            doc = deploy_model(
+                name, version, strategy=strategy, canary_steps=weights, step_seconds=step_seconds
+            )
     if as_json:
         _emit(doc)
     else:
         colour = {"promoted": "green", "rolled_back": "yellow", "rejected": "red"}.get(
-            doc["outcome"], "white")
-        out.print(f"[bold]{doc['model']}@{doc['version']}[/bold]: "
-                  f"[{colour}]{doc['outcome']}[/{colour}] ({doc['reason']})", highlight=False)
+            doc["outcome"], "white"
+        )
+        out.print(
+            f"[bold]{doc['model']}@{doc['version']}[/bold]: "
+            f"[{colour}]{doc['outcome']}[/{colour}] ({doc['reason']})",
+            highlight=False,
+        )
         if doc.get("served") == "no-gateway":
-            out.print(f"no gateway answers at {gateway_url(settings)}: run `kiln serve` to "
-                      "serve it")
+            out.print(
+                f"no gateway answers at {gateway_url(settings)}: run `kiln serve` to serve it"
+            )
     if doc["outcome"] == "rejected":
         raise typer.Exit(7)
     if doc["outcome"] == "rolled_back":
@@ -90,17 +108,25 @@ def promote(
     from kiln.rollout.commands import promote_now
 
     doc = promote_now(_settings(), name=name)
-    _emit(doc) if as_json else out.print(f"[bold]{name}@{doc['version']}[/bold] is the stable "
-                                         f"version (was {doc['previous']})", highlight=False)
+    _emit(doc) if as_json else out.print(
+        f"[bold]{name}@{doc['version']}[/bold] is the stable version (was {doc['previous']})",
+        highlight=False,
+    )
 
 
 @app.command()
 @handled
 def rollback(
     name: Annotated[str, typer.Argument(help="The model to roll back.")],
-    to: Annotated[str | None, typer.Option("--to", help="An earlier production version "
-                                                        "(default: drop the canary, or the "
-                                                        "newest earlier one).")] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="An earlier production version "
+            "(default: drop the canary, or the "
+            "newest earlier one).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Drop the canary at once, or put an earlier production version back as the stable one
@@ -123,25 +149,47 @@ def status(as_json: JsonOpt = False) -> None:
     if as_json:
         _emit(doc)
         return
-    table = Table("model", "stable", "canary", "weight", "state", "p50 ms", "p99 ms",
-                  "errors", "rps", "drift", "alerts", title="deployments")
-    fmt = (lambda v, spec: "-" if v is None else format(v, spec))
+    table = Table(
+        "model",
+        "stable",
+        "canary",
+        "weight",
+        "state",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "rps",
+        "drift",
+        "alerts",
+        title="deployments",
+    )
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
     for m in doc["models"]:
-        drift = fmt(m["drift_share"], ".0%") + (" [red]drift[/red]" if m["drift_detected"]
-                                                else "")
-        alerts = ", ".join(a["kind"] + (f"@{a['version']}" if a["version"] else "")
-                           for a in m["alerts"])
-        table.add_row(m["name"], m["stable"] or "-", m["canary"] or "-",
-                      f"{m['canary_weight']:.0%}" if m["canary"] else "-", m["state"],
-                      fmt(m["p50_ms"], ".1f"), fmt(m["p99_ms"], ".1f"),
-                      fmt(m["error_rate"], ".2%"), fmt(m["rps"], ".1f"), drift,
-                      f"[red]{alerts}[/red]" if alerts else "-")
+        drift = fmt(m["drift_share"], ".0%") + (" [red]drift[/red]" if m["drift_detected"] else "")
+        alerts = ", ".join(
+            a["kind"] + (f"@{a['version']}" if a["version"] else "") for a in m["alerts"]
+        )
+        table.add_row(
+            m["name"],
+            m["stable"] or "-",
+            m["canary"] or "-",
+            f"{m['canary_weight']:.0%}" if m["canary"] else "-",
+            m["state"],
+            fmt(m["p50_ms"], ".1f"),
+            fmt(m["p99_ms"], ".1f"),
+            fmt(m["error_rate"], ".2%"),
+            fmt(m["rps"], ".1f"),
+            drift,
+            f"[red]{alerts}[/red]" if alerts else "-",
+        )
     out.print(table)
     for m in doc["models"]:
         for a in m["alerts"]:
-            out.print(f"[red]alert[/red] {m['name']}"
-                      f"{'@' + a['version'] if a['version'] else ''} {a['kind']}: {a['message']}",
-                      highlight=False)
+            out.print(
+                f"[red]alert[/red] {m['name']}"
+                f"{'@' + a['version'] if a['version'] else ''} {a['kind']}: {a['message']}",
+                highlight=False,
+            )
     if not doc.get("gateway"):
         out.print(f"no gateway answers at {doc['gateway_url']}: live figures need `kiln serve`")
 
@@ -149,8 +197,9 @@ def status(as_json: JsonOpt = False) -> None:
 @app.command()
 @handled
 def serve(
-    port: Annotated[int | None, typer.Option(help="Gateway port (default KILN_GATEWAY_PORT, "
-                                                  "8000).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Gateway port (default KILN_GATEWAY_PORT, 8000).")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
 ) -> None:
     """Run the gateway and the supervisor that keeps engines matched to the deployments."""
@@ -159,11 +208,13 @@ def serve(
     from serving.gateway import serve as run_gateway
 
     settings = _settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
     bind = host or settings.gateway_host
-    err.print(f"kiln gateway on http://{bind}:{settings.gateway_port if port is None else port} "
-              f"(registry {settings.db_url})", highlight=False)
+    err.print(
+        f"kiln gateway on http://{bind}:{settings.gateway_port if port is None else port} "
+        f"(registry {settings.db_url})",
+        highlight=False,
+    )
     run_gateway(settings, port=port, host=host)
-
-

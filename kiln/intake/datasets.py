@@ -111,8 +111,9 @@ def _load_npz(path: Path) -> LoadedDataset:
     except unreadable as exc:
         raise InvalidInput(f"dataset {path.name!r} is corrupt or unreadable: {FIX_NPZ}") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise InvalidInput(f"dataset {path.name!r} is a single .npy array, not an archive: "
-                           f"{FIX_NPZ}")
+        raise InvalidInput(
+            f"dataset {path.name!r} is a single .npy array, not an archive: {FIX_NPZ}"
+        )
     with archive:
         keys = list(archive.files)
         if "inputs" not in keys:
@@ -269,29 +270,46 @@ def _frame_and_expectations(
     }
     want_shape = shape_text(tuple(served.shape[1:]))
     wants = [
-        Want("ExpectTableRowCountToBeBetween", {"min_value": 1},
-             "the dataset has no rows: give at least one sample"),
-        Want("ExpectColumnValuesToMatchRegex",
-             {"column": "shape", "regex": shape_regex(served.shape[1:])},
-             f"each row must have shape {want_shape} to fit input {served.name!r} "
-             f"(spec {served.shape}, -1 is any size)"),
-        Want("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": accepted},
-             f"input {served.name!r} is {served.datatype}: give an array of "
-             f"{_one_of(accepted)}"),
+        Want(
+            "ExpectTableRowCountToBeBetween",
+            {"min_value": 1},
+            "the dataset has no rows: give at least one sample",
+        ),
+        Want(
+            "ExpectColumnValuesToMatchRegex",
+            {"column": "shape", "regex": shape_regex(served.shape[1:])},
+            f"each row must have shape {want_shape} to fit input {served.name!r} "
+            f"(spec {served.shape}, -1 is any size)",
+        ),
+        Want(
+            "ExpectColumnValuesToBeInSet",
+            {"column": "dtype", "value_set": accepted},
+            f"input {served.name!r} is {served.datatype}: give an array of {_one_of(accepted)}",
+        ),
     ]
     stats: dict[str, Any] = {
-        "input": served.name, "datatype": served.datatype, "spec_shape": list(served.shape),
-        "accepted_dtypes": accepted, "input_shape": list(data.inputs.shape), "task": task,
+        "input": served.name,
+        "datatype": served.datatype,
+        "spec_shape": list(served.shape),
+        "accepted_dtypes": accepted,
+        "input_shape": list(data.inputs.shape),
+        "task": task,
     }
     if served.datatype == "BYTES":
         if inputs.ndim == 1:
             lengths = [len(v.strip()) if isinstance(v, str) else None for v in inputs.tolist()]
             columns["text_length"] = lengths
             wants += [
-                Want("ExpectColumnValuesToNotBeNull", {"column": "text_length"},
-                     "every row must be a string (no nulls)"),
-                Want("ExpectColumnValuesToBeBetween", {"column": "text_length", "min_value": 1},
-                     "every text must be non-empty (not blank after stripping whitespace)"),
+                Want(
+                    "ExpectColumnValuesToNotBeNull",
+                    {"column": "text_length"},
+                    "every row must be a string (no nulls)",
+                ),
+                Want(
+                    "ExpectColumnValuesToBeBetween",
+                    {"column": "text_length", "min_value": 1},
+                    "every text must be non-empty (not blank after stripping whitespace)",
+                ),
             ]
             known = [n for n in lengths if n is not None]
             if known:
@@ -299,23 +317,36 @@ def _frame_and_expectations(
     else:
         columns["nonfinite"] = nonfinite_per_row(inputs, served.datatype)
         wants.append(
-            Want("ExpectColumnValuesToBeInSet", {"column": "nonfinite", "value_set": [0]},
-                 f"every value must be finite in {served.datatype} (no NaN, +-Inf, or floats "
-                 "beyond its range)"))
+            Want(
+                "ExpectColumnValuesToBeInSet",
+                {"column": "nonfinite", "value_set": [0]},
+                f"every value must be finite in {served.datatype} (no NaN, +-Inf, or floats "
+                "beyond its range)",
+            )
+        )
     if data.labels is not None:
         wants += _label_columns(np.asarray(data.labels), rows, task, num_classes, columns, stats)
     return columns, wants, stats
 
 
 def _label_columns(
-    labels: np.ndarray, rows: int, task: str, num_classes: int | None,
-    columns: dict[str, Any], stats: dict[str, Any],
+    labels: np.ndarray,
+    rows: int,
+    task: str,
+    num_classes: int | None,
+    columns: dict[str, Any],
+    stats: dict[str, Any],
 ) -> list[Want]:
     if labels.ndim == 0:
         labels = labels.reshape(1)
     count = labels.shape[0]
-    wants = [Want("ExpectTableRowCountToEqual", {"value": count},
-                  f"labels has {count} rows but inputs has {rows}: give one label per input row")]
+    wants = [
+        Want(
+            "ExpectTableRowCountToEqual",
+            {"value": count},
+            f"labels has {count} rows but inputs has {rows}: give one label per input row",
+        )
+    ]
     stats["label_rows"] = count
     if count != rows:
         return wants  # the per-row label checks need aligned rows; the count failure says why
@@ -323,40 +354,69 @@ def _label_columns(
     columns["label_dtype"] = _row_dtypes(labels)
     if labels.ndim == 1 and numeric:
         columns[LABEL_COLUMN] = labels.tolist()
-        wants.append(Want("ExpectColumnValuesToNotBeNull", {"column": LABEL_COLUMN},
-                          "every row needs a label (no nulls or NaN)"))
+        wants.append(
+            Want(
+                "ExpectColumnValuesToNotBeNull",
+                {"column": LABEL_COLUMN},
+                "every row needs a label (no nulls or NaN)",
+            )
+        )
     if task == "classification":
-        wants.append(Want("ExpectColumnValuesToBeInSet",
-                          {"column": "label_dtype", "value_set": list(_INT_NAMES)},
-                          "classification labels are integer class indices: give an integer "
-                          "array (e.g. labels.astype('int64') if they are whole numbers)"))
+        wants.append(
+            Want(
+                "ExpectColumnValuesToBeInSet",
+                {"column": "label_dtype", "value_set": list(_INT_NAMES)},
+                "classification labels are integer class indices: give an integer "
+                "array (e.g. labels.astype('int64') if they are whole numbers)",
+            )
+        )
         columns["label_shape"] = [shape_text(labels.shape[1:])] * count
-        wants.append(Want("ExpectColumnValuesToMatchRegex",
-                          {"column": "label_shape", "regex": r"^scalar$"},
-                          "classification labels are one class index per row (a 1-D array)"))
+        wants.append(
+            Want(
+                "ExpectColumnValuesToMatchRegex",
+                {"column": "label_shape", "regex": r"^scalar$"},
+                "classification labels are one class index per row (a 1-D array)",
+            )
+        )
         if labels.ndim == 1 and numeric:
             top = None if num_classes is None else num_classes - 1
             where = f"[0, {top}]" if top is not None else ">= 0"
-            wants.append(Want("ExpectColumnValuesToBeBetween",
-                              {"column": LABEL_COLUMN, "min_value": 0, "max_value": top},
-                              f"class indices must lie in {where}"))
+            wants.append(
+                Want(
+                    "ExpectColumnValuesToBeBetween",
+                    {"column": LABEL_COLUMN, "min_value": 0, "max_value": top},
+                    f"class indices must lie in {where}",
+                )
+            )
             if labels.dtype.kind in "iu" and count:
                 values, counts = np.unique(labels, return_counts=True)
-                stats["classes"] = {str(v): int(n) for v, n in zip(values.tolist(), counts.tolist(),
-                                                                  strict=True)}
+                stats["classes"] = {
+                    str(v): int(n) for v, n in zip(values.tolist(), counts.tolist(), strict=True)
+                }
     else:
-        wants.append(Want("ExpectColumnValuesToBeInSet",
-                          {"column": "label_dtype", "value_set": [*_INT_NAMES, *_FLOAT_NAMES]},
-                          f"{task} labels are numbers: give a float array"))
+        wants.append(
+            Want(
+                "ExpectColumnValuesToBeInSet",
+                {"column": "label_dtype", "value_set": [*_INT_NAMES, *_FLOAT_NAMES]},
+                f"{task} labels are numbers: give a float array",
+            )
+        )
         if numeric:
             columns["label_nonfinite"] = nonfinite_per_row(labels, "FP64")
-            wants.append(Want("ExpectColumnValuesToBeInSet",
-                              {"column": "label_nonfinite", "value_set": [0]},
-                              f"{task} labels must be finite (no NaN or +-Inf)"))
+            wants.append(
+                Want(
+                    "ExpectColumnValuesToBeInSet",
+                    {"column": "label_nonfinite", "value_set": [0]},
+                    f"{task} labels must be finite (no NaN or +-Inf)",
+                )
+            )
             finite = labels[np.isfinite(labels)] if labels.dtype.kind == "f" else labels
             if finite.size:
-                stats["labels"] = {"min": float(finite.min()), "max": float(finite.max()),
-                                   "mean": float(finite.mean())}
+                stats["labels"] = {
+                    "min": float(finite.min()),
+                    "max": float(finite.max()),
+                    "mean": float(finite.mean()),
+                }
     return wants
 
 
@@ -394,8 +454,11 @@ def nonfinite_per_row(array: np.ndarray, datatype: str) -> list[int]:
     rows = array.shape[0]
     if array.dtype.kind != "f" or rows == 0:
         return [0] * rows
-    width = np.float32 if datatype == "BF16" else (
-        numpy_of_datatype(datatype) if datatype.startswith("FP") else array.dtype)
+    width = (
+        np.float32
+        if datatype == "BF16"
+        else (numpy_of_datatype(datatype) if datatype.startswith("FP") else array.dtype)
+    )
     with np.errstate(over="ignore", invalid="ignore"):
         cast = array.astype(width, copy=False).reshape(rows, -1)
     return [int(n) for n in (~np.isfinite(cast)).sum(axis=1)]
@@ -467,8 +530,10 @@ def _detail(hint: str, result: dict[str, Any], exception_info: dict[str, Any]) -
             examples = ", ".join(f"row {r}: {v!r}" for r, v in zip(rows, values, strict=True))
         else:
             examples = ", ".join(repr(v) for v in values)
-        return (f"{hint}; {result['unexpected_count']} of {result.get('element_count')} rows "
-                f"fail (e.g. {examples})")
+        return (
+            f"{hint}; {result['unexpected_count']} of {result.get('element_count')} rows "
+            f"fail (e.g. {examples})"
+        )
     if "observed_value" in result:
         return f"{hint}; observed {_plain(result['observed_value'])}"
     return hint

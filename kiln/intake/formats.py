@@ -253,4 +253,3 @@ def unpack_folder(archive: Path, dest: Path) -> Path:
                 raise UnsafeSource(f"archive member {member.name!r} is not a regular file")
         tar.extractall(dest, filter="data")
     return dest
-

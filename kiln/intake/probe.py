@@ -22,16 +22,20 @@ def probe_source(fmt: str, path: Path, *, timeout_s: float) -> ModelSpec:
     from kiln.intake.sandbox import ChildTimeout, run_child
 
     try:
-        child = run_child(["kiln.intake.probe", "--format", fmt, str(path)], timeout_s=timeout_s,
-                          env={"OMP_NUM_THREADS": "1"})
+        child = run_child(
+            ["kiln.intake.probe", "--format", fmt, str(path)],
+            timeout_s=timeout_s,
+            env={"OMP_NUM_THREADS": "1"},
+        )
     except ChildTimeout:
         raise ModelLoadError(
             f"loading the model and running one sample took over {timeout_s:.0f} s: "
             "raise KILN_LOAD_TIMEOUT_S if the model is that slow"
         ) from None
     if child.returncode != 0:
-        raise ModelLoadError("the model failed to load or run on a sample input: "
-                             f"{child.last_error_line()}")
+        raise ModelLoadError(
+            f"the model failed to load or run on a sample input: {child.last_error_line()}"
+        )
     return ModelSpec.model_validate_json(child.stdout.strip().splitlines()[-1])
 
 
@@ -61,8 +65,10 @@ def _spec_from(name: str, value: Any, other: Any) -> TensorSpec:
     from kiln.spec import datatype_of_numpy
 
     a, b = value.detach().cpu().numpy(), other.detach().cpu().numpy()
-    shape = [-1 if (i == 0 or da != db) else da for i, (da, db) in
-             enumerate(zip(a.shape, b.shape, strict=True))]
+    shape = [
+        -1 if (i == 0 or da != db) else da
+        for i, (da, db) in enumerate(zip(a.shape, b.shape, strict=True))
+    ]
     return TensorSpec(name=name, datatype=datatype_of_numpy(a.dtype), shape=shape)
 
 
@@ -106,9 +112,17 @@ def probe_pt2(path: Path) -> ModelSpec:
     return ModelSpec(inputs=inputs, outputs=outputs)
 
 
-_ORT_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
-              "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(int8)": "INT8",
-              "tensor(uint8)": "UINT8", "tensor(bool)": "BOOL", "tensor(string)": "BYTES"}
+_ORT_TYPES = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+    "tensor(string)": "BYTES",
+}
 
 
 def probe_onnx(path: Path) -> ModelSpec:
@@ -176,8 +190,10 @@ def main() -> None:
     try:
         spec = probe(args.path)
     except Exception as exc:  # the parent reports the last stderr line
-        print(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-              file=sys.stderr)
+        print(
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            file=sys.stderr,
+        )
         sys.exit(1)
     print(json.dumps(spec.model_dump(mode="json")))
 

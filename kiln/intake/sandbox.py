@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class ChildResult:
     returncode: int
@@ -31,12 +30,18 @@ class ChildTimeout(Exception):
     """The child ran past its timeout and was killed with its whole process group."""
 
 
-def run_child(args: list[str], *, timeout_s: float, env: dict[str, str] | None = None
-              ) -> ChildResult:
+def run_child(
+    args: list[str], *, timeout_s: float, env: dict[str, str] | None = None
+) -> ChildResult:
     """Run ``python -m <args>`` in a new process group; kill the group on timeout."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, **(env or {})}, start_new_session=True)
+        [sys.executable, "-m", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -14,8 +14,6 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session
 
-from kiln.registry import crud
-from kiln.registry.db import session_scope
 from kiln.errors import Conflict, InvalidInput, TooLarge, UnsafeSource
 from kiln.faults import failpoint
 from kiln.intake.formats import (
@@ -30,6 +28,8 @@ from kiln.intake.formats import (
     validate_name,
 )
 from kiln.intake.probe import probe_source
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.registry.tables import ArtifactKind, Model, ModelVersion, Task
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
@@ -110,7 +110,12 @@ def _task_from_outputs(spec: ModelSpec) -> Task | None:
 
 
 def _resolve_task(
-    *, task: str | None, source: Source, probe_dir: Path, model: Model | None, labels: Any,
+    *,
+    task: str | None,
+    source: Source,
+    probe_dir: Path,
+    model: Model | None,
+    labels: Any,
     spec: ModelSpec,
 ) -> Task:
     if task is not None:
@@ -141,9 +146,7 @@ def _num_classes(spec: ModelSpec, task: Task) -> int | None:
     return shape[-1] if len(shape) == 2 and shape[-1] > 0 else None
 
 
-def _existing(
-    session: Session, *, name: str, version: str | None, sha: str
-) -> ModelVersion | None:
+def _existing(session: Session, *, name: str, version: str | None, sha: str) -> ModelVersion | None:
     """An identical earlier upload (a no-op), or Conflict if ``version`` holds other content."""
     model = crud.get_model(session=session, name=name)
     if model is None:
@@ -183,8 +186,9 @@ def upload(
         sha = sha256_file(to_store)
         with session_scope(settings.db_url) as session:
             if (same := _existing(session, name=name, version=version, sha=sha)) is not None:
-                return UploadResult(name=name, version=same.version, sha256=sha,
-                                    status=same.status, created=False)
+                return UploadResult(
+                    name=name, version=same.version, sha256=sha, status=same.status, created=False
+                )
             model = crud.get_model(session=session, name=name)
         spec = probe_source(src.format, to_probe, timeout_s=settings.load_timeout_s)
         data = check = None
@@ -192,16 +196,34 @@ def upload(
             from kiln.intake.datasets import check_dataset, load_dataset
 
             data = load_dataset(dataset_path)
-        resolved = _resolve_task(task=task, source=src, probe_dir=to_probe, model=model,
-                                 labels=data.labels if data is not None else None, spec=spec)
+        resolved = _resolve_task(
+            task=task,
+            source=src,
+            probe_dir=to_probe,
+            model=model,
+            labels=data.labels if data is not None else None,
+            spec=spec,
+        )
         if data is not None:
-            check = check_dataset(data, spec=spec, task=str(resolved),
-                                  num_classes=_num_classes(spec, resolved))
+            check = check_dataset(
+                data, spec=spec, task=str(resolved), num_classes=_num_classes(spec, resolved)
+            )
         failpoint("upload.before_store")
         with store.locked():
-            return _commit(settings, store, name=name, version=version, task=resolved, sha=sha,
-                           src=src, to_store=to_store, suffix=suffix, spec=spec,
-                           dataset_path=dataset_path, check=check)
+            return _commit(
+                settings,
+                store,
+                name=name,
+                version=version,
+                task=resolved,
+                sha=sha,
+                src=src,
+                to_store=to_store,
+                suffix=suffix,
+                spec=spec,
+                dataset_path=dataset_path,
+                check=check,
+            )
 
 
 def _commit(
@@ -224,8 +246,9 @@ def _commit(
     try:
         with session_scope(settings.db_url) as session:
             if (same := _existing(session, name=name, version=version, sha=sha)) is not None:
-                return UploadResult(name=name, version=same.version, sha256=sha,
-                                    status=same.status, created=False)
+                return UploadResult(
+                    name=name, version=same.version, sha256=sha, status=same.status, created=False
+                )
             model = crud.get_model(session=session, name=name) or crud.create_model(
                 session=session, name=name, task=task
             )
@@ -233,40 +256,66 @@ def _commit(
             stored = store.put(to_store, suffix=suffix)
             written.append(stored)
             row = crud.create_version(
-                session=session, model=model, version=number, source_format=str(src.format),
-                source_sha256=sha, spec=spec.model_dump(mode="json"),
+                session=session,
+                model=model,
+                version=number,
+                source_format=str(src.format),
+                source_sha256=sha,
+                spec=spec.model_dump(mode="json"),
                 meta={"source_name": src.path.name},
             )
             crud.add_artifact(
-                session=session, version=row, kind=ArtifactKind.source,
+                session=session,
+                version=row,
+                kind=ArtifactKind.source,
                 backend="onnxruntime" if src.format is SourceFormat.onnx else "torch-eager",
-                path=stored.path, sha256=stored.sha256, size=stored.size,
-                dvc_hash=stored.dvc_hash, selected=True,
+                path=stored.path,
+                sha256=stored.sha256,
+                size=stored.size,
+                dvc_hash=stored.dvc_hash,
+                selected=True,
             )
             summary = None
             if dataset_path is not None and check is not None:
                 data_file = store.put(dataset_path, suffix=dataset_path.suffix.lower())
                 written.append(data_file)
                 crud.add_dataset(
-                    session=session, model=model, version=row, name=dataset_path.stem,
-                    path=data_file.path, sha256=data_file.sha256, size=data_file.size,
-                    rows=check.rows, check_passed=check.success,
+                    session=session,
+                    model=model,
+                    version=row,
+                    name=dataset_path.stem,
+                    path=data_file.path,
+                    sha256=data_file.sha256,
+                    size=data_file.size,
+                    rows=check.rows,
+                    check_passed=check.success,
                     check=check.model_dump(mode="json"),
                 )
                 summary = DatasetSummary(
-                    name=dataset_path.stem, sha256=data_file.sha256, rows=check.rows,
+                    name=dataset_path.stem,
+                    sha256=data_file.sha256,
+                    rows=check.rows,
                     check_passed=check.success,
-                    failures=[f"{f.expectation}({f.column or 'table'}): {f.detail}"
-                              for f in check.failures],
+                    failures=[
+                        f"{f.expectation}({f.column or 'table'}): {f.detail}"
+                        for f in check.failures
+                    ],
                 )
             failpoint("upload.before_commit")
-            result = UploadResult(name=name, version=number, sha256=sha, status=row.status,
-                                  created=True, dataset=summary)
+            result = UploadResult(
+                name=name,
+                version=number,
+                sha256=sha,
+                status=row.status,
+                created=True,
+                dataset=summary,
+            )
         return result
     except DBIntegrityError:
         _undo(store, written)
-        raise Conflict(f"{name}: another upload wrote the same version at the same time; "
-                       "run the upload again") from None
+        raise Conflict(
+            f"{name}: another upload wrote the same version at the same time; run the upload again"
+        ) from None
     except BaseException:
         _undo(store, written)
         raise
@@ -276,4 +325,3 @@ def _undo(store: ArtifactStore, written: list[StoredFile]) -> None:
     for stored in written:
         if stored.created:
             store.discard(stored.path)
-

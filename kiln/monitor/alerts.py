@@ -52,20 +52,34 @@ def prefect_reachable() -> bool:
 def emit(event: str, alert: Alert) -> None:
     """Send ``event`` about ``alert`` to Prefect; log (never raise) if it cannot be sent."""
     if not prefect_reachable():
-        log.info("%s for %s/%s recorded only: no Prefect API configured", event,
-                 alert.model_name, alert.kind)
+        log.info(
+            "%s for %s/%s recorded only: no Prefect API configured",
+            event,
+            alert.model_name,
+            alert.kind,
+        )
         return
     try:
         from prefect.events import emit_event
 
-        emit_event(event=event,
-                   resource={"prefect.resource.id": f"kiln.model.{alert.model_name}",
-                             "prefect.resource.name": alert.model_name,
-                             "kiln.alert.kind": alert.kind},
-                   payload={"alert_id": alert.id, "kind": alert.kind, "version": alert.version,
-                            "message": alert.message, "value": alert.value,
-                            "threshold": alert.threshold, "state": str(alert.state)})
-    except Exception as exc:  # noqa: BLE001 - an unreachable Prefect must not stop alerting
+        emit_event(
+            event=event,
+            resource={
+                "prefect.resource.id": f"kiln.model.{alert.model_name}",
+                "prefect.resource.name": alert.model_name,
+                "kiln.alert.kind": alert.kind,
+            },
+            payload={
+                "alert_id": alert.id,
+                "kind": alert.kind,
+                "version": alert.version,
+                "message": alert.message,
+                "value": alert.value,
+                "threshold": alert.threshold,
+                "state": str(alert.state),
+            },
+        )
+    except Exception as exc:  # an unreachable Prefect must not stop alerting
         log.warning("could not emit %s for %s/%s: %s", event, alert.model_name, alert.kind, exc)
 
 
@@ -78,20 +92,35 @@ def flush(timeout: float = 5.0) -> None:
         from prefect.events.worker import EventsWorker
 
         EventsWorker.drain_all(timeout=timeout)
-    except Exception as exc:  # noqa: BLE001 - shutting down: report, do not fail
+    except Exception as exc:  # shutting down: report, do not fail
         log.warning("could not send the queued alert events: %s", exc)
 
 
-def fire(url: str, *, model: str, kind: str, message: str, version: str | None = None,
-         value: float | None = None, threshold: float | None = None,
-         detail: dict[str, Any] | None = None) -> tuple[Alert, bool]:
+def fire(
+    url: str,
+    *,
+    model: str,
+    kind: str,
+    message: str,
+    version: str | None = None,
+    value: float | None = None,
+    threshold: float | None = None,
+    detail: dict[str, Any] | None = None,
+) -> tuple[Alert, bool]:
     """Open (or refresh) the alert; ``(alert, newly_opened)``. Emits on opening only."""
     if kind not in KINDS:
         raise ValueError(f"unknown alert kind {kind!r}: one of {', '.join(KINDS)}")
     with session_scope(url) as session:
-        alert, opened = crud.raise_alert(session=session, model=model, kind=kind,
-                                         version=version, message=message, value=value,
-                                         threshold=threshold, detail=detail)
+        alert, opened = crud.raise_alert(
+            session=session,
+            model=model,
+            kind=kind,
+            version=version,
+            message=message,
+            value=value,
+            threshold=threshold,
+            detail=detail,
+        )
         session.commit()
         session.refresh(alert)
         session.expunge(alert)
@@ -100,8 +129,14 @@ def fire(url: str, *, model: str, kind: str, message: str, version: str | None =
     return alert, opened
 
 
-def clear(url: str, *, model: str, kind: str, version: str | None = None,
-          detail: dict[str, Any] | None = None) -> Alert | None:
+def clear(
+    url: str,
+    *,
+    model: str,
+    kind: str,
+    version: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Alert | None:
     """Resolve the open alert if there is one; the resolved alert, or None."""
     with session_scope(url) as session:
         alert = crud.find_open_alert(session=session, model=model, kind=kind, version=version)
@@ -130,7 +165,16 @@ def drift_automation(deployment_id: str, *, name: str = "kiln: re-optimize on dr
         description="A kiln.alert.opened event of kind drift starts reoptimize for its model",
         trigger=EventTrigger(
             match={"prefect.resource.id": "kiln.model.*", "kiln.alert.kind": "drift"},
-            expect={"kiln.alert.opened"}, posture=Posture.Reactive, threshold=1, within=0),
-        actions=[RunDeployment(source="selected", deployment_id=UUID(str(deployment_id)),
-                               parameters={"model": "{{ event.resource.name }}"})])
-
+            expect={"kiln.alert.opened"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=0,
+        ),
+        actions=[
+            RunDeployment(
+                source="selected",
+                deployment_id=UUID(str(deployment_id)),
+                parameters={"model": "{{ event.resource.name }}"},
+            )
+        ],
+    )

@@ -66,11 +66,14 @@ class DriftSettings:
 
     def __post_init__(self) -> None:
         if self.min_samples < 1:
-            raise InvalidInput(f"min_samples is {self.min_samples}: give at least 1 (rows "
-                               f"needed before a verdict; default {DEFAULT_MIN_SAMPLES})")
+            raise InvalidInput(
+                f"min_samples is {self.min_samples}: give at least 1 (rows "
+                f"needed before a verdict; default {DEFAULT_MIN_SAMPLES})"
+            )
         if not 0 < self.drift_share <= 1:
-            raise InvalidInput(f"drift_share is {self.drift_share}: give a share of columns "
-                               "in (0, 1], e.g. 0.5")
+            raise InvalidInput(
+                f"drift_share is {self.drift_share}: give a share of columns in (0, 1], e.g. 0.5"
+            )
 
 
 @dataclass
@@ -87,8 +90,13 @@ class InputCheck:
         return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
-        return {"success": self.success, "rows": self.rows, "valid_rows": int(self.valid.sum()),
-                "evaluated": self.evaluated, "failures": self.failures}
+        return {
+            "success": self.success,
+            "rows": self.rows,
+            "valid_rows": int(self.valid.sum()),
+            "evaluated": self.evaluated,
+            "failures": self.failures,
+        }
 
 
 @dataclass
@@ -109,10 +117,16 @@ class DriftResult:
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"drift_detected": self.drift_detected, "drift_share": self.drift_share,
-                "samples": self.samples, "reference_rows": self.reference_rows,
-                "method": self.method, "threshold": self.threshold, "reason": self.reason,
-                "columns": self.columns}
+        return {
+            "drift_detected": self.drift_detected,
+            "drift_share": self.drift_share,
+            "samples": self.samples,
+            "reference_rows": self.reference_rows,
+            "method": self.method,
+            "threshold": self.threshold,
+            "reason": self.reason,
+            "columns": self.columns,
+        }
 
 
 # --------------------------------------------------------------------------- rows
@@ -159,41 +173,65 @@ def check_inputs(rows: Sequence[np.ndarray], served: TensorSpec) -> InputCheck:
     columns: dict[str, Any] = {"shape": shapes, "dtype": dtypes}
     want_shape = shape_text(tuple(served.shape[1:]))
     wants = [
-        Want("ExpectColumnValuesToMatchRegex",
-             {"column": "shape", "regex": shape_regex(served.shape[1:])},
-             f"rows of {served.name!r} must have shape {want_shape}"),
-        Want("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": accepted},
-             f"{served.name!r} is {served.datatype}"),
+        Want(
+            "ExpectColumnValuesToMatchRegex",
+            {"column": "shape", "regex": shape_regex(served.shape[1:])},
+            f"rows of {served.name!r} must have shape {want_shape}",
+        ),
+        Want(
+            "ExpectColumnValuesToBeInSet",
+            {"column": "dtype", "value_set": accepted},
+            f"{served.name!r} is {served.datatype}",
+        ),
     ]
     # the per-row mask reads the same columns the expectations run on
     shape_re = re.compile(shape_regex(served.shape[1:]))
-    valid = np.array([bool(shape_re.match(s)) and d in accepted
-                      for s, d in zip(shapes, dtypes, strict=True)], dtype=bool)
+    valid = np.array(
+        [bool(shape_re.match(s)) and d in accepted for s, d in zip(shapes, dtypes, strict=True)],
+        dtype=bool,
+    )
     if served.datatype == "BYTES":
-        lengths = [len(str(np.asarray(r, dtype=object).reshape(-1)[0]).strip())
-                   if np.asarray(r, dtype=object).size == 1 else 0 for r in rows]
+        lengths = [
+            len(str(np.asarray(r, dtype=object).reshape(-1)[0]).strip())
+            if np.asarray(r, dtype=object).size == 1
+            else 0
+            for r in rows
+        ]
         columns["text_length"] = lengths
-        wants.append(Want("ExpectColumnValuesToBeBetween",
-                          {"column": "text_length", "min_value": 1},
-                          "every text must be non-empty"))
+        wants.append(
+            Want(
+                "ExpectColumnValuesToBeBetween",
+                {"column": "text_length", "min_value": 1},
+                "every text must be non-empty",
+            )
+        )
         valid &= np.asarray(lengths) >= 1
     else:
-        nonfinite = [nonfinite_per_row(np.asarray(r).reshape(1, -1), served.datatype)[0]
-                     for r in rows]
+        nonfinite = [
+            nonfinite_per_row(np.asarray(r).reshape(1, -1), served.datatype)[0] for r in rows
+        ]
         columns["nonfinite"] = nonfinite
-        wants.append(Want("ExpectColumnValuesToBeInSet",
-                          {"column": "nonfinite", "value_set": [0]},
-                          "values must be finite (no NaN or +-Inf)"))
+        wants.append(
+            Want(
+                "ExpectColumnValuesToBeInSet",
+                {"column": "nonfinite", "value_set": [0]},
+                "values must be finite (no NaN or +-Inf)",
+            )
+        )
         valid &= np.asarray(nonfinite) == 0
     results, _ = run_expectations(columns, wants)
-    failures = [f"{f.expectation}" + (f" on {f.column}" if f.column else "") + f": {f.detail}"
-                for f in results if f is not None]
+    failures = [
+        f"{f.expectation}" + (f" on {f.column}" if f.column else "") + f": {f.detail}"
+        for f in results
+        if f is not None
+    ]
     return InputCheck(rows=n, valid=valid, failures=failures, evaluated=len(wants))
 
 
 def _dtype_name(row: np.ndarray) -> str:
-    if row.dtype.kind == "U" or (row.dtype.kind == "O" and row.size == 1
-                                 and isinstance(row.reshape(-1)[0], str)):
+    if row.dtype.kind == "U" or (
+        row.dtype.kind == "O" and row.size == 1 and isinstance(row.reshape(-1)[0], str)
+    ):
         return "str"
     return row.dtype.name
 
@@ -233,28 +271,44 @@ def image_features(x: np.ndarray) -> pd.DataFrame:
 
     x = np.asarray(x, dtype=np.float64)
     if x.ndim < 3:
-        raise InvalidInput(f"image features need rows of two or more dimensions, got rows of "
-                           f"shape {list(x.shape[1:])}")
+        raise InvalidInput(
+            f"image features need rows of two or more dimensions, got rows of "
+            f"shape {list(x.shape[1:])}"
+        )
     n = x.shape[0]
     flat = x.reshape(n, -1)
     plane = x.reshape(n, -1, x.shape[-2], x.shape[-1]).mean(axis=1)  # channels averaged
     h, w = plane.shape[1:]
     dh, dw = max(h // 4, 0), max(w // 4, 0)
     if dh and dw and h - 2 * dh > 0 and w - 2 * dw > 0:
-        centre = plane[:, dh:h - dh, dw:w - dw]
+        centre = plane[:, dh : h - dh, dw : w - dw]
         ring = (plane.sum(axis=(1, 2)) - centre.sum(axis=(1, 2))) / (h * w - centre[0].size)
         contrast = centre.mean(axis=(1, 2)) - ring
     else:
         contrast = np.zeros(n)
-    diffs = np.concatenate([np.abs(np.diff(plane, axis=1)).reshape(n, -1),
-                            np.abs(np.diff(plane, axis=2)).reshape(n, -1)], axis=1)
+    diffs = np.concatenate(
+        [
+            np.abs(np.diff(plane, axis=1)).reshape(n, -1),
+            np.abs(np.diff(plane, axis=2)).reshape(n, -1),
+        ],
+        axis=1,
+    )
     span = (flat.max(axis=1) - flat.min(axis=1))[:, None]
     variation = diffs.mean(axis=1) if diffs.shape[1] else np.zeros(n)
     flat_share = (diffs <= 0.01 * span).mean(axis=1) if diffs.shape[1] else np.ones(n)
     p25, p75 = np.percentile(flat, [25, 75], axis=1)
-    return pd.DataFrame({"mean": flat.mean(axis=1), "std": flat.std(axis=1), "p25": p25,
-                         "p75": p75, "contrast": contrast, "variation": variation,
-                         "flat": flat_share}, columns=list(IMAGE_FEATURES))
+    return pd.DataFrame(
+        {
+            "mean": flat.mean(axis=1),
+            "std": flat.std(axis=1),
+            "p25": p25,
+            "p75": p75,
+            "contrast": contrast,
+            "variation": variation,
+            "flat": flat_share,
+        },
+        columns=list(IMAGE_FEATURES),
+    )
 
 
 def embedding_frame(x: np.ndarray) -> pd.DataFrame:
@@ -270,16 +324,28 @@ def embedding_frame(x: np.ndarray) -> pd.DataFrame:
 # --------------------------------------------------------------------------- Evidently
 
 
-def not_enough(samples: int, reference_rows: int, method: str, settings: DriftSettings
-               ) -> DriftResult:
-    return DriftResult(drift_detected=None, drift_share=None, samples=samples,
-                       reference_rows=reference_rows, method=method, threshold=None,
-                       reason=f"{NOT_ENOUGH}: {samples} valid rows, the minimum is "
-                              f"{settings.min_samples}")
+def not_enough(
+    samples: int, reference_rows: int, method: str, settings: DriftSettings
+) -> DriftResult:
+    return DriftResult(
+        drift_detected=None,
+        drift_share=None,
+        samples=samples,
+        reference_rows=reference_rows,
+        method=method,
+        threshold=None,
+        reason=f"{NOT_ENOUGH}: {samples} valid rows, the minimum is {settings.min_samples}",
+    )
 
 
-def detect(current: pd.DataFrame, reference: pd.DataFrame, *, method: str,
-           settings: DriftSettings, html: Path | None = None) -> DriftResult:
+def detect(
+    current: pd.DataFrame,
+    reference: pd.DataFrame,
+    *,
+    method: str,
+    settings: DriftSettings,
+    html: Path | None = None,
+) -> DriftResult:
     """Run Evidently on ``current`` against ``reference`` (columns from :func:`feature_frame`
     or :func:`embedding_frame`); write its HTML report to ``html`` when given.
 
@@ -289,11 +355,15 @@ def detect(current: pd.DataFrame, reference: pd.DataFrame, *, method: str,
     if samples < settings.min_samples:
         return not_enough(samples, ref_rows, method, settings)
     if ref_rows == 0:
-        raise InvalidInput("the reference dataset has no rows: register a dataset with the "
-                           "model (kiln upload NAME SOURCE --dataset PATH)")
+        raise InvalidInput(
+            "the reference dataset has no rows: register a dataset with the "
+            "model (kiln upload NAME SOURCE --dataset PATH)"
+        )
     if list(current.columns) != list(reference.columns):
-        raise InvalidInput(f"current rows have {current.shape[1]} feature columns, the "
-                           f"reference {reference.shape[1]}: they must come from the same input")
+        raise InvalidInput(
+            f"current rows have {current.shape[1]} feature columns, the "
+            f"reference {reference.shape[1]}: they must come from the same input"
+        )
     os.environ.setdefault("EVIDENTLY_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     if method == METHOD_EMBEDDINGS:
@@ -306,8 +376,9 @@ def detect(current: pd.DataFrame, reference: pd.DataFrame, *, method: str,
     return result
 
 
-def _columns(current: pd.DataFrame, reference: pd.DataFrame, method: str,
-             settings: DriftSettings) -> tuple[DriftResult, Any]:
+def _columns(
+    current: pd.DataFrame, reference: pd.DataFrame, method: str, settings: DriftSettings
+) -> tuple[DriftResult, Any]:
     import warnings
 
     from evidently import DataDefinition, Dataset, Report
@@ -318,8 +389,10 @@ def _columns(current: pd.DataFrame, reference: pd.DataFrame, method: str,
     report = Report([DataDriftPreset(drift_share=settings.drift_share)])
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")  # scipy on constant columns: no drift, not a problem
-        snapshot = report.run(Dataset.from_pandas(current, data_definition=definition),
-                              Dataset.from_pandas(reference, data_definition=definition))
+        snapshot = report.run(
+            Dataset.from_pandas(current, data_definition=definition),
+            Dataset.from_pandas(reference, data_definition=definition),
+        )
     metrics = snapshot.dict()["metrics"]
     count = next(m for m in metrics if m["metric_name"].startswith("DriftedColumnsCount"))
     share = float(count["value"]["share"])
@@ -333,18 +406,32 @@ def _columns(current: pd.DataFrame, reference: pd.DataFrame, method: str,
             # a p-value drifts below its threshold, a distance at or above it (Evidently's rule;
             # Evidently names every p-value test "<test> p_value")
             drifted = score < threshold if "p_value" in stattest else score >= threshold
-            columns[config["column"]] = {"score": score, "threshold": threshold,
-                                         "stattest": stattest, "drifted": drifted}
+            columns[config["column"]] = {
+                "score": score,
+                "threshold": threshold,
+                "stattest": stattest,
+                "drifted": drifted,
+            }
     drifted = share >= settings.drift_share  # Evidently's dataset-drift rule
-    reason = (f"{int(count['value']['count'])} of {len(names)} columns drifted "
-              f"(share {share:.2f}; dataset drift at >= {settings.drift_share:g})")
-    return DriftResult(drift_detected=drifted, drift_share=share, samples=len(current),
-                       reference_rows=len(reference), method=method,
-                       threshold=settings.drift_share, reason=reason, columns=columns), snapshot
+    reason = (
+        f"{int(count['value']['count'])} of {len(names)} columns drifted "
+        f"(share {share:.2f}; dataset drift at >= {settings.drift_share:g})"
+    )
+    return DriftResult(
+        drift_detected=drifted,
+        drift_share=share,
+        samples=len(current),
+        reference_rows=len(reference),
+        method=method,
+        threshold=settings.drift_share,
+        reason=reason,
+        columns=columns,
+    ), snapshot
 
 
-def _embeddings(current: pd.DataFrame, reference: pd.DataFrame, settings: DriftSettings
-                ) -> tuple[DriftResult, Any]:
+def _embeddings(
+    current: pd.DataFrame, reference: pd.DataFrame, settings: DriftSettings
+) -> tuple[DriftResult, Any]:
     import warnings
 
     from evidently import DataDefinition, Dataset, Report
@@ -359,28 +446,48 @@ def _embeddings(current: pd.DataFrame, reference: pd.DataFrame, settings: DriftS
     report = Report([EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=method)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        snapshot = report.run(Dataset.from_pandas(current, data_definition=definition),
-                              Dataset.from_pandas(reference, data_definition=definition))
+        snapshot = report.run(
+            Dataset.from_pandas(current, data_definition=definition),
+            Dataset.from_pandas(reference, data_definition=definition),
+        )
     # the verdict is the method's; run it on the same frames (it is seeded: same answer)
     score, drifted, _ = method(current.copy(), reference.copy())
     reported = float(snapshot.dict()["metrics"][0]["value"])
     threshold = None if bootstrap else method.threshold
-    rule = ("above the 95th percentile of random classifiers' ROC AUC" if bootstrap
-            else f"ROC AUC above {method.threshold}")
-    reason = (f"domain classifier ROC AUC {reported:.3f} over {len(cols)}-d embeddings; drift "
-              f"when {rule}: {'drift' if drifted else 'no drift'}")
-    return DriftResult(drift_detected=bool(drifted), drift_share=reported,
-                       samples=len(current), reference_rows=len(reference),
-                       method=METHOD_EMBEDDINGS, threshold=threshold, reason=reason,
-                       columns={EMBEDDING: {"score": float(score), "drifted": bool(drifted),
-                                            "stattest": "model (domain classifier)",
-                                            "threshold": threshold}}), snapshot
+    rule = (
+        "above the 95th percentile of random classifiers' ROC AUC"
+        if bootstrap
+        else f"ROC AUC above {method.threshold}"
+    )
+    reason = (
+        f"domain classifier ROC AUC {reported:.3f} over {len(cols)}-d embeddings; drift "
+        f"when {rule}: {'drift' if drifted else 'no drift'}"
+    )
+    return DriftResult(
+        drift_detected=bool(drifted),
+        drift_share=reported,
+        samples=len(current),
+        reference_rows=len(reference),
+        method=METHOD_EMBEDDINGS,
+        threshold=threshold,
+        reason=reason,
+        columns={
+            EMBEDDING: {
+                "score": float(score),
+                "drifted": bool(drifted),
+                "stattest": "model (domain classifier)",
+                "threshold": threshold,
+            }
+        },
+    ), snapshot
 
 
 def summary_rows(result: DriftResult) -> list[tuple[str, str, str, str]]:
     """``(column, stattest, score, drifted)`` per column, for the markdown report."""
-    return [(name, str(c.get("stattest", "")), f"{c['score']:.4g}",
-             "yes" if c.get("drifted") else "no") for name, c in result.columns.items()]
+    return [
+        (name, str(c.get("stattest", "")), f"{c['score']:.4g}", "yes" if c.get("drifted") else "no")
+        for name, c in result.columns.items()
+    ]
 
 
 def records_tensor(docs: Sequence[Mapping[str, Any]], name: str) -> list[np.ndarray]:

@@ -139,8 +139,9 @@ def extract(
 
 
 # ------------------------------------------------------------------------------ export
-def _export_folder(source: Path, spec: ModelSpec, settings: ExtractSettings, out_dir: Path
-                   ) -> tuple[Any, ExportedProgram]:
+def _export_folder(
+    source: Path, spec: ModelSpec, settings: ExtractSettings, out_dir: Path
+) -> tuple[Any, ExportedProgram]:
     """Build a kiln.yaml model and export it with dynamic batch (and sequence) dims."""
     import torch
 
@@ -179,13 +180,15 @@ def _dynamic_shapes(spec: ModelSpec, settings: ExtractSettings) -> tuple[dict[in
             if size == -1:
                 name = "seq" if i == 1 else f"dim{i}"
                 dims[i] = others.setdefault(
-                    i, torch.export.Dim(name, min=settings.seq_min, max=settings.seq_max))
+                    i, torch.export.Dim(name, min=settings.seq_min, max=settings.seq_max)
+                )
         shapes.append(dims)
     return tuple(shapes)
 
 
-def _load_pt2(source: Path, spec: ModelSpec, settings: ExtractSettings
-              ) -> tuple[Any, ExportedProgram]:
+def _load_pt2(
+    source: Path, spec: ModelSpec, settings: ExtractSettings
+) -> tuple[Any, ExportedProgram]:
     """The uploaded program as it is, or re-exported when its batch dimension is fixed."""
     import torch
 
@@ -200,8 +203,9 @@ def _load_pt2(source: Path, spec: ModelSpec, settings: ExtractSettings
     try:
         program = torch.export.load(str(source))
     except Exception as exc:
-        raise ExtractionError(f"the .pt2 archive does not load: {condense_export_error(exc)}"
-                              ) from None
+        raise ExtractionError(
+            f"the .pt2 archive does not load: {condense_export_error(exc)}"
+        ) from None
     eager = program.module()
     if has_dynamic_batch(program):
         return eager, program
@@ -218,8 +222,9 @@ def _load_pt2(source: Path, spec: ModelSpec, settings: ExtractSettings
             unguarded = program.module(check_guards=False)
         except TypeError:
             unguarded = program.module()
-        exported = torch.export.export(unguarded, tuple(examples),
-                                       dynamic_shapes=export_dynamic_shapes(dynamic))
+        exported = torch.export.export(
+            unguarded, tuple(examples), dynamic_shapes=export_dynamic_shapes(dynamic)
+        )
         return _in_fixed_batches(eager, examples[0].shape[0]), exported
     except Exception as exc:
         raise ExtractionError(
@@ -240,17 +245,21 @@ def _in_fixed_batches(module: Any, size: int) -> Any:
         rows = tensors[0].shape[0]
         padded = -(-rows // size) * size
         if padded != rows:
-            tensors = tuple(torch.cat([t, t[-1:].expand(padded - rows, *t.shape[1:])])
-                            for t in tensors)
-        chunks = [flatten_outputs(module(*(t[i:i + size] for t in tensors)))
-                  for i in range(0, padded, size)]
+            tensors = tuple(
+                torch.cat([t, t[-1:].expand(padded - rows, *t.shape[1:])]) for t in tensors
+            )
+        chunks = [
+            flatten_outputs(module(*(t[i : i + size] for t in tensors)))
+            for i in range(0, padded, size)
+        ]
         return [torch.cat(parts)[:rows] for parts in zip(*chunks, strict=True)]
 
     return run
 
 
-def _export_onnx(program: ExportedProgram, spec: ModelSpec, path: Path,
-                 settings: ExtractSettings) -> None:
+def _export_onnx(
+    program: ExportedProgram, spec: ModelSpec, path: Path, settings: ExtractSettings
+) -> None:
     """ONNX through the dynamo exporter, from the program (its dynamic dims carried over)."""
     import onnx
     import torch
@@ -260,9 +269,14 @@ def _export_onnx(program: ExportedProgram, spec: ModelSpec, path: Path,
     args = tuple(example_tensors(program))
     try:
         onnx_program = torch.onnx.export(
-            program, args, dynamo=True, opset_version=settings.opset, verbose=False,
+            program,
+            args,
+            dynamo=True,
+            opset_version=settings.opset,
+            verbose=False,
             input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs], external_data=False,
+            output_names=[t.name for t in spec.outputs],
+            external_data=False,
         )
         assert onnx_program is not None
         model = onnx_program.model_proto
@@ -303,16 +317,21 @@ def _copy_onnx(source: Path, dest: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ parity
-def _parity_cases(spec: ModelSpec, check_inputs: list[np.ndarray] | None,
-                  settings: ExtractSettings) -> list[list[np.ndarray]]:
+def _parity_cases(
+    spec: ModelSpec, check_inputs: list[np.ndarray] | None, settings: ExtractSettings
+) -> list[list[np.ndarray]]:
     from kiln.intake.probe import sample_inputs
 
-    cases = [[t.numpy() for t in sample_inputs(spec.inputs, batch=b, dynamic=d)]
-             for b, d in settings.sample_shapes]
+    cases = [
+        [t.numpy() for t in sample_inputs(spec.inputs, batch=b, dynamic=d)]
+        for b, d in settings.sample_shapes
+    ]
     if check_inputs is not None:
         if len(check_inputs) != len(spec.inputs):
-            raise InvalidInput(f"check inputs: the model takes {len(spec.inputs)} inputs, "
-                               f"got {len(check_inputs)} arrays")
+            raise InvalidInput(
+                f"check inputs: the model takes {len(spec.inputs)} inputs, "
+                f"got {len(check_inputs)} arrays"
+            )
         cases.append(list(check_inputs))
     return cases
 
@@ -325,8 +344,14 @@ def _ort_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _check_parity(eager: Any, program: Any, onnx_path: Path, spec: ModelSpec,
-                  cases: list[list[np.ndarray]], settings: ExtractSettings) -> dict[str, Any]:
+def _check_parity(
+    eager: Any,
+    program: Any,
+    onnx_path: Path,
+    spec: ModelSpec,
+    cases: list[list[np.ndarray]],
+    settings: ExtractSettings,
+) -> dict[str, Any]:
     """Eager vs the saved program vs ONNX Runtime on every case, within the tolerances."""
     import torch
 
@@ -345,8 +370,9 @@ def _check_parity(eager: Any, program: Any, onnx_path: Path, spec: ModelSpec,
         shape = "x".join(str(s) for s in case[0].shape)
         for what, got in (("program", got_program), ("onnx", got_onnx)):
             if len(got) != len(want):
-                raise ExtractionError(f"the {what} returns {len(got)} outputs, the eager model "
-                                      f"{len(want)}")
+                raise ExtractionError(
+                    f"the {what} returns {len(got)} outputs, the eager model {len(want)}"
+                )
             for g, w in zip(got, want, strict=True):
                 diff = float((g - w).abs().max()) if g.numel() and g.shape == w.shape else 0.0
                 worst[what] = max(worst[what], diff)
@@ -361,8 +387,9 @@ def _check_parity(eager: Any, program: Any, onnx_path: Path, spec: ModelSpec,
     return {what: {"max_abs_diff": worst[what], "cases": len(cases)} for what in worst}
 
 
-def _check_onnx_runs(path: Path, spec: ModelSpec, check_inputs: list[np.ndarray] | None,
-                     settings: ExtractSettings) -> dict[str, Any]:
+def _check_onnx_runs(
+    path: Path, spec: ModelSpec, check_inputs: list[np.ndarray] | None, settings: ExtractSettings
+) -> dict[str, Any]:
     """An ONNX source has nothing to compare with: check it runs and its outputs are finite."""
     session = _ort_session(path)
     names = [i.name for i in session.get_inputs()]
@@ -374,8 +401,10 @@ def _check_onnx_runs(path: Path, spec: ModelSpec, check_inputs: list[np.ndarray]
         for out in session.run(None, feeds):
             arr = np.asarray(out)
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                raise ExtractionError("the ONNX model's output is not finite (NaN or Inf) on "
-                                      f"inputs of shape {case[0].shape}")
+                raise ExtractionError(
+                    "the ONNX model's output is not finite (NaN or Inf) on "
+                    f"inputs of shape {case[0].shape}"
+                )
     return {"max_abs_diff": None, "cases": len(cases), "reference": "none (ONNX source)"}
 
 
@@ -401,8 +430,11 @@ def condense_export_error(exc: BaseException, *, limit: int = MAX_REASON_CHARS) 
             continue
         for line in para.splitlines():
             line = line.strip().lstrip("- ").strip()
-            kept.extend(sentence for sentence in re.split(r"(?<=[.!?])\s+", line)
-                        if sentence and not _NOISE.search(sentence))
+            kept.extend(
+                sentence
+                for sentence in re.split(r"(?<=[.!?])\s+", line)
+                if sentence and not _NOISE.search(sentence)
+            )
     reason = " ".join(kept).replace("(Size-like symbols: none)", "").strip()
     reason = re.sub(r"\s+", " ", _ABS_PATH.sub(r"\1", reason))
     where = _where(exc, text)
@@ -432,8 +464,9 @@ def _where(exc: BaseException, text: str) -> str:
     stack = list(traceback.extract_tb(exc.__traceback__))
     inside = [i for i, f in enumerate(stack) if f.filename.startswith(torch_dir)]
     # Frames before the first torch frame are the caller's (this module), not the model's.
-    frames = [f for f in stack[inside[0]:] if not f.filename.startswith(torch_dir)
-              ] if inside else []
+    frames = (
+        [f for f in stack[inside[0] :] if not f.filename.startswith(torch_dir)] if inside else []
+    )
     if frames:
         frame = frames[-1]
         code = f": `{frame.line.strip()[:80]}`" if frame.line else ""
@@ -445,16 +478,22 @@ def _hint(exc: BaseException, text: str) -> str:
     """How to change the model, for the failures models commonly hit."""
     kind = type(exc).__name__
     if "DataDependent" in kind or "data-dependent" in text:
-        return ("The model's forward branches on (or sizes a tensor by) the values in a tensor, "
-                "which torch.export cannot capture: use torch.where or torch.cond instead, or "
-                "move that logic out of forward.")
+        return (
+            "The model's forward branches on (or sizes a tensor by) the values in a tensor, "
+            "which torch.export cannot capture: use torch.where or torch.cond instead, or "
+            "move that logic out of forward."
+        )
     if "Constraints violated" in text:
-        return ("The model fixes the size of a dimension Kiln exports as dynamic (batch or "
-                "sequence length): compute sizes from the input (x.shape[0], reshape(-1)) "
-                "instead of constants.")
+        return (
+            "The model fixes the size of a dimension Kiln exports as dynamic (batch or "
+            "sequence length): compute sizes from the input (x.shape[0], reshape(-1)) "
+            "instead of constants."
+        )
     if kind in ("Unsupported", "UnsupportedOperatorError") or "not supported" in text:
-        return ("Replace the unsupported call with torch operations, or export the model to "
-                ".onnx yourself and upload that.")
+        return (
+            "Replace the unsupported call with torch operations, or export the model to "
+            ".onnx yourself and upload that."
+        )
     return ""
 
 
@@ -463,4 +502,3 @@ def _stdout_to_stderr() -> Iterator[None]:
     """Exporters print progress on stdout; `kiln --json` keeps stdout for its one document."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
-

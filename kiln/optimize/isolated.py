@@ -21,19 +21,29 @@ from kiln.settings import apply_privacy_env
 from kiln.spec import ModelSpec
 
 
-def extract_isolated(*, source_format: str, source_path: Path, spec: ModelSpec, out_dir: Path,
-                     check_inputs: list[np.ndarray], timeout_s: float
-                     ) -> tuple[ExtractedModel, dict[str, Any]]:
+def extract_isolated(
+    *,
+    source_format: str,
+    source_path: Path,
+    spec: ModelSpec,
+    out_dir: Path,
+    check_inputs: list[np.ndarray],
+    timeout_s: float,
+) -> tuple[ExtractedModel, dict[str, Any]]:
     """``kiln.optimize.extract.extract`` in a child process; the same results and errors."""
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / "check.npz", *check_inputs)
     (out_dir / "spec.json").write_text(spec.model_dump_json())
     try:
-        child = run_child(["kiln.optimize.isolated", "extract", source_format, str(source_path),
-                           str(out_dir)], timeout_s=timeout_s)
+        child = run_child(
+            ["kiln.optimize.isolated", "extract", source_format, str(source_path), str(out_dir)],
+            timeout_s=timeout_s,
+        )
     except ChildTimeout:
-        raise ExtractionError(f"graph extraction took over {timeout_s:.0f} s: raise "
-                              "KILN_LOAD_TIMEOUT_S if the model is that large") from None
+        raise ExtractionError(
+            f"graph extraction took over {timeout_s:.0f} s: raise "
+            "KILN_LOAD_TIMEOUT_S if the model is that large"
+        ) from None
     result_file = out_dir / "result.json"
     if not result_file.is_file():
         raise ExtractionError(f"graph extraction crashed: {child.last_error_line()}")
@@ -50,11 +60,18 @@ def _extract_child(source_format: str, source: Path, out_dir: Path) -> None:
     with np.load(out_dir / "check.npz", allow_pickle=False) as data:
         check = [data[f"arr_{i}"] for i in range(len(data.files))]
     try:
-        extracted, report = extract(source_format=source_format, source_path=source, spec=spec,
-                                    out_dir=out_dir, check_inputs=check)
+        extracted, report = extract(
+            source_format=source_format,
+            source_path=source,
+            spec=spec,
+            out_dir=out_dir,
+            check_inputs=check,
+        )
         result: dict[str, Any] = {
             "program": str(extracted.program) if extracted.program else None,
-            "onnx": str(extracted.onnx), "report": report}
+            "onnx": str(extracted.onnx),
+            "report": report,
+        }
     except KilnError as exc:
         result = {"error": str(exc)}
     (out_dir / "result.json").write_text(json.dumps(result, default=str))

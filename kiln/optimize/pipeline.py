@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from kiln.registry import crud
 from kiln.backends.base import ExtractedModel
-from kiln.registry.db import session_scope
 from kiln.errors import Conflict, KilnError
 from kiln.intake.formats import unpack_folder
+from kiln.optimize.validate import GateSettings, TimingSettings, VariantReport
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.registry.tables import ArtifactKind, Task, VersionStatus
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
 from kiln.store.artifacts import ArtifactStore
-from kiln.optimize.validate import GateSettings, TimingSettings, VariantReport
 
 CALIBRATION_ROWS = 128
 SAMPLE_ROWS = 64  # rows of random input when a model has no registered dataset
@@ -80,8 +80,14 @@ class Prepared:
         return names.index("attention_mask") if "attention_mask" in names else None
 
 
-def start(settings: Settings, *, name: str, version: str | None, work_dir: Path,
-          flow_run_id: str | None = None) -> Prepared:
+def start(
+    settings: Settings,
+    *,
+    name: str,
+    version: str | None,
+    work_dir: Path,
+    flow_run_id: str | None = None,
+) -> Prepared:
     """Mark the version ``optimizing``, open the run's job, and resolve its data."""
     store = ArtifactStore(settings.home, settings.remote_url).ensure()
     with session_scope(settings.db_url) as session:
@@ -90,19 +96,24 @@ def start(settings: Settings, *, name: str, version: str | None, work_dir: Path,
         if row.status == VersionStatus.uploaded:
             crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
         elif row.status != VersionStatus.optimizing:  # optimizing: a crashed run, re-run it
-            raise Conflict(f"{name}@{row.version} is {row.status}; versions are optimized once "
-                           "(re-optimization registers a new patch version)")
-        source = next(a for a in crud.list_artifacts(session=session, version=row)
-                      if a.kind == ArtifactKind.source)
+            raise Conflict(
+                f"{name}@{row.version} is {row.status}; versions are optimized once "
+                "(re-optimization registers a new patch version)"
+            )
+        source = next(
+            a
+            for a in crud.list_artifacts(session=session, version=row)
+            if a.kind == ArtifactKind.source
+        )
         dataset = crud.dataset_for(session=session, version=row)
-        failed = [d for d in crud.list_datasets(session=session, model=model)
-                  if not d.check_passed]
+        failed = [d for d in crud.list_datasets(session=session, model=model) if not d.check_passed]
         job = crud.create_job(session=session, version=row, optimization_type="optimize")
         crud.update_job(session=session, job=job, status="running", flow_run_id=flow_run_id)
         spec = ModelSpec.model_validate(row.spec)
         opt = OptimizeSettings.for_model(model.settings)
-        prepared_source = _copy_source(store, source.path, source.sha256, row.source_format,
-                                       work_dir)
+        prepared_source = _copy_source(
+            store, source.path, source.sha256, row.source_format, work_dir
+        )
         data_path = store.verified_path(dataset.path, dataset.sha256) if dataset else None
         ids = (row.id, job.id, str(model.task), row.version, row.source_format)
     inputs, labels, note = _evaluation_data(spec, prepared_source, data_path)
@@ -111,14 +122,31 @@ def start(settings: Settings, *, name: str, version: str | None, work_dir: Path,
     if data_path is not None:
         calibration = [x[:CALIBRATION_ROWS] for x in inputs]
     else:
-        reason = ("its dataset failed its Great Expectations check" if failed
-                  else "it has no registered dataset")
-        skipped.append(f"onnxruntime/int8-static skipped: {reason} (static quantization needs "
-                       "calibration data: kiln upload --dataset)")
-    return Prepared(version_id=ids[0], name=name, version=ids[3], task=Task(ids[2]), spec=spec,
-                    source_format=ids[4], source_path=prepared_source, inputs=inputs,
-                    labels=labels, calibration=calibration, data_note=note, settings=opt,
-                    parent_job_id=ids[1], skipped=skipped)
+        reason = (
+            "its dataset failed its Great Expectations check"
+            if failed
+            else "it has no registered dataset"
+        )
+        skipped.append(
+            f"onnxruntime/int8-static skipped: {reason} (static quantization needs "
+            "calibration data: kiln upload --dataset)"
+        )
+    return Prepared(
+        version_id=ids[0],
+        name=name,
+        version=ids[3],
+        task=Task(ids[2]),
+        spec=spec,
+        source_format=ids[4],
+        source_path=prepared_source,
+        inputs=inputs,
+        labels=labels,
+        calibration=calibration,
+        data_note=note,
+        settings=opt,
+        parent_job_id=ids[1],
+        skipped=skipped,
+    )
 
 
 def _copy_source(store: ArtifactStore, rel: str, sha: str, fmt: str, work_dir: Path) -> Path:
@@ -145,8 +173,12 @@ def _evaluation_data(
     if spec.preprocess is not None:
         # Sorted by length, batches hold sentences of similar length: little padding to trim.
         order = np.argsort([len(str(s)) for s in data.inputs], kind="stable")
-        inputs = tokenize(source / spec.preprocess.file, [str(data.inputs[i]) for i in order],
-                          max_length=spec.preprocess.max_length, names=spec.inputs)
+        inputs = tokenize(
+            source / spec.preprocess.file,
+            [str(data.inputs[i]) for i in order],
+            max_length=spec.preprocess.max_length,
+            names=spec.inputs,
+        )
         labels = data.labels[order] if data.labels is not None else None
     else:
         inputs = [data.inputs.astype(_np_dtype(spec.inputs[0].datatype))]
@@ -160,8 +192,9 @@ def _np_dtype(datatype: str) -> np.dtype:
     return numpy_of_datatype(datatype)
 
 
-def tokenize(tokenizer_file: Path, texts: list[str], *, max_length: int,
-             names: list[Any]) -> list[np.ndarray]:
+def tokenize(
+    tokenizer_file: Path, texts: list[str], *, max_length: int, names: list[Any]
+) -> list[np.ndarray]:
     """Token ids and attention mask for ``texts``, padded to the longest row."""
     from tokenizers import Tokenizer
 
@@ -169,23 +202,30 @@ def tokenize(tokenizer_file: Path, texts: list[str], *, max_length: int,
     tokenizer.enable_truncation(max_length)
     tokenizer.enable_padding()
     encoded = tokenizer.encode_batch(texts)
-    arrays = {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-              "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-              "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64)}
+    arrays = {
+        "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64),
+    }
     return [arrays[n.name] for n in names]
 
 
-def extract_stage(settings: Settings, prepared: Prepared, work_dir: Path
-                  ) -> tuple[ExtractedModel, dict[str, Any]]:
+def extract_stage(
+    settings: Settings, prepared: Prepared, work_dir: Path
+) -> tuple[ExtractedModel, dict[str, Any]]:
     """Graph extraction; on failure the version becomes ``rejected`` and the error is raised."""
     from kiln.optimize.isolated import extract_isolated
 
     check = [x[:8] for x in prepared.inputs]
     try:
         return extract_isolated(
-            source_format=prepared.source_format, source_path=prepared.source_path,
-            spec=prepared.spec, out_dir=work_dir / "extract", check_inputs=check,
-            timeout_s=settings.load_timeout_s)
+            source_format=prepared.source_format,
+            source_path=prepared.source_path,
+            spec=prepared.spec,
+            out_dir=work_dir / "extract",
+            check_inputs=check,
+            timeout_s=settings.load_timeout_s,
+        )
     except KilnError as exc:
         finish_rejected(settings, prepared, str(exc))
         raise
@@ -199,8 +239,9 @@ def finish_rejected(settings: Settings, prepared: Prepared, reason: str) -> None
         crud.update_job(session=session, job=job, status="failed", error=reason, progress=100)
 
 
-def prune_stage(prepared: Prepared, extracted: ExtractedModel, work_dir: Path
-                ) -> tuple[ExtractedModel, dict[str, Any]] | None:
+def prune_stage(
+    prepared: Prepared, extracted: ExtractedModel, work_dir: Path
+) -> tuple[ExtractedModel, dict[str, Any]] | None:
     """The structured-pruning pass: the program pruned (``kiln.optimize.prune``), then extracted again
     (ONNX, parity), for the ``PRUNED`` variant. None, with the reason in ``prepared.skipped``,
     when it cannot be built: the other variants proceed."""
@@ -210,19 +251,29 @@ def prune_stage(prepared: Prepared, extracted: ExtractedModel, work_dir: Path
 
     label = f"{PRUNED[0]}/{PRUNED[2]} skipped"
     if extracted.program is None:
-        prepared.skipped.append(f"{label}: pruning edits a torch program, and this model was "
-                                "uploaded as ONNX (upload a .pt2 or kiln.yaml folder)")
+        prepared.skipped.append(
+            f"{label}: pruning edits a torch program, and this model was "
+            "uploaded as ONNX (upload a .pt2 or kiln.yaml folder)"
+        )
         return None
     if not (availability := get_backend(PRUNED[0]).available()).ok:
         prepared.skipped.append(f"{label}: {availability.reason}")
         return None
     out = work_dir / "pruned"
     try:
-        record = prune_structured(extracted.program, out / "pruned.pt2",
-                                  ratio=prepared.settings.prune_ratio, spec=prepared.spec)
-        pruned, report = extract(source_format="pt2", source_path=out / "pruned.pt2",
-                                 spec=prepared.spec, out_dir=out,
-                                 check_inputs=[x[:8] for x in prepared.inputs])
+        record = prune_structured(
+            extracted.program,
+            out / "pruned.pt2",
+            ratio=prepared.settings.prune_ratio,
+            spec=prepared.spec,
+        )
+        pruned, report = extract(
+            source_format="pt2",
+            source_path=out / "pruned.pt2",
+            spec=prepared.spec,
+            out_dir=out,
+            check_inputs=[x[:8] for x in prepared.inputs],
+        )
     except Exception as exc:  # a variant that cannot be built is a note, not a failed run
         prepared.skipped.append(f"{label}: {error_summary(exc)}")
         return None
@@ -251,18 +302,31 @@ def plan(prepared: Prepared) -> list[tuple[str, str]]:
     return variants
 
 
-def measure(prepared: Prepared, runner: Any, baseline_outputs: np.ndarray | None,
-            ) -> tuple[VariantReport, np.ndarray]:
+def measure(
+    prepared: Prepared,
+    runner: Any,
+    baseline_outputs: np.ndarray | None,
+) -> tuple[VariantReport, np.ndarray]:
     from kiln.optimize.validate import evaluate
 
     quality, speed, outputs = evaluate(
-        prepared.task, runner, prepared.inputs, baseline_outputs=baseline_outputs,
-        labels=prepared.labels, timing_settings=prepared.settings.timing,
-        mask_index=prepared.mask_index)
-    report = VariantReport(backend="", precision="", metric=quality.metric,
-                           metric_min=quality.metric_min, agreement=quality.agreement,
-                           latency_ms=speed.latency_ms if speed else {},
-                           throughput=speed.throughput if speed else {})
+        prepared.task,
+        runner,
+        prepared.inputs,
+        baseline_outputs=baseline_outputs,
+        labels=prepared.labels,
+        timing_settings=prepared.settings.timing,
+        mask_index=prepared.mask_index,
+    )
+    report = VariantReport(
+        backend="",
+        precision="",
+        metric=quality.metric,
+        metric_min=quality.metric_min,
+        agreement=quality.agreement,
+        latency_ms=speed.latency_ms if speed else {},
+        throughput=speed.throughput if speed else {},
+    )
     return report, outputs
 
 
@@ -278,30 +342,55 @@ def seconds_since(start: float) -> float:
     return round(time.perf_counter() - start, 3)
 
 
-VARIANT_KEYS = ("backend", "precision", "metric", "metric_min", "metric_drop", "passed",
-                "latency_ms", "throughput", "size_bytes")
+VARIANT_KEYS = (
+    "backend",
+    "precision",
+    "metric",
+    "metric_min",
+    "metric_drop",
+    "passed",
+    "latency_ms",
+    "throughput",
+    "size_bytes",
+)
 
 
 def public(report: VariantReport) -> dict[str, Any]:
     """A VARIANT as DESIGN.md lists it (stable keys first; extras after)."""
     doc = report.model_dump(mode="json")
-    return {**{k: doc[k] for k in VARIANT_KEYS},
-            **{k: doc[k] for k in ("speedup", "agreement", "reasons")}}
+    return {
+        **{k: doc[k] for k in VARIANT_KEYS},
+        **{k: doc[k] for k in ("speedup", "agreement", "reasons")},
+    }
 
 
-def markdown_table(name: str, version: str, base: VariantReport, reports: list[VariantReport],
-                   selected: VariantReport, reason: str, skipped: list[str]) -> str:
+def markdown_table(
+    name: str,
+    version: str,
+    base: VariantReport,
+    reports: list[VariantReport],
+    selected: VariantReport,
+    reason: str,
+    skipped: list[str],
+) -> str:
     """The run's variant table, for Prefect's UI and the CLI."""
-    lines = [f"# {name}@{version}: optimize report", "",
-             f"**Selected:** {selected.backend}/{selected.precision}. {reason}", "",
-             "| backend | precision | metric | drop | p50 b1 ms | p50 b32 ms | speedup | size |"
-             " passed | why not |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {name}@{version}: optimize report",
+        "",
+        f"**Selected:** {selected.backend}/{selected.precision}. {reason}",
+        "",
+        "| backend | precision | metric | drop | p50 b1 ms | p50 b32 ms | speedup | size |"
+        " passed | why not |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in [base, *reports]:
         b1 = r.latency_ms.get("1", {}).get("p50", float("nan"))
         b32 = r.latency_ms.get("32", {}).get("p50", float("nan"))
-        lines.append(f"| {r.backend} | {r.precision} | {r.metric:.4f} | {r.metric_drop:+.4f} | "
-                     f"{b1:.3f} | {b32:.3f} | {r.speedup or 1.0:.2f}x | {r.size_bytes} | "
-                     f"{'yes' if r.passed else 'no'} | {'; '.join(r.reasons)} |")
+        lines.append(
+            f"| {r.backend} | {r.precision} | {r.metric:.4f} | {r.metric_drop:+.4f} | "
+            f"{b1:.3f} | {b32:.3f} | {r.speedup or 1.0:.2f}x | {r.size_bytes} | "
+            f"{'yes' if r.passed else 'no'} | {'; '.join(r.reasons)} |"
+        )
     lines += ["", *[f"- {s}" for s in skipped]]
     return "\n".join(lines)
 
@@ -319,8 +408,13 @@ def chart(path: Path, base: VariantReport, reports: list[VariantReport], batch: 
             continue
         x = r.latency_ms[batch]["p50"]
         ax.scatter(x, r.metric, color="tab:green" if r.passed else "tab:red", s=40)
-        ax.annotate(f"{r.backend}/{r.precision}", (x, r.metric), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            f"{r.backend}/{r.precision}",
+            (x, r.metric),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
     ax.set_ylabel("metric (higher is better)")
     ax.set_title("variants: latency against quality (green passed the gates)")
@@ -331,46 +425,77 @@ def chart(path: Path, base: VariantReport, reports: list[VariantReport], batch: 
     return path
 
 
-def finish(settings: Settings, prepared: Prepared, extracted: ExtractedModel,
-           parity: dict[str, Any], base: VariantReport, reports: list[VariantReport]
-           ) -> dict[str, Any]:
+def finish(
+    settings: Settings,
+    prepared: Prepared,
+    extracted: ExtractedModel,
+    parity: dict[str, Any],
+    base: VariantReport,
+    reports: list[VariantReport],
+) -> dict[str, Any]:
     """Select, store the exported program and the chart, mark the version ``validated``."""
     from kiln.optimize.validate import select
 
     selected, reason = select(base, reports, prepared.settings.gates)
     work = extracted.onnx.parent
     figure = chart(work / "variants.png", base, reports, str(prepared.settings.gates.serving_batch))
-    table = markdown_table(prepared.name, prepared.version, base, reports, selected, reason,
-                           prepared.skipped)
+    table = markdown_table(
+        prepared.name, prepared.version, base, reports, selected, reason, prepared.skipped
+    )
     store = ArtifactStore(settings.home, settings.remote_url)
     with store.locked(), session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=prepared.name, version=prepared.version)
         stored_chart = store.put(figure, suffix=".png")
-        crud.add_artifact(session=session, version=row, kind=ArtifactKind.report,
-                          backend="-", precision="-", path=stored_chart.path,
-                          sha256=stored_chart.sha256, size=stored_chart.size,
-                          dvc_hash=stored_chart.dvc_hash)
+        crud.add_artifact(
+            session=session,
+            version=row,
+            kind=ArtifactKind.report,
+            backend="-",
+            precision="-",
+            path=stored_chart.path,
+            sha256=stored_chart.sha256,
+            size=stored_chart.size,
+            dvc_hash=stored_chart.dvc_hash,
+        )
         exported_path = None
         if extracted.program is not None:
             exported = store.put(extracted.program, suffix=".pt2")
             exported_path = exported.path
-            if exported.path not in {a.path for a in crud.list_artifacts(session=session,
-                                                                         version=row)}:
-                crud.add_artifact(session=session, version=row, kind=ArtifactKind.exported,
-                                  backend="torch-eager", precision="fp32", path=exported.path,
-                                  sha256=exported.sha256, size=exported.size,
-                                  dvc_hash=exported.dvc_hash)
+            if exported.path not in {
+                a.path for a in crud.list_artifacts(session=session, version=row)
+            }:
+                crud.add_artifact(
+                    session=session,
+                    version=row,
+                    kind=ArtifactKind.exported,
+                    backend="torch-eager",
+                    precision="fp32",
+                    path=exported.path,
+                    sha256=exported.sha256,
+                    size=exported.size,
+                    dvc_hash=exported.dvc_hash,
+                )
         chosen_path = selected.meta.get("path") if selected is not base else exported_path
         for artifact in crud.list_artifacts(session=session, version=row):
-            artifact.selected = (artifact.path == chosen_path if chosen_path
-                                 else artifact.kind == ArtifactKind.source)
+            artifact.selected = (
+                artifact.path == chosen_path
+                if chosen_path
+                else artifact.kind == ArtifactKind.source
+            )
             session.add(artifact)
         crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
-        doc = {"job_id": prepared.parent_job_id, "status": "validated",
-               "baseline": public(base), "variants": [public(r) for r in reports],
-               "selected": public(selected), "reason": reason, "skipped": prepared.skipped,
-               "parity": parity, "data": prepared.data_note,
-               "chart": str(settings.home / stored_chart.path)}
+        doc = {
+            "job_id": prepared.parent_job_id,
+            "status": "validated",
+            "baseline": public(base),
+            "variants": [public(r) for r in reports],
+            "selected": public(selected),
+            "reason": reason,
+            "skipped": prepared.skipped,
+            "parity": parity,
+            "data": prepared.data_note,
+            "chart": str(settings.home / stored_chart.path),
+        }
         job = session.get(crud.OptimizationJob, prepared.parent_job_id)
         crud.update_job(session=session, job=job, status="done", progress=100, metrics=doc)
     doc["markdown"] = table

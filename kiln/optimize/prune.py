@@ -50,8 +50,9 @@ class _Group:
     views: list[tuple[Node, int]] = field(default_factory=list)  # (view, block): sizes to fix
 
 
-def prune_structured(program: Path, out: Path, *, ratio: float = 0.3, spec: ModelSpec
-                     ) -> dict[str, Any]:
+def prune_structured(
+    program: Path, out: Path, *, ratio: float = 0.3, spec: ModelSpec
+) -> dict[str, Any]:
     """Remove ``ratio`` of the output channels of each prunable layer of ``program``.
 
     Args:
@@ -76,8 +77,7 @@ def prune_structured(program: Path, out: Path, *, ratio: float = 0.3, spec: Mode
     from kiln.backends._torch import example_tensors, export_dynamic_shapes, input_dims
 
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"prune ratio {ratio}: use a share of channels between 0 and 1, "
-                         "like 0.3")
+        raise ValueError(f"prune ratio {ratio}: use a share of channels between 0 and 1, like 0.3")
     exported = torch.export.load(str(program))
     shapes = input_dims(exported)
     examples = example_tensors(exported)
@@ -91,27 +91,43 @@ def prune_structured(program: Path, out: Path, *, ratio: float = 0.3, spec: Mode
         layers, skipped = _prune_module(module, ratio)
     if not layers:
         reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or "no layers"
-        fix = ("raise optimize.prune_ratio" if skipped and all("removes none" in s["reason"]
-                                                               for s in skipped)
-               else "structured pruning needs a linear or conv2d layer that feeds another "
-                    "through channel-wise ops; set optimize.prune to false for this model")
+        fix = (
+            "raise optimize.prune_ratio"
+            if skipped and all("removes none" in s["reason"] for s in skipped)
+            else "structured pruning needs a linear or conv2d layer that feeds another "
+            "through channel-wise ops; set optimize.prune to false for this model"
+        )
         raise VariantUnavailable(
-            f"structured pruning found nothing to prune at ratio {ratio} ({reasons}): {fix}")
+            f"structured pruning found nothing to prune at ratio {ratio} ({reasons}): {fix}"
+        )
     module.recompile()
     with torch.no_grad():
         got = _outputs(module, examples)
-    pruned = torch.export.export(module, tuple(examples),
-                                 dynamic_shapes=export_dynamic_shapes(shapes))
+    pruned = torch.export.export(
+        module, tuple(examples), dynamic_shapes=export_dynamic_shapes(shapes)
+    )
     _check_shapes(pruned, spec, reference)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(pruned, str(out))
-    record = {"ratio": ratio, "criterion": CRITERION, "layers": layers, "skipped": skipped,
-              "params_before": params_before, "params_after": _count_params(module),
-              "max_abs_diff": max(float((g.float() - r.float()).abs().max())
-                                  for g, r in zip(got, reference, strict=True))}
-    log.info("pruned %s: %d layers, params %d -> %d, skipped %s", program.name, len(layers),
-             record["params_before"], record["params_after"],
-             [s["name"] for s in skipped])
+    record = {
+        "ratio": ratio,
+        "criterion": CRITERION,
+        "layers": layers,
+        "skipped": skipped,
+        "params_before": params_before,
+        "params_after": _count_params(module),
+        "max_abs_diff": max(
+            float((g.float() - r.float()).abs().max()) for g, r in zip(got, reference, strict=True)
+        ),
+    }
+    log.info(
+        "pruned %s: %d layers, params %d -> %d, skipped %s",
+        program.name,
+        len(layers),
+        record["params_before"],
+        record["params_after"],
+        [s["name"] for s in skipped],
+    )
     return record
 
 
@@ -123,18 +139,35 @@ def _ops() -> dict[str, set[Any]]:
     aten = torch.ops.aten
     return {
         # one input tensor in, same shape out, each element on its own
-        "elementwise": {aten.relu.default, aten.relu_.default, aten.gelu.default,
-                        aten.silu.default, aten.sigmoid.default, aten.tanh.default,
-                        aten.hardtanh.default, aten.hardswish.default, aten.leaky_relu.default,
-                        aten.elu.default, aten.mish.default, aten.softplus.default,
-                        aten.dropout.default, aten.clone.default, aten.contiguous.default,
-                        aten.alias.default, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
-                        aten.sub.Tensor},
+        "elementwise": {
+            aten.relu.default,
+            aten.relu_.default,
+            aten.gelu.default,
+            aten.silu.default,
+            aten.sigmoid.default,
+            aten.tanh.default,
+            aten.hardtanh.default,
+            aten.hardswish.default,
+            aten.leaky_relu.default,
+            aten.elu.default,
+            aten.mish.default,
+            aten.softplus.default,
+            aten.dropout.default,
+            aten.clone.default,
+            aten.contiguous.default,
+            aten.alias.default,
+            aten.mul.Tensor,
+            aten.div.Tensor,
+            aten.add.Tensor,
+            aten.sub.Tensor,
+        },
         # NCHW: per-channel over the spatial dims
-        "spatial": {aten.max_pool2d.default, aten.avg_pool2d.default,
-                    aten.adaptive_avg_pool2d.default},
-        "batch_norm": {aten.batch_norm.default,
-                       aten._native_batch_norm_legit_no_training.default},
+        "spatial": {
+            aten.max_pool2d.default,
+            aten.avg_pool2d.default,
+            aten.adaptive_avg_pool2d.default,
+        },
+        "batch_norm": {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default},
         "flatten": {aten.flatten.using_ints},
         "view": {aten.view.default, aten.reshape.default, aten._unsafe_view.default},
         "mean": {aten.mean.dim},
@@ -145,8 +178,9 @@ def _ops() -> dict[str, set[Any]]:
     }
 
 
-def _prune_module(module: GraphModule, ratio: float
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _prune_module(
+    module: GraphModule, ratio: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Prune every prunable layer of ``module`` in place, in graph order."""
     ops = _ops()
     layers: list[dict[str, Any]] = []
@@ -170,8 +204,9 @@ def _prune_module(module: GraphModule, ratio: float
             channels = _attr(module, node.args[1].target).shape[0]
             for consumer, block in group.consumers:
                 if _attr(module, consumer.args[1].target).shape[1] != channels * block:
-                    raise _Unfollowable(f"{_layer_name(consumer)} reads its output in a layout "
-                                        "Kiln does not follow")
+                    raise _Unfollowable(
+                        f"{_layer_name(consumer)} reads its output in a layout Kiln does not follow"
+                    )
             remove = min(math.floor(ratio * channels + 1e-9), channels - 1)
             if remove < 1:
                 raise _Unfollowable(f"{channels} channels: ratio {ratio} removes none")
@@ -180,9 +215,16 @@ def _prune_module(module: GraphModule, ratio: float
             continue
         keep, removed = _choose(_attr(module, node.args[1].target), remove)
         _apply(module, group, keep, channels)
-        layers.append({"name": name, "op": kind, "channels_before": channels,
-                       "channels_after": len(keep), "removed": removed,
-                       "consumers": [_layer_name(c) for c, _ in group.consumers]})
+        layers.append(
+            {
+                "name": name,
+                "op": kind,
+                "channels_before": channels,
+                "channels_after": len(keep),
+                "removed": removed,
+                "consumers": [_layer_name(c) for c, _ in group.consumers],
+            }
+        )
     return layers, skipped
 
 
@@ -222,9 +264,14 @@ def _follow(producer: Node, kind: str, ops: dict[str, set[Any]]) -> _Group:
                 if user.args[1] != 0:
                     raise _Unfollowable(f"reads item {user.args[1]} of {node.name}")
                 stack.append((user, where, block))
-            elif op in ops["elementwise"] and tensors == [node] and user.args[0] is node:
-                stack.append((user, where, block))
-            elif op in ops["spatial"] and where == "nchw" and user.args[0] is node:
+            elif (
+                op in ops["elementwise"]
+                and tensors == [node]
+                and user.args[0] is node
+                or op in ops["spatial"]
+                and where == "nchw"
+                and user.args[0] is node
+            ):
                 stack.append((user, where, block))
             elif op in ops["batch_norm"] and user.args[0] is node and _channel_dim_1(node, where):
                 if not all(_is_attr(a) or a is None for a in user.args[1:5]):
@@ -236,20 +283,36 @@ def _follow(producer: Node, kind: str, ops: dict[str, set[Any]]) -> _Group:
             elif where == "nchw" and op in ops["view"] and _flat_view(user, node):
                 group.views.append((user, block * _spatial(node)))
                 stack.append((user, "last", block * _spatial(node)))
-            elif (where == "nchw" and op in ops["mean"] and user.args[0] is node
-                  and isinstance(user.args[1], list | tuple)
-                  and sorted(d % 4 for d in user.args[1]) == [2, 3]):
+            elif (
+                where == "nchw"
+                and op in ops["mean"]
+                and user.args[0] is node
+                and isinstance(user.args[1], list | tuple)
+                and sorted(d % 4 for d in user.args[1]) == [2, 3]
+            ):
                 keepdim = bool(user.args[2]) if len(user.args) > 2 else False
                 stack.append((user, "nchw" if keepdim else "last", block))
-            elif (op in ops["linear"] and where == "last" and user.args[0] is node
-                  and _is_attr(user.args[1]) and node not in user.args[1:]):
+            elif (
+                op in ops["linear"]
+                and where == "last"
+                and user.args[0] is node
+                and _is_attr(user.args[1])
+                and node not in user.args[1:]
+            ):
                 group.consumers.append((user, block))
-            elif (op in ops["conv2d"] and where == "nchw" and user.args[0] is node
-                  and _is_attr(user.args[1]) and _conv_groups(user) == 1):
+            elif (
+                op in ops["conv2d"]
+                and where == "nchw"
+                and user.args[0] is node
+                and _is_attr(user.args[1])
+                and _conv_groups(user) == 1
+            ):
                 group.consumers.append((user, 1))
             else:
-                raise _Unfollowable(f"its output reaches {_describe(user)}, which Kiln does not "
-                                    "follow (a residual, or an op that mixes channels)")
+                raise _Unfollowable(
+                    f"its output reaches {_describe(user)}, which Kiln does not "
+                    "follow (a residual, or an op that mixes channels)"
+                )
     return group
 
 
@@ -396,6 +459,8 @@ def _check_shapes(program: Any, spec: ModelSpec, reference: list[torch.Tensor]) 
         got = flatten_outputs(module(*sample_inputs(spec.inputs, batch=batch, dynamic=8)))
         want = [(batch, *r.shape[1:]) for r in reference]
         if [tuple(g.shape) for g in got] != want:
-            raise RuntimeError(f"the pruned program returns shapes "
-                               f"{[tuple(g.shape) for g in got]} at batch {batch}, the model "
-                               f"{want}: a pruning bug, report it with the model")
+            raise RuntimeError(
+                f"the pruned program returns shapes "
+                f"{[tuple(g.shape) for g in got]} at batch {batch}, the model "
+                f"{want}: a pruning bug, report it with the model"
+            )

@@ -16,14 +16,14 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from kiln.registry import crud
-from kiln.registry.db import session_scope
 from kiln.errors import Conflict, NotFound
 from kiln.optimize.pipeline import OptimizeSettings
+from kiln.optimize.validate import GateSettings
+from kiln.registry import crud
+from kiln.registry.db import session_scope
 from kiln.registry.tables import ArtifactKind, OptimizationJob, Task, VersionStatus
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
-from kiln.optimize.validate import GateSettings
 
 META_KEY = "reoptimized_from"
 
@@ -41,19 +41,31 @@ class Production:
 def productions(settings: Settings, model: str | None = None) -> list[Production]:
     """Every model with a stable version (or just ``model``, which must exist)."""
     with session_scope(settings.db_url) as session:
-        models = ([crud.require_model(session=session, name=model)] if model is not None
-                  else list(crud.list_models(session=session)))
+        models = (
+            [crud.require_model(session=session, name=model)]
+            if model is not None
+            else list(crud.list_models(session=session))
+        )
         found = []
         for row in models:
             dep = crud.get_deployment(session=session, model=row)
             if dep is None or dep.stable_version_id is None:
                 continue
             stable = session.get(crud.ModelVersion, dep.stable_version_id)
-            canary = (session.get(crud.ModelVersion, dep.canary_version_id)
-                      if dep.canary_version_id else None)
+            canary = (
+                session.get(crud.ModelVersion, dep.canary_version_id)
+                if dep.canary_version_id
+                else None
+            )
             assert stable is not None
-            found.append(Production(model=row.name, version=stable.version, task=str(row.task),
-                                    canary=canary.version if canary else None))
+            found.append(
+                Production(
+                    model=row.name,
+                    version=stable.version,
+                    task=str(row.task),
+                    canary=canary.version if canary else None,
+                )
+            )
         return found
 
 
@@ -64,25 +76,46 @@ def register_candidate(settings: Settings, production: Production) -> str:
     store = ArtifactStore(settings.home, settings.remote_url).ensure()
     with store.locked(), session_scope(settings.db_url) as session:
         model = crud.require_model(session=session, name=production.model)
-        prod = crud.require_version(session=session, name=production.model,
-                                    version=production.version)
-        source = next((a for a in crud.list_artifacts(session=session, version=prod)
-                       if a.kind == ArtifactKind.source), None)
+        prod = crud.require_version(
+            session=session, name=production.model, version=production.version
+        )
+        source = next(
+            (
+                a
+                for a in crud.list_artifacts(session=session, version=prod)
+                if a.kind == ArtifactKind.source
+            ),
+            None,
+        )
         if source is None:
-            raise NotFound(f"{production.model}@{production.version} has no source artifact to "
-                           "re-optimize")
+            raise NotFound(
+                f"{production.model}@{production.version} has no source artifact to re-optimize"
+            )
         store.verified_path(source.path, source.sha256)  # present and intact, or refused
         number = crud.next_version(session=session, model=model)
         row = crud.create_version(
-            session=session, model=model, version=number, source_format=prod.source_format,
-            source_sha256=prod.source_sha256, spec=dict(prod.spec),
-            meta={**(prod.meta or {}), META_KEY: prod.version})
+            session=session,
+            model=model,
+            version=number,
+            source_format=prod.source_format,
+            source_sha256=prod.source_sha256,
+            spec=dict(prod.spec),
+            meta={**(prod.meta or {}), META_KEY: prod.version},
+        )
         row.optimization_config = dict((model.settings or {}).get("optimize", {}))
         session.add(row)
-        crud.add_artifact(session=session, version=row, kind=ArtifactKind.source,
-                          backend=source.backend, precision=source.precision, path=source.path,
-                          sha256=source.sha256, size=source.size, dvc_hash=source.dvc_hash,
-                          selected=True)
+        crud.add_artifact(
+            session=session,
+            version=row,
+            kind=ArtifactKind.source,
+            backend=source.backend,
+            precision=source.precision,
+            path=source.path,
+            sha256=source.sha256,
+            size=source.size,
+            dvc_hash=source.dvc_hash,
+            selected=True,
+        )
         return number
 
 
@@ -93,14 +126,18 @@ def optimize_report(settings: Settings, model: str, version: str) -> dict[str, A
         row = crud.require_version(session=session, name=model, version=version)
         job = session.exec(
             select(OptimizationJob)
-            .where(OptimizationJob.version_id == row.id,
-                   OptimizationJob.optimization_type == "optimize",
-                   OptimizationJob.status == "done")
-            .order_by(col(OptimizationJob.id).desc())).first()
+            .where(
+                OptimizationJob.version_id == row.id,
+                OptimizationJob.optimization_type == "optimize",
+                OptimizationJob.status == "done",
+            )
+            .order_by(col(OptimizationJob.id).desc())
+        ).first()
         if job is None or not (job.metrics or {}).get("selected"):
             return None
-        selected = next((a for a in crud.list_artifacts(session=session, version=row)
-                         if a.selected), None)
+        selected = next(
+            (a for a in crud.list_artifacts(session=session, version=row) if a.selected), None
+        )
         return {**job.metrics, "selected_sha256": selected.sha256 if selected else None}
 
 
@@ -122,8 +159,14 @@ def _batch(gates: GateSettings, a: dict[str, Any], b: dict[str, Any]) -> str | N
     return max(common, key=int) if common else None
 
 
-def compare(*, task: str, model_settings: dict[str, Any], production: dict[str, Any] | None,
-            candidate: dict[str, Any], min_speedup: float) -> dict[str, Any]:
+def compare(
+    *,
+    task: str,
+    model_settings: dict[str, Any],
+    production: dict[str, Any] | None,
+    candidate: dict[str, Any],
+    min_speedup: float,
+) -> dict[str, Any]:
     """Is the candidate's selected variant at least ``min_speedup`` times faster than the
     production version's at the serving batch, at equal quality (its metric no lower than
     production's by more than the model's gate)?
@@ -133,11 +176,15 @@ def compare(*, task: str, model_settings: dict[str, Any], production: dict[str, 
     The same served artifact (same sha256) is no improvement whatever the timings say.
     """
     gates = OptimizeSettings.for_model(model_settings).gates
-    result: dict[str, Any] = {"better": False, "speedup": None, "throughput_ratio": None,
-                              "metric_drop": None, "batch": None}
+    result: dict[str, Any] = {
+        "better": False,
+        "speedup": None,
+        "throughput_ratio": None,
+        "metric_drop": None,
+        "batch": None,
+    }
     if production is None:
-        return {**result, "reason": "the production version has no optimize report to "
-                                    "compare with"}
+        return {**result, "reason": "the production version has no optimize report to compare with"}
     prod, cand = production["selected"], candidate["selected"]
     result["production_variant"] = f"{prod['backend']}/{prod['precision']}"
     result["candidate_variant"] = f"{cand['backend']}/{cand['precision']}"
@@ -150,26 +197,37 @@ def compare(*, task: str, model_settings: dict[str, Any], production: dict[str, 
     speedup = round(p50_prod / max(p50_cand, 1e-9), 3)
     tp_prod, tp_cand = prod.get("throughput", {}).get(batch), cand.get("throughput", {}).get(batch)
     result["speedup"] = speedup
-    result["throughput_ratio"] = (round(tp_cand / tp_prod, 3) if tp_prod and tp_cand else None)
+    result["throughput_ratio"] = round(tp_cand / tp_prod, 3) if tp_prod and tp_cand else None
     drop = float(prod["metric"]) - float(cand["metric"])
     result["metric_drop"] = round(drop, 6) if math.isfinite(drop) else None
     allowed = _allowed_drop(Task(task), gates, float(prod["metric"]))
-    timing = (f"{result['candidate_variant']} p50 {p50_cand:.4g} ms against "
-              f"{result['production_variant']} {p50_prod:.4g} ms at batch {batch}: "
-              f"{speedup:.2f}x")
+    timing = (
+        f"{result['candidate_variant']} p50 {p50_cand:.4g} ms against "
+        f"{result['production_variant']} {p50_prod:.4g} ms at batch {batch}: "
+        f"{speedup:.2f}x"
+    )
     if (same := production.get("selected_sha256")) and same == candidate.get("selected_sha256"):
-        return {**result, "speedup": 1.0,
-                "reason": f"the candidate serves the same artifact as production "
-                          f"(sha256 {same[:12]}...): nothing to gain"}
+        return {
+            **result,
+            "speedup": 1.0,
+            "reason": f"the candidate serves the same artifact as production "
+            f"(sha256 {same[:12]}...): nothing to gain",
+        }
     if not math.isfinite(drop) or drop > allowed:
-        return {**result, "reason": f"{timing}, but its metric {cand['metric']:.4f} is below "
-                                    f"production's {prod['metric']:.4f} by more than the gate "
-                                    f"({allowed:g})"}
+        return {
+            **result,
+            "reason": f"{timing}, but its metric {cand['metric']:.4f} is below "
+            f"production's {prod['metric']:.4f} by more than the gate "
+            f"({allowed:g})",
+        }
     if speedup < min_speedup:
         return {**result, "reason": f"{timing}, under the {min_speedup:g}x needed"}
-    return {**result, "better": True,
-            "reason": f"{timing} (>= {min_speedup:g}x), metric {cand['metric']:.4f} against "
-                      f"{prod['metric']:.4f}"}
+    return {
+        **result,
+        "better": True,
+        "reason": f"{timing} (>= {min_speedup:g}x), metric {cand['metric']:.4f} against "
+        f"{prod['metric']:.4f}",
+    }
 
 
 def discard_candidate(settings: Settings, model: str, version: str) -> list[str]:
@@ -181,8 +239,10 @@ def discard_candidate(settings: Settings, model: str, version: str) -> list[str]
         with session_scope(settings.db_url) as session:
             row = crud.require_version(session=session, name=model, version=version)
             if META_KEY not in (row.meta or {}):
-                raise Conflict(f"{model}@{version} is not a re-optimization candidate "
-                               f"(no {META_KEY} in its metadata): it stays")
+                raise Conflict(
+                    f"{model}@{version} is not a re-optimization candidate "
+                    f"(no {META_KEY} in its metadata): it stays"
+                )
             paths = crud.delete_version(session=session, version=row)
             referenced = crud.stored_paths(session=session)
         # committed: the rows are gone; now the files only they named

@@ -85,16 +85,19 @@ def trim_padding(batch: list[np.ndarray], mask_index: int | None) -> list[np.nda
     return [x[:, :length] if x.ndim == 2 and x.shape == mask.shape else x for x in batch]
 
 
-def batches_of(inputs: Sequence[np.ndarray], size: int, mask_index: int | None = None
-               ) -> list[list[np.ndarray]]:
+def batches_of(
+    inputs: Sequence[np.ndarray], size: int, mask_index: int | None = None
+) -> list[list[np.ndarray]]:
     """Split aligned input arrays into batches of ``size`` rows (the last may be smaller)."""
     rows = len(inputs[0])
-    return [trim_padding([x[i : i + size] for x in inputs], mask_index)
-            for i in range(0, rows, size)]
+    return [
+        trim_padding([x[i : i + size] for x in inputs], mask_index) for i in range(0, rows, size)
+    ]
 
 
-def run_all(runner: Runner, inputs: Sequence[np.ndarray], batch: int = 32,
-            mask_index: int | None = None) -> list[np.ndarray]:
+def run_all(
+    runner: Runner, inputs: Sequence[np.ndarray], batch: int = 32, mask_index: int | None = None
+) -> list[np.ndarray]:
     """The runner's outputs over every row, concatenated per output."""
     parts = [runner(b) for b in batches_of(inputs, batch, mask_index)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
@@ -108,10 +111,15 @@ def quality(
     baseline = baseline.astype(np.float64)
     if task is Task.embedding:
         cos = _cosine(outputs, baseline)
-        return Quality(metric=float(cos.mean()), metric_min=float(cos.min()),
-                       agreement=_neighbour_agreement(outputs, baseline))
+        return Quality(
+            metric=float(cos.mean()),
+            metric_min=float(cos.min()),
+            agreement=_neighbour_agreement(outputs, baseline),
+        )
     if task is Task.regression:
-        target = labels.astype(np.float64).reshape(outputs.shape) if labels is not None else baseline
+        target = (
+            labels.astype(np.float64).reshape(outputs.shape) if labels is not None else baseline
+        )
         rmse = float(np.sqrt(np.mean((outputs - target) ** 2)))
         return Quality(metric=-rmse)
     agreement = float(np.mean(outputs.argmax(-1) == baseline.argmax(-1)))
@@ -142,8 +150,12 @@ def _neighbour_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(nearest(a) == nearest(b)))
 
 
-def timing(runner: Runner, inputs: Sequence[np.ndarray], settings: TimingSettings,
-           mask_index: int | None = None) -> Speed:
+def timing(
+    runner: Runner,
+    inputs: Sequence[np.ndarray],
+    settings: TimingSettings,
+    mask_index: int | None = None,
+) -> Speed:
     """Latency percentiles and throughput at each batch size, after warm-up."""
     latency: dict[str, dict[str, float]] = {}
     throughput: dict[str, float] = {}
@@ -160,8 +172,10 @@ def timing(runner: Runner, inputs: Sequence[np.ndarray], settings: TimingSetting
             runner(feed)
             samples.append((time.perf_counter() - start) * 1000.0)
         ms = np.asarray(samples)
-        latency[str(batch)] = {p: round(float(np.percentile(ms, q)), 4)
-                               for p, q in (("p50", 50), ("p95", 95), ("p99", 99))}
+        latency[str(batch)] = {
+            p: round(float(np.percentile(ms, q)), 4)
+            for p, q in (("p50", 50), ("p95", 95), ("p99", 99))
+        }
         throughput[str(batch)] = round(batch * 1000.0 / float(ms.mean()), 2)
     return Speed(latency_ms=latency, throughput=throughput)
 
@@ -198,12 +212,15 @@ def judge(
         if variant.metric_drop > allowed:
             reasons.append(f"RMSE up {variant.metric_drop:.4g} (allowed {allowed:.4g})")
     elif variant.metric_drop > gates.max_accuracy_drop:
-        reasons.append(f"accuracy drop {variant.metric_drop * 100:.2f} points "
-                       f"> {gates.max_accuracy_drop * 100:.2f}")
+        reasons.append(
+            f"accuracy drop {variant.metric_drop * 100:.2f} points "
+            f"> {gates.max_accuracy_drop * 100:.2f}"
+        )
     key = str(gates.serving_batch)
     if key in variant.latency_ms and key in baseline.latency_ms:
         variant.speedup = round(
-            baseline.latency_ms[key]["p50"] / max(variant.latency_ms[key]["p50"], 1e-9), 3)
+            baseline.latency_ms[key]["p50"] / max(variant.latency_ms[key]["p50"], 1e-9), 3
+        )
         if variant.speedup < gates.min_speedup:
             reasons.append(f"{variant.speedup:.2f}x at batch {key} < {gates.min_speedup}x")
     variant.reasons = reasons
@@ -243,4 +260,3 @@ def evaluate(
     q = quality(task, outputs, reference, labels)
     speed = timing(runner, inputs, timing_settings, mask_index) if time_it else None
     return q, speed, outputs
-

@@ -31,9 +31,9 @@ from sqlalchemy import Engine, exists, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
 
+from kiln.errors import Conflict, ExternalToolError, IntegrityError, InvalidInput, KilnError
 from kiln.registry import crud
 from kiln.registry.db import dispose_engines, engine_for, make_engine
-from kiln.errors import Conflict, ExternalToolError, IntegrityError, InvalidInput, KilnError
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore, _dvc_repo_class
 
@@ -116,9 +116,19 @@ def _pg_snapshot(engine: Engine, url: str, snapshot: Path) -> tuple[str, list[di
             with Session(bind=conn) as session:
                 items = _referenced(session)
             # The exported snapshot lives as long as this transaction: dump inside it.
-            _run(["pg_dump", "--format=custom", "--no-owner", "--no-privileges",
-                  f"--snapshot={snapshot_id}", f"--schema={_quote(schema)}",
-                  f"--file={snapshot}", *_pg_conn(url)], env=_pg_env(url))
+            _run(
+                [
+                    "pg_dump",
+                    "--format=custom",
+                    "--no-owner",
+                    "--no-privileges",
+                    f"--snapshot={snapshot_id}",
+                    f"--schema={_quote(schema)}",
+                    f"--file={snapshot}",
+                    *_pg_conn(url),
+                ],
+                env=_pg_env(url),
+            )
     return schema, items
 
 
@@ -137,8 +147,10 @@ def restore(settings: Settings, src: Path) -> dict[str, Any]:
     items = [(item["path"], item["sha256"]) for item in manifest["artifacts"]]
     with store.locked():  # no upload into this home while it is being restored
         if not _registry_empty(url):
-            raise Conflict("the registry is not empty: restore into an empty one (a new "
-                           "KILN_HOME, or an empty schema in KILN_DATABASE_URL)")
+            raise Conflict(
+                "the registry is not empty: restore into an empty one (a new "
+                "KILN_HOME, or an empty schema in KILN_DATABASE_URL)"
+            )
         if kind == "postgresql":
             _check_pg_target(url, manifest["schema"])
         _use_remote(store, remote)
@@ -168,12 +180,16 @@ def _read_manifest(src: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((src / MANIFEST).read_text())
     except (OSError, ValueError):
-        raise InvalidInput(f"{src} is not a Kiln backup (no readable {MANIFEST}): pass the "
-                           "folder `kiln backup` wrote") from None
+        raise InvalidInput(
+            f"{src} is not a Kiln backup (no readable {MANIFEST}): pass the "
+            "folder `kiln backup` wrote"
+        ) from None
     try:
         if manifest["kiln_backup"] != FORMAT:
-            raise InvalidInput(f"{src} is a backup of format {manifest['kiln_backup']}; this "
-                               f"Kiln reads format {FORMAT}: restore it with a matching Kiln")
+            raise InvalidInput(
+                f"{src} is a backup of format {manifest['kiln_backup']}; this "
+                f"Kiln reads format {FORMAT}: restore it with a matching Kiln"
+            )
         if manifest["database"] not in ("sqlite", "postgresql") or not all(
             isinstance(i["path"], str) and isinstance(i["sha256"], str)
             for i in manifest["artifacts"]
@@ -195,8 +211,7 @@ def _registry_empty(url: str) -> bool:
         present = set(inspect(engine).get_table_names())
         tables = [t for t in SQLModel.metadata.sorted_tables if t.name in present]
         with engine.connect() as conn:
-            return not any(conn.execute(select(exists().select_from(t))).scalar()
-                           for t in tables)
+            return not any(conn.execute(select(exists().select_from(t))).scalar() for t in tables)
     finally:
         engine.dispose()
 
@@ -208,23 +223,31 @@ def _install_pointer(store: ArtifactStore, src: Path, rel: str) -> None:
     try:
         meta = yaml.safe_load(pointer.read_text())
         outs = meta["outs"]
-        ok = (set(meta) <= POINTER_KEYS and len(outs) == 1 and outs[0]["path"] == target.name
-              and isinstance(outs[0]["md5"], str))
+        ok = (
+            set(meta) <= POINTER_KEYS
+            and len(outs) == 1
+            and outs[0]["path"] == target.name
+            and isinstance(outs[0]["md5"], str)
+        )
     except (OSError, yaml.YAMLError, KeyError, TypeError, IndexError):
         ok = False
     if not ok:
-        raise InvalidInput(f"the backup's DVC pointer for {rel} is missing or malformed: pass an "
-                           "unmodified backup")
+        raise InvalidInput(
+            f"the backup's DVC pointer for {rel} is missing or malformed: pass an unmodified backup"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(pointer, f"{target}.dvc")
 
 
 def _use_remote(store: ArtifactStore, remote: str) -> None:
     """Point the home's DVC repository at ``remote`` (it may have been set up with another)."""
-    with redirect_stdout(sys.stderr), _dvc_repo_class()(str(store.home)) as repo:
-        with repo.config.edit() as conf:
-            conf["remote"]["kiln"] = {"url": remote}
-            conf["core"]["remote"] = "kiln"
+    with (
+        redirect_stdout(sys.stderr),
+        _dvc_repo_class()(str(store.home)) as repo,
+        repo.config.edit() as conf,
+    ):
+        conf["remote"]["kiln"] = {"url": remote}
+        conf["core"]["remote"] = "kiln"
 
 
 def _check_remote(store: ArtifactStore, remote: str, rels: list[str]) -> None:
@@ -236,8 +259,7 @@ def _check_remote(store: ArtifactStore, remote: str, rels: list[str]) -> None:
         with redirect_stdout(sys.stderr), _dvc_repo_class()(str(store.home)) as repo:
             status = repo.status(targets=targets, cloud=True)
     except Exception as exc:
-        raise ExternalToolError(_one_line(f"cannot read the DVC remote {remote}: {exc}")) \
-            from None
+        raise ExternalToolError(_one_line(f"cannot read the DVC remote {remote}: {exc}")) from None
     lost = sorted(rel for rel, state in status.items() if state == "missing")
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
@@ -272,11 +294,15 @@ def _check_pg_target(url: str, schema: str) -> None:
     finally:
         engine.dispose()
     if current is None:
-        raise InvalidInput("KILN_DATABASE_URL's search_path names no existing schema: create "
-                           f"the backup's (CREATE SCHEMA {schema}) and point search_path at it")
+        raise InvalidInput(
+            "KILN_DATABASE_URL's search_path names no existing schema: create "
+            f"the backup's (CREATE SCHEMA {schema}) and point search_path at it"
+        )
     if current != schema:
-        raise InvalidInput(f"this backup holds schema {schema!r} but KILN_DATABASE_URL uses "
-                           f"{current!r}: restore with options=-csearch_path={schema}")
+        raise InvalidInput(
+            f"this backup holds schema {schema!r} but KILN_DATABASE_URL uses "
+            f"{current!r}: restore with options=-csearch_path={schema}"
+        )
 
 
 def _install_pg(dump: Path, url: str) -> None:
@@ -302,9 +328,19 @@ def _install_pg(dump: Path, url: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write("\n".join(keep) + "\n")
-        _run(["pg_restore", "--no-owner", "--no-privileges", "--single-transaction",
-              "--exit-on-error", f"--use-list={toc_path}", *_pg_conn(url), str(dump)],
-             env=_pg_env(url))
+        _run(
+            [
+                "pg_restore",
+                "--no-owner",
+                "--no-privileges",
+                "--single-transaction",
+                "--exit-on-error",
+                f"--use-list={toc_path}",
+                *_pg_conn(url),
+                str(dump),
+            ],
+            env=_pg_env(url),
+        )
     finally:
         toc_path.unlink(missing_ok=True)
 
@@ -344,8 +380,10 @@ def _is_sqlite(url: str) -> bool:
 def _sqlite_path(url: str) -> Path:
     database = make_url(url).database
     if not database or database == ":memory:":
-        raise InvalidInput("an in-memory SQLite registry cannot be backed up or restored: set "
-                           "KILN_HOME or a file-backed KILN_DATABASE_URL")
+        raise InvalidInput(
+            "an in-memory SQLite registry cannot be backed up or restored: set "
+            "KILN_HOME or a file-backed KILN_DATABASE_URL"
+        )
     return Path(database)
 
 
@@ -355,16 +393,21 @@ def _one_line(message: str) -> str:
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env=env, check=False
+        )
     except FileNotFoundError:
-        raise ExternalToolError(f"{cmd[0]} is not installed: install the PostgreSQL client "
-                                "tools (pg_dump, pg_restore) of the server's major version") \
-            from None
+        raise ExternalToolError(
+            f"{cmd[0]} is not installed: install the PostgreSQL client "
+            "tools (pg_dump, pg_restore) of the server's major version"
+        ) from None
     except subprocess.TimeoutExpired:
         raise ExternalToolError(f"{cmd[0]} ran for over 600 s: check the database") from None
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
-        reason = next((line for line in lines if "error" in line.lower()),
-                      lines[-1] if lines else f"exit status {proc.returncode}")
+        reason = next(
+            (line for line in lines if "error" in line.lower()),
+            lines[-1] if lines else f"exit status {proc.returncode}",
+        )
         raise ExternalToolError(_one_line(f"{cmd[0]} failed: {reason}"))
     return proc.stdout

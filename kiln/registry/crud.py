@@ -62,8 +62,7 @@ def require_model(*, session: Session, name: str) -> Model:
     return model
 
 
-def update_model_settings(*, session: Session, model: Model, settings: dict[str, Any]
-                          ) -> Model:
+def update_model_settings(*, session: Session, model: Model, settings: dict[str, Any]) -> Model:
     """Merge ``settings`` into the model's (gates, optimize, batching, replicas...)."""
     model.settings = {**model.settings, **settings}
     session.add(model)
@@ -166,8 +165,14 @@ def set_version_status(
 
 
 # Versions that were never offered to traffic: the only ones delete_version removes.
-NEVER_DEPLOYED = frozenset({VersionStatus.uploaded, VersionStatus.optimizing,
-                            VersionStatus.validated, VersionStatus.rejected})
+NEVER_DEPLOYED = frozenset(
+    {
+        VersionStatus.uploaded,
+        VersionStatus.optimizing,
+        VersionStatus.validated,
+        VersionStatus.rejected,
+    }
+)
 
 
 def delete_version(*, session: Session, version: ModelVersion) -> list[str]:
@@ -184,21 +189,30 @@ def delete_version(*, session: Session, version: ModelVersion) -> list[str]:
     assert model is not None
     ref = f"{model.name}@{version.version}"
     if VersionStatus(version.status) not in NEVER_DEPLOYED:
-        raise IllegalTransition(f"{ref} is {version.status}: only a version that was never "
-                                "deployed can be deleted (versions are immutable records)")
+        raise IllegalTransition(
+            f"{ref} is {version.status}: only a version that was never "
+            "deployed can be deleted (versions are immutable records)"
+        )
     dep = get_deployment(session=session, model=model)
     if dep is not None:
         if version.id in (dep.stable_version_id, dep.canary_version_id):
             raise IllegalTransition(f"{ref} is referenced by {model.name}'s deployment")
-        named = [e for e in list_deployment_events(session=session, deployment=dep)
-                 if (e.detail or {}).get("version") == version.version
-                 or (e.detail or {}).get("previous") == version.version]
+        named = [
+            e
+            for e in list_deployment_events(session=session, deployment=dep)
+            if (e.detail or {}).get("version") == version.version
+            or (e.detail or {}).get("previous") == version.version
+        ]
         if named:
-            raise IllegalTransition(f"{ref} is named in {model.name}'s deployment history "
-                                    f"({named[0].kind}): it cannot be deleted")
-    served = session.exec(select(InferenceRecord).where(
-        InferenceRecord.model_name == model.name,
-        InferenceRecord.version == version.version)).first()
+            raise IllegalTransition(
+                f"{ref} is named in {model.name}'s deployment history "
+                f"({named[0].kind}): it cannot be deleted"
+            )
+    served = session.exec(
+        select(InferenceRecord).where(
+            InferenceRecord.model_name == model.name, InferenceRecord.version == version.version
+        )
+    ).first()
     if served is not None:
         raise IllegalTransition(f"{ref} has served requests: it cannot be deleted")
     paths: list[str] = []
@@ -305,8 +319,13 @@ def dataset_for(*, session: Session, version: ModelVersion) -> Dataset | None:
         .order_by(col(Dataset.id).desc())
     ).all()
     own = [d for d in rows if d.version_id == version.id]
-    return own[0] if own else next((d for d in rows if d.version_id is None or
-                                     d.version_id < (version.id or 0)), None)
+    return (
+        own[0]
+        if own
+        else next(
+            (d for d in rows if d.version_id is None or d.version_id < (version.id or 0)), None
+        )
+    )
 
 
 # --- optimization jobs
@@ -345,8 +364,9 @@ def list_deployments(*, session: Session) -> Sequence[Deployment]:
     return session.exec(select(Deployment).order_by(col(Deployment.id))).all()
 
 
-def served_versions(*, session: Session) -> list[tuple[Model, Deployment, ModelVersion | None,
-                                                       ModelVersion | None]]:
+def served_versions(
+    *, session: Session
+) -> list[tuple[Model, Deployment, ModelVersion | None, ModelVersion | None]]:
     """Every deployment with its model, stable and canary versions (one query per table)."""
     rows = []
     for dep in list_deployments(session=session):
@@ -358,8 +378,9 @@ def served_versions(*, session: Session) -> list[tuple[Model, Deployment, ModelV
     return rows
 
 
-def deploy_direct(*, session: Session, version: ModelVersion, reason: str = "direct deploy"
-                  ) -> Deployment:
+def deploy_direct(
+    *, session: Session, version: ModelVersion, reason: str = "direct deploy"
+) -> Deployment:
     """Make ``version`` the model's stable version at once (no canary): the version becomes
     ``production``, the previous stable one ``retired``, and an event records the change.
 
@@ -380,7 +401,8 @@ def deploy_direct(*, session: Session, version: ModelVersion, reason: str = "dir
     if VersionStatus(version.status) not in (VersionStatus.validated, VersionStatus.retired):
         raise IllegalTransition(
             f"{model.name}@{version.version} is {version.status}: only a validated version can be "
-            f"deployed; run `kiln optimize {model.name}@{version.version}` first")
+            f"deployed; run `kiln optimize {model.name}@{version.version}` first"
+        )
     previous = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id else None
     set_version_status(session=session, version=version, status=VersionStatus.production)
     failpoint("deploy.after_status")  # RELIABILITY.md 21: killed mid-transaction
@@ -391,15 +413,23 @@ def deploy_direct(*, session: Session, version: ModelVersion, reason: str = "dir
     dep.updated_at = utcnow()
     session.add(dep)
     session.flush()
-    add_deployment_event(session=session, deployment=dep, kind="deploy", reason=reason,
-                         detail={"version": version.version,
-                                 "previous": previous.version if previous else None,
-                                 "strategy": "direct"})
+    add_deployment_event(
+        session=session,
+        deployment=dep,
+        kind="deploy",
+        reason=reason,
+        detail={
+            "version": version.version,
+            "previous": previous.version if previous else None,
+            "strategy": "direct",
+        },
+    )
     return dep
 
 
-def _swap_deployment(*, session: Session, dep: Deployment, expect_canary: int | None,
-                     **values: Any) -> None:
+def _swap_deployment(
+    *, session: Session, dep: Deployment, expect_canary: int | None, **values: Any
+) -> None:
     """Compare-and-swap on the deployment row: apply ``values`` only if its canary is still
     ``expect_canary``. Two concurrent promotes (or a promote and a rollback) cannot both win,
     on SQLite and PostgreSQL alike: the loser's UPDATE matches no row and it gets Conflict."""
@@ -407,13 +437,20 @@ def _swap_deployment(*, session: Session, dep: Deployment, expect_canary: int | 
 
     result = session.execute(
         update(Deployment)
-        .where(col(Deployment.id) == dep.id, col(Deployment.canary_version_id).is_(None)
-               if expect_canary is None else col(Deployment.canary_version_id) == expect_canary)
+        .where(
+            col(Deployment.id) == dep.id,
+            col(Deployment.canary_version_id).is_(None)
+            if expect_canary is None
+            else col(Deployment.canary_version_id) == expect_canary,
+        )
         .values(**values, updated_at=utcnow())
-        .execution_options(synchronize_session=False))
+        .execution_options(synchronize_session=False)
+    )
     if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise Conflict("the deployment changed while this change was being made (another "
-                       "promote or rollback won); check `kiln status` and retry")
+        raise Conflict(
+            "the deployment changed while this change was being made (another "
+            "promote or rollback won); check `kiln status` and retry"
+        )
     session.refresh(dep)
 
 
@@ -424,79 +461,150 @@ def _require_deployment(*, session: Session, model: Model) -> Deployment:
     return dep
 
 
-def start_canary(*, session: Session, version: ModelVersion, weight: float,
-                 reason: str = "canary started", shadow_share: float = 0.0) -> Deployment:
+def start_canary(
+    *,
+    session: Session,
+    version: ModelVersion,
+    weight: float,
+    reason: str = "canary started",
+    shadow_share: float = 0.0,
+) -> Deployment:
     """Make ``version`` the canary at ``weight`` beside the stable version, with
     ``shadow_share`` of the stable's requests mirrored to it (answers discarded, compared)."""
     model = session.get(Model, version.model_id)
     assert model is not None
     dep = _require_deployment(session=session, model=model)
     if dep.stable_version_id is None:
-        raise IllegalTransition(f"{model.name} has no stable version to canary against: deploy "
-                                "it with --strategy direct first")
+        raise IllegalTransition(
+            f"{model.name} has no stable version to canary against: deploy "
+            "it with --strategy direct first"
+        )
     if not 0.0 <= weight <= 1.0 or not 0.0 <= shadow_share <= 1.0:
-        raise InvalidInput(f"canary weight and shadow share must be between 0 and 1, got "
-                           f"{weight} and {shadow_share}")
+        raise InvalidInput(
+            f"canary weight and shadow share must be between 0 and 1, got "
+            f"{weight} and {shadow_share}"
+        )
     set_version_status(session=session, version=version, status=VersionStatus.canary)
-    _swap_deployment(session=session, dep=dep, expect_canary=None,
-                     canary_version_id=version.id, canary_weight=weight, state="canary",
-                     shadow_share=shadow_share)
-    add_deployment_event(session=session, deployment=dep, kind="canary", reason=reason,
-                         detail={"version": version.version, "weight": weight,
-                                 "shadow_share": shadow_share})
+    _swap_deployment(
+        session=session,
+        dep=dep,
+        expect_canary=None,
+        canary_version_id=version.id,
+        canary_weight=weight,
+        state="canary",
+        shadow_share=shadow_share,
+    )
+    add_deployment_event(
+        session=session,
+        deployment=dep,
+        kind="canary",
+        reason=reason,
+        detail={"version": version.version, "weight": weight, "shadow_share": shadow_share},
+    )
     return dep
 
 
-def set_canary_weight(*, session: Session, model: Model, weight: float, reason: str,
-                      detail: dict[str, Any] | None = None) -> Deployment:
+def set_canary_weight(
+    *,
+    session: Session,
+    model: Model,
+    weight: float,
+    reason: str,
+    detail: dict[str, Any] | None = None,
+) -> Deployment:
     dep = _require_deployment(session=session, model=model)
     if dep.canary_version_id is None:
         raise Conflict(f"{model.name} has no canary")
     if not 0.0 <= weight <= 1.0:
         raise InvalidInput(f"canary weight must be between 0 and 1, got {weight}")
-    _swap_deployment(session=session, dep=dep, expect_canary=dep.canary_version_id,
-                     canary_weight=weight)
-    add_deployment_event(session=session, deployment=dep, kind="weight", reason=reason,
-                         detail={"weight": weight, **(detail or {})})
+    _swap_deployment(
+        session=session, dep=dep, expect_canary=dep.canary_version_id, canary_weight=weight
+    )
+    add_deployment_event(
+        session=session,
+        deployment=dep,
+        kind="weight",
+        reason=reason,
+        detail={"weight": weight, **(detail or {})},
+    )
     return dep
 
 
-def promote(*, session: Session, model: Model, reason: str = "promoted",
-            detail: dict[str, Any] | None = None) -> Deployment:
+def promote(
+    *,
+    session: Session,
+    model: Model,
+    reason: str = "promoted",
+    detail: dict[str, Any] | None = None,
+) -> Deployment:
     """The canary becomes stable (production); the old stable version is retired."""
     dep = _require_deployment(session=session, model=model)
     if dep.canary_version_id is None:
         raise Conflict(f"{model.name} has no canary to promote")
     canary = session.get(ModelVersion, dep.canary_version_id)
     assert canary is not None
-    return _replace_stable(session=session, dep=dep, new=canary, kind="promote", reason=reason,
-                           detail=detail, canary_version_id=None, canary_weight=0.0,
-                           shadow_share=0.0)
+    return _replace_stable(
+        session=session,
+        dep=dep,
+        new=canary,
+        kind="promote",
+        reason=reason,
+        detail=detail,
+        canary_version_id=None,
+        canary_weight=0.0,
+        shadow_share=0.0,
+    )
 
 
-def _replace_stable(*, session: Session, dep: Deployment, new: ModelVersion, kind: str,
-                    reason: str, detail: dict[str, Any] | None, **values: Any) -> Deployment:
+def _replace_stable(
+    *,
+    session: Session,
+    dep: Deployment,
+    new: ModelVersion,
+    kind: str,
+    reason: str,
+    detail: dict[str, Any] | None,
+    **values: Any,
+) -> Deployment:
     """``new`` becomes the production (stable) version, the current one retires, one event."""
-    current = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id \
-        else None
-    _swap_deployment(session=session, dep=dep, expect_canary=dep.canary_version_id,
-                     stable_version_id=new.id, state="stable", **values)
+    current = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id else None
+    _swap_deployment(
+        session=session,
+        dep=dep,
+        expect_canary=dep.canary_version_id,
+        stable_version_id=new.id,
+        state="stable",
+        **values,
+    )
     # RELIABILITY.md 21 kills the process mid-transaction here ({promote,rollback}.after_swap)
     # and after the last write, before the caller commits ({promote,rollback}.after_event)
     failpoint(f"{kind}.after_swap")
     set_version_status(session=session, version=new, status=VersionStatus.production)
     if current is not None and VersionStatus(current.status) == VersionStatus.production:
         set_version_status(session=session, version=current, status=VersionStatus.retired)
-    add_deployment_event(session=session, deployment=dep, kind=kind, reason=reason,
-                         detail={"version": new.version,
-                                 "previous": current.version if current else None,
-                                 **(detail or {})})
+    add_deployment_event(
+        session=session,
+        deployment=dep,
+        kind=kind,
+        reason=reason,
+        detail={
+            "version": new.version,
+            "previous": current.version if current else None,
+            **(detail or {}),
+        },
+    )
     failpoint(f"{kind}.after_event")
     return dep
 
 
-def rollback(*, session: Session, model: Model, to_version: ModelVersion | None = None,
-             reason: str = "rolled back", detail: dict[str, Any] | None = None) -> Deployment:
+def rollback(
+    *,
+    session: Session,
+    model: Model,
+    to_version: ModelVersion | None = None,
+    reason: str = "rolled back",
+    detail: dict[str, Any] | None = None,
+) -> Deployment:
     """Undo: a canary is dropped at once (weight 0, ``rolled_back``); without a canary, the
     stable version is replaced by ``to_version`` (an earlier production version, now
     ``retired``) or by the newest retired one."""
@@ -504,42 +612,73 @@ def rollback(*, session: Session, model: Model, to_version: ModelVersion | None 
     if dep.canary_version_id is not None and to_version is None:
         canary = session.get(ModelVersion, dep.canary_version_id)
         assert canary is not None
-        _swap_deployment(session=session, dep=dep, expect_canary=canary.id,
-                         canary_version_id=None, canary_weight=0.0, shadow_share=0.0,
-                         state="stable")
+        _swap_deployment(
+            session=session,
+            dep=dep,
+            expect_canary=canary.id,
+            canary_version_id=None,
+            canary_weight=0.0,
+            shadow_share=0.0,
+            state="stable",
+        )
         failpoint("canary_rollback.after_swap")  # RELIABILITY.md 21: killed mid-transaction
         set_version_status(session=session, version=canary, status=VersionStatus.rolled_back)
-        add_deployment_event(session=session, deployment=dep, kind="rollback", reason=reason,
-                             detail={"version": canary.version, **(detail or {})})
+        add_deployment_event(
+            session=session,
+            deployment=dep,
+            kind="rollback",
+            reason=reason,
+            detail={"version": canary.version, **(detail or {})},
+        )
         return dep
     if to_version is None:
-        retired = [v for v in list_versions(session=session, model=model)
-                   if VersionStatus(v.status) == VersionStatus.retired]
+        retired = [
+            v
+            for v in list_versions(session=session, model=model)
+            if VersionStatus(v.status) == VersionStatus.retired
+        ]
         if not retired:
-            raise Conflict(f"{model.name} has no canary and no earlier production version to "
-                           "roll back to")
+            raise Conflict(
+                f"{model.name} has no canary and no earlier production version to roll back to"
+            )
         to_version = retired[-1]
     if VersionStatus(to_version.status) != VersionStatus.retired:
-        raise IllegalTransition(f"{model.name}@{to_version.version} is {to_version.status}: "
-                                "rollback goes to an earlier production (retired) version")
-    return _replace_stable(session=session, dep=dep, new=to_version, kind="rollback",
-                           reason=reason, detail=detail)
+        raise IllegalTransition(
+            f"{model.name}@{to_version.version} is {to_version.status}: "
+            "rollback goes to an earlier production (retired) version"
+        )
+    return _replace_stable(
+        session=session, dep=dep, new=to_version, kind="rollback", reason=reason, detail=detail
+    )
 
 
-def add_deployment_event(*, session: Session, deployment: Deployment, kind: str, reason: str,
-                         detail: dict[str, Any] | None = None) -> DeploymentEvent:
-    row = DeploymentEvent(deployment_id=deployment.id,  # type: ignore[arg-type]
-                          kind=kind, reason=reason, detail=detail or {})
+def add_deployment_event(
+    *,
+    session: Session,
+    deployment: Deployment,
+    kind: str,
+    reason: str,
+    detail: dict[str, Any] | None = None,
+) -> DeploymentEvent:
+    row = DeploymentEvent(
+        deployment_id=deployment.id,  # type: ignore[arg-type]
+        kind=kind,
+        reason=reason,
+        detail=detail or {},
+    )
     session.add(row)
     session.flush()
     return row
 
 
-def list_deployment_events(*, session: Session, deployment: Deployment
-                           ) -> Sequence[DeploymentEvent]:
-    return session.exec(select(DeploymentEvent)
-                        .where(DeploymentEvent.deployment_id == deployment.id)
-                        .order_by(col(DeploymentEvent.id))).all()
+def list_deployment_events(
+    *, session: Session, deployment: Deployment
+) -> Sequence[DeploymentEvent]:
+    return session.exec(
+        select(DeploymentEvent)
+        .where(DeploymentEvent.deployment_id == deployment.id)
+        .order_by(col(DeploymentEvent.id))
+    ).all()
 
 
 # --- API keys: only the sha256 is stored; the plaintext is returned once.
@@ -559,8 +698,13 @@ def create_api_key(
         raise InvalidInput("scope must be one or more of infer, deploy, admin")
     prefix = "kiln_" + secrets.token_hex(4)
     key = f"{prefix}.{secrets.token_urlsafe(32)}"
-    row = ApiKey(prefix=prefix, key_hash=hash_key(key), scopes=sorted(set(scopes)),
-                 models=models, rate_per_second=rate_per_second)
+    row = ApiKey(
+        prefix=prefix,
+        key_hash=hash_key(key),
+        scopes=sorted(set(scopes)),
+        models=models,
+        rate_per_second=rate_per_second,
+    )
     session.add(row)
     session.flush()
     return key, row
@@ -603,9 +747,15 @@ def insert_inference_rows(*, session: Session, rows: Sequence[dict[str, Any]]) -
     return len(rows)
 
 
-def recent_inferences(*, session: Session, model: str, since: datetime | None = None,
-                      version: str | None = None, status: int | None = 200,
-                      limit: int | None = None) -> Sequence[InferenceRecord]:
+def recent_inferences(
+    *,
+    session: Session,
+    model: str,
+    since: datetime | None = None,
+    version: str | None = None,
+    status: int | None = 200,
+    limit: int | None = None,
+) -> Sequence[InferenceRecord]:
     """The model's logged requests, newest first (``status`` None: every status)."""
     query = select(InferenceRecord).where(InferenceRecord.model_name == model)
     if since is not None:
@@ -622,9 +772,11 @@ def recent_inferences(*, session: Session, model: str, since: datetime | None = 
 
 def purge_inferences(*, session: Session, older_than: datetime) -> int:
     """Retention: delete records logged before ``older_than``; how many went."""
-    result = session.execute(delete(InferenceRecord)
-                             .where(col(InferenceRecord.timestamp) < older_than)
-                             .execution_options(synchronize_session=False))
+    result = session.execute(
+        delete(InferenceRecord)
+        .where(col(InferenceRecord.timestamp) < older_than)
+        .execution_options(synchronize_session=False)
+    )
     session.flush()
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
@@ -637,8 +789,7 @@ def open_alerts(*, session: Session, model: str | None = None) -> Sequence[Alert
     return session.exec(query.order_by(col(Alert.id))).all()
 
 
-def list_alerts(*, session: Session, model: str | None = None, limit: int = 100
-                ) -> Sequence[Alert]:
+def list_alerts(*, session: Session, model: str | None = None, limit: int = 100) -> Sequence[Alert]:
     """Open and resolved alerts, newest first."""
     query = select(Alert)
     if model is not None:
@@ -646,17 +797,30 @@ def list_alerts(*, session: Session, model: str | None = None, limit: int = 100
     return session.exec(query.order_by(col(Alert.id).desc()).limit(limit)).all()
 
 
-def find_open_alert(*, session: Session, model: str, kind: str, version: str | None = None
-                    ) -> Alert | None:
-    return session.exec(select(Alert).where(
-        Alert.model_name == model, Alert.kind == kind, Alert.version == version,
-        Alert.state == AlertState.open)).first()
+def find_open_alert(
+    *, session: Session, model: str, kind: str, version: str | None = None
+) -> Alert | None:
+    return session.exec(
+        select(Alert).where(
+            Alert.model_name == model,
+            Alert.kind == kind,
+            Alert.version == version,
+            Alert.state == AlertState.open,
+        )
+    ).first()
 
 
-def raise_alert(*, session: Session, model: str, kind: str, message: str,
-                version: str | None = None, value: float | None = None,
-                threshold: float | None = None, detail: dict[str, Any] | None = None
-                ) -> tuple[Alert, bool]:
+def raise_alert(
+    *,
+    session: Session,
+    model: str,
+    kind: str,
+    message: str,
+    version: str | None = None,
+    value: float | None = None,
+    threshold: float | None = None,
+    detail: dict[str, Any] | None = None,
+) -> tuple[Alert, bool]:
     """Open the alert, or refresh the open one's figures; ``(alert, newly_opened)``."""
     row = find_open_alert(session=session, model=model, kind=kind, version=version)
     opened = row is None
@@ -669,8 +833,7 @@ def raise_alert(*, session: Session, model: str, kind: str, message: str,
     return row, opened
 
 
-def resolve_alert(*, session: Session, alert: Alert, detail: dict[str, Any] | None = None
-                  ) -> Alert:
+def resolve_alert(*, session: Session, alert: Alert, detail: dict[str, Any] | None = None) -> Alert:
     if alert.state != AlertState.resolved:
         alert.state = AlertState.resolved
         alert.resolved_at = utcnow()
@@ -698,5 +861,8 @@ def stored_paths(*, session: Session) -> set[str]:
 
 
 def latest_drift_report(*, session: Session, model: str) -> DriftReport | None:
-    return session.exec(select(DriftReport).where(DriftReport.model_name == model)
-                        .order_by(col(DriftReport.id).desc())).first()
+    return session.exec(
+        select(DriftReport)
+        .where(DriftReport.model_name == model)
+        .order_by(col(DriftReport.id).desc())
+    ).first()

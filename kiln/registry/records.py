@@ -14,15 +14,37 @@ from typing import Any
 import numpy as np
 
 _DATATYPES = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
 }
 _BY_DTYPE = {np.dtype(v): k for k, v in _DATATYPES.items()}
 # dtypes the registry's JSON serializer (orjson, kiln.registry.db.json_serializer) writes from the array
-NATIVE = frozenset(np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32,
-                                          np.int64, np.uint16, np.uint32, np.uint64,
-                                          np.float32, np.float64))
+NATIVE = frozenset(
+    np.dtype(t)
+    for t in (
+        np.bool_,
+        np.uint8,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float32,
+        np.float64,
+    )
+)
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -56,8 +78,11 @@ def encode(tensors: Mapping[str, np.ndarray], *, arrays: bool = False) -> dict[s
             data = [_text(v) for v in array.reshape(-1).tolist()]
         elif array.dtype.kind == "f":
             flat = array.reshape(-1).astype(np.float64)
-            data = [None if not np.isfinite(v) else float(v) for v in flat] \
-                if not np.isfinite(flat).all() else flat.tolist()
+            data = (
+                [None if not np.isfinite(v) else float(v) for v in flat]
+                if not np.isfinite(flat).all()
+                else flat.tolist()
+            )
         else:
             data = array.reshape(-1).tolist()
         out[name] = {"datatype": datatype, "shape": list(array.shape), "data": data}

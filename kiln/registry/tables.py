@@ -20,8 +20,9 @@ def utcnow() -> datetime:
 
 
 def _ts(*, index: bool = False) -> Any:
-    return Field(default_factory=utcnow, sa_type=DateTime(timezone=True), nullable=False,
-                 index=index)
+    return Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True), nullable=False, index=index
+    )
 
 
 class Task(StrEnum):

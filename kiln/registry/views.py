@@ -52,8 +52,13 @@ def show_version_view(settings: Settings, *, name: str, version: str | None) -> 
                 for a in crud.list_artifacts(session=session, version=row)
             ],
             "datasets": [
-                {"name": d.name, "sha256": d.sha256, "rows": d.rows,
-                 "check_passed": d.check_passed, "path": str(settings.home / d.path)}
+                {
+                    "name": d.name,
+                    "sha256": d.sha256,
+                    "rows": d.rows,
+                    "check_passed": d.check_passed,
+                    "path": str(settings.home / d.path),
+                }
                 for d in crud.list_datasets(session=session, model=model)
                 if d.version_id in (None, row.id)
             ],
@@ -69,8 +74,11 @@ def job_progress(settings: Settings, *, name: str, version: str | None) -> tuple
     try:
         with session_scope(settings.db_url) as session:
             row = crud.require_version(session=session, name=name, version=version)
-            jobs = [j for j in crud.list_jobs(session=session, version=row)
-                    if j.optimization_type != "optimize"]
+            jobs = [
+                j
+                for j in crud.list_jobs(session=session, version=row)
+                if j.optimization_type != "optimize"
+            ]
     except Exception:  # the run may not have created its rows yet
         return 0, 0, ""
     if not jobs:

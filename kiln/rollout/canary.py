@@ -54,8 +54,10 @@ class RolloutSettings(BaseModel):
 
     @classmethod
     def for_model(cls, model_settings: dict[str, Any], **overrides: Any) -> RolloutSettings:
-        doc = {**model_settings.get("rollout", {}),
-               **{k: v for k, v in overrides.items() if v is not None}}
+        doc = {
+            **model_settings.get("rollout", {}),
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
         return cls.model_validate(doc)
 
     def policy(self) -> Policy:
@@ -70,14 +72,28 @@ class StepResult:
     replayed: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"weight": self.weight, "decision": self.verdict.decision,
-                "reasons": self.verdict.reasons, "figures": self.verdict.figures,
-                "seconds": round(self.seconds, 2), "replayed": self.replayed}
+        return {
+            "weight": self.weight,
+            "decision": self.verdict.decision,
+            "reasons": self.verdict.reasons,
+            "figures": self.verdict.figures,
+            "seconds": round(self.seconds, 2),
+            "replayed": self.replayed,
+        }
 
 
-def observe_step(gateway: GatewayClient, *, model: str, stable: str, canary: str, weight: float,
-                 canary_since: float, rollout: RolloutSettings, replayer: Replayer | None,
-                 poll_s: float = 0.5) -> StepResult:
+def observe_step(
+    gateway: GatewayClient,
+    *,
+    model: str,
+    stable: str,
+    canary: str,
+    weight: float,
+    canary_since: float,
+    rollout: RolloutSettings,
+    replayer: Replayer | None,
+    poll_s: float = 0.5,
+) -> StepResult:
     """Watch one canary step: the canary's figures since the step began against the stable's
     over the same step (or since the canary began, when the step left the stable too few
     requests), judged every ``poll_s``. Fails as soon as a rule breaks with
@@ -98,8 +114,7 @@ def observe_step(gateway: GatewayClient, *, model: str, stable: str, canary: str
         base = _window(gateway.stats(model, since=started), stable)
         if base.requests < policy.min_requests:
             base = _window(gateway.stats(model, since=canary_since), stable)
-        limit = p99_limit(base.p99_ms, policy, final=final) if base.p99_ms is not None \
-            else None
+        limit = p99_limit(base.p99_ms, policy, final=final) if base.p99_ms is not None else None
         observed = _window(gateway.stats(model, since=started, over_ms=limit), canary)
         verdict = judge(base, observed, policy, final=final)
         if verdict.decision == "fail":
@@ -107,18 +122,23 @@ def observe_step(gateway: GatewayClient, *, model: str, stable: str, canary: str
         if final and verdict.decision == "pass":
             break
         if now >= end + rollout.max_extra_s:
-            verdict = Verdict("fail", [f"no verdict: {verdict.reasons[0]} after "
-                                       f"{now - started:.0f} s (replayed traffic included)"],
-                              verdict.figures)
+            verdict = Verdict(
+                "fail",
+                [
+                    f"no verdict: {verdict.reasons[0]} after "
+                    f"{now - started:.0f} s (replayed traffic included)"
+                ],
+                verdict.figures,
+            )
             break
         if replayer is not None and not replayer.running and rollout.replay:
             got = observed.requests
             elapsed = now - started
             # too thin: the canary's pace would not reach the minimum by the step's end
             if elapsed >= min(2.0, rollout.step_seconds / 4) and (
-                    got + got / max(elapsed, 1e-3) * max(end - now, 0) < policy.min_requests):
-                log.info("live traffic too thin for a verdict on %s@%s: replaying", model,
-                         canary)
+                got + got / max(elapsed, 1e-3) * max(end - now, 0) < policy.min_requests
+            ):
+                log.info("live traffic too thin for a verdict on %s@%s: replaying", model, canary)
                 replayer.start()
     replayed = (replayer.sent - replayed_before) if replayer else 0
     return StepResult(weight, verdict, time.time() - started, replayed)
@@ -126,7 +146,10 @@ def observe_step(gateway: GatewayClient, *, model: str, stable: str, canary: str
 
 def _window(doc: dict[str, Any], version: str) -> Window:
     stats = doc.get("versions", {}).get(version, {})
-    return Window.from_stats(stats, {"compared": stats.get("shadow_compared", 0),
-                                     "disagreed": stats.get("shadow_disagreed", 0)})
-
-
+    return Window.from_stats(
+        stats,
+        {
+            "compared": stats.get("shadow_compared", 0),
+            "disagreed": stats.get("shadow_disagreed", 0),
+        },
+    )

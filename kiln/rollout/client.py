@@ -27,8 +27,9 @@ def gateway_url(settings: Settings) -> str:
     return f"http://{settings.gateway_host}:{settings.gateway_port}"
 
 
-def wait_until_served(settings: Settings, *, timeout_s: float, model: str | None = None,
-                      version: str | None = None) -> str:
+def wait_until_served(
+    settings: Settings, *, timeout_s: float, model: str | None = None, version: str | None = None
+) -> str:
     """Wait until the local gateway serves ``model@version`` from a ready engine (or, without
     a model, until it reports every deployed version ready).
 
@@ -64,8 +65,10 @@ def wait_until_served(settings: Settings, *, timeout_s: float, model: str | None
             if not seen_gateway:
                 return "no-gateway"
         time.sleep(0.25)
-    raise ExternalToolError(f"the gateway at {base} did not get ready within "
-                            f"{timeout_s:.0f} s ({detail}); see {settings.home / 'logs'}")
+    raise ExternalToolError(
+        f"the gateway at {base} did not get ready within "
+        f"{timeout_s:.0f} s ({detail}); see {settings.home / 'logs'}"
+    )
 
 
 class GatewayClient:
@@ -79,37 +82,42 @@ class GatewayClient:
     def close(self) -> None:
         self.client.close()
 
-    def stats(self, model: str, since: float = 0.0, *, over_ms: float | None = None,
-              attempts: int = 5) -> dict[str, Any]:
+    def stats(
+        self, model: str, since: float = 0.0, *, over_ms: float | None = None, attempts: int = 5
+    ) -> dict[str, Any]:
         """The gateway's per-version figures since ``since`` (retried while it restarts);
         ``over_ms``: also count the requests slower than that."""
         params = {"since": f"{since:.3f}"}
         if over_ms is not None:
             params["over_ms"] = f"{over_ms:.3f}"
-        retrying = Retrying(stop=stop_after_attempt(attempts),
-                            wait=wait_exponential_jitter(initial=0.2, max=2.0),
-                            retry=retry_if_exception_type(httpx.TransportError), reraise=True)
-        resp = retrying(self.client.get, f"{self.url}/kiln/models/{model}/stats",
-                        params=params)
+        retrying = Retrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            retry=retry_if_exception_type(httpx.TransportError),
+            reraise=True,
+        )
+        resp = retrying(self.client.get, f"{self.url}/kiln/models/{model}/stats", params=params)
         if resp.status_code != 200:
-            raise ExternalToolError(f"the gateway refused the stats of {model} "
-                                    f"({resp.status_code}: {resp.text[:200]})")
+            raise ExternalToolError(
+                f"the gateway refused the stats of {model} ({resp.status_code}: {resp.text[:200]})"
+            )
         return resp.json()  # type: ignore[no-any-return]
 
     def infer(self, model: str, body: bytes, routing_key: str) -> int:
-        resp = self.client.post(f"{self.url}/v2/models/{model}/infer", content=body,
-                                headers={"Content-Type": "application/json",
-                                         "X-Kiln-Routing-Key": routing_key})
+        resp = self.client.post(
+            f"{self.url}/v2/models/{model}/infer",
+            content=body,
+            headers={"Content-Type": "application/json", "X-Kiln-Routing-Key": routing_key},
+        )
         return resp.status_code
 
 
-def wait_version_ready(gateway: GatewayClient, *, model: str, version: str, timeout_s: float
-                       ) -> bool:
+def wait_version_ready(
+    gateway: GatewayClient, *, model: str, version: str, timeout_s: float
+) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if gateway.stats(model).get("ready", {}).get(version):
             return True
         time.sleep(0.5)
     return False
-
-

@@ -28,9 +28,14 @@ def deploy_direct(settings: Settings, *, name: str, version: str | None) -> dict
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=name, version=version)
         dep = crud.deploy_direct(session=session, version=row)
-        return {"model": name, "version": row.version, "outcome": "promoted",
-                "strategy": "direct", "reason": "direct deploy: stable at once",
-                "deployment_state": dep.state}
+        return {
+            "model": name,
+            "version": row.version,
+            "outcome": "promoted",
+            "strategy": "direct",
+            "reason": "direct deploy: stable at once",
+            "deployment_state": dep.state,
+        }
 
 
 # --- operator commands: `kiln promote`, `kiln rollback`, `kiln status`
@@ -38,14 +43,21 @@ def promote_now(settings: Settings, *, name: str) -> dict[str, Any]:
     with session_scope(settings.db_url) as session:
         model = crud.require_model(session=session, name=name)
         dep = crud.get_deployment(session=session, model=model)
-        previous = session.get(ModelVersion, dep.stable_version_id) \
-            if dep is not None and dep.stable_version_id else None
+        previous = (
+            session.get(ModelVersion, dep.stable_version_id)
+            if dep is not None and dep.stable_version_id
+            else None
+        )
         dep = crud.promote(session=session, model=model, reason="promoted by `kiln promote`")
         stable = session.get(ModelVersion, dep.stable_version_id)
         assert stable is not None
-        return {"model": name, "version": stable.version, "outcome": "promoted",
-                "previous": previous.version if previous else None,
-                "reason": "promoted by hand"}
+        return {
+            "model": name,
+            "version": stable.version,
+            "outcome": "promoted",
+            "previous": previous.version if previous else None,
+            "reason": "promoted by hand",
+        }
 
 
 def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> dict[str, Any]:
@@ -57,16 +69,26 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
 
     with session_scope(settings.db_url) as session:
         model = crud.require_model(session=session, name=name)
-        target = crud.require_version(session=session, name=name, version=to_version) \
-            if to_version else None
+        target = (
+            crud.require_version(session=session, name=name, version=to_version)
+            if to_version
+            else None
+        )
         dep = crud.get_deployment(session=session, model=model)
         if target is None and dep is not None and dep.canary_version_id is None:
-            retired = [v for v in crud.list_versions(session=session, model=model)
-                       if v.status == "retired"]
+            retired = [
+                v for v in crud.list_versions(session=session, model=model) if v.status == "retired"
+            ]
             target = retired[-1] if retired else None
-        selected = [(a.path, a.sha256) for a in crud.list_artifacts(session=session,
-                                                                    version=target)
-                    if a.selected] if target is not None else []
+        selected = (
+            [
+                (a.path, a.sha256)
+                for a in crud.list_artifacts(session=session, version=target)
+                if a.selected
+            ]
+            if target is not None
+            else []
+        )
     restored = False
     if selected:
         store = ArtifactStore(settings.home, settings.remote_url)
@@ -77,15 +99,24 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
             restored = True
     with session_scope(settings.db_url) as session:
         model = crud.require_model(session=session, name=name)
-        row = crud.require_version(session=session, name=name, version=target.version) \
-            if target is not None else None
-        had_canary = (dep := crud.get_deployment(session=session, model=model)) is not None \
-            and dep.canary_version_id is not None and to_version is None
-        canary = session.get(ModelVersion, dep.canary_version_id) if had_canary and dep \
+        row = (
+            crud.require_version(session=session, name=name, version=target.version)
+            if target is not None
             else None
-        crud.rollback(session=session, model=model, to_version=None if had_canary else row,
-                      reason="rolled back by `kiln rollback`",
-                      detail={"restored_from_remote": restored})
+        )
+        had_canary = (
+            (dep := crud.get_deployment(session=session, model=model)) is not None
+            and dep.canary_version_id is not None
+            and to_version is None
+        )
+        canary = session.get(ModelVersion, dep.canary_version_id) if had_canary and dep else None
+        crud.rollback(
+            session=session,
+            model=model,
+            to_version=None if had_canary else row,
+            reason="rolled back by `kiln rollback`",
+            detail={"restored_from_remote": restored},
+        )
     if had_canary and canary is not None:
         reason = f"canary {canary.version} dropped (weight 0, rolled_back)"
         version = canary.version
@@ -93,9 +124,15 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
         assert target is not None
         version = target.version
         reason = f"{target.version} is the stable version again" + (
-            " (its artifact restored from the DVC remote)" if restored else "")
-    return {"model": name, "version": version, "outcome": "rolled_back", "reason": reason,
-            "restored": restored}
+            " (its artifact restored from the DVC remote)" if restored else ""
+        )
+    return {
+        "model": name,
+        "version": version,
+        "outcome": "rolled_back",
+        "reason": reason,
+        "restored": restored,
+    }
 
 
 def status_view(settings: Settings) -> dict[str, Any]:
@@ -103,8 +140,10 @@ def status_view(settings: Settings) -> dict[str, Any]:
     (the last minute), or nulls when no gateway answers; the last drift report and the open
     alerts from the registry."""
     with session_scope(settings.db_url) as session:
-        rows = [(m.name, dep, s.version if s else None, c.version if c else None)
-                for m, dep, s, c in crud.served_versions(session=session)]
+        rows = [
+            (m.name, dep, s.version if s else None, c.version if c else None)
+            for m, dep, s, c in crud.served_versions(session=session)
+        ]
         watch = {name: _watch(session, name) for name, *_ in rows}
         key = None
         if rows:
@@ -125,12 +164,21 @@ def status_view(settings: Settings) -> dict[str, Any]:
                     figures = _merge(doc.get("versions", {}))
                 except (httpx.HTTPError, ExternalToolError):
                     figures = {}
-            models.append({"name": name, "stable": stable, "canary": canary,
-                           "canary_weight": dep.canary_weight if canary else 0.0,
-                           "shadow_share": dep.shadow_share, "state": dep.state,
-                           "p50_ms": figures.get("p50_ms"), "p99_ms": figures.get("p99_ms"),
-                           "error_rate": figures.get("error_rate"), "rps": figures.get("rps"),
-                           **watch[name]})
+            models.append(
+                {
+                    "name": name,
+                    "stable": stable,
+                    "canary": canary,
+                    "canary_weight": dep.canary_weight if canary else 0.0,
+                    "shadow_share": dep.shadow_share,
+                    "state": dep.state,
+                    "p50_ms": figures.get("p50_ms"),
+                    "p99_ms": figures.get("p99_ms"),
+                    "error_rate": figures.get("error_rate"),
+                    "rps": figures.get("rps"),
+                    **watch[name],
+                }
+            )
     finally:
         if gateway is not None:
             gateway.close()
@@ -140,13 +188,23 @@ def status_view(settings: Settings) -> dict[str, Any]:
 def _watch(session: Any, name: str) -> dict[str, Any]:
     """A model's monitoring state in the registry: its last drift report, its open alerts."""
     report = crud.latest_drift_report(session=session, model=name)
-    alerts = [{"kind": a.kind, "version": a.version, "message": a.message, "value": a.value,
-               "threshold": a.threshold, "opened_at": a.opened_at.isoformat()}
-              for a in crud.open_alerts(session=session, model=name)]
-    return {"drift_share": report.drift_share if report else None,
-            "drift_detected": report.drift_detected if report else None,
-            "drift_at": report.created_at.isoformat() if report else None,
-            "alerts": alerts}
+    alerts = [
+        {
+            "kind": a.kind,
+            "version": a.version,
+            "message": a.message,
+            "value": a.value,
+            "threshold": a.threshold,
+            "opened_at": a.opened_at.isoformat(),
+        }
+        for a in crud.open_alerts(session=session, model=name)
+    ]
+    return {
+        "drift_share": report.drift_share if report else None,
+        "drift_detected": report.drift_detected if report else None,
+        "drift_at": report.created_at.isoformat() if report else None,
+        "alerts": alerts,
+    }
 
 
 def _merge(versions: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -157,7 +215,9 @@ def _merge(versions: dict[str, dict[str, Any]]) -> dict[str, Any]:
     total = sum(v["requests"] for v in live)
     errors = sum(v["errors"] for v in live)
     p50s = [(v["p50_ms"], v["requests"]) for v in live if v.get("p50_ms") is not None]
-    return {"error_rate": errors / total, "rps": sum(v.get("rps") or 0 for v in live),
-            "p50_ms": sum(p * n for p, n in p50s) / sum(n for _, n in p50s) if p50s else None,
-            "p99_ms": max((v["p99_ms"] for v in live if v.get("p99_ms") is not None),
-                          default=None)}
+    return {
+        "error_rate": errors / total,
+        "rps": sum(v.get("rps") or 0 for v in live),
+        "p50_ms": sum(p * n for p, n in p50s) / sum(n for _, n in p50s) if p50s else None,
+        "p99_ms": max((v["p99_ms"] for v in live if v.get("p99_ms") is not None), default=None),
+    }

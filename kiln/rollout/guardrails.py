@@ -48,14 +48,18 @@ class Window:
         return self.errors / self.requests if self.requests else None
 
     @classmethod
-    def from_stats(cls, doc: dict[str, Any] | None, shadow: dict[str, Any] | None = None
-                   ) -> Window:
+    def from_stats(cls, doc: dict[str, Any] | None, shadow: dict[str, Any] | None = None) -> Window:
         doc = doc or {}
         shadow = shadow or {}
-        return cls(requests=int(doc.get("requests", 0)), errors=int(doc.get("errors", 0)),
-                   p50_ms=doc.get("p50_ms"), p99_ms=doc.get("p99_ms"), over=doc.get("over"),
-                   compared=int(shadow.get("compared", 0)),
-                   disagreed=int(shadow.get("disagreed", 0)))
+        return cls(
+            requests=int(doc.get("requests", 0)),
+            errors=int(doc.get("errors", 0)),
+            p50_ms=doc.get("p50_ms"),
+            p99_ms=doc.get("p99_ms"),
+            over=doc.get("over"),
+            compared=int(shadow.get("compared", 0)),
+            disagreed=int(shadow.get("disagreed", 0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,9 @@ def p99_limit(stable_p99_ms: float, policy: Policy, *, final: bool = True) -> fl
     return limit * (1.0 if final else policy.severity)
 
 
-def judge(stable: Window, canary: Window, policy: Policy | None = None, *,
-          final: bool = True) -> Verdict:
+def judge(
+    stable: Window, canary: Window, policy: Policy | None = None, *, final: bool = True
+) -> Verdict:
     """``pass``, ``fail`` (with every broken rule as a reason) or ``wait`` (too few requests).
 
     ``final`` is the verdict at a step's end. The looks before it (``final=False``, every poll)
@@ -114,11 +119,18 @@ def judge(stable: Window, canary: Window, policy: Policy | None = None, *,
     """
     p = policy or Policy()
     k = 1.0 if final else p.severity
-    figures = {"stable": asdict(stable), "canary": asdict(canary),
-               "stable_error_rate": stable.error_rate, "canary_error_rate": canary.error_rate}
+    figures = {
+        "stable": asdict(stable),
+        "canary": asdict(canary),
+        "stable_error_rate": stable.error_rate,
+        "canary_error_rate": canary.error_rate,
+    }
     if canary.requests < p.min_requests:
-        return Verdict("wait", [f"{canary.requests} canary requests of the {p.min_requests} "
-                                "needed for a verdict"], figures)
+        return Verdict(
+            "wait",
+            [f"{canary.requests} canary requests of the {p.min_requests} needed for a verdict"],
+            figures,
+        )
     reasons = []
     base_rate = stable.error_rate or 0.0
     lower = wilson_lower(canary.errors, canary.requests, p.z)
@@ -127,29 +139,41 @@ def judge(stable: Window, canary: Window, policy: Policy | None = None, *,
         reasons.append(
             f"error rate {canary.error_rate:.1%} ({canary.errors}/{canary.requests}; at least "
             f"{lower:.1%} with 99.999% confidence) against the stable's {base_rate:.1%} + "
-            f"{p.max_error_increase:.0%} allowed")
-    if (canary.p99_ms is not None and stable.p99_ms is not None
-            and stable.requests >= p.min_requests):
+            f"{p.max_error_increase:.0%} allowed"
+        )
+    if (
+        canary.p99_ms is not None
+        and stable.p99_ms is not None
+        and stable.requests >= p.min_requests
+    ):
         limit = p99_limit(stable.p99_ms, p, final=final)
         figures["p99_limit_ms"] = round(limit, 3)
-        slow_lower = 1.0 if canary.over is None else wilson_lower(canary.over, canary.requests,
-                                                                  p.z)
+        slow_lower = 1.0 if canary.over is None else wilson_lower(canary.over, canary.requests, p.z)
         figures["over_limit"] = canary.over
         if canary.p99_ms > limit and slow_lower > 0.01:
-            counted = "" if canary.over is None else (
-                f"; {canary.over} of {canary.requests} requests slower than the limit, at least "
-                f"{slow_lower:.1%} with 99.999% confidence, where a p99 allows 1%")
-            reasons.append(f"p99 {canary.p99_ms:.1f} ms against the stable's "
-                           f"{stable.p99_ms:.1f} ms (limit {limit:.1f} ms: {p.p99_ratio}x, and "
-                           f"at least {p.p99_slack_ms:g} ms more{counted})")
+            counted = (
+                ""
+                if canary.over is None
+                else (
+                    f"; {canary.over} of {canary.requests} requests slower than the limit, at least "
+                    f"{slow_lower:.1%} with 99.999% confidence, where a p99 allows 1%"
+                )
+            )
+            reasons.append(
+                f"p99 {canary.p99_ms:.1f} ms against the stable's "
+                f"{stable.p99_ms:.1f} ms (limit {limit:.1f} ms: {p.p99_ratio}x, and "
+                f"at least {p.p99_slack_ms:g} ms more{counted})"
+            )
     if canary.compared >= p.min_compared:
         lower_d = wilson_lower(canary.disagreed, canary.compared, p.z)
         figures["disagreement"] = round(canary.disagreed / canary.compared, 5)
         figures["disagreement_lower_bound"] = round(lower_d, 5)
         if lower_d > p.max_disagreement * k:
-            reasons.append(f"predictions differ from the stable's on {canary.disagreed} of "
-                           f"{canary.compared} shadowed rows ({figures['disagreement']:.1%}; "
-                           f"allowed {p.max_disagreement:.0%})")
+            reasons.append(
+                f"predictions differ from the stable's on {canary.disagreed} of "
+                f"{canary.compared} shadowed rows ({figures['disagreement']:.1%}; "
+                f"allowed {p.max_disagreement:.0%})"
+            )
     return Verdict("fail" if reasons else "pass", reasons, figures)
 
 

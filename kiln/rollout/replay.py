@@ -18,8 +18,9 @@ from kiln.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 
-def replay_bodies(spec: ModelSpec, inputs: list[np.ndarray] | np.ndarray, limit: int = 512
-                  ) -> list[bytes]:
+def replay_bodies(
+    spec: ModelSpec, inputs: list[np.ndarray] | np.ndarray, limit: int = 512
+) -> list[bytes]:
     """One OIP v2 JSON request per row of the (validation) inputs, as a client would send."""
     import orjson
 
@@ -31,19 +32,24 @@ def replay_bodies(spec: ModelSpec, inputs: list[np.ndarray] | np.ndarray, limit:
     for row in range(min(limit, len(columns[0]))):
         tensors = []
         for tensor, column in zip(served, columns, strict=False):
-            value = np.asarray(column[row:row + 1])
+            value = np.asarray(column[row : row + 1])
             if tensor.datatype == "BYTES":
                 data: list[Any] = [str(v) for v in value.reshape(-1)]
             else:
                 data = value.astype(numpy_of_datatype(tensor.datatype)).reshape(-1).tolist()
-            tensors.append({"name": tensor.name, "shape": list(value.shape),
-                            "datatype": tensor.datatype, "data": data})
+            tensors.append(
+                {
+                    "name": tensor.name,
+                    "shape": list(value.shape),
+                    "datatype": tensor.datatype,
+                    "data": data,
+                }
+            )
         bodies.append(orjson.dumps({"inputs": tensors}))
     return bodies
 
 
-def logged_bodies(spec: ModelSpec, inputs: list[dict[str, Any]], limit: int = 512
-                  ) -> list[bytes]:
+def logged_bodies(spec: ModelSpec, inputs: list[dict[str, Any]], limit: int = 512) -> list[bytes]:
     """OIP v2 JSON requests from logged inputs (``InferenceRecord.input``), as they came; a
     record whose tensors are not the spec's served inputs (logged before a spec change) or
     that holds a null (a NaN: JSON has none) is skipped."""
@@ -53,11 +59,24 @@ def logged_bodies(spec: ModelSpec, inputs: list[dict[str, Any]], limit: int = 51
     bodies = []
     for doc in inputs:
         if sorted(doc) != sorted(names) or any(
-                v is None for n in names for v in doc[n].get("data", ())):
+            v is None for n in names for v in doc[n].get("data", ())
+        ):
             continue
-        bodies.append(orjson.dumps({"inputs": [{"name": n, "shape": doc[n]["shape"],
-                                                "datatype": doc[n]["datatype"],
-                                                "data": doc[n]["data"]} for n in names]}))
+        bodies.append(
+            orjson.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": n,
+                            "shape": doc[n]["shape"],
+                            "datatype": doc[n]["datatype"],
+                            "data": doc[n]["data"],
+                        }
+                        for n in names
+                    ]
+                }
+            )
+        )
         if len(bodies) >= limit:
             break
     return bodies
@@ -67,8 +86,9 @@ class Replayer:
     """Replayed traffic through the gateway (Flagger's load-test hook): request bodies sent
     in a loop by a few threads, each with its own routing key so weights apply, until stopped."""
 
-    def __init__(self, gateway: GatewayClient, model: str, bodies: list[bytes], concurrency: int
-                 ) -> None:
+    def __init__(
+        self, gateway: GatewayClient, model: str, bodies: list[bytes], concurrency: int
+    ) -> None:
         self.gateway, self.model, self.bodies = gateway, model, bodies
         self.concurrency = concurrency
         self.sent = 0
@@ -85,8 +105,9 @@ class Replayer:
         if self._threads or not self.bodies:
             return
         for worker in range(self.concurrency):
-            thread = threading.Thread(target=self._run, args=(worker,), daemon=True,
-                                      name=f"kiln-replay-{worker}")
+            thread = threading.Thread(
+                target=self._run, args=(worker,), daemon=True, name=f"kiln-replay-{worker}"
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -111,5 +132,3 @@ class Replayer:
             thread.join(timeout=15)
         self._threads = []
         self._stop = threading.Event()
-
-

@@ -36,7 +36,10 @@ def _sha256(path: Path) -> str:
 def _git_files(root: Path) -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=root, capture_output=True, text=True, check=True,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return [name for name in out.split("\0") if name]
 
@@ -53,14 +56,27 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy2(src, copy / name)
     assert "build_minilm" in (copy / "dvc.yaml").read_text()
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=copy, env=env,
-                          capture_output=True, text=True, timeout=REPRO_TIMEOUT_S)
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    proc = subprocess.run(
+        [str(VENV_BIN / "dvc"), "repro"],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=REPRO_TIMEOUT_S,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    for out in ("data/digits/model.pt2", "data/breast_cancer/model.pt2",
-                "data/breast_cancer/val.npz", "data/minilm/model/kiln.yaml",
-                "data/minilm/sentences.npz"):
+    for out in (
+        "data/digits/model.pt2",
+        "data/breast_cancer/model.pt2",
+        "data/breast_cancer/val.npz",
+        "data/minilm/model/kiln.yaml",
+        "data/minilm/sentences.npz",
+    ):
         assert (copy / out).is_file(), f"dvc repro did not produce {out}"
     return copy
 
@@ -92,7 +108,11 @@ def test_upload_digits_and_show_it(repo: Path, home: Path) -> None:
     sha = _sha256(source)
     uploaded = _kiln_json("upload", "digits", "data/digits/model.pt2", cwd=repo)
     assert {k: uploaded[k] for k in ("name", "version", "sha256", "status")} == {
-        "name": "digits", "version": "0.1.0", "sha256": sha, "status": "uploaded"}
+        "name": "digits",
+        "version": "0.1.0",
+        "sha256": sha,
+        "status": "uploaded",
+    }
 
     shown = _kiln_json("show", "digits", cwd=repo)
     assert shown["name"] == "digits" and shown["version"] == "0.1.0"
@@ -107,8 +127,12 @@ def test_upload_digits_and_show_it(repo: Path, home: Path) -> None:
 def test_upload_examples_with_their_datasets(repo: Path, home: Path) -> None:
     cases = [
         ("minilm", "data/minilm/model", "data/minilm/sentences.npz", "embedding"),
-        ("breast-cancer", "data/breast_cancer/model.pt2", "data/breast_cancer/val.npz",
-         "classification"),
+        (
+            "breast-cancer",
+            "data/breast_cancer/model.pt2",
+            "data/breast_cancer/val.npz",
+            "classification",
+        ),
     ]
     for name, source, dataset, task in cases:
         uploaded = _kiln_json("upload", name, source, "--dataset", dataset, cwd=repo)
@@ -138,12 +162,24 @@ def test_dvc_metrics_and_plots_of_the_optimize_stage(repo: Path) -> None:
     assert metrics["variants_passed"] >= 1 and metrics["speedup_serving_batch"] > 1.0
     assert metrics["accuracy_drop"] <= 0.005
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    shown = subprocess.run([str(VENV_BIN / "dvc"), "metrics", "show", "--json"], cwd=repo,
-                           env=env, capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [str(VENV_BIN / "dvc"), "metrics", "show", "--json"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr
     assert "speedup_serving_batch" in shown.stdout
-    plots = subprocess.run([str(VENV_BIN / "dvc"), "plots", "show", "--json"], cwd=repo,
-                           env=env, capture_output=True, text=True, timeout=120)
+    plots = subprocess.run(
+        [str(VENV_BIN / "dvc"), "plots", "show", "--json"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert plots.returncode == 0, plots.stderr
     assert "variants.csv" in plots.stdout
 

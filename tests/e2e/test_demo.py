@@ -24,7 +24,7 @@ def test_demo_journey(tmp_path: Path) -> None:
     proc = run_kiln("demo", env=kiln_env(home), cwd=REPO, timeout=DEMO_TIMEOUT_S)
     seconds = time.monotonic() - started
     print(f"FIGURE demo_seconds={seconds:.1f}")
-    assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-6000:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     summary = json.loads((home / "demo-summary.json").read_text())
     steps = summary["steps"]

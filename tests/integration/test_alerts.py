@@ -38,8 +38,14 @@ from tests.conftest import (
 
 P99_MS = 400.0  # the alert's threshold
 SLOW_MS = 800  # the injected delay per model call: p99 well over the threshold
-ALERTS = {"p99_ms": P99_MS, "error_rate": 0.5, "window_s": 4, "min_requests": 5,
-          "down_after_s": 0.5, "gpu_util_min": None}
+ALERTS = {
+    "p99_ms": P99_MS,
+    "error_rate": 0.5,
+    "window_s": 4,
+    "min_requests": 5,
+    "down_after_s": 0.5,
+    "gpu_util_min": None,
+}
 MONITOR_ENV = {"KILN_ALERT_INTERVAL_S": "0.5", "KILN_ALERT_CLEAR_TICKS": "2"}
 
 
@@ -53,16 +59,19 @@ class Served:
 
     def alerts(self, kind: str) -> list[Alert]:
         with session_scope(self.db_url) as session:
-            return [a for a in crud.list_alerts(session=session, model="digits")
-                    if a.kind == kind]
+            return [a for a in crud.list_alerts(session=session, model="digits") if a.kind == kind]
 
     def open_alert(self, kind: str) -> Alert | None:
         return next((a for a in self.alerts(kind) if a.state == "open"), None)
 
     def gauge(self, kind: str) -> float:
         text = httpx.get(self.gw.url + "/metrics", headers=self.gw.headers, timeout=10).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == "kiln_alerts_open" and s.labels.get("kind") == kind)
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "kiln_alerts_open" and s.labels.get("kind") == kind
+        )
 
     def engines(self) -> list[psutil.Process]:
         return _engines(self.gw)
@@ -74,13 +83,19 @@ def _engines(gw: RunningGateway) -> list[psutil.Process]:
         children = psutil.Process(gw.proc.pid).children()
     except psutil.NoSuchProcess:
         return []
-    return [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-            and "serving.engine" in " ".join(c.cmdline())]
+    return [
+        c
+        for c in children
+        if c.is_running()
+        and c.status() != psutil.STATUS_ZOMBIE
+        and "serving.engine" in " ".join(c.cmdline())
+    ]
 
 
 @pytest.fixture(scope="module")
-def served(validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Served]:
+def served(
+    validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     """digits on one engine replica, with short alert settings and a faults file (empty)."""
     root = tmp_path_factory.mktemp("alerts")
     home = copy_home(validated_home, root)
@@ -93,11 +108,25 @@ def served(validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPa
         gw.wait_ready()
         meta = httpx.get(f"{gw.url}/v2/models/digits", headers=gw.headers, timeout=15).json()
         x, _ = digits_rows(examples, 1)
-        body = json.dumps({"inputs": [{"name": meta["inputs"][0]["name"], "datatype": "FP32",
-                                       "shape": list(x.shape),
-                                       "data": x.reshape(-1).tolist()}]}).encode()
-        yield Served(gw=gw, db_url=f"sqlite:///{home / 'registry.db'}", faults=faults,
-                     body=body, version=meta["versions"][0])
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": meta["inputs"][0]["name"],
+                        "datatype": "FP32",
+                        "shape": list(x.shape),
+                        "data": x.reshape(-1).tolist(),
+                    }
+                ]
+            }
+        ).encode()
+        yield Served(
+            gw=gw,
+            db_url=f"sqlite:///{home / 'registry.db'}",
+            faults=faults,
+            body=body,
+            version=meta["versions"][0],
+        )
     finally:
         engines = _engines(gw)
         gw.stop()
@@ -136,8 +165,9 @@ class Traffic:
         with httpx.Client(timeout=30) as client:
             while not self._stop.is_set():
                 try:
-                    status = client.post(f"{s.gw.url}/v2/models/digits/infer", content=s.body,
-                                         headers=headers).status_code
+                    status = client.post(
+                        f"{s.gw.url}/v2/models/digits/infer", content=s.body, headers=headers
+                    ).status_code
                 except httpx.HTTPError:
                     status = 0
                 with self._lock:
@@ -158,51 +188,73 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, served: Served
 
 
 def test_a_slow_engine_raises_the_p99_alert_and_it_resolves_when_the_slowness_goes(
-        served: Served) -> None:
+    served: Served,
+) -> None:
     with Traffic(served) as traffic:
         served.faults.write_text(f"delay_ms={SLOW_MS}")
         alert = wait_for("p99 alert opened", lambda: served.open_alert("p99"), 30, served)
         assert alert.version == served.version and alert.threshold == P99_MS
         assert alert.value is not None and alert.value > P99_MS
-        wait_for("p99 counted in kiln_alerts_open", lambda: served.gauge("p99") == 1, 10,
-                 served)
+        wait_for("p99 counted in kiln_alerts_open", lambda: served.gauge("p99") == 1, 10, served)
         assert served.open_alert("engine_down") is None  # slow is not down
         served.faults.write_text("")  # the slowness goes; traffic goes on
-        resolved = wait_for("p99 alert resolved",
-                            lambda: [a for a in served.alerts("p99")
-                                     if a.id == alert.id and a.state == "resolved"], 30, served)
+        resolved = wait_for(
+            "p99 alert resolved",
+            lambda: [a for a in served.alerts("p99") if a.id == alert.id and a.state == "resolved"],
+            30,
+            served,
+        )
     assert resolved[0].resolved_at is not None
     wait_for("kiln_alerts_open back to 0", lambda: served.gauge("p99") == 0, 10, served)
     assert set(traffic.statuses) == {200}, traffic.statuses
 
 
 def test_a_killed_engine_raises_engine_down_and_it_resolves_after_the_restart(
-        served: Served) -> None:
+    served: Served,
+) -> None:
     (engine,) = served.engines()
     os.killpg(engine.pid, signal.SIGKILL)
-    alert = wait_for("engine_down alert opened", lambda: served.open_alert("engine_down"),
-                     30, served)
+    alert = wait_for(
+        "engine_down alert opened", lambda: served.open_alert("engine_down"), 30, served
+    )
     assert alert.version == served.version
     assert alert.detail.get("restarts", 0) >= 1, alert.detail
-    wait_for("engine_down alert resolved",
-             lambda: [a for a in served.alerts("engine_down")
-                      if a.id == alert.id and a.state == "resolved"], 60, served)
+    wait_for(
+        "engine_down alert resolved",
+        lambda: [
+            a for a in served.alerts("engine_down") if a.id == alert.id and a.state == "resolved"
+        ],
+        60,
+        served,
+    )
     (again,) = served.engines()
     assert again.pid != engine.pid
     wait_for("kiln_alerts_open back to 0", lambda: served.gauge("engine_down") == 0, 10, served)
 
 
-def test_kiln_status_shows_figures_open_alerts_and_the_last_drift_share(
-        served: Served) -> None:
+def test_kiln_status_shows_figures_open_alerts_and_the_last_drift_share(served: Served) -> None:
     from kiln.monitor import alerts as kiln_alerts
 
     with session_scope(served.db_url) as session:
-        crud.add_drift_report(session=session, report=DriftReport(
-            model_name="digits", drift_detected=True, drift_share=0.4, samples=200,
-            method="evidently"))
+        crud.add_drift_report(
+            session=session,
+            report=DriftReport(
+                model_name="digits",
+                drift_detected=True,
+                drift_share=0.4,
+                samples=200,
+                method="evidently",
+            ),
+        )
     # as the drift flow does: the monitor counts it but leaves it to the flow to resolve
-    kiln_alerts.fire(served.db_url, model="digits", kind="drift",
-                     message="40% of columns drifted", value=0.4, threshold=0.3)
+    kiln_alerts.fire(
+        served.db_url,
+        model="digits",
+        kind="drift",
+        message="40% of columns drifted",
+        value=0.4,
+        threshold=0.3,
+    )
     with Traffic(served, threads=2):
         wait_for("traffic in the gateway's figures", lambda: _status(served)["rps"], 30, served)
         time.sleep(1.0)
@@ -265,8 +317,12 @@ def test_alert_events_reach_prefect_and_a_drift_alert_starts_reoptimize(tmp_path
     from tests.conftest import kiln_env
 
     home = tmp_path / "kiln-home"
-    stack = Stack(UpSettings(prefect_port=free_port(), prefect_ui=False), home=home,
-                  gateway_port=free_port(), base_env=kiln_env(home))
+    stack = Stack(
+        UpSettings(prefect_port=free_port(), prefect_ui=False),
+        home=home,
+        gateway_port=free_port(),
+        base_env=kiln_env(home),
+    )
     stack.logs.mkdir(parents=True, exist_ok=True)
     (home / "prefect").mkdir(parents=True, exist_ok=True)
     api = stack.api_url
@@ -280,28 +336,45 @@ def test_alert_events_reach_prefect_and_a_drift_alert_starts_reoptimize(tmp_path
         import subprocess
         import sys
 
-        child = subprocess.run([sys.executable, "-c", _PREFECT_CHILD, dep_id], env=stack.env,
-                               capture_output=True, text=True, timeout=180)
+        child = subprocess.run(
+            [sys.executable, "-c", _PREFECT_CHILD, dep_id],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert child.returncode == 0, child.stderr[-3000:]
 
         def events() -> list[dict[str, Any]]:
-            resp = httpx.post(f"{api}/events/filter", timeout=10, json={
-                "filter": {"event": {"prefix": ["kiln.alert."]}}, "limit": 50})
+            resp = httpx.post(
+                f"{api}/events/filter",
+                timeout=10,
+                json={"filter": {"event": {"prefix": ["kiln.alert."]}}, "limit": 50},
+            )
             assert resp.status_code == 200, resp.text
             return list(resp.json()["events"])
 
-        seen = _poll(lambda: (lambda e: e if len(e) >= 3 else None)(events()), 30,
-                     "three kiln.alert events on the server")
+        seen = _poll(
+            lambda: (lambda e: e if len(e) >= 3 else None)(events()),
+            30,
+            "three kiln.alert events on the server",
+        )
         by_name = sorted((e["event"], e["payload"]["kind"]) for e in seen)
-        assert by_name == [("kiln.alert.opened", "drift"), ("kiln.alert.opened", "p99"),
-                           ("kiln.alert.resolved", "p99")]
+        assert by_name == [
+            ("kiln.alert.opened", "drift"),
+            ("kiln.alert.opened", "p99"),
+            ("kiln.alert.resolved", "p99"),
+        ]
         drift = next(e for e in seen if e["payload"]["kind"] == "drift")
         assert drift["resource"]["prefect.resource.id"] == "kiln.model.digits"
         assert drift["payload"]["value"] == 0.4
 
         def triggered() -> list[dict[str, Any]]:
-            resp = httpx.post(f"{api}/flow_runs/filter", timeout=10,
-                              json={"deployments": {"id": {"any_": [dep_id]}}})
+            resp = httpx.post(
+                f"{api}/flow_runs/filter",
+                timeout=10,
+                json={"deployments": {"id": {"any_": [dep_id]}}},
+            )
             assert resp.status_code == 200, resp.text
             return [r for r in resp.json() if r["parameters"] == {"model": "digits"}]
 

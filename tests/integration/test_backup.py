@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from kiln.settings import get_settings
 from kiln.intake.upload import upload
+from kiln.settings import get_settings
 from tests.conftest import _pg_exec, run_kiln
 
 VERSIONS = ("0.1.0", "0.1.1")
@@ -48,8 +48,9 @@ def _sha256(path: Path) -> str:
 def _files(root: Path) -> dict[str, str]:
     if not root.exists():
         return {}
-    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _export(path: Path, *, seed: int) -> Path:
@@ -67,8 +68,13 @@ def _populate(tiny_pt2: Path, tmp_path: Path) -> dict[str, str]:
     other = _export(tmp_path / "other.pt2", seed=1)
     shas = {}
     for version, source in zip(VERSIONS, (tiny_pt2, other), strict=True):
-        result = upload(settings=get_settings(), name="tiny", source=str(source),
-                        version=version, task="classification")
+        result = upload(
+            settings=get_settings(),
+            name="tiny",
+            source=str(source),
+            version=version,
+            task="classification",
+        )
         assert result.created and result.version == version
         shas[version] = result.sha256
     assert len(set(shas.values())) == 2
@@ -81,9 +87,11 @@ def _show_all(env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
 
 def _without_paths(doc: dict[str, Any]) -> dict[str, Any]:
     """A ``show`` document minus the absolute paths, which name the home it was run in."""
-    return {**doc, "artifacts": [{k: v for k, v in a.items() if k != "path"}
-                                 for a in doc["artifacts"]],
-            "datasets": [{k: v for k, v in d.items() if k != "path"} for d in doc["datasets"]]}
+    return {
+        **doc,
+        "artifacts": [{k: v for k, v in a.items() if k != "path"} for a in doc["artifacts"]],
+        "datasets": [{k: v for k, v in d.items() if k != "path"} for d in doc["datasets"]],
+    }
 
 
 def _lose_old_bytes(home: Path) -> None:
@@ -92,8 +100,9 @@ def _lose_old_bytes(home: Path) -> None:
     shutil.rmtree(home / "objects")
 
 
-def _assert_restored(before_models: dict, before_shown: dict, env: dict[str, str],
-                     new_home: Path) -> None:
+def _assert_restored(
+    before_models: dict, before_shown: dict, env: dict[str, str], new_home: Path
+) -> None:
     assert _json(run_kiln("models", "--json", env=env)) == before_models
     after_shown = _show_all(env)
     for version in VERSIONS:
@@ -107,15 +116,20 @@ def _assert_restored(before_models: dict, before_shown: dict, env: dict[str, str
 
 def _sqlite_rows(home: Path) -> dict[str, list[tuple]]:
     with sqlite3.connect(home / "registry.db") as conn:
-        tables = [r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        tables = [
+            r[0]
+            for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")
+        ]
         return {t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in tables}
 
 
 def _state(home: Path) -> dict[str, Any]:
     """Everything a refused restore must leave alone: rows, objects, DVC config."""
-    return {"rows": _sqlite_rows(home), "objects": _files(home / "objects"),
-            "dvc_config": (home / ".dvc" / "config").read_text()}
+    return {
+        "rows": _sqlite_rows(home),
+        "objects": _files(home / "objects"),
+        "dvc_config": (home / ".dvc" / "config").read_text(),
+    }
 
 
 # ------------------------------------------------------------------------------ round trips
@@ -138,8 +152,11 @@ def test_sqlite_round_trip_pulls_every_artifact_from_the_remote(
     new_home = tmp_path / "new-home"
     env = {"KILN_HOME": str(new_home)}
     restored = _json(run_kiln("restore", str(backup_dir), "--json", env=env))
-    assert restored == {"restored": 2, "database": "sqlite",
-                        "remote": str(kiln_home / "dvc-remote")}
+    assert restored == {
+        "restored": 2,
+        "database": "sqlite",
+        "remote": str(kiln_home / "dvc-remote"),
+    }
     _assert_restored(before_models, before_shown, env, new_home)
 
     # The restored home is a working one: a new upload lands beside the restored versions.
@@ -149,8 +166,7 @@ def test_sqlite_round_trip_pulls_every_artifact_from_the_remote(
 
 
 def test_postgresql_round_trip_restores_the_schema_from_pg_dump(
-    kiln_home: Path, pg_url: str, tiny_pt2: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch
+    kiln_home: Path, pg_url: str, tiny_pt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KILN_DATABASE_URL", pg_url)
     get_settings.cache_clear()
@@ -166,8 +182,12 @@ def test_postgresql_round_trip_restores_the_schema_from_pg_dump(
     manifest = json.loads((backup_dir / "manifest.json").read_text())
     assert manifest["schema"] == schema and manifest["snapshot"] == "registry.pgdump"
     assert sorted(a["sha256"] for a in manifest["artifacts"]) == sorted(shas.values())
-    listing = subprocess.run(["pg_restore", "--list", str(backup_dir / "registry.pgdump")],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["pg_restore", "--list", str(backup_dir / "registry.pgdump")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"TABLE {schema} model " in listing  # pg_dump --schema: Kiln's schema only
     assert not any(f"TABLE {s} " in listing for s in ("public",))
 
@@ -178,8 +198,11 @@ def test_postgresql_round_trip_restores_the_schema_from_pg_dump(
     # A command run first migrates the empty schema: its empty tables must not block the restore.
     assert _json(run_kiln("models", "--json", env=env)) == {"models": []}
     restored = _json(run_kiln("restore", str(backup_dir), "--json", env=env))
-    assert restored == {"restored": 2, "database": "postgresql",
-                        "remote": str(kiln_home / "dvc-remote")}
+    assert restored == {
+        "restored": 2,
+        "database": "postgresql",
+        "remote": str(kiln_home / "dvc-remote"),
+    }
     _assert_restored(before_models, before_shown, env, new_home)
     # The restored sequences carry on after the restored ids.
     third = _export(tmp_path / "third.pt2", seed=3)
@@ -187,9 +210,13 @@ def test_postgresql_round_trip_restores_the_schema_from_pg_dump(
     assert added["version"] == "0.1.2" and added["created"] is True
 
     # Restoring again into the now-populated schema is refused.
-    _refused(run_kiln("restore", str(backup_dir), "--json",
-                      env={"KILN_HOME": str(tmp_path / "third-home")}),
-             code=4, match="not empty")
+    _refused(
+        run_kiln(
+            "restore", str(backup_dir), "--json", env={"KILN_HOME": str(tmp_path / "third-home")}
+        ),
+        code=4,
+        match="not empty",
+    )
 
 
 # -------------------------------------------------------------------------------- refusals
@@ -230,8 +257,11 @@ def test_restore_fails_clearly_when_the_remote_lost_an_object(
 
     new_home = tmp_path / "new-home"
     env = {"KILN_HOME": str(new_home)}
-    line = _refused(run_kiln("restore", str(backup_dir), "--json", env=env), code=5,
-                    match="lost 1 of the backup's 2 artifacts")
+    line = _refused(
+        run_kiln("restore", str(backup_dir), "--json", env=env),
+        code=5,
+        match="lost 1 of the backup's 2 artifacts",
+    )
     assert any(sha in line for sha in shas.values())  # it names the missing artifact
     # Nothing was installed: the registry is still empty and no artifact was left behind.
     assert _json(run_kiln("models", "--json", env=env)) == {"models": []}
@@ -241,5 +271,6 @@ def test_restore_fails_clearly_when_the_remote_lost_an_object(
     shutil.move(kept, lost)
     restored = _json(run_kiln("restore", str(backup_dir), "--json", env=env))
     assert restored["restored"] == 2
-    assert [v["sha256"] for v in _json(run_kiln("models", "--json", env=env))["models"][0][
-        "versions"]] == list(shas.values())
+    assert [
+        v["sha256"] for v in _json(run_kiln("models", "--json", env=env))["models"][0]["versions"]
+    ] == list(shas.values())

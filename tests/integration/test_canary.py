@@ -31,18 +31,21 @@ from tests.conftest import (
     set_model_settings,
 )
 
-FAST_ROLLOUT = {"rollout": {"step_seconds": 3, "warmup_s": 3, "max_extra_s": 45,
-                            "replay_concurrency": 3}}
+FAST_ROLLOUT = {
+    "rollout": {"step_seconds": 3, "warmup_s": 3, "max_extra_s": 45, "replay_concurrency": 3}
+}
 
 
 @pytest.fixture(scope="module")
-def canary_home(validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
-                ) -> Path:
+def canary_home(
+    validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """digits 0.1.0 in production; 0.2.0 (its bias nudged by 1e-6: the same answers, other
     bytes) and 0.3.0 (always answers class 0: accuracy ~0.1) validated beside it."""
     home = copy_home(validated_home, tmp_path_factory.mktemp("canary"))
-    made = register_variants(home, [{"version": "0.2.0", "bias": 1e-6},
-                                    {"version": "0.3.0", "favour": 0}])
+    made = register_variants(
+        home, [{"version": "0.2.0", "bias": 1e-6}, {"version": "0.3.0", "favour": 0}]
+    )
     assert made == ["0.2.0", "0.3.0"]
     set_model_settings(home, "digits", FAST_ROLLOUT)
     doc = deploy(home, "digits@0.1.0")
@@ -81,14 +84,24 @@ class Client:
         with httpx.Client(headers=self.gateway.headers, timeout=15) as http:
             while not self._stop.is_set():
                 i = rng.randrange(len(self.x))
-                body = {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                    "data": self.x[i].reshape(-1).tolist()}]}
+                body = {
+                    "inputs": [
+                        {
+                            "name": "x",
+                            "shape": [1, 1, 8, 8],
+                            "datatype": "FP32",
+                            "data": self.x[i].reshape(-1).tolist(),
+                        }
+                    ]
+                }
                 status = 0
                 for _attempt in range(3):
                     try:
-                        resp = http.post(f"{self.gateway.url}/v2/models/digits/infer",
-                                         json=body, headers={"X-Kiln-Routing-Key":
-                                                             str(rng.random())})
+                        resp = http.post(
+                            f"{self.gateway.url}/v2/models/digits/infer",
+                            json=body,
+                            headers={"X-Kiln-Routing-Key": str(rng.random())},
+                        )
                         status = resp.status_code
                     except httpx.HTTPError:
                         status = 0
@@ -127,16 +140,17 @@ def test_a_good_canary_with_one_percent_errors_is_promoted(home: Path, examples:
     # stable's for a 3 s step (seen: 12-16 of ~200 requests over the 1.2x + 10 ms limit): a
     # wider latency slack here keeps that host effect out of it (the slow canary test below
     # keeps the default slack).
-    set_model_settings(home, "digits", {"rollout": {**FAST_ROLLOUT["rollout"],
-                                                    "p99_slack_ms": 60}})
+    set_model_settings(home, "digits", {"rollout": {**FAST_ROLLOUT["rollout"], "p99_slack_ms": 60}})
     with RunningGateway(home, env=faults) as gateway, Client(gateway, examples) as client:
         started = time.monotonic()
         code, doc = deploy_canary(gateway, "digits@0.2.0")
         seconds = time.monotonic() - started
         status = registry_status(home) | {}
         live = json.loads(run_kiln("status", "--json", env=gateway.env).stdout)["models"][0]
-    print(f"FIGURE canary_promoted seconds={seconds:.1f} steps={len(doc['steps'])} "
-          f"client={client.statuses} versions={client.versions}")
+    print(
+        f"FIGURE canary_promoted seconds={seconds:.1f} steps={len(doc['steps'])} "
+        f"client={client.statuses} versions={client.versions}"
+    )
     assert code == 0 and doc["outcome"] == "promoted", doc
     assert doc["strategy"] == "canary"
     assert [s["weight"] for s in doc["steps"]] == [0.1, 0.5, 1.0]  # type: ignore[index]
@@ -148,8 +162,9 @@ def test_a_good_canary_with_one_percent_errors_is_promoted(home: Path, examples:
 
 
 @pytest.mark.parametrize("fault", ["error_rate=0.1", "nan_rate=0.1", "delay_ms=60"])
-def test_a_bad_canary_is_rolled_back_without_failed_requests(home: Path, examples: Path,
-                                                             fault: str) -> None:
+def test_a_bad_canary_is_rolled_back_without_failed_requests(
+    home: Path, examples: Path, fault: str
+) -> None:
     """RELIABILITY.md 22 (500s, NaN at 10 % of 20 rps) and a slow canary (p99)."""
     faults = {"KILN_ENGINE_FAULTS": f"versions=0.2.0,{fault},seed=5"}
     with RunningGateway(home, env=faults) as gateway, Client(gateway, examples) as client:
@@ -159,9 +174,11 @@ def test_a_bad_canary_is_rolled_back_without_failed_requests(home: Path, example
         time.sleep(1.0)
         status = registry_status(home)
     failing = doc["steps"][-1]  # type: ignore[index]
-    print(f"FIGURE scenario=22 fault={fault} rollback_seconds={failing['seconds']} "
-          f"step={failing['weight']} client={client.statuses} fallbacks={client.fallbacks} "
-          f"reason={doc['reason']!r}")
+    print(
+        f"FIGURE scenario=22 fault={fault} rollback_seconds={failing['seconds']} "
+        f"step={failing['weight']} client={client.statuses} fallbacks={client.fallbacks} "
+        f"reason={doc['reason']!r}"
+    )
     assert code == 9 and doc["outcome"] == "rolled_back", doc
     expected = "p99" if fault.startswith("delay") else "error rate"
     assert expected in str(doc["reason"])
@@ -183,19 +200,20 @@ def test_a_worse_candidate_is_rejected_before_any_traffic(home: Path) -> None:
     status = registry_status(home)
     assert status["stable"] == "0.1.0" and status["canary"] is None
     # a re-run changes nothing and says so
-    again = json.loads(run_kiln("deploy", "digits@0.3.0", "--json",
-                                env=kiln_env(home)).stdout)
+    again = json.loads(run_kiln("deploy", "digits@0.3.0", "--json", env=kiln_env(home)).stdout)
     assert again["outcome"] == "rejected" and "rejected before" in again["reason"]
 
 
 def test_promote_rollback_to_and_status_commands(home: Path) -> None:
     env = kiln_env(home)
     # a canary set by hand (weight 0.3), promoted by hand
-    code = ("import sys; from kiln.registry import crud; from kiln.registry.db import session_scope; "
-            "from kiln.settings import get_settings\n"
-            "with session_scope(get_settings().db_url) as s:\n"
-            "    v = crud.require_version(session=s, name='digits', version='0.2.0')\n"
-            "    crud.start_canary(session=s, version=v, weight=0.3)")
+    code = (
+        "import sys; from kiln.registry import crud; from kiln.registry.db import session_scope; "
+        "from kiln.settings import get_settings\n"
+        "with session_scope(get_settings().db_url) as s:\n"
+        "    v = crud.require_version(session=s, name='digits', version='0.2.0')\n"
+        "    crud.start_canary(session=s, version=v, weight=0.3)"
+    )
     import subprocess
     import sys
 
@@ -213,12 +231,20 @@ def test_promote_rollback_to_and_status_commands(home: Path) -> None:
     # rollback to 0.1.0 with its artifact gone from the store: pulled back from the DVC remote
     shown = json.loads(run_kiln("show", "digits@0.1.0", "--json", env=env).stdout)
     selected = next(a for a in shown["artifacts"] if a["selected"])
-    artifact = home / "objects" / selected["path"] if not Path(selected["path"]).is_absolute() \
+    artifact = (
+        home / "objects" / selected["path"]
+        if not Path(selected["path"]).is_absolute()
         else Path(selected["path"])
+    )
     if not artifact.exists():
-        artifact = next(p for p in home.rglob(Path(selected["path"]).name) if p.is_file()
-                        and ".dvc" not in p.suffixes and "cache" not in p.parts
-                        and "remote" not in p.parts)
+        artifact = next(
+            p
+            for p in home.rglob(Path(selected["path"]).name)
+            if p.is_file()
+            and ".dvc" not in p.suffixes
+            and "cache" not in p.parts
+            and "remote" not in p.parts
+        )
     artifact.unlink()
     back = run_kiln("rollback", "digits", "--to", "0.1.0", "--json", env=env)
     assert back.returncode == 0, back.stderr
@@ -234,10 +260,12 @@ def test_rollback_figures_are_null_without_traffic() -> None:
     from kiln.rollout.commands import _merge
 
     assert _merge({}) == {}
-    merged = _merge({"0.1.0": {"requests": 90, "errors": 0, "p50_ms": 1.0, "p99_ms": 3.0,
-                               "rps": 9.0},
-                     "0.2.0": {"requests": 10, "errors": 1, "p50_ms": 2.0, "p99_ms": 5.0,
-                               "rps": 1.0}})
+    merged = _merge(
+        {
+            "0.1.0": {"requests": 90, "errors": 0, "p50_ms": 1.0, "p99_ms": 3.0, "rps": 9.0},
+            "0.2.0": {"requests": 10, "errors": 1, "p50_ms": 2.0, "p99_ms": 5.0, "rps": 1.0},
+        }
+    )
     assert merged["error_rate"] == pytest.approx(0.01)
     assert merged["p50_ms"] == pytest.approx(1.1) and merged["p99_ms"] == 5.0
     assert merged["rps"] == 10.0

@@ -69,20 +69,26 @@ def test_slow_agrees_and_keeps_its_float64_chain(digits: Path, variants: Path) -
     assert np.mean(slow.argmax(1) == base.argmax(1)) == 1.0
     np.testing.assert_allclose(slow, base, rtol=0, atol=1e-5)
     ep = torch.export.load(str(variants / "slow.pt2"))
-    chain = [n for n in ep.graph.nodes if n.op == "call_function"
-             and str(n.target).split(".")[1] in ("mm", "matmul")]
+    chain = [
+        n
+        for n in ep.graph.nodes
+        if n.op == "call_function" and str(n.target).split(".")[1] in ("mm", "matmul")
+    ]
     doubles = [n for n in chain if n.meta["val"].dtype == torch.float64]
     assert len(doubles) >= 2, [str(n.target) for n in chain]
 
 
 @pytest.mark.parametrize("name", ["permuted.pt2", "slow.pt2"])
-def test_dynamic_batch_and_same_bytes(digits: Path, variants: Path, name: str,
-                                      tmp_path: Path) -> None:
+def test_dynamic_batch_and_same_bytes(
+    digits: Path, variants: Path, name: str, tmp_path: Path
+) -> None:
     module = torch.export.load(str(variants / name)).module()
     for batch in (1, 5):
         assert tuple(module(torch.zeros(batch, 1, 8, 8)).shape) == (batch, 10)
     if name == "slow.pt2":  # one rebuild covers both files
         run_data_script("build_digits_variants.py", "--data", digits, "--out", tmp_path)
         for other in ("permuted.pt2", "slow.pt2"):
-            assert (hashlib.sha256((tmp_path / other).read_bytes()).hexdigest()
-                    == hashlib.sha256((variants / other).read_bytes()).hexdigest()), other
+            assert (
+                hashlib.sha256((tmp_path / other).read_bytes()).hexdigest()
+                == hashlib.sha256((variants / other).read_bytes()).hexdigest()
+            ), other

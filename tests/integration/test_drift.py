@@ -44,32 +44,48 @@ def _log(home: Path, batches: list[np.ndarray], ago: timedelta) -> None:
     when = utcnow() - ago
     with session_scope(url) as session:
         version = crud.require_version(session=session, name="digits").version
-        crud.add_inference_records(session=session, records=[
-            InferenceRecord(model_name="digits", version=version, input=encode({"x": batch}),
-                            output={}, latency_ms=1.0, status=200, batch_id=f"b{i}",
-                            timestamp=when)
-            for i, batch in enumerate(batches)])
+        crud.add_inference_records(
+            session=session,
+            records=[
+                InferenceRecord(
+                    model_name="digits",
+                    version=version,
+                    input=encode({"x": batch}),
+                    output={},
+                    latency_ms=1.0,
+                    status=200,
+                    batch_id=f"b{i}",
+                    timestamp=when,
+                )
+                for i, batch in enumerate(batches)
+            ],
+        )
     dispose_engines()
 
 
 def _drift(home: Path, api: str, *args: str, code: int = 0) -> dict:
-    proc = run_kiln("drift", "digits", *args, "--json", timeout=300,
-                    env=kiln_env(home, PREFECT_API_URL=api))
+    proc = run_kiln(
+        "drift", "digits", *args, "--json", timeout=300, env=kiln_env(home, PREFECT_API_URL=api)
+    )
     assert proc.returncode == code, proc.stderr[-4000:]
     return json.loads(proc.stdout)  # exactly one JSON document on stdout
 
 
 def _db(home: Path) -> tuple[list, list]:
+    from sqlmodel import select
+
     from kiln.registry import crud
     from kiln.registry.db import dispose_engines, session_scope
     from kiln.registry.tables import DriftReport
-    from sqlmodel import select
 
     with session_scope(f"sqlite:///{home / 'registry.db'}") as session:
-        reports = [r.model_dump() for r in session.exec(select(DriftReport)
-                                                        .order_by(DriftReport.id)).all()]
-        alerts = [{"kind": a.kind, "state": str(a.state), "value": a.value}
-                  for a in crud.list_alerts(session=session, model="digits")]
+        reports = [
+            r.model_dump() for r in session.exec(select(DriftReport).order_by(DriftReport.id)).all()
+        ]
+        alerts = [
+            {"kind": a.kind, "state": str(a.state), "value": a.value}
+            for a in crud.list_alerts(session=session, model="digits")
+        ]
     dispose_engines()
     return reports, alerts
 
@@ -88,8 +104,9 @@ def _assert_dvc_tracked(home: Path, report: str) -> None:
     assert (remote / "files" / "md5" / md5[:2] / md5[2:]).is_file()
 
 
-def test_drift_flow_end_to_end(validated_home: Path, examples: Path, tmp_path: Path,
-                               prefect_api: str) -> None:
+def test_drift_flow_end_to_end(
+    validated_home: Path, examples: Path, tmp_path: Path, prefect_api: str
+) -> None:
     home = copy_home(validated_home, tmp_path)
     x, _ = digits_rows(examples, 270)  # the whole test split
     rng = np.random.default_rng(11)
@@ -116,8 +133,7 @@ def test_drift_flow_end_to_end(validated_home: Path, examples: Path, tmp_path: P
     #    them, they are left out, and the verdict is no drift, which resolves the alert
     nan = draw(1)
     nan[0, 0, 4, 4] = np.nan
-    _log(home, [*np.split(draw(150), 30), nan, np.zeros((1, 1, 4, 4), np.float32)],
-         timedelta(0))
+    _log(home, [*np.split(draw(150), 30), nan, np.zeros((1, 1, 4, 4), np.float32)], timedelta(0))
     calm = _drift(home, prefect_api, "--hours", "1", "--exit-code")
     assert calm["drift_detected"] is False, calm["reason"]
     assert calm["samples"] == 150 and calm["drift_share"] < calm["threshold"]
@@ -141,8 +157,12 @@ def test_drift_flow_end_to_end(validated_home: Path, examples: Path, tmp_path: P
 
 def test_drift_refuses_bad_input_in_one_line(validated_home: Path, tmp_path: Path) -> None:
     env = kiln_env(copy_home(validated_home, tmp_path))
-    for args, code in ((("nosuch",), 3), (("digits", "--min-samples", "0"), 2),
-                       (("digits", "--hours", "-1"), 2), (("digits", "--version", "9.9.9"), 3)):
+    for args, code in (
+        (("nosuch",), 3),
+        (("digits", "--min-samples", "0"), 2),
+        (("digits", "--hours", "-1"), 2),
+        (("digits", "--version", "9.9.9"), 3),
+    ):
         proc = run_kiln("drift", *args, "--json", env=env)
         assert proc.returncode == code, (args, proc.stderr)
         assert proc.stdout == ""

@@ -31,8 +31,9 @@ class Engine:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / f"engine-{self.port}.log"
         self.started = time.monotonic()
-        self.proc = start_engine_process("digits", version, self.port, env=kiln_env(home, **env),
-                                         log_path=self.log)
+        self.proc = start_engine_process(
+            "digits", version, self.port, env=kiln_env(home, **env), log_path=self.log
+        )
         self.client = httpx.Client(timeout=30)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> list[str]:
@@ -53,10 +54,17 @@ class Engine:
             time.sleep(0.05)
         raise AssertionError(f"engine not ready in {timeout} s:\n{self.tail()}")
 
-    def predict(self, x: np.ndarray, *, deadline: float | None = None,
-                **extra: Any) -> httpx.Response:
-        doc = {"model": "digits", "version": self.version, "deadline": deadline,
-               "inputs": [encode_tensor("x", x)], "outputs": None, **extra}
+    def predict(
+        self, x: np.ndarray, *, deadline: float | None = None, **extra: Any
+    ) -> httpx.Response:
+        doc = {
+            "model": "digits",
+            "version": self.version,
+            "deadline": deadline,
+            "inputs": [encode_tensor("x", x)],
+            "outputs": None,
+            **extra,
+        }
         return self.client.post(self.url + "/predict", json=doc)
 
     def stats(self) -> dict[str, int]:
@@ -102,8 +110,11 @@ def test_health_turns_200_only_after_warm_up(engine: Engine) -> None:
     seen = engine.wait_ready()
     assert seen[-1] == "200"
     assert all(s in ("refused", "503") for s in seen[:-1])
-    listening = [c.laddr for c in psutil.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == engine.port]
+    listening = [
+        c.laddr
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == engine.port
+    ]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
 
 
@@ -130,8 +141,13 @@ def test_concurrent_requests_are_batched(engine: Engine, examples: Path) -> None
 
     def one(i: int) -> tuple[int, np.ndarray, int]:
         with httpx.Client(timeout=30) as client:
-            doc = {"model": "digits", "version": engine.version, "deadline": None,
-                   "inputs": [encode_tensor("x", x[i:i + 1])], "outputs": None}
+            doc = {
+                "model": "digits",
+                "version": engine.version,
+                "deadline": None,
+                "inputs": [encode_tensor("x", x[i : i + 1])],
+                "outputs": None,
+            }
             response = client.post(engine.url + "/predict", json=doc)
             assert response.status_code == 200, response.text
             return i, _outputs(response)["output"], response.json()["batch_size"]
@@ -180,8 +196,9 @@ def test_expired_deadline_is_504_and_never_runs(engine: Engine, examples: Path) 
     assert after["model_calls"] == before["model_calls"]  # the model never ran for it
 
 
-def test_slow_model_nan_output_and_queued_expiry(engine_home: Path, examples: Path,
-                                                 tmp_path: Path) -> None:
+def test_slow_model_nan_output_and_queued_expiry(
+    engine_home: Path, examples: Path, tmp_path: Path
+) -> None:
     """A model call takes 600 ms and outputs NaN: the running request gets a 500 with a JSON
     detail naming the output; one queued behind it with a 200 ms deadline gets 504 without
     running. Stopping the process group leaves no engine process alive."""
@@ -209,8 +226,11 @@ def test_slow_model_nan_output_and_queued_expiry(engine_home: Path, examples: Pa
         engine.stop()
     time.sleep(0.2)
     assert group_members(engine.proc.pid) == []
-    assert not [p for p in psutil.process_iter(["cmdline"])
-                if str(engine.port) in " ".join(p.info["cmdline"] or [])]
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(engine.port) in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def test_bit_flipped_artifact_is_refused(engine_home: Path, tmp_path: Path) -> None:
@@ -251,11 +271,16 @@ def test_loader_tokenizes_text_like_optimize(examples: Path) -> None:
     from serving.loader import LoadedModel
 
     folder = examples / "minilm" / "model"
-    spec = ModelSpec.model_validate({
-        "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-                   {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}],
-        "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}],
-        "preprocess": {"file": "tokenizer.json", "max_length": 16}})
+    spec = ModelSpec.model_validate(
+        {
+            "inputs": [
+                {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+                {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+            ],
+            "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}],
+            "preprocess": {"file": "tokenizer.json", "max_length": 16},
+        }
+    )
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.enable_truncation(16)
     tokenizer.enable_padding()
@@ -265,8 +290,14 @@ def test_loader_tokenizes_text_like_optimize(examples: Path) -> None:
         calls.append(inputs)
         return [inputs[1].astype(np.float32)]
 
-    model = LoadedModel(name="minilm", version="1.0.0", spec=spec, runner=runner,
-                        memory_bytes=1, tokenizer=tokenizer)
+    model = LoadedModel(
+        name="minilm",
+        version="1.0.0",
+        spec=spec,
+        runner=runner,
+        memory_bytes=1,
+        tokenizer=tokenizer,
+    )
     texts = ["a short one", "a much longer sentence than the first one, by far " * 3]
     out = model({"text": np.array(texts, dtype=object)})
     want = tokenize(folder / "tokenizer.json", texts, max_length=16, names=spec.inputs)

@@ -33,7 +33,11 @@ def run_script(name: str, *args: str | Path) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
@@ -45,8 +49,9 @@ def load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module", params=sorted(CLASSIFIERS))
-def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[str, Path]:
+def trained(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
     name = request.param
     out = tmp_path_factory.mktemp(name)
     run_script(f"prepare_{name}.py", "--out", out)
@@ -73,8 +78,9 @@ def test_splits_are_typed_stratified_70_15_15(trained: tuple[str, Path]) -> None
 
 
 @pytest.mark.parametrize("batch_size", [1, 37])
-def test_exported_model_reproduces_reported_accuracy(trained: tuple[str, Path],
-                                                     batch_size: int) -> None:
+def test_exported_model_reproduces_reported_accuracy(
+    trained: tuple[str, Path], batch_size: int
+) -> None:
     name, out = trained
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= CLASSIFIERS[name][3]
@@ -83,8 +89,9 @@ def test_exported_model_reproduces_reported_accuracy(trained: tuple[str, Path],
     model = torch.export.load(out / "model.pt2").module()
     inputs, labels = load_split(out, "test")
     with torch.inference_mode():
-        predictions = torch.cat([model(chunk).argmax(dim=1)
-                                 for chunk in torch.from_numpy(inputs).split(batch_size)])
+        predictions = torch.cat(
+            [model(chunk).argmax(dim=1) for chunk in torch.from_numpy(inputs).split(batch_size)]
+        )
     accuracy = (predictions.numpy() == labels).mean()
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
@@ -113,8 +120,12 @@ def test_minilm_folder_matches_upload_schema(minilm_out: Path) -> None:
     assert spec["task"] == "embedding" and spec["factory"] == "kiln.examples:minilm"
     assert [i["name"] for i in spec["inputs"]] == ["input_ids", "attention_mask"]
     assert all(i["datatype"] == "INT64" and i["shape"] == [-1, -1] for i in spec["inputs"])
-    assert spec["preprocess"] == {"kind": "tokenizer", "file": "tokenizer.json",
-                                  "max_length": 128, "text_input": "text"}
+    assert spec["preprocess"] == {
+        "kind": "tokenizer",
+        "file": "tokenizer.json",
+        "max_length": 128,
+        "text_input": "text",
+    }
     assert (folder / spec["weights"]).is_file() and (folder / "tokenizer.json").is_file()
 
 
@@ -134,10 +145,12 @@ def test_minilm_matches_sentence_transformers_and_exports(minilm_out: Path) -> N
     written = load_file(folder / spec["weights"])
     assert written.keys() == model.state_dict().keys()
 
-    sentences = ["The quick brown fox jumps over the lazy dog.",
-                 "Return the square root of x.",
-                 "A model registry keeps every version of a model with its artifacts.",
-                 "Hi"]
+    sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Return the square root of x.",
+        "A model registry keeps every version of a model with its artifacts.",
+        "Hi",
+    ]
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     encoded = tokenizer.encode_batch(sentences)  # padded to the longest row
     input_ids = torch.tensor([e.ids for e in encoded])
@@ -155,15 +168,18 @@ def test_minilm_matches_sentence_transformers_and_exports(minilm_out: Path) -> N
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=512)
     exported = torch.export.export(
-        model, (input_ids, attention_mask),
+        model,
+        (input_ids, attention_mask),
         dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
     ).module()
     with torch.inference_mode():
-        torch.testing.assert_close(exported(input_ids, attention_mask), ours,
-                                   rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(exported(input_ids[1:2, :5], attention_mask[1:2, :5]),
-                                   model(input_ids[1:2, :5], attention_mask[1:2, :5]),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(exported(input_ids, attention_mask), ours, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            exported(input_ids[1:2, :5], attention_mask[1:2, :5]),
+            model(input_ids[1:2, :5], attention_mask[1:2, :5]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_importing_examples_does_not_import_transformers() -> None:

@@ -22,8 +22,8 @@ import torch
 
 from kiln.backends import REGISTRY, BuildResult, ExtractedModel
 from kiln.errors import ExtractionError
-from kiln.optimize.extract import extract
 from kiln.intake.probe import probe_kiln, probe_pt2
+from kiln.optimize.extract import extract
 from kiln.spec import ModelSpec, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,17 +41,23 @@ def ort_session(path: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def digits(examples: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> tuple[ExtractedModel, dict[str, Any]]:
+def digits(
+    examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ExtractedModel, dict[str, Any]]:
     source = examples / "digits" / "model.pt2"
-    return extract(source_format="pt2", source_path=source, spec=probe_pt2(source),
-                   out_dir=tmp_path_factory.mktemp("digits-extract"),
-                   check_inputs=[split(examples / "digits", "val")])
+    return extract(
+        source_format="pt2",
+        source_path=source,
+        spec=probe_pt2(source),
+        out_dir=tmp_path_factory.mktemp("digits-extract"),
+        check_inputs=[split(examples / "digits", "val")],
+    )
 
 
 @pytest.fixture(scope="module")
-def minilm(examples: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> tuple[ExtractedModel, dict[str, Any]]:
+def minilm(
+    examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ExtractedModel, dict[str, Any]]:
     from tokenizers import Tokenizer
 
     folder = examples / "minilm" / "model"
@@ -61,12 +67,18 @@ def minilm(examples: Path, tmp_path_factory: pytest.TempPathFactory
     ids = np.array([e.ids for e in encoded], dtype=np.int64)
     mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
     assert mask.min() == 0  # padded rows: the mask matters in the check
-    return extract(source_format="kiln", source_path=folder, spec=probe_kiln(folder),
-                   out_dir=tmp_path_factory.mktemp("minilm-extract"), check_inputs=[ids, mask])
+    return extract(
+        source_format="kiln",
+        source_path=folder,
+        spec=probe_kiln(folder),
+        out_dir=tmp_path_factory.mktemp("minilm-extract"),
+        check_inputs=[ids, mask],
+    )
 
 
-def test_digits_extracts_with_parity_recorded(digits: tuple[ExtractedModel, dict[str, Any]]
-                                              ) -> None:
+def test_digits_extracts_with_parity_recorded(
+    digits: tuple[ExtractedModel, dict[str, Any]],
+) -> None:
     model, report = digits
     assert model.program and model.program.name == "model.pt2" and model.onnx.name == "model.onnx"
     assert report["rtol"] > 0 and report["atol"] > 0 and report["opset"] >= 18
@@ -82,14 +94,16 @@ def test_digits_extracts_with_parity_recorded(digits: tuple[ExtractedModel, dict
     assert proto.opset_import[0].version >= 18
     assert [i.name for i in proto.graph.input] == ["x"]
     assert [o.name for o in proto.graph.output] == ["output"]
-    assert not any(t.data_location == onnx.TensorProto.EXTERNAL
-                   for t in proto.graph.initializer)  # one self-contained file
+    assert not any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
+    )  # one self-contained file
     assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim][:1] == ["batch"]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 300])
 def test_digits_program_and_onnx_take_any_batch(
-        digits: tuple[ExtractedModel, dict[str, Any]], examples: Path, batch: int) -> None:
+    digits: tuple[ExtractedModel, dict[str, Any]], examples: Path, batch: int
+) -> None:
     model, _ = digits
     x = np.resize(split(examples / "digits", "test"), (batch, 1, 8, 8)).astype(np.float32)
     assert model.program is not None
@@ -101,7 +115,8 @@ def test_digits_program_and_onnx_take_any_batch(
 
 
 def test_minilm_extracts_with_dynamic_batch_and_sequence(
-        minilm: tuple[ExtractedModel, dict[str, Any]]) -> None:
+    minilm: tuple[ExtractedModel, dict[str, Any]],
+) -> None:
     model, report = minilm
     assert report["parity"]["onnx"]["max_abs_diff"] < 1e-4
     assert report["parity"]["program"]["cases"] == 3
@@ -114,7 +129,7 @@ def test_minilm_extracts_with_dynamic_batch_and_sequence(
         for seq in (5, 17):
             ids = rng.integers(1000, 8000, (batch, seq), dtype=np.int64)
             mask = np.ones((batch, seq), dtype=np.int64)
-            mask[0, seq - 2:] = 0
+            mask[0, seq - 2 :] = 0
             with torch.inference_mode():
                 want = program(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
             got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
@@ -123,7 +138,7 @@ def test_minilm_extracts_with_dynamic_batch_and_sequence(
             np.testing.assert_allclose(np.linalg.norm(want, axis=1), 1.0, rtol=1e-4)
 
 
-BRANCHY = '''
+BRANCHY = """
 import torch
 
 
@@ -140,7 +155,7 @@ class Branchy(torch.nn.Module):
 
 def build():
     return Branchy()
-'''
+"""
 
 
 def test_data_dependent_control_flow_is_rejected_with_a_readable_reason(tmp_path: Path) -> None:
@@ -150,15 +165,21 @@ def test_data_dependent_control_flow_is_rejected_with_a_readable_reason(tmp_path
     folder.mkdir()
     (folder / "kiln_test_branchy.py").write_text(BRANCHY)
     torch.manual_seed(0)
-    save_file({"fc.weight": torch.randn(4, 4), "fc.bias": torch.zeros(4)},
-              str(folder / "model.safetensors"))
-    (folder / "kiln.yaml").write_text(textwrap.dedent("""\
+    save_file(
+        {"fc.weight": torch.randn(4, 4), "fc.bias": torch.zeros(4)},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "kiln.yaml").write_text(
+        textwrap.dedent("""\
         factory: kiln_test_branchy:build
         weights: model.safetensors
         inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]
-        """))
-    spec = ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
-                     outputs=[TensorSpec(name="output", datatype="FP32", shape=[-1, 4])])
+        """)
+    )
+    spec = ModelSpec(
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
+        outputs=[TensorSpec(name="output", datatype="FP32", shape=[-1, 4])],
+    )
     out = tmp_path / "out"
     with pytest.raises(ExtractionError) as caught:
         extract(source_format="kiln", source_path=folder, spec=spec, out_dir=out)
@@ -172,11 +193,13 @@ def test_data_dependent_control_flow_is_rejected_with_a_readable_reason(tmp_path
     assert not list(out.iterdir())  # nothing written
 
 
-def test_onnx_source_is_used_as_is(digits: tuple[ExtractedModel, dict[str, Any]],
-                                   tmp_path: Path) -> None:
+def test_onnx_source_is_used_as_is(
+    digits: tuple[ExtractedModel, dict[str, Any]], tmp_path: Path
+) -> None:
     source, _ = digits
-    model, report = extract(source_format="onnx", source_path=source.onnx, spec=source.spec,
-                            out_dir=tmp_path / "x")
+    model, report = extract(
+        source_format="onnx", source_path=source.onnx, spec=source.spec, out_dir=tmp_path / "x"
+    )
     assert model.program is None
     assert model.onnx.read_bytes() == source.onnx.read_bytes()
     assert report["parity"]["onnx"]["cases"] == 2
@@ -190,18 +213,24 @@ def test_onnx_source_is_used_as_is(digits: tuple[ExtractedModel, dict[str, Any]]
 
 # ------------------------------------------------------------------ variants of digits
 @pytest.fixture(scope="module")
-def digits_variants(digits: tuple[ExtractedModel, dict[str, Any]],
-                    tmp_path_factory: pytest.TempPathFactory) -> dict[str, BuildResult]:
+def digits_variants(
+    digits: tuple[ExtractedModel, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, BuildResult]:
     model, _ = digits
     root = tmp_path_factory.mktemp("digits-variants")
-    return {name: REGISTRY[name].build(model, "fp32", root / name)
-            for name in ("torch-eager", "onnxruntime", "inductor")}
+    return {
+        name: REGISTRY[name].build(model, "fp32", root / name)
+        for name in ("torch-eager", "onnxruntime", "inductor")
+    }
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
 def test_fp32_variant_agrees_with_eager_on_the_test_split(
-        digits: tuple[ExtractedModel, dict[str, Any]], digits_variants: dict[str, BuildResult],
-        examples: Path, backend: str) -> None:
+    digits: tuple[ExtractedModel, dict[str, Any]],
+    digits_variants: dict[str, BuildResult],
+    examples: Path,
+    backend: str,
+) -> None:
     model, _ = digits
     x = split(examples / "digits", "test")
     baseline = REGISTRY["torch-eager"].load(digits_variants["torch-eager"].path, spec=model.spec)
@@ -236,14 +265,29 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("kiln"))))
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
 def test_variant_loads_from_its_file_in_a_fresh_process(
-        digits: tuple[ExtractedModel, dict[str, Any]], digits_variants: dict[str, BuildResult],
-        examples: Path, backend: str, tmp_path: Path) -> None:
+    digits: tuple[ExtractedModel, dict[str, Any]],
+    digits_variants: dict[str, BuildResult],
+    examples: Path,
+    backend: str,
+    tmp_path: Path,
+) -> None:
     model, _ = digits
     data = examples / "digits" / "test.npz"
     proc = subprocess.run(
-        [sys.executable, "-c", FRESH, backend, str(digits_variants[backend].path),
-         model.spec.model_dump_json(), str(data), str(tmp_path / "out.npy")],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-c",
+            FRESH,
+            backend,
+            str(digits_variants[backend].path),
+            model.spec.model_dump_json(),
+            str(data),
+            str(tmp_path / "out.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "kiln.optimize.extract" not in json.loads(proc.stdout.strip().splitlines()[-1])
@@ -255,12 +299,16 @@ def test_variant_loads_from_its_file_in_a_fresh_process(
 def test_fixed_batch_program_is_reexported_with_a_dynamic_batch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    torch.export.save(torch.export.export(module.eval(), (torch.randn(4, 4),)),
-                      str(tmp_path / "fixed.pt2"))
-    spec = ModelSpec(inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 4])],
-                     outputs=[TensorSpec(name="output", datatype="FP32", shape=[-1, 3])])
-    model, report = extract(source_format="pt2", source_path=tmp_path / "fixed.pt2", spec=spec,
-                            out_dir=tmp_path / "out")
+    torch.export.save(
+        torch.export.export(module.eval(), (torch.randn(4, 4),)), str(tmp_path / "fixed.pt2")
+    )
+    spec = ModelSpec(
+        inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 4])],
+        outputs=[TensorSpec(name="output", datatype="FP32", shape=[-1, 3])],
+    )
+    model, report = extract(
+        source_format="pt2", source_path=tmp_path / "fixed.pt2", spec=spec, out_dir=tmp_path / "out"
+    )
     assert report["parity"]["onnx"]["cases"] == 2  # batches of 1 and 3, against the original
     assert model.program is not None
     x = torch.randn(7, 4)

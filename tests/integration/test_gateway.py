@@ -24,8 +24,9 @@ from tests.conftest import (
 )
 
 
-def test_triton_client_gets_eager_predictions(served_digits: RunningGateway,
-                                              examples: Path) -> None:
+def test_triton_client_gets_eager_predictions(
+    served_digits: RunningGateway, examples: Path
+) -> None:
     import tritonclient.http as triton
 
     x, labels = digits_rows(examples)
@@ -41,7 +42,7 @@ def test_triton_client_gets_eager_predictions(served_digits: RunningGateway,
     for binary in (True, False):  # Triton's binary extension (its default), then JSON tensors
         got = []
         for start in range(0, len(x), 16):
-            chunk = x[start:start + 16]
+            chunk = x[start : start + 16]
             inp = triton.InferInput(in_name, list(chunk.shape), "FP32")
             inp.set_data_from_numpy(chunk, binary_data=binary)
             outputs = [triton.InferRequestedOutput(out_name, binary_data=binary)]
@@ -56,8 +57,7 @@ def test_triton_client_gets_eager_predictions(served_digits: RunningGateway,
     # one request pinned to the version, one single row, no outputs listed (all binary)
     inp = triton.InferInput(in_name, [1, 1, 8, 8], "FP32")
     inp.set_data_from_numpy(x[:1])
-    result = client.infer("digits", [inp], model_version=meta["versions"][0],
-                          headers=dict(headers))
+    result = client.infer("digits", [inp], model_version=meta["versions"][0], headers=dict(headers))
     assert result.as_numpy(out_name).argmax() == want[0].argmax()
     client.close()
 
@@ -70,27 +70,44 @@ def test_metadata_metrics_and_plain_json(served_digits: RunningGateway, examples
     version, in_name = meta["versions"][0], meta["inputs"][0]["name"]
     assert meta["platform"].startswith("kiln_")
     assert meta["inputs"][0]["shape"][1:] == [1, 8, 8]
-    assert httpx.get(f"{url}/v2/models/digits/versions/{version}/ready",
-                     headers=headers).status_code == 200
-    assert httpx.get(f"{url}/v2/models/digits/versions/9.9.9",
-                     headers=headers).status_code == 404
-    body = {"id": "r1", "inputs": [{"name": in_name, "datatype": "FP32",
-                                    "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}
+    assert (
+        httpx.get(f"{url}/v2/models/digits/versions/{version}/ready", headers=headers).status_code
+        == 200
+    )
+    assert httpx.get(f"{url}/v2/models/digits/versions/9.9.9", headers=headers).status_code == 404
+    body = {
+        "id": "r1",
+        "inputs": [
+            {
+                "name": in_name,
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "data": x.reshape(-1).tolist(),
+            }
+        ],
+    }
     resp = httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=headers)
     assert resp.status_code == 200, resp.text
     doc = resp.json()
     assert doc["id"] == "r1" and doc["model_version"] == version
     assert doc["outputs"][0]["shape"][0] == 3
     metrics = httpx.get(f"{url}/metrics", headers=headers).text
-    for name in ("kiln_request_duration_seconds_bucket", "kiln_requests_total",
-                 "kiln_batch_size_bucket", "kiln_inflight_requests", "kiln_engine_up",
-                 "kiln_engine_resident_memory_bytes", "process_resident_memory_bytes"):
+    for name in (
+        "kiln_request_duration_seconds_bucket",
+        "kiln_requests_total",
+        "kiln_batch_size_bucket",
+        "kiln_inflight_requests",
+        "kiln_engine_up",
+        "kiln_engine_resident_memory_bytes",
+        "process_resident_memory_bytes",
+    ):
         assert name in metrics, name
     assert 'stage="engine"' in metrics and 'stage="gateway"' in metrics
 
 
 def test_killing_one_of_two_replicas_under_load_loses_no_request(
-        validated_home: Path, tmp_path: Path, examples: Path) -> None:
+    validated_home: Path, tmp_path: Path, examples: Path
+) -> None:
     home = copy_home(validated_home, tmp_path)
     set_model_settings(home, "digits", {"serving": {"min_replicas": 2, "max_replicas": 2}})
     deploy(home)
@@ -104,18 +121,30 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(
             engines = _engine_pids(gateway)
         assert len(engines) == 2, gateway.tail()
         x, _ = digits_rows(examples, 8)
-        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8],
-                                       "data": x[0].reshape(-1).tolist()}]})
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [1, 1, 8, 8],
+                        "data": x[0].reshape(-1).tolist(),
+                    }
+                ]
+            }
+        )
         results: list[int] = []
         stop = threading.Event()
 
         def client() -> None:
-            with httpx.Client(headers={**gateway.headers, "Content-Type": "application/json"},
-                              timeout=30) as http:
+            with httpx.Client(
+                headers={**gateway.headers, "Content-Type": "application/json"}, timeout=30
+            ) as http:
                 while not stop.is_set():
                     try:
-                        code = http.post(f"{gateway.url}/v2/models/digits/infer",
-                                         content=body).status_code
+                        code = http.post(
+                            f"{gateway.url}/v2/models/digits/infer", content=body
+                        ).status_code
                     except httpx.TransportError:
                         code = -1
                     results.append(code)
@@ -132,8 +161,9 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(
             t.join(timeout=30)
         after_kill = results[before:]
         failures = [c for c in results if c != 200]
-        print(f"requests: {len(results)} ({len(after_kill)} after the kill), "
-              f"failed: {len(failures)}")
+        print(
+            f"requests: {len(results)} ({len(after_kill)} after the kill), failed: {len(failures)}"
+        )
         assert len(after_kill) > 50
         assert failures == []
         # the supervisor brings the killed replica back
@@ -148,8 +178,11 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(
     finally:
         gateway.stop()
     time.sleep(0.5)
-    assert not [p for p in running if psutil.pid_exists(p)
-                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not [
+        p
+        for p in running
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def _engine_pids(gateway: RunningGateway) -> list[int]:
@@ -158,24 +191,34 @@ def _engine_pids(gateway: RunningGateway) -> list[int]:
         children = psutil.Process(gateway.proc.pid).children()
     except psutil.NoSuchProcess:
         children = []
-    return [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-            and "serving.engine" in " ".join(c.cmdline())]
-
+    return [
+        c.pid
+        for c in children
+        if c.is_running()
+        and c.status() != psutil.STATUS_ZOMBIE
+        and "serving.engine" in " ".join(c.cmdline())
+    ]
 
 
 def test_engines_stop_when_the_supervisor_is_killed(served_digits: RunningGateway) -> None:
     """A SIGKILLed `kiln serve` cannot stop its engines; they notice and stop themselves."""
     engines = _engine_pids(served_digits)
     assert engines
-    members = [p.pid for e in engines for p in [psutil.Process(e),
-                                                *psutil.Process(e).children(recursive=True)]]
+    members = [
+        p.pid
+        for e in engines
+        for p in [psutil.Process(e), *psutil.Process(e).children(recursive=True)]
+    ]
     os.kill(served_digits.proc.pid, signal.SIGKILL)
     served_digits.proc.wait(timeout=10)
     start = time.monotonic()
     alive = members
     while alive and time.monotonic() - start < 20:
         time.sleep(0.25)
-        alive = [p for p in members if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p
+            for p in members
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
     print(f"engine processes gone {time.monotonic() - start:.1f} s after the supervisor died")
     assert not alive

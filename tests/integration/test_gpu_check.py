@@ -29,11 +29,35 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # Top-level modules of this venv that the GPU machine's python3 does not have (those Kiln's
 # code, LitServe and FastAPI may reach; bench/README-gpu.md lists what it has).
-BLOCKED = ("pydantic", "pydantic_core", "pydantic_settings", "pydantic_extra_types", "prefect",
-           "dvc", "litserve", "fastapi", "starlette", "uvicorn", "orjson", "zmq", "sqlmodel",
-           "sqlalchemy", "alembic", "psycopg", "redis", "annotated_types", "typing_inspection",
-           "opentelemetry", "sniffio", "multipart", "python_multipart", "httptools",
-           "websockets", "watchfiles", "ujson")
+BLOCKED = (
+    "pydantic",
+    "pydantic_core",
+    "pydantic_settings",
+    "pydantic_extra_types",
+    "prefect",
+    "dvc",
+    "litserve",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "orjson",
+    "zmq",
+    "sqlmodel",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "redis",
+    "annotated_types",
+    "typing_inspection",
+    "opentelemetry",
+    "sniffio",
+    "multipart",
+    "python_multipart",
+    "httptools",
+    "websockets",
+    "watchfiles",
+    "ujson",
+)
 NO_CUDA = "no CUDA device: nothing to check"
 
 # Loaded by every Python process of a run (PYTHONPATH): the GPU machine's missing packages.
@@ -80,8 +104,9 @@ LAUNCHER = textwrap.dedent("""
 """)
 
 
-def run_blocked(tmp_path: Path, *args: str | Path, timeout: float = 600
-                ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+def run_blocked(
+    tmp_path: Path, *args: str | Path, timeout: float = 600
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     """``bench/gpu_check.py ARGS`` as on the GPU machine; its output and a report: the modules
     it loaded, and every blocked import attempt of any of its processes."""
     run = len(list(tmp_path.glob("run-*")))
@@ -91,17 +116,35 @@ def run_blocked(tmp_path: Path, *args: str | Path, timeout: float = 600
     launcher = folder / "launch_as_on_the_gpu_machine.py"
     launcher.write_text(LAUNCHER)
     report, attempts = folder / "modules.json", folder / "attempts.jsonl"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(folder / "site"), "KILN_TEST_BLOCKED": ",".join(BLOCKED),
-           "KILN_TEST_ATTEMPTS": str(attempts)}
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(folder / "site"),
+        "KILN_TEST_BLOCKED": ",".join(BLOCKED),
+        "KILN_TEST_ATTEMPTS": str(attempts),
+    }
     proc = subprocess.run(
-        [sys.executable, str(launcher), str(report), str(REPO / "bench" / "gpu_check.py"),
-         *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+        [
+            sys.executable,
+            str(launcher),
+            str(report),
+            str(REPO / "bench" / "gpu_check.py"),
+            *map(str, args),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert report.exists(), f"the launcher wrote no report:\n{proc.stdout}\n{proc.stderr}"
     doc = json.loads(report.read_text())
-    doc["attempts"] = ([json.loads(line) for line in attempts.read_text().splitlines()]
-                       if attempts.exists() else [])
+    doc["attempts"] = (
+        [json.loads(line) for line in attempts.read_text().splitlines()]
+        if attempts.exists()
+        else []
+    )
     return proc, doc
 
 
@@ -111,8 +154,11 @@ def assert_gpu_machine_imports(report: dict[str, Any]) -> None:
     modules = set(report["modules"])
     loaded = sorted(m for m in modules if m.split(".")[0] in BLOCKED)
     assert not loaded, f"modules the GPU machine does not have were imported: {loaded}"
-    ours = [a for a in report["attempts"] if a["from"].startswith(
-        (str(REPO / "kiln"), str(REPO / "bench"), str(REPO / "serving")))]
+    ours = [
+        a
+        for a in report["attempts"]
+        if a["from"].startswith((str(REPO / "kiln"), str(REPO / "bench"), str(REPO / "serving")))
+    ]
     assert not ours, f"Kiln code tried to import a package the GPU machine lacks: {ours}"
     # kiln.spec (pydantic) and the kiln.backends package (which imports it) stay out of the
     # check itself; only its engines, with the carried wheels, import them.
@@ -125,9 +171,21 @@ def carry(examples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pip downloads the versions requirements.lock pins, as `make setup` installs them."""
     out = tmp_path_factory.mktemp("gpu") / "gpu-carry"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "prepare_gpu_check.py"),
-         "--data-root", str(examples), "--out", str(out), "--wheels-for", "here"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "bench" / "prepare_gpu_check.py"),
+            "--data-root",
+            str(examples),
+            "--out",
+            str(out),
+            "--wheels-for",
+            "here",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"prepare failed:\n{proc.stdout}\n{proc.stderr}"
     return out
 
@@ -136,12 +194,25 @@ def test_carry_folder_fits_and_is_complete(carry: Path) -> None:
     manifest = json.loads((carry / "manifest.json").read_text())
     wheels = {n for n in manifest["files"] if n.startswith("wheels/")}
     assert set(manifest["files"]) - wheels == {
-        "digits/model.pt2", "digits/test.npz", "minilm/config.json",
-        "minilm/model.fp16.safetensors", "minilm/tokenizer.json", "minilm/sentences.json",
-        "minilm/reference.npy"}
+        "digits/model.pt2",
+        "digits/test.npz",
+        "minilm/config.json",
+        "minilm/model.fp16.safetensors",
+        "minilm/tokenizer.json",
+        "minilm/sentences.json",
+        "minilm/reference.npy",
+    }
     projects = {Path(n).name.split("-")[0].lower() for n in wheels}
-    assert {"litserve", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core",
-            "pyzmq", "orjson"} <= projects
+    assert {
+        "litserve",
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "pydantic",
+        "pydantic_core",
+        "pyzmq",
+        "orjson",
+    } <= projects
     assert sum(manifest["files"][n]["bytes"] for n in wheels) < 8 * 2**20
     on_disk = sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
     assert on_disk < 60 * 2**20, f"carry folder is {on_disk / 2**20:.1f} MiB"
@@ -166,9 +237,22 @@ def test_cpu_smoke_runs_the_pipeline_without_pydantic(carry: Path, tmp_path: Pat
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("AOTInductor needs a C++ compiler")
     out = tmp_path / "out"
-    proc, report = run_blocked(tmp_path, "--carry", carry, "--out", out, "--cpu-smoke",
-                               "--iters", "2", "--warmup", "1", "--requests", "24",
-                               "--concurrency", "6")
+    proc, report = run_blocked(
+        tmp_path,
+        "--carry",
+        carry,
+        "--out",
+        out,
+        "--cpu-smoke",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--requests",
+        "24",
+        "--concurrency",
+        "6",
+    )
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
     assert_gpu_machine_imports(report)
 
@@ -178,8 +262,12 @@ def test_cpu_smoke_runs_the_pipeline_without_pydantic(carry: Path, tmp_path: Pat
     doc = json.loads((out / "gpu_check.json").read_text())
     assert doc["machine"]["device"] == "cpu"
     cells = {(r["model"], r["variant"], r["batch"]) for r in doc["rows"]}
-    assert cells == {(m, v, b) for m in ("digits", "minilm")
-                     for v in ("torch-eager fp32", "inductor fp32") for b in (1, 32)}
+    assert cells == {
+        (m, v, b)
+        for m in ("digits", "minilm")
+        for v in ("torch-eager fp32", "inductor fp32")
+        for b in (1, 32)
+    }
     for row in doc["rows"]:
         assert f"| {row['model']} | {row['variant']} | {row['batch']} |" in md
         assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
@@ -201,8 +289,9 @@ def test_cpu_smoke_runs_the_pipeline_without_pydantic(carry: Path, tmp_path: Pat
     assert serving["errors"] == [] and not serving["skipped"], serving
     assert "| model | variant | requests | concurrency | p50 ms | p99 ms | requests/s |" in md
     served = {(r["model"], r["variant"]): r for r in serving["rows"]}
-    assert set(served) == {(m, v) for m in ("digits", "minilm")
-                           for v in ("torch-eager fp32", "inductor fp32")}
+    assert set(served) == {
+        (m, v) for m in ("digits", "minilm") for v in ("torch-eager fp32", "inductor fp32")
+    }
     for (model, variant), row in served.items():
         assert row["status"] == "ok", row
         assert row["ok"] == row["requests"] == 24 and row["errors"] == 0

@@ -57,12 +57,21 @@ class Logged:
         return f"sqlite:///{self.home / 'registry.db'}"
 
     def body(self, x: np.ndarray) -> dict[str, Any]:
-        return {"inputs": [{"name": self.input, "shape": list(x.shape), "datatype": "FP32",
-                            "data": x.reshape(-1).tolist()}]}
+        return {
+            "inputs": [
+                {
+                    "name": self.input,
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "data": x.reshape(-1).tolist(),
+                }
+            ]
+        }
 
     def infer(self, x: np.ndarray, headers: dict[str, str] | None = None) -> httpx.Response:
-        return self.client.post(f"{self.gw.url}/v2/models/digits/infer", json=self.body(x),
-                                headers=headers or {})
+        return self.client.post(
+            f"{self.gw.url}/v2/models/digits/infer", json=self.body(x), headers=headers or {}
+        )
 
     def records(self, after: int) -> list[InferenceRecord]:
         with session_scope(self.db_url) as session:
@@ -75,8 +84,12 @@ class Logged:
 
     def metric(self, name: str, **labels: str) -> float:
         text = self.client.get(f"{self.gw.url}/metrics").text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
 
 def poll(until: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
@@ -91,23 +104,36 @@ def poll(until: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any
 
 
 @pytest.fixture(scope="module")
-def logged(validated_home: Path, examples: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
+def logged(
+    validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Logged]:
     base = tmp_path_factory.mktemp("inference-log")
     home = copy_home(validated_home, base)
     faults = base / "faults"
     faults.write_text("")
     deploy(home)
-    gw = RunningGateway(home, env={"KILN_INFERENCE_LOG_SAMPLE": "1.0",
-                                   "KILN_INFERENCE_LOG_QUEUE": str(QUEUE),
-                                   "KILN_ENGINE_FAULTS_FILE": str(faults)})
+    gw = RunningGateway(
+        home,
+        env={
+            "KILN_INFERENCE_LOG_SAMPLE": "1.0",
+            "KILN_INFERENCE_LOG_QUEUE": str(QUEUE),
+            "KILN_ENGINE_FAULTS_FILE": str(faults),
+        },
+    )
     client = httpx.Client(headers=gw.headers, timeout=30)
     try:
         gw.wait_ready()
         meta = client.get(f"{gw.url}/v2/models/digits").json()
         x, _ = digits_rows(examples, 64)
-        yield Logged(gw=gw, home=home, faults=faults, version=meta["versions"][0],
-                     input=meta["inputs"][0]["name"], x=x, client=client)
+        yield Logged(
+            gw=gw,
+            home=home,
+            faults=faults,
+            version=meta["versions"][0],
+            input=meta["inputs"][0]["name"],
+            x=x,
+            client=client,
+        )
     finally:
         client.close()
         gw.stop()
@@ -116,14 +142,16 @@ def logged(validated_home: Path, examples: Path,
 
 def test_logged_records_are_what_was_sent_and_answered(logged: Logged) -> None:
     before = logged.last_id()
-    sent = [logged.x[i:i + 1 + i % 3] for i in range(12)]  # 1 to 3 rows each
+    sent = [logged.x[i : i + 1 + i % 3] for i in range(12)]  # 1 to 3 rows each
     answers = []
     for x in sent:
         resp = logged.infer(x)
         assert resp.status_code == 200, resp.text
         answers.append(resp.json()["outputs"])
-    rows = poll(lambda: (r := logged.records(before)) and len(r) >= len(sent) and r,
-                what=f"{len(sent)} records")
+    rows = poll(
+        lambda: (r := logged.records(before)) and len(r) >= len(sent) and r,
+        what=f"{len(sent)} records",
+    )
     assert len(rows) == len(sent)
     by_input = {decode(r.input)[logged.input].tobytes(): r for r in rows}
     for x, outputs in zip(sent, answers, strict=True):
@@ -142,21 +170,31 @@ def test_model_failures_are_logged_with_their_status(logged: Logged) -> None:
     before = logged.last_id()
     try:
         logged.faults.write_text("error_rate=1.0")
-        failed = poll(lambda: (r := logged.infer(logged.x[5:6])).status_code == 500 and r,
-                      what="a 500 from the model")
+        failed = poll(
+            lambda: (r := logged.infer(logged.x[5:6])).status_code == 500 and r,
+            what="a 500 from the model",
+        )
         logged.faults.write_text("delay_ms=600")
-        late = poll(lambda: (r := logged.infer(logged.x[6:7], {"X-Kiln-Deadline-Ms": "200"}))
-                    .status_code == 504 and r, what="a 504 past the deadline")
+        late = poll(
+            lambda: (
+                (r := logged.infer(logged.x[6:7], {"X-Kiln-Deadline-Ms": "200"})).status_code == 504
+                and r
+            ),
+            what="a 504 past the deadline",
+        )
     finally:
         logged.faults.write_text("")
     assert failed.status_code == 500 and late.status_code == 504
     poll(lambda: logged.infer(logged.x[:1]).status_code == 200, what="the engine healthy again")
-    refused = logged.client.post(f"{logged.gw.url}/v2/models/digits/infer",
-                                 json={"inputs": [{"name": "nope", "shape": [1],
-                                                   "datatype": "FP32", "data": [1.0]}]})
+    refused = logged.client.post(
+        f"{logged.gw.url}/v2/models/digits/infer",
+        json={"inputs": [{"name": "nope", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+    )
     assert refused.status_code == 400
-    rows = poll(lambda: (r := logged.records(before)) and {500, 504} <= {x.status for x in r}
-                and r, what="the 500 and the 504 logged")
+    rows = poll(
+        lambda: (r := logged.records(before)) and {500, 504} <= {x.status for x in r} and r,
+        what="the 500 and the 504 logged",
+    )
     for status, x in ((500, logged.x[5:6]), (504, logged.x[6:7])):
         rec = next(r for r in rows if r.status == status)
         np.testing.assert_array_equal(decode(rec.input)[logged.input], x)
@@ -174,11 +212,10 @@ def test_full_queue_drops_and_counts_and_serving_goes_on(logged: Logged) -> None
     before = logged.last_id()
 
     def mine(i: int) -> np.ndarray:  # this test's inputs: none other is offset by >= 1000
-        return logged.x[i % 64:i % 64 + 1] + np.float32(1000 + i)
+        return logged.x[i % 64 : i % 64 + 1] + np.float32(1000 + i)
 
     def written() -> list[InferenceRecord]:
-        return [r for r in logged.records(before)
-                if decode(r.input)[logged.input].min() >= 1000]
+        return [r for r in logged.records(before) if decode(r.input)[logged.input].min() >= 1000]
 
     lock = sqlite3.connect(logged.home / "registry.db", timeout=30, isolation_level=None)
     statuses: list[int] = []
@@ -187,64 +224,87 @@ def test_full_queue_drops_and_counts_and_serving_goes_on(logged: Logged) -> None
         with ThreadPoolExecutor(4) as pool:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                statuses += pool.map(lambda i: logged.infer(mine(i)).status_code,
-                                     range(len(statuses), len(statuses) + 40))
+                statuses += pool.map(
+                    lambda i: logged.infer(mine(i)).status_code,
+                    range(len(statuses), len(statuses) + 40),
+                )
                 depth = logged.metric("kiln_inference_log_queue_depth")
-                if depth == QUEUE and logged.metric("kiln_inference_log_dropped_total",
-                                                    reason="queue_full") > dropped_before:
+                if (
+                    depth == QUEUE
+                    and logged.metric("kiln_inference_log_dropped_total", reason="queue_full")
+                    > dropped_before
+                ):
                     break
     finally:
         lock.rollback()
         lock.close()
-    dropped = logged.metric("kiln_inference_log_dropped_total", reason="queue_full") \
-        - dropped_before
+    dropped = (
+        logged.metric("kiln_inference_log_dropped_total", reason="queue_full") - dropped_before
+    )
     assert dropped > 0 and depth == QUEUE
     assert statuses and set(statuses) == {200}
     kept = len(statuses) - int(dropped)
-    rows = poll(lambda: len(r := written()) >= kept and r,
-                what=f"{kept} records once the lock went")
+    rows = poll(
+        lambda: len(r := written()) >= kept and r, what=f"{kept} records once the lock went"
+    )
     assert len(rows) == kept
-    assert logged.metric("kiln_inference_log_dropped_total", reason="write_error") \
-        == errors_before
+    assert logged.metric("kiln_inference_log_dropped_total", reason="write_error") == errors_before
 
 
-def test_canary_replay_takes_logged_requests(logged: Logged, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_canary_replay_takes_logged_requests(
+    logged: Logged, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tasks.deploy import Standing, replay_inputs
 
     before = logged.last_id()  # this test logs its own traffic (it may run alone)
     for i in range(20):
-        assert logged.infer(logged.x[i:i + 1]).status_code == 200
-    poll(lambda: sum(r.status == 200 for r in logged.records(before)) >= 20,
-         what="20 logged requests")
+        assert logged.infer(logged.x[i : i + 1]).status_code == 200
+    poll(
+        lambda: sum(r.status == 200 for r in logged.records(before)) >= 20,
+        what="20 logged requests",
+    )
     monkeypatch.setenv("KILN_HOME", str(logged.home))
     monkeypatch.delenv("KILN_DATABASE_URL", raising=False)
     get_settings.cache_clear()
     try:
-        st = Standing(model="digits", version=logged.version, status="production",
-                      task="classification", stable=logged.version, canary=None,
-                      canary_weight=0.0, model_settings={"rollout": {"replay_min_logged": 10}})
+        st = Standing(
+            model="digits",
+            version=logged.version,
+            status="production",
+            task="classification",
+            stable=logged.version,
+            canary=None,
+            canary_weight=0.0,
+            model_settings={"rollout": {"replay_min_logged": 10}},
+        )
         bodies = replay_inputs.fn(st, limit=20)
         assert len(bodies) == 20 and "replaying 20 logged requests" in capsys.readouterr().out
         with session_scope(logged.db_url) as session:
-            newest = crud.recent_inferences(session=session, model="digits",
-                                            version=logged.version, limit=20)
-        sent = [np.asarray(orjson.loads(b)["inputs"][0]["data"], dtype=np.float32)
-                for b in bodies]
+            newest = crud.recent_inferences(
+                session=session, model="digits", version=logged.version, limit=20
+            )
+        sent = [np.asarray(orjson.loads(b)["inputs"][0]["data"], dtype=np.float32) for b in bodies]
         for body_data, rec in zip(sent, newest, strict=True):
-            np.testing.assert_array_equal(body_data,
-                                          decode(rec.input)[logged.input].reshape(-1))
-        resp = logged.client.post(f"{logged.gw.url}/v2/models/digits/infer", content=bodies[0],
-                                  headers={"Content-Type": "application/json"})
+            np.testing.assert_array_equal(body_data, decode(rec.input)[logged.input].reshape(-1))
+        resp = logged.client.post(
+            f"{logged.gw.url}/v2/models/digits/infer",
+            content=bodies[0],
+            headers={"Content-Type": "application/json"},
+        )
         assert resp.status_code == 200, resp.text
         # too few logged: the validation dataset, and the flow's output says so
-        thin = Standing(**{**st.__dict__, "model_settings": {
-            "rollout": {"replay_min_logged": 10**6}}})
+        thin = Standing(
+            **{**st.__dict__, "model_settings": {"rollout": {"replay_min_logged": 10**6}}}
+        )
         fallback = replay_inputs.fn(thin, limit=1000)
         assert "replaying the validation dataset" in capsys.readouterr().out
         assert len(fallback) > 20
-        dataset = replay_inputs.fn(Standing(**{**st.__dict__, "model_settings": {
-            "rollout": {"replay_source": "dataset"}}}), limit=1000)
+        dataset = replay_inputs.fn(
+            Standing(
+                **{**st.__dict__, "model_settings": {"rollout": {"replay_source": "dataset"}}}
+            ),
+            limit=1000,
+        )
         assert dataset == fallback
     finally:
         get_settings.cache_clear()
@@ -273,8 +333,10 @@ def test_sampling_share_is_binomial(kiln_home: Path) -> None:
     logged = _count(settings)
     sigma = (n * 0.2 * 0.8) ** 0.5
     assert abs(logged - n * 0.2) <= 6 * sigma, logged
-    assert metrics.registry.get_sample_value("kiln_inference_log_records_total",
-                                             {"model": "m"}) == logged
+    assert (
+        metrics.registry.get_sample_value("kiln_inference_log_records_total", {"model": "m"})
+        == logged
+    )
 
 
 def test_sample_zero_starts_nothing_and_queues_nothing(kiln_home: Path) -> None:
@@ -288,15 +350,20 @@ def test_sample_zero_starts_nothing_and_queues_nothing(kiln_home: Path) -> None:
 
 def test_write_error_is_counted_and_the_writer_goes_on(kiln_home: Path) -> None:
     (kiln_home / "a-directory.db").mkdir(parents=True)  # SQLite cannot open it
-    settings = Settings(inference_log_sample=1.0,
-                        database_url=f"sqlite:///{kiln_home / 'a-directory.db'}")
+    settings = Settings(
+        inference_log_sample=1.0, database_url=f"sqlite:///{kiln_home / 'a-directory.db'}"
+    )
     metrics = GatewayMetrics()
     sink = InferenceLog(settings, metrics)
     sink.start()
 
     def errors() -> float:
-        return metrics.registry.get_sample_value("kiln_inference_log_dropped_total",
-                                                 {"reason": "write_error"}) or 0.0
+        return (
+            metrics.registry.get_sample_value(
+                "kiln_inference_log_dropped_total", {"reason": "write_error"}
+            )
+            or 0.0
+        )
 
     for round_ in (1, 2):
         for _ in range(5):
@@ -311,8 +378,12 @@ def test_retention_purges_old_records(kiln_home: Path) -> None:
     settings = Settings(inference_log_sample=1.0, inference_log_retention_days=7)
     sink = InferenceLog(settings, GatewayMetrics())
     day = 86400.0
-    assert sink.write([_pending(1, time.time() - 8 * day), _pending(2, time.time() - 6 * day),
-                       _pending(3)]) == 3
+    assert (
+        sink.write(
+            [_pending(1, time.time() - 8 * day), _pending(2, time.time() - 6 * day), _pending(3)]
+        )
+        == 3
+    )
     assert sink.purge() == 1
     with session_scope(settings.db_url) as session:
         kept = crud.recent_inferences(session=session, model="m", status=None)
@@ -324,21 +395,33 @@ def test_frame_carries_every_tensor_kind_as_sent() -> None:
     """The rows the writer makes of a frame are the rows of the records the feeder packed:
     float (NaN too), int64, BYTES, a scalar, an empty float16 tensor; numeric tensors travel
     as raw bytes."""
-    sent = [Pending("m", "1.0.0", {"x": np.array([[1.5, np.nan], [-2.0, 3.0]], np.float32),
-                                   "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
-                                   "text": np.array([b"caf\xc3\xa9", b"\xff"], dtype=object)},
-                    {"y": np.float64(7.25), "none": np.zeros((0, 4), np.float16)}, 3.25, 200,
-                    1_700_000_000.5, None),
-            Pending("n", "2.0.0", {"x": np.ones((1, 2), np.uint8)}, {}, 1.0, 504, 1.0, "b1")]
+    sent = [
+        Pending(
+            "m",
+            "1.0.0",
+            {
+                "x": np.array([[1.5, np.nan], [-2.0, 3.0]], np.float32),
+                "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
+                "text": np.array([b"caf\xc3\xa9", b"\xff"], dtype=object),
+            },
+            {"y": np.float64(7.25), "none": np.zeros((0, 4), np.float16)},
+            3.25,
+            200,
+            1_700_000_000.5,
+            None,
+        ),
+        Pending("n", "2.0.0", {"x": np.ones((1, 2), np.uint8)}, {}, 1.0, 504, 1.0, "b1"),
+    ]
     frame = pack(sent)
-    meta_len, data_len = FRAME.unpack(frame[:FRAME.size])
-    meta = orjson.loads(frame[FRAME.size:FRAME.size + meta_len])
-    data = frame[FRAME.size + meta_len:]
+    meta_len, data_len = FRAME.unpack(frame[: FRAME.size])
+    meta = orjson.loads(frame[FRAME.size : FRAME.size + meta_len])
+    data = frame[FRAME.size + meta_len :]
     assert len(data) == data_len == 4 * 4 + 6 * 8 + 8 + 2  # every numeric tensor, raw
     got = unpack(meta, data)
     for a, row in zip(sent, got, strict=True):  # the rows the gateway's own thread would write
-        assert orjson.dumps(to_row(a), option=orjson.OPT_SERIALIZE_NUMPY) == \
-            orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
+        assert orjson.dumps(to_row(a), option=orjson.OPT_SERIALIZE_NUMPY) == orjson.dumps(
+            row, option=orjson.OPT_SERIALIZE_NUMPY
+        )
     assert decode(got[0]["input"])["text"].tolist() == ["caf\u00e9", "\ufffd"]
     np.testing.assert_array_equal(decode(got[0]["input"])["ids"], sent[0].inputs["ids"])
 
@@ -361,22 +444,30 @@ def test_writer_process_runs_niced_and_a_killed_one_is_replaced(kiln_home: Path)
 
     try:
         offer(5)
-        poll(lambda: value("kiln_inference_log_records_total", {"model": "m"}) == 5,
-             what="5 records written")
+        poll(
+            lambda: value("kiln_inference_log_records_total", {"model": "m"}) == 5,
+            what="5 records written",
+        )
         first = sink._writer
         assert first is not None
-        assert os.getpriority(os.PRIO_PROCESS, first.proc.pid) \
+        assert (
+            os.getpriority(os.PRIO_PROCESS, first.proc.pid)
             == os.getpriority(os.PRIO_PROCESS, 0) + 10
+        )
         os.kill(first.proc.pid, signal.SIGSTOP)  # stalled: what it is sent stays unanswered
         offer(3)
         poll(lambda: first.sent == 8 and sink.depth() == 0, what="3 records in the pipe")
         os.kill(first.proc.pid, signal.SIGKILL)
-        poll(lambda: value("kiln_inference_log_dropped_total", {"reason": "write_error"}) == 3,
-             what="the 3 unanswered records counted")
+        poll(
+            lambda: value("kiln_inference_log_dropped_total", {"reason": "write_error"}) == 3,
+            what="the 3 unanswered records counted",
+        )
         sink._last_spawn = time.monotonic()  # as if just started: the restart waits RESPAWN_S
         offer(4)  # before the restart is due: they wait for it in the deque
-        poll(lambda: value("kiln_inference_log_records_total", {"model": "m"}) == 9,
-             what="4 more records through a new writer")
+        poll(
+            lambda: value("kiln_inference_log_records_total", {"model": "m"}) == 9,
+            what="4 more records through a new writer",
+        )
         assert sink._writer is not None and sink._writer.proc.pid != first.proc.pid
         assert value("kiln_inference_log_dropped_total", {"reason": "write_error"}) == 3
     finally:

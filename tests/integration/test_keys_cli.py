@@ -19,8 +19,11 @@ def keys(home: Path, *args: str) -> tuple[int, str, str]:
 
 def test_registry_dump_holds_only_hashes(kiln_home: Path) -> None:
     issued = []
-    for args in (["--scope", "infer"], ["--scope", "deploy", "--rate", "10"],
-                 ["--scope", "admin", "--scope", "infer", "--models", "digits, minilm"]):
+    for args in (
+        ["--scope", "infer"],
+        ["--scope", "deploy", "--rate", "10"],
+        ["--scope", "admin", "--scope", "infer", "--models", "digits, minilm"],
+    ):
         rc, stdout, stderr = keys(kiln_home, "create", *args, "--json")
         assert rc == 0, stderr
         issued.append(json.loads(stdout))
@@ -57,9 +60,11 @@ def test_human_create_prints_the_key_once(kiln_home: Path) -> None:
 
 
 def test_bad_input_is_one_line(kiln_home: Path) -> None:
-    for args, code in ((["create", "--scope", "root"], 2),
-                       (["create", "--scope", "infer", "--rate", "-1"], 2),
-                       (["revoke", "kiln_00000000"], 3)):
+    for args, code in (
+        (["create", "--scope", "root"], 2),
+        (["create", "--scope", "infer", "--rate", "-1"], 2),
+        (["revoke", "kiln_00000000"], 3),
+    ):
         rc, stdout, stderr = keys(kiln_home, *args)
         assert rc == code, (args, rc, stderr)
         assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error:"), stderr

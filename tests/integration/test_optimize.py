@@ -13,8 +13,17 @@ from kiln.registry.db import session_scope
 from kiln.settings import get_settings
 from tests.conftest import run_kiln
 
-VARIANT_KEYS = {"backend", "precision", "metric", "metric_min", "metric_drop", "passed",
-                "latency_ms", "throughput", "size_bytes"}
+VARIANT_KEYS = {
+    "backend",
+    "precision",
+    "metric",
+    "metric_min",
+    "metric_drop",
+    "passed",
+    "latency_ms",
+    "throughput",
+    "size_bytes",
+}
 
 
 def _set_optimize(name: str, **optimize: object) -> None:
@@ -28,11 +37,16 @@ def _status(name: str) -> str:
         return str(crud.require_version(session=session, name=name).status)
 
 
-def test_optimize_digits_selects_a_faster_passing_variant(kiln_home: Path, examples: Path
-                                                          ) -> None:
+def test_optimize_digits_selects_a_faster_passing_variant(kiln_home: Path, examples: Path) -> None:
     digits = examples / "digits"
-    up = run_kiln("upload", "digits", str(digits / "model.pt2"), "--dataset",
-                  str(digits / "val.npz"), "--json")
+    up = run_kiln(
+        "upload",
+        "digits",
+        str(digits / "model.pt2"),
+        "--dataset",
+        str(digits / "val.npz"),
+        "--json",
+    )
     assert up.returncode == 0, up.stderr
     proc = run_kiln("optimize", "digits", "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,8 +58,12 @@ def test_optimize_digits_selects_a_faster_passing_variant(kiln_home: Path, examp
         assert set(variant["latency_ms"]) == {"1", "8", "32"}
         assert variant["latency_ms"]["1"]["p50"] <= variant["latency_ms"]["1"]["p99"]
     built = {(v["backend"], v["precision"]) for v in doc["variants"]}
-    assert {("onnxruntime", "fp32"), ("onnxruntime", "int8-dynamic"),
-            ("onnxruntime", "int8-static"), ("inductor", "fp32")} <= built
+    assert {
+        ("onnxruntime", "fp32"),
+        ("onnxruntime", "int8-dynamic"),
+        ("onnxruntime", "int8-static"),
+        ("inductor", "fp32"),
+    } <= built
     selected = doc["selected"]
     assert selected["passed"] and selected["backend"] != "torch-eager"
     assert selected["metric_drop"] <= 0.005
@@ -65,8 +83,8 @@ def test_optimize_digits_selects_a_faster_passing_variant(kiln_home: Path, examp
 
 
 def _branchy_folder(tmp_path: Path) -> Path:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     folder = tmp_path / "branchy"
     folder.mkdir()
@@ -81,12 +99,15 @@ def _branchy_folder(tmp_path: Path) -> Path:
         "            return self.fc(x)\n"
         "        return -self.fc(x)\n\n"
         "def build():\n"
-        "    return Branchy()\n")
-    save_file({"fc.weight": torch.ones(2, 4), "fc.bias": torch.zeros(2)},
-              str(folder / "w.safetensors"))
+        "    return Branchy()\n"
+    )
+    save_file(
+        {"fc.weight": torch.ones(2, 4), "fc.bias": torch.zeros(2)}, str(folder / "w.safetensors")
+    )
     (folder / "kiln.yaml").write_text(
         "task: classification\nfactory: branchy_model:build\nweights: w.safetensors\n"
-        "inputs:\n  - {name: x, datatype: FP32, shape: [-1, 4]}\n")
+        "inputs:\n  - {name: x, datatype: FP32, shape: [-1, 4]}\n"
+    )
     return folder
 
 
@@ -107,8 +128,9 @@ def test_non_exportable_model_is_rejected_cleanly(kiln_home: Path, tmp_path: Pat
     assert human.returncode != 0
 
 
-def test_corrupt_calibration_data_skips_static_quantization(kiln_home: Path, examples: Path,
-                                                           tmp_path: Path) -> None:
+def test_corrupt_calibration_data_skips_static_quantization(
+    kiln_home: Path, examples: Path, tmp_path: Path
+) -> None:
     digits = examples / "digits"
     with np.load(digits / "val.npz") as data:
         inputs, labels = data["inputs"].copy(), data["labels"]
@@ -121,8 +143,7 @@ def test_corrupt_calibration_data_skips_static_quantization(kiln_home: Path, exa
     doc = json.loads(run_kiln("optimize", "digits", "--json").stdout)
     built = {(v["backend"], v["precision"]) for v in doc["variants"]}
     assert built == {("onnxruntime", "fp32"), ("onnxruntime", "int8-dynamic")}
-    assert any("int8-static skipped" in s and "Great Expectations" in s
-               for s in doc["skipped"])
+    assert any("int8-static skipped" in s and "Great Expectations" in s for s in doc["skipped"])
     assert doc["selected"]["passed"] or doc["selected"]["backend"] == "torch-eager"
     assert not math.isnan(doc["baseline"]["metric"])
 
@@ -139,34 +160,43 @@ def _blobs_with_dead_units(tmp_path: Path) -> tuple[Path, Path, list[int]]:
     # units 0-19 compute the nearest-centre scores c.x - |c|^2/2 (as relu(s) - relu(-s)),
     # 120 more are live but matter little, 60 are dead; rows shuffled so the dead interleave
     bias = -0.5 * (centers**2).sum(axis=1)
-    w1 = np.concatenate([centers, -centers, rng.normal(size=(120, 32)) * 0.3,
-                         rng.normal(size=(60, 32)) * 1e-4])
+    w1 = np.concatenate(
+        [centers, -centers, rng.normal(size=(120, 32)) * 0.3, rng.normal(size=(60, 32)) * 1e-4]
+    )
     b1 = np.concatenate([bias, -bias, np.zeros(180)])
-    w2 = np.concatenate([np.eye(10), -np.eye(10), rng.normal(size=(120, 10)) * 0.01,
-                         rng.normal(size=(60, 10))]).T
+    w2 = np.concatenate(
+        [np.eye(10), -np.eye(10), rng.normal(size=(120, 10)) * 0.01, rng.normal(size=(60, 10))]
+    ).T
     order = rng.permutation(200)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 200), torch.nn.ReLU(),
-                                torch.nn.Linear(200, 10)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 200), torch.nn.ReLU(), torch.nn.Linear(200, 10)
+    ).eval()
     with torch.no_grad():
-        for tensor, value in ((model[0].weight, w1[order]), (model[0].bias, b1[order]),
-                              (model[2].weight, w2[:, order])):
+        for tensor, value in (
+            (model[0].weight, w1[order]),
+            (model[0].bias, b1[order]),
+            (model[2].weight, w2[:, order]),
+        ):
             tensor.copy_(torch.from_numpy(value))
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(model, (torch.from_numpy(inputs[:2]),),
-                                  dynamic_shapes=({0: batch},))
+    program = torch.export.export(
+        model, (torch.from_numpy(inputs[:2]),), dynamic_shapes=({0: batch},)
+    )
     torch.export.save(program, str(tmp_path / "blobs.pt2"))
     np.savez(tmp_path / "blobs.npz", inputs=inputs, labels=labels)
     dead = np.flatnonzero(order >= 140).tolist()
     return tmp_path / "blobs.pt2", tmp_path / "blobs.npz", dead
 
 
-def test_pruning_pass_builds_a_smaller_variant_through_the_same_gates(kiln_home: Path,
-                                                                      tmp_path: Path) -> None:
+def test_pruning_pass_builds_a_smaller_variant_through_the_same_gates(
+    kiln_home: Path, tmp_path: Path
+) -> None:
     model, dataset, dead = _blobs_with_dead_units(tmp_path)
     up = run_kiln("upload", "blobs", str(model), "--dataset", str(dataset), "--json")
     assert up.returncode == 0, up.stderr
-    _set_optimize("blobs", prune=True, backends=["onnxruntime"],
-                  precisions={"onnxruntime": ["fp32"]})
+    _set_optimize(
+        "blobs", prune=True, backends=["onnxruntime"], precisions={"onnxruntime": ["fp32"]}
+    )
     proc = run_kiln("optimize", "blobs", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
@@ -180,14 +210,22 @@ def test_pruning_pass_builds_a_smaller_variant_through_the_same_gates(kiln_home:
     assert pruned["size_bytes"] < 0.8 * dense["size_bytes"]
     with session_scope(get_settings().db_url) as session:
         row = crud.require_version(session=session, name="blobs")
-        job = next(j for j in crud.list_jobs(session=session, version=row)
-                   if j.optimization_type == "onnxruntime/fp32-pruned")
+        job = next(
+            j
+            for j in crud.list_jobs(session=session, version=row)
+            if j.optimization_type == "onnxruntime/fp32-pruned"
+        )
         record = job.metrics["meta"]["pruning"]
-        stored = [a for a in crud.list_artifacts(session=session, version=row)
-                  if a.precision == "fp32-pruned"]
+        stored = [
+            a
+            for a in crud.list_artifacts(session=session, version=row)
+            if a.precision == "fp32-pruned"
+        ]
     assert job.status in {"passed", "failed-gate"}
-    assert [(layer["channels_before"], layer["channels_after"], layer["removed"])
-            for layer in record["layers"]] == [(200, 140, dead)]
+    assert [
+        (layer["channels_before"], layer["channels_after"], layer["removed"])
+        for layer in record["layers"]
+    ] == [(200, 140, dead)]
     assert record["params_before"] == 8610 and record["params_after"] == 6030
     assert [s["name"] for s in record["skipped"]] == ["2"]  # the output layer
     assert len(stored) == 1 and stored[0].backend == "onnxruntime"

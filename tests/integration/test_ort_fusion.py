@@ -22,13 +22,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from kiln.backends import ort_fusion as fusion
 from kiln.backends import REGISTRY, ExtractedModel
-from kiln.optimize.extract import extract
+from kiln.backends import ort_fusion as fusion
 from kiln.backends.ort_fusion import optimize_graph
 from kiln.intake.probe import probe_kiln, probe_pt2
-from kiln.spec import ModelSpec, TensorSpec
+from kiln.optimize.extract import extract
 from kiln.optimize.validate import trim_padding
+from kiln.spec import ModelSpec, TensorSpec
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode"),
@@ -51,7 +51,7 @@ def run(path: Path, inputs: list[np.ndarray], batch: int = 16) -> np.ndarray:
     names = [i.name for i in session.get_inputs()]
     parts = []
     for start in range(0, len(inputs[0]), batch):
-        rows = trim_padding([x[start:start + batch] for x in inputs], mask_index=1)
+        rows = trim_padding([x[start : start + batch] for x in inputs], mask_index=1)
         parts.append(session.run(None, dict(zip(names, rows, strict=True)))[0])
     return np.concatenate(parts)
 
@@ -77,32 +77,40 @@ def sentences(examples: Path) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def minilm(examples: Path, sentences: list[np.ndarray],
-           tmp_path_factory: pytest.TempPathFactory) -> ExtractedModel:
+def minilm(
+    examples: Path, sentences: list[np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> ExtractedModel:
     folder = examples / "minilm" / "model"
-    model, _ = extract(source_format="kiln", source_path=folder, spec=probe_kiln(folder),
-                       out_dir=tmp_path_factory.mktemp("minilm-extract"),
-                       check_inputs=[x[:8] for x in sentences])
+    model, _ = extract(
+        source_format="kiln",
+        source_path=folder,
+        spec=probe_kiln(folder),
+        out_dir=tmp_path_factory.mktemp("minilm-extract"),
+        check_inputs=[x[:8] for x in sentences],
+    )
     return model
 
 
 @pytest.fixture(scope="module")
-def fused(minilm: ExtractedModel, sentences: list[np.ndarray],
-          tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def fused(
+    minilm: ExtractedModel, sentences: list[np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("minilm-fused") / "fused.onnx"
-    record = optimize_graph(minilm.onnx, out, spec=minilm.spec,
-                            check_inputs=[x[::8] for x in sentences])
+    record = optimize_graph(
+        minilm.onnx, out, spec=minilm.spec, check_inputs=[x[::8] for x in sentences]
+    )
     return out, record
 
 
 def test_minilm_fusion_statistics_show_attention_and_gelu_fused(
-        minilm: ExtractedModel, fused: tuple[Path, dict[str, Any]]) -> None:
+    minilm: ExtractedModel, fused: tuple[Path, dict[str, Any]]
+) -> None:
     path, record = fused
     assert record["applied"], record.get("reason")
     assert record["fused_ops"] == FUSED
-    assert {k: record["fusions"][k] for k in ("attention", "skip_layer_normalization",
-                                               "bias_gelu")} == {
-        "attention": LAYERS, "skip_layer_normalization": 2 * LAYERS, "bias_gelu": LAYERS}
+    assert {
+        k: record["fusions"][k] for k in ("attention", "skip_layer_normalization", "bias_gelu")
+    } == {"attention": LAYERS, "skip_layer_normalization": 2 * LAYERS, "bias_gelu": LAYERS}
     assert record["unfused"] == {"SkipLayerNormalization": 2 * LAYERS}  # fused, then split
     assert record["attention_mask"].startswith("mask_index from attention_mask")
     before, after = ops(minilm.onnx), ops(path)
@@ -110,19 +118,30 @@ def test_minilm_fusion_statistics_show_attention_and_gelu_fused(
     assert after["LayerNormalization"] == 2 * LAYERS + 1 and not after["SkipLayerNormalization"]
     # the decomposed pieces are gone: SDPA's softmax and NaN guard, erf-GELU, QKV concat
     assert not {"Softmax", "IsNaN", "Erf", "Transpose"} & set(after)
-    assert sum(after.values()) == record["nodes"]["after"] < record["nodes"]["before"] == sum(
-        before.values())
+    assert (
+        sum(after.values())
+        == record["nodes"]["after"]
+        < record["nodes"]["before"]
+        == sum(before.values())
+    )
     assert sum(after.values()) < sum(before.values()) / 3
     assert after["MatMul"] == 3 * LAYERS  # attention output, FFN in and out; QKV packed
-    attention = [n for n in onnx.load(str(path), load_external_data=False).graph.node
-                 if n.op_type == "Attention"]
-    assert all(len(n.input) == 4 and n.input[3] and not any(
-        a.name == "qkv_hidden_sizes" for a in n.attribute) for n in attention)
+    attention = [
+        n
+        for n in onnx.load(str(path), load_external_data=False).graph.node
+        if n.op_type == "Attention"
+    ]
+    assert all(
+        len(n.input) == 4
+        and n.input[3]
+        and not any(a.name == "qkv_hidden_sizes" for a in n.attribute)
+        for n in attention
+    )
 
 
 def test_fused_graph_agrees_with_unfused_on_real_padded_sentences(
-        minilm: ExtractedModel, fused: tuple[Path, dict[str, Any]],
-        sentences: list[np.ndarray]) -> None:
+    minilm: ExtractedModel, fused: tuple[Path, dict[str, Any]], sentences: list[np.ndarray]
+) -> None:
     path, record = fused
     parity = record["parity"]
     assert parity["cases"] == 5  # two samples, their padded twins... and the real rows
@@ -134,7 +153,8 @@ def test_fused_graph_agrees_with_unfused_on_real_padded_sentences(
 
 
 def test_backend_builds_fp32_and_int8_on_the_fused_graph(
-        minilm: ExtractedModel, sentences: list[np.ndarray], tmp_path: Path) -> None:
+    minilm: ExtractedModel, sentences: list[np.ndarray], tmp_path: Path
+) -> None:
     backend = REGISTRY["onnxruntime"]
     calibration = [x[::4] for x in sentences]
     fp32 = backend.build(minilm, "fp32", tmp_path / "fp32", calibration=calibration)
@@ -142,8 +162,9 @@ def test_backend_builds_fp32_and_int8_on_the_fused_graph(
     assert fp32.meta["fusion"]["fused_ops"] == FUSED
     assert fp32.meta["session"]["disabled_optimizers"] == ["SkipLayerNormFusion"]
     assert sum(ops(fp32.path).values()) < sum(ops(minilm.onnx).values())
-    np.testing.assert_allclose(run(fp32.path, sentences), run(minilm.onnx, sentences),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        run(fp32.path, sentences), run(minilm.onnx, sentences), rtol=1e-4, atol=1e-4
+    )
     assert (minilm.onnx.parent / "model.fused.json").is_file()  # shared by the precisions
 
     int8 = backend.build(minilm, "int8-dynamic", tmp_path / "int8")
@@ -163,20 +184,37 @@ def tiny_bert(folder: Path, *, causal: bool) -> ExtractedModel:
     from kiln.examples import minilm
 
     torch.manual_seed(0)
-    model = minilm(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=128, max_position_embeddings=64, is_decoder=causal)
+    model = minilm(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        is_decoder=causal,
+    )
     spec = ModelSpec(
-        inputs=[TensorSpec(name="input_ids", datatype="INT64", shape=[-1, -1]),
-                TensorSpec(name="attention_mask", datatype="INT64", shape=[-1, -1])],
-        outputs=[TensorSpec(name="pooled", datatype="FP32", shape=[-1, 64])])
+        inputs=[
+            TensorSpec(name="input_ids", datatype="INT64", shape=[-1, -1]),
+            TensorSpec(name="attention_mask", datatype="INT64", shape=[-1, -1]),
+        ],
+        outputs=[TensorSpec(name="pooled", datatype="FP32", shape=[-1, 64])],
+    )
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("seq", min=2, max=64)
     args = (torch.randint(1, 100, (2, 8)), torch.ones(2, 8, dtype=torch.int64))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    torch.onnx.export(model, args, str(path), dynamo=True, verbose=False,
-                      input_names=["input_ids", "attention_mask"], output_names=["pooled"],
-                      dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        dynamo=True,
+        verbose=False,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["pooled"],
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+    )
     return ExtractedModel(program=None, onnx=path, spec=spec)
 
 
@@ -190,12 +228,14 @@ def test_causal_attention_bias_is_not_taken_for_key_padding(tmp_path: Path) -> N
 
 
 def test_fusion_that_disagrees_is_refused_and_the_backend_falls_back(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = tiny_bert(tmp_path / "bidir", causal=False)
     real = fusion._fuse
 
-    def broken(graph: onnx.ModelProto, settings: fusion.FusionSettings
-               ) -> tuple[onnx.ModelProto, dict[str, int], dict[str, int]]:
+    def broken(
+        graph: onnx.ModelProto, settings: fusion.FusionSettings
+    ) -> tuple[onnx.ModelProto, dict[str, int], dict[str, int]]:
         fused, counts, split = real(graph, settings)
         attention = next(n for n in fused.graph.node if n.op_type == "Attention")
         weight = next(i for i in fused.graph.initializer if i.name == attention.input[1])
@@ -214,8 +254,9 @@ def test_fusion_that_disagrees_is_refused_and_the_backend_falls_back(
 
 def test_a_cnn_keeps_its_extracted_graph(examples: Path, tmp_path: Path) -> None:
     source = examples / "digits" / "model.pt2"
-    model, _ = extract(source_format="pt2", source_path=source, spec=probe_pt2(source),
-                       out_dir=tmp_path / "digits")
+    model, _ = extract(
+        source_format="pt2", source_path=source, spec=probe_pt2(source), out_dir=tmp_path / "digits"
+    )
     built = REGISTRY["onnxruntime"].build(model, "fp32", tmp_path / "fp32")
     assert built.meta["graph"] == "extracted"
     assert "no transformer subgraph" in built.meta["fusion"]["reason"]

@@ -26,9 +26,11 @@ from serving.supervisor import free_port
 from tests.conftest import REPO, copy_home, digits_rows, kiln_env, run_kiln
 
 # What the Prefect UI posts for Run > Custom run (ui-v2 QuickRunParametersDialog).
-UI_RUN_STATE = {"type": "SCHEDULED", "message": "Run from the Prefect UI",
-                "state_details": {"deferred": False, "untrackable_result": False,
-                                  "pause_reschedule": False}}
+UI_RUN_STATE = {
+    "type": "SCHEDULED",
+    "message": "Run from the Prefect UI",
+    "state_details": {"deferred": False, "untrackable_result": False, "pause_reschedule": False},
+}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -45,8 +47,9 @@ def test_prefect_yaml_deployments_resolve_to_flows() -> None:
 
     doc = _prefect_yaml()
     # Flow code comes from this checkout: no git clone, no remote storage.
-    assert doc["pull"] == [{"prefect.deployments.steps.set_working_directory":
-                            {"directory": "{{ $PWD }}"}}]
+    assert doc["pull"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}
+    ]
     assert not doc.get("build") and not doc.get("push")
     deployments = _deployments()
     assert {"deploy-model", "reoptimize"} <= set(deployments)
@@ -77,9 +80,22 @@ def test_up_refuses_a_taken_port(taken: str, tmp_path: Path) -> None:
         other = free_port()
         prefect_port, gateway_port = (port, other) if taken == "prefect" else (other, port)
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.up", "--prefect-port", str(prefect_port),
-             "--gateway-port", str(gateway_port), "--no-ui"],
-            env=kiln_env(home), capture_output=True, text=True, timeout=120, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "flows.up",
+                "--prefect-port",
+                str(prefect_port),
+                "--gateway-port",
+                str(gateway_port),
+                "--no-ui",
+            ],
+            env=kiln_env(home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
     assert proc.returncode == 4, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -89,8 +105,11 @@ def test_up_refuses_a_taken_port(taken: str, tmp_path: Path) -> None:
 
 
 def _flow_run_logs(api: str, run_id: str) -> str:
-    resp = httpx.post(f"{api}/logs/filter", timeout=10, json={
-        "logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200})
+    resp = httpx.post(
+        f"{api}/logs/filter",
+        timeout=10,
+        json={"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
+    )
     return "\n".join(f"{row['level']} {row['message']}" for row in resp.json())[-6000:]
 
 
@@ -101,8 +120,9 @@ def _diagnostics(stack: Stack, run_id: str | None) -> str:
     return "\n".join(parts)
 
 
-def test_deploy_model_from_the_run_button(validated_home: Path, examples: Path, tmp_path: Path,
-                                          record_property: Any) -> None:
+def test_deploy_model_from_the_run_button(
+    validated_home: Path, examples: Path, tmp_path: Path, record_property: Any
+) -> None:
     home = copy_home(validated_home, tmp_path)
     up = UpSettings(prefect_port=free_port(), worker_poll_s=1.0)
     stack = Stack(up, home=home, gateway_port=free_port(), base_env=kiln_env(home))
@@ -121,15 +141,22 @@ def test_deploy_model_from_the_run_button(validated_home: Path, examples: Path, 
         assert deployment.status_code == 200, deployment.text
         dep = deployment.json()
         assert dep["work_pool_name"] == WORK_POOL
-        assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
-                                      {"directory": str(REPO)}}]
+        assert dep["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+        ]
         nightly = httpx.get(f"{api}/deployments/name/reoptimize/reoptimize", timeout=10).json()
         assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
 
         t_run = time.monotonic()
-        created = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10, json={
-            "state": UI_RUN_STATE, "parameters": {"model": "digits"},
-            "enforce_parameter_schema": True})
+        created = httpx.post(
+            f"{api}/deployments/{dep['id']}/create_flow_run",
+            timeout=10,
+            json={
+                "state": UI_RUN_STATE,
+                "parameters": {"model": "digits"},
+                "enforce_parameter_schema": True,
+            },
+        )
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
         deadline = time.monotonic() + 420
@@ -144,7 +171,8 @@ def test_deploy_model_from_the_run_button(validated_home: Path, examples: Path, 
         timings["flow run terminal"] = round(time.monotonic() - t_run, 2)
         assert run.get("state_type") == "COMPLETED", (
             f"flow run {run.get('state_type')}: {run.get('state', {}).get('message')}\n"
-            + _diagnostics(stack, run_id))
+            + _diagnostics(stack, run_id)
+        )
         assert run["work_pool_name"] == WORK_POOL and run["parameters"] == {"model": "digits"}
 
         # The flow wrote the desired state; `kiln serve`'s supervisor serves it.
@@ -157,18 +185,30 @@ def test_deploy_model_from_the_run_button(validated_home: Path, examples: Path, 
         t_ready = time.monotonic()
         ready_deadline = t_ready + 120
         while time.monotonic() < ready_deadline:
-            ready = httpx.get(f"{stack.gateway_url}/v2/models/digits/ready", headers=auth,
-                              timeout=10)
+            ready = httpx.get(
+                f"{stack.gateway_url}/v2/models/digits/ready", headers=auth, timeout=10
+            )
             if ready.status_code == 200:
                 break
             time.sleep(0.25)
         timings["engine ready after the run"] = round(time.monotonic() - t_ready, 2)
         x, labels = digits_rows(examples, 32)
         t_infer = time.monotonic()
-        resp = httpx.post(f"{stack.gateway_url}/v2/models/digits/infer", timeout=60,
-                          headers=auth, json={"inputs": [{"name": "x", "datatype": "FP32",
-                                            "shape": list(x.shape),
-                                            "data": x.ravel().tolist()}]})
+        resp = httpx.post(
+            f"{stack.gateway_url}/v2/models/digits/infer",
+            timeout=60,
+            headers=auth,
+            json={
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": list(x.shape),
+                        "data": x.ravel().tolist(),
+                    }
+                ]
+            },
+        )
         timings["first infer"] = round(time.monotonic() - t_infer, 2)
         assert resp.status_code == 200, resp.text + _diagnostics(stack, run_id)
         out = resp.json()["outputs"][0]

@@ -19,7 +19,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from kiln.errors import InvalidInput
 from kiln.backends.ort_quantize import (
     METADATA_KEY,
     NO_CALIBRATION,
@@ -28,6 +27,7 @@ from kiln.backends.ort_quantize import (
     quantize_dynamic,
     quantize_static,
 )
+from kiln.errors import InvalidInput
 
 OUTLIER_SCALE = 1000.0
 
@@ -46,8 +46,16 @@ def _split(examples: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarra
 
 def _export(module: torch.nn.Module, sample: torch.Tensor, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(module, (sample,), str(path), dynamo=True, input_names=["x"],
-                      output_names=["output"], dynamic_shapes={"x": {0: batch}}, verbose=False)
+    torch.onnx.export(
+        module,
+        (sample,),
+        str(path),
+        dynamo=True,
+        input_names=["x"],
+        output_names=["output"],
+        dynamic_shapes={"x": {0: batch}},
+        verbose=False,
+    )
     return path
 
 
@@ -96,8 +104,7 @@ def outlier_onnx(examples: Path, onnx_dir: Path) -> Path:
     x, _ = _split(examples, "digits", "train")
     module = _load_module(examples / "digits" / "model.pt2")
     params = dict(module.named_parameters())
-    w1, b1, w2 = params["features.0.weight"], params["features.0.bias"], \
-        params["features.2.weight"]
+    w1, b1, w2 = params["features.0.weight"], params["features.0.bias"], params["features.2.weight"]
     with torch.no_grad():
         # The liveliest channel, so the outlier is present on every input.
         active = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), w1, b1, padding=1))
@@ -108,8 +115,9 @@ def outlier_onnx(examples: Path, onnx_dir: Path) -> Path:
     return _export(module, torch.from_numpy(x[:8]), onnx_dir / "digits-outlier.onnx")
 
 
-def test_static_qdq_on_digits_keeps_accuracy(examples: Path, digits_onnx: Path,
-                                             tmp_path: Path) -> None:
+def test_static_qdq_on_digits_keeps_accuracy(
+    examples: Path, digits_onnx: Path, tmp_path: Path
+) -> None:
     x_train, _ = _split(examples, "digits", "train")
     evaluate = _evaluator(examples, "digits")
     out = tmp_path / "digits-int8-static.onnx"
@@ -119,8 +127,10 @@ def test_static_qdq_on_digits_keeps_accuracy(examples: Path, digits_onnx: Path,
     model = onnx.load(str(out))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
-    assert record["quantization_ops"] == {"DequantizeLinear": ops.count("DequantizeLinear"),
-                                          "QuantizeLinear": ops.count("QuantizeLinear")}
+    assert record["quantization_ops"] == {
+        "DequantizeLinear": ops.count("DequantizeLinear"),
+        "QuantizeLinear": ops.count("QuantizeLinear"),
+    }
     producer = _producers(model)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert len(convs) == 2 == record["quantized_nodes"]["Conv"]
@@ -139,8 +149,9 @@ def test_static_qdq_on_digits_keeps_accuracy(examples: Path, digits_onnx: Path,
     assert fp32 - int8 <= 0.01, f"static int8 {int8:.4f} vs fp32 {fp32:.4f}"
 
 
-def test_dynamic_on_digits_leaves_convolutions_float(examples: Path, digits_onnx: Path,
-                                                     tmp_path: Path) -> None:
+def test_dynamic_on_digits_leaves_convolutions_float(
+    examples: Path, digits_onnx: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "digits-int8-dynamic.onnx"
     record = quantize_dynamic(digits_onnx, out)
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
@@ -149,9 +160,9 @@ def test_dynamic_on_digits_leaves_convolutions_float(examples: Path, digits_onnx
     assert ops.count("MatMulInteger") == 1 == record["quantized_nodes"]["Gemm"]
 
 
-def test_dynamic_on_breast_cancer_quantizes_every_linear(examples: Path,
-                                                         breast_cancer_onnx: Path,
-                                                         tmp_path: Path) -> None:
+def test_dynamic_on_breast_cancer_quantizes_every_linear(
+    examples: Path, breast_cancer_onnx: Path, tmp_path: Path
+) -> None:
     x_val, _ = _split(examples, "breast_cancer", "val")
     evaluate = _evaluator(examples, "breast_cancer")
     out = tmp_path / "breast-cancer-int8-dynamic.onnx"
@@ -172,9 +183,9 @@ def test_dynamic_on_breast_cancer_quantizes_every_linear(examples: Path,
     assert fp32 - int8 <= 0.02, f"dynamic int8 {int8:.4f} vs fp32 {fp32:.4f}"
 
 
-def test_static_on_breast_cancer_quantizes_the_linears(examples: Path,
-                                                      breast_cancer_onnx: Path,
-                                                      tmp_path: Path) -> None:
+def test_static_on_breast_cancer_quantizes_the_linears(
+    examples: Path, breast_cancer_onnx: Path, tmp_path: Path
+) -> None:
     x_train, _ = _split(examples, "breast_cancer", "train")
     evaluate = _evaluator(examples, "breast_cancer")
     out = tmp_path / "breast-cancer-int8-static.onnx"
@@ -192,8 +203,9 @@ def test_static_on_breast_cancer_quantizes_the_linears(examples: Path,
 
 
 def test_dynamic_excludes_named_nodes(breast_cancer_onnx: Path, tmp_path: Path) -> None:
-    first = next(n.name for n in onnx.load(str(breast_cancer_onnx)).graph.node
-                 if n.op_type == "Gemm")
+    first = next(
+        n.name for n in onnx.load(str(breast_cancer_onnx)).graph.node if n.op_type == "Gemm"
+    )
     out = tmp_path / "partial.onnx"
     record = quantize_dynamic(breast_cancer_onnx, out, nodes_to_exclude=[first])
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
@@ -202,22 +214,35 @@ def test_dynamic_excludes_named_nodes(breast_cancer_onnx: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("calibration", [None, []])
-def test_static_without_calibration_is_refused(digits_onnx: Path, tmp_path: Path,
-                                               calibration: list[np.ndarray] | None) -> None:
+def test_static_without_calibration_is_refused(
+    digits_onnx: Path, tmp_path: Path, calibration: list[np.ndarray] | None
+) -> None:
     out = tmp_path / "never.onnx"
     with pytest.raises(InvalidInput) as info:
         quantize_static(digits_onnx, out, calibration=calibration)
-    assert str(info.value) == NO_CALIBRATION == (
-        "static quantization needs calibration data: register a dataset with the model "
-        "(kiln upload --dataset) or use dynamic quantization")
+    assert (
+        str(info.value)
+        == NO_CALIBRATION
+        == (
+            "static quantization needs calibration data: register a dataset with the model "
+            "(kiln upload --dataset) or use dynamic quantization"
+        )
+    )
     with pytest.raises(InvalidInput, match="needs calibration data"):
-        accuracy_aware_quantize(digits_onnx, out, calibration=calibration, evaluate=lambda p: 1.0,
-                                baseline_metric=1.0, max_drop=0.01)
+        accuracy_aware_quantize(
+            digits_onnx,
+            out,
+            calibration=calibration,
+            evaluate=lambda p: 1.0,
+            baseline_metric=1.0,
+            max_drop=0.01,
+        )
     assert not out.exists()
 
 
-def test_corrupted_calibration_is_refused_with_the_reason(examples: Path, digits_onnx: Path,
-                                                          tmp_path: Path) -> None:
+def test_corrupted_calibration_is_refused_with_the_reason(
+    examples: Path, digits_onnx: Path, tmp_path: Path
+) -> None:
     x_train, _ = _split(examples, "digits", "train")
     bad = x_train[:32].copy()
     bad[3, 0, 0, 0] = np.nan
@@ -227,9 +252,9 @@ def test_corrupted_calibration_is_refused_with_the_reason(examples: Path, digits
         quantize_static(digits_onnx, tmp_path / "bad.onnx", calibration=[bad, bad])
 
 
-def test_accuracy_aware_keeps_the_sensitive_nodes_in_float(examples: Path, digits_onnx: Path,
-                                                           outlier_onnx: Path,
-                                                           tmp_path: Path) -> None:
+def test_accuracy_aware_keeps_the_sensitive_nodes_in_float(
+    examples: Path, digits_onnx: Path, outlier_onnx: Path, tmp_path: Path
+) -> None:
     x_train, _ = _split(examples, "digits", "train")
     evaluate = _evaluator(examples, "digits")
     baseline = evaluate(outlier_onnx)
@@ -247,8 +272,15 @@ def test_accuracy_aware_keeps_the_sensitive_nodes_in_float(examples: Path, digit
     assert {ops[name] for name, _ in ranking[:2]} == {"Conv"}  # the two ends of the outlier
 
     out = tmp_path / "digits-outlier-int8.onnx"
-    result = accuracy_aware_quantize(outlier_onnx, out, calibration=[x_train], evaluate=evaluate,
-                                     baseline_metric=baseline, max_drop=max_drop, budget=4)
+    result = accuracy_aware_quantize(
+        outlier_onnx,
+        out,
+        calibration=[x_train],
+        evaluate=evaluate,
+        baseline_metric=baseline,
+        max_drop=max_drop,
+        budget=4,
+    )
 
     first, last = result.attempts[0], result.attempts[-1]
     assert first.excluded == [] and not first.passed and first.drop > max_drop
@@ -256,10 +288,11 @@ def test_accuracy_aware_keeps_the_sensitive_nodes_in_float(examples: Path, digit
     assert last.metric > first.metric
     # Exclusions grow along the ranking, one node per attempt (3 ranked nodes -> step 1).
     assert [a.excluded for a in result.attempts] == [
-        [name for name, _ in result.sensitivity[:i]] for i in range(len(result.attempts))]
+        [name for name, _ in result.sensitivity[:i]] for i in range(len(result.attempts))
+    ]
     assert [name for name, _ in result.sensitivity] == [name for name, _ in ranking]
     assert result.nodes_excluded == last.excluded
-    assert result.nodes_excluded == [name for name, _ in ranking[:len(result.nodes_excluded)]]
+    assert result.nodes_excluded == [name for name, _ in ranking[: len(result.nodes_excluded)]]
 
     # The written file is the passing variant: its metric is the evaluated one, its excluded
     # nodes read float weights, and the rest of the graph is still quantized.
@@ -278,14 +311,22 @@ def test_accuracy_aware_keeps_the_sensitive_nodes_in_float(examples: Path, digit
 
 
 def test_accuracy_aware_out_of_budget_writes_the_best_failing_variant(
-        examples: Path, outlier_onnx: Path, tmp_path: Path) -> None:
+    examples: Path, outlier_onnx: Path, tmp_path: Path
+) -> None:
     x_train, _ = _split(examples, "digits", "train")
     evaluate = _evaluator(examples, "digits")
     baseline = evaluate(outlier_onnx)
     out = tmp_path / "one-try.onnx"
 
-    result = accuracy_aware_quantize(outlier_onnx, out, calibration=[x_train], evaluate=evaluate,
-                                     baseline_metric=baseline, max_drop=0.01, budget=1)
+    result = accuracy_aware_quantize(
+        outlier_onnx,
+        out,
+        calibration=[x_train],
+        evaluate=evaluate,
+        baseline_metric=baseline,
+        max_drop=0.01,
+        budget=1,
+    )
 
     assert not result.passed and len(result.attempts) == 1 and result.sensitivity == []
     assert result.nodes_excluded == [] and result.metric == evaluate(out)

@@ -72,7 +72,6 @@ RPS = 20
 ATOL = 1e-4
 
 
-
 # ----------------------------------------------------------------------------- the gateway
 @dataclass
 class Rollout:
@@ -88,16 +87,29 @@ class Rollout:
 
     def body(self, rows: slice) -> bytes:
         x = self.x[rows]
-        return json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
-                                       "data": x.reshape(-1).tolist()}]}).encode()
+        return json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": list(x.shape),
+                        "data": x.reshape(-1).tolist(),
+                    }
+                ]
+            }
+        ).encode()
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.gw.url + path, headers=self.gw.headers, timeout=15)
 
     def pinned(self, version: str) -> httpx.Response:
-        return httpx.post(f"{self.gw.url}/v2/models/digits/versions/{version}/infer",
-                          content=self.body(slice(0, ROWS)), headers=self.gw.headers,
-                          timeout=30)
+        return httpx.post(
+            f"{self.gw.url}/v2/models/digits/versions/{version}/infer",
+            content=self.body(slice(0, ROWS)),
+            headers=self.gw.headers,
+            timeout=30,
+        )
 
     def learn(self, version: str) -> None:
         """Record ``version``'s answers for every row (it must be served now)."""
@@ -124,8 +136,11 @@ class Rollout:
         """A rollout step, as the CLI and flows make it: one CRUD call in one transaction."""
         with session_scope(self.db_url) as session:
             model = crud.require_model(session=session, name="digits")
-            row = (crud.require_version(session=session, name="digits", version=version)
-                   if version is not None else None)
+            row = (
+                crud.require_version(session=session, name="digits", version=version)
+                if version is not None
+                else None
+            )
             if action == "canary":
                 assert row is not None
                 crud.start_canary(session=session, version=row, weight=weight)
@@ -149,8 +164,11 @@ class Rollout:
         for child in children:
             try:
                 cmd = child.cmdline()
-                if (child.status() != psutil.STATUS_ZOMBIE and "serving.engine" in " ".join(cmd)
-                        and cmd[cmd.index("--version") + 1] == version):
+                if (
+                    child.status() != psutil.STATUS_ZOMBIE
+                    and "serving.engine" in " ".join(cmd)
+                    and cmd[cmd.index("--version") + 1] == version
+                ):
                     pids.append(child.pid)
             except (psutil.Error, ValueError, IndexError):
                 continue
@@ -188,8 +206,9 @@ def _logits(doc: dict[str, Any]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def rollout(validated_home: Path, examples: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rollout]:
+def rollout(
+    validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Rollout]:
     tmp = tmp_path_factory.mktemp("rollout")
     home = copy_home(validated_home, tmp)
     stable = deploy(home)["version"]
@@ -250,8 +269,9 @@ class Traffic:
 
     async def _run(self) -> None:
         headers = {**self.s.gw.headers, "Content-Type": "application/json"}
-        async with aiohttp.ClientSession(headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with aiohttp.ClientSession(
+            headers=headers, timeout=aiohttp.ClientTimeout(total=30)
+        ) as http:
             tasks: list[asyncio.Future[None]] = []
             start = time.monotonic()
             while not self._stop.is_set():
@@ -292,9 +312,16 @@ class Traffic:
 
 def wrong_answers(s: Rollout, outcomes: list[Outcome]) -> list[Outcome]:
     """Answered requests whose outputs are not their version's answers for their row."""
-    return [o for o in outcomes if o.final == 200 and (
-        o.version not in s.refs or o.logits is None
-        or not np.allclose(o.logits, s.refs[o.version][o.row], atol=ATOL, rtol=ATOL))]
+    return [
+        o
+        for o in outcomes
+        if o.final == 200
+        and (
+            o.version not in s.refs
+            or o.logits is None
+            or not np.allclose(o.logits, s.refs[o.version][o.row], atol=ATOL, rtol=ATOL)
+        )
+    ]
 
 
 @dataclass
@@ -357,8 +384,7 @@ class ReadyProbe:
             if named and any(p.status == 200 for p in self.between(named[0])):
                 return
             time.sleep(0.1)
-        raise AssertionError(f"readiness never went 503 -> 200 for {version}:\n"
-                             f"{self.s.gw.tail()}")
+        raise AssertionError(f"readiness never went 503 -> 200 for {version}:\n{self.s.gw.tail()}")
 
 
 def not_ready_spans(samples: list[Sample]) -> list[float]:
@@ -400,8 +426,7 @@ def _rewrite(path: Path, data: bytes) -> None:
 def _selected_file(s: Rollout, version: str) -> Path:
     with session_scope(s.db_url) as session:
         row = crud.require_version(session=session, name="digits", version=version)
-        (artifact,) = [a for a in crud.list_artifacts(session=session, version=row)
-                       if a.selected]
+        (artifact,) = [a for a in crud.list_artifacts(session=session, version=row) if a.selected]
         return s.home / artifact.path
 
 
@@ -435,21 +460,25 @@ def test_scenario_20_a_corrupt_artifact_is_never_served(rollout: Rollout) -> Non
             time.sleep(1.0)
         s.change("rollback")
         codes = _exit_codes(s, version)
-        engine_logs = "".join(p.read_text(errors="replace") for p in
-                              (s.home / "logs").glob(f"engine-digits-{version}-*.log"))
+        engine_logs = "".join(
+            p.read_text(errors="replace")
+            for p in (s.home / "logs").glob(f"engine-digits-{version}-*.log")
+        )
         during = traffic.between(began)
         wrong = wrong_answers(s, traffic.outcomes)
         not_stable = [o for o in traffic.outcomes if o.final == 200 and o.version != stable]
         failed = [o for o in traffic.outcomes if o.final != 200]
         fallbacks = sum(bool(o.fallback) for o in during)
-        print(f"FIGURE scenario 20 ({what}): canary {version} at weight 0.5 beside stable "
-              f"{stable}: corrupted responses {len(wrong) + len(not_stable)}, failed requests "
-              f"{len(failed)} of {len(traffic.outcomes)} ({len(during)} after the canary "
-              f"started, {fallbacks} of them picked the canary and were answered by the stable);"
-              f" canary engine exit codes {codes}, restarts "
-              f"{s.metric('kiln_engine_restarts_total', version=version) - restarts:.0f}; "
-              f"in the gateway: /v2/health/ready {ready.status_code} {ready.json()}, "
-              f"versions/{version}/ready {version_ready}, pinned infer {pinned.status_code}")
+        print(
+            f"FIGURE scenario 20 ({what}): canary {version} at weight 0.5 beside stable "
+            f"{stable}: corrupted responses {len(wrong) + len(not_stable)}, failed requests "
+            f"{len(failed)} of {len(traffic.outcomes)} ({len(during)} after the canary "
+            f"started, {fallbacks} of them picked the canary and were answered by the stable);"
+            f" canary engine exit codes {codes}, restarts "
+            f"{s.metric('kiln_engine_restarts_total', version=version) - restarts:.0f}; "
+            f"in the gateway: /v2/health/ready {ready.status_code} {ready.json()}, "
+            f"versions/{version}/ready {version_ready}, pinned infer {pinned.status_code}"
+        )
         assert "sha256" in engine_logs and "corrupt" in engine_logs, engine_logs[-2000:]
         assert codes and set(codes) == {5}, codes
         assert ready.status_code == 503 and f"digits@{version}" in ready.json()["waiting_for"]
@@ -492,8 +521,10 @@ def _snapshot(db_url: str) -> dict[str, Any]:
     try:
         with engine.connect() as conn:
             dep = [tuple(r) for r in conn.execute(text("SELECT * FROM deployment"))]
-            versions = {str(k): str(v) for k, v in
-                        conn.execute(text("SELECT version, status FROM modelversion"))}
+            versions = {
+                str(k): str(v)
+                for k, v in conn.execute(text("SELECT version, status FROM modelversion"))
+            }
             events = conn.execute(text("SELECT count(*) FROM deploymentevent")).scalar_one()
     finally:
         engine.dispose()
@@ -516,8 +547,9 @@ def _invariant_violations(db_url: str) -> list[str]:
         model = crud.require_model(session=session, name="m")
         dep = crud.get_deployment(session=session, model=model)
         assert dep is not None
-        status = {v.id: VersionStatus(v.status) for v in crud.list_versions(session=session,
-                                                                            model=model)}
+        status = {
+            v.id: VersionStatus(v.status) for v in crud.list_versions(session=session, model=model)
+        }
     production = [i for i, st in status.items() if st == VersionStatus.production]
     canaries = [i for i, st in status.items() if st == VersionStatus.canary]
     if production != [dep.stable_version_id]:
@@ -533,27 +565,39 @@ def _do(db_url: str, action: str, version: str = "") -> None:
     with session_scope(db_url) as session:
         model = crud.require_model(session=session, name="m")
         if action == "canary":
-            crud.start_canary(session=session, weight=0.5, version=crud.require_version(
-                session=session, name="m", version=version))
+            crud.start_canary(
+                session=session,
+                weight=0.5,
+                version=crud.require_version(session=session, name="m", version=version),
+            )
         elif action == "promote":
             crud.promote(session=session, model=model)
         elif action == "rollback":
             crud.rollback(session=session, model=model)
         elif action == "deploy":
-            crud.deploy_direct(session=session, version=crud.require_version(
-                session=session, name="m", version=version))
+            crud.deploy_direct(
+                session=session,
+                version=crud.require_version(session=session, name="m", version=version),
+            )
 
 
 def test_scenario_21_a_rollout_step_killed_inside_its_transaction_leaves_nothing(
-        db_url: str) -> None:
+    db_url: str,
+) -> None:
     """Each step is SIGKILLed at a failpoint inside its transaction (after its first write,
     or after its last one, before the commit); then the registry must be exactly as before and
     consistent, and the same step, retried, must succeed."""
     with session_scope(db_url) as session:
         model = crud.create_model(session=session, name="m", task=Task.classification)
         for version in ("1.0.0", "2.0.0", "3.0.0", "4.0.0"):
-            row = crud.create_version(session=session, model=model, version=version,
-                                      source_format="pt2", source_sha256=version * 8, spec={})
+            row = crud.create_version(
+                session=session,
+                model=model,
+                version=version,
+                source_format="pt2",
+                source_sha256=version * 8,
+                spec={},
+            )
             crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
             crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
     _do(db_url, "deploy", "1.0.0")
@@ -575,11 +619,18 @@ def test_scenario_21_a_rollout_step_killed_inside_its_transaction_leaves_nothing
             _do(db_url, "canary", version)
             continue
         before = _snapshot(db_url)
-        child = subprocess.run([sys.executable, "-c", _STEP, db_url, action, version or "-"],
-                               env={**os.environ, "KILN_FAILPOINTS": failpoint},
-                               capture_output=True, text=True, timeout=120)
-        assert child.returncode == -signal.SIGKILL, (failpoint, child.returncode,
-                                                     child.stderr[-2000:])
+        child = subprocess.run(
+            [sys.executable, "-c", _STEP, db_url, action, version or "-"],
+            env={**os.environ, "KILN_FAILPOINTS": failpoint},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert child.returncode == -signal.SIGKILL, (
+            failpoint,
+            child.returncode,
+            child.stderr[-2000:],
+        )
         kills += 1
         after = _snapshot(db_url)
         if after != before:
@@ -598,12 +649,14 @@ def test_scenario_21_a_rollout_step_killed_inside_its_transaction_leaves_nothing
             violations += [f"{failpoint} (retried): {w}" for w in _invariant_violations(db_url)]
             assert took < 10, f"the retried {action} waited {took:.1f} s (a lock left behind?)"
     dialect = db_url.split(":", 1)[0].split("+")[0]
-    print(f"FIGURE scenario 21 ({dialect}): {kills} rollout steps SIGKILLed inside their "
-          f"transaction (promote and rollback to the previous stable, each after its first "
-          f"write and after its last; canary rollback and direct deploy mid-way), then "
-          f"retried: invariant violations {len(violations)}"
-          f"{' ' + repr(violations) if violations else ''}; 20 concurrent promotes: "
-          "tests/unit/test_rollout_crud.py::test_twenty_concurrent_promotes_have_one_winner")
+    print(
+        f"FIGURE scenario 21 ({dialect}): {kills} rollout steps SIGKILLed inside their "
+        f"transaction (promote and rollback to the previous stable, each after its first "
+        f"write and after its last; canary rollback and direct deploy mid-way), then "
+        f"retried: invariant violations {len(violations)}"
+        f"{' ' + repr(violations) if violations else ''}; 20 concurrent promotes: "
+        "tests/unit/test_rollout_crud.py::test_twenty_concurrent_promotes_have_one_winner"
+    )
     assert kills == 6
     assert not violations, violations
 
@@ -621,7 +674,8 @@ def _ensure_canary(s: Rollout, version: str) -> None:
 
 
 def test_scenario_23_a_killed_canary_engine_is_removed_and_no_request_fails(
-        rollout: Rollout) -> None:
+    rollout: Rollout,
+) -> None:
     s = rollout
     canary = s.spare[0]  # scenario 25 promotes it
     _ensure_canary(s, canary)
@@ -648,17 +702,19 @@ def test_scenario_23_a_killed_canary_engine_is_removed_and_no_request_fails(
     wrong = wrong_answers(s, traffic.outcomes)
     rescued = [o.done - o.due for o in after if o.fallback]
     direct = [o.done - o.due for o in after if not o.fallback]
-    print(f"FIGURE scenario 23: canary {canary} (weight 0.5) engine SIGKILLed under {RPS} rps "
-          f"({in_flight} requests in flight, {caught} of them in the canary and answered by the "
-          f"stable): removed from routing after {removal:.2f} s "
-          f"(health period {HEALTH_PERIOD_S:g} s), back after {back:.1f} s; failed requests "
-          f"{len(failed)} with client retry, {len(first_failed)} without, of "
-          f"{len(traffic.outcomes)} ({len(after)} after the kill, {len(rescued)} of them picked "
-          f"the canary and were answered by stable {stable}, in "
-          f"{percentile(rescued, 50) * 1000:.0f} ms median against "
-          f"{percentile(direct, 50) * 1000:.0f} ms for the rest; gateway retries of the canary "
-          f"{s.metric('kiln_retries_total', version=canary) - retries:.0f}); wrong answers "
-          f"{len(wrong)}")
+    print(
+        f"FIGURE scenario 23: canary {canary} (weight 0.5) engine SIGKILLed under {RPS} rps "
+        f"({in_flight} requests in flight, {caught} of them in the canary and answered by the "
+        f"stable): removed from routing after {removal:.2f} s "
+        f"(health period {HEALTH_PERIOD_S:g} s), back after {back:.1f} s; failed requests "
+        f"{len(failed)} with client retry, {len(first_failed)} without, of "
+        f"{len(traffic.outcomes)} ({len(after)} after the kill, {len(rescued)} of them picked "
+        f"the canary and were answered by stable {stable}, in "
+        f"{percentile(rescued, 50) * 1000:.0f} ms median against "
+        f"{percentile(direct, 50) * 1000:.0f} ms for the rest; gateway retries of the canary "
+        f"{s.metric('kiln_retries_total', version=canary) - retries:.0f}); wrong answers "
+        f"{len(wrong)}"
+    )
     assert removal <= HEALTH_PERIOD_S, removal
     assert not failed and not first_failed, [(o.first, o.final) for o in failed + first_failed]
     assert not wrong
@@ -710,14 +766,19 @@ class Changes:
             premature = [p for p in checked if p.engine != 200]
             spans = not_ready_spans(samples)
             codes = sorted({o.first for o in first})
-            rows.append(f"{st.label}: {len(sent)} requests, {self.traffic.in_flight_at(st.at)} "
-                        f"in flight at the change, dropped {len(dropped)} with client retry, "
-                        f"{len(first)} without{f' ({codes})' if codes else ''}, not ready "
-                        f"{sum(spans):.2f} s"
-                        + (f" (engine warm-up of {st.new})" if st.new else ""))
-            for key, found in (("requests", sent), ("dropped", dropped),
-                               ("first_failed", first), ("premature", premature),
-                               ("checked", checked)):
+            rows.append(
+                f"{st.label}: {len(sent)} requests, {self.traffic.in_flight_at(st.at)} "
+                f"in flight at the change, dropped {len(dropped)} with client retry, "
+                f"{len(first)} without{f' ({codes})' if codes else ''}, not ready "
+                f"{sum(spans):.2f} s" + (f" (engine warm-up of {st.new})" if st.new else "")
+            )
+            for key, found in (
+                ("requests", sent),
+                ("dropped", dropped),
+                ("first_failed", first),
+                ("premature", premature),
+                ("checked", checked),
+            ):
                 totals[key] += len(found)
             if st.new is None:
                 assert not spans, (st.label, spans)
@@ -726,9 +787,12 @@ class Changes:
                 assert checked, f"{st.label}: the engine was never looked at after a 200"
         wrong = wrong_answers(self.s, self.traffic.outcomes)
         totals["wrong"] = len(wrong)
-        print(f"FIGURE scenario 25 ({title}, {RPS} rps): " + "; ".join(rows)
-              + f"; wrong answers {len(wrong)}; ready while the new engine had not warmed up: "
-              f"{totals['premature']} of {totals['checked']} looks")
+        print(
+            f"FIGURE scenario 25 ({title}, {RPS} rps): "
+            + "; ".join(rows)
+            + f"; wrong answers {len(wrong)}; ready while the new engine had not warmed up: "
+            f"{totals['premature']} of {totals['checked']} looks"
+        )
         return totals, rows
 
 
@@ -745,8 +809,7 @@ def test_scenario_25_promote_and_rollback_under_load_drop_nothing(rollout: Rollo
         changes = Changes(s, traffic, probe)
         time.sleep(1.5)
         changes.step("(a) promote", lambda: s.change("promote"), None)
-        changes.step("(b) canary start", lambda: s.change("canary", dropped_canary),
-                     dropped_canary)
+        changes.step("(b) canary start", lambda: s.change("canary", dropped_canary), dropped_canary)
         changes.step("(b) rollback", lambda: s.change("rollback"), None)
     assert s.deployment() == (promoted, None)
     totals, rows = changes.report("promote, canary rollback")
@@ -767,8 +830,7 @@ def test_scenario_25_reloads_under_load_drop_nothing(rollout: Rollout) -> None:
         changes = Changes(s, traffic, probe)
         time.sleep(1.5)
         changes.step("(c) reload: direct deploy", lambda: s.change("deploy", reloaded), reloaded)
-        changes.step("(d) rollback to the previous stable", lambda: s.change("rollback"),
-                     previous)
+        changes.step("(d) rollback to the previous stable", lambda: s.change("rollback"), previous)
     assert s.deployment() == (previous, None)
     totals, rows = changes.report("reloads")
     assert totals["wrong"] == 0 and totals["premature"] == 0
@@ -776,4 +838,3 @@ def test_scenario_25_reloads_under_load_drop_nothing(rollout: Rollout) -> None:
     # make-before-break: the outgoing stable answers until the incoming one is ready, so not
     # even a first try fails
     assert totals["first_failed"] == 0, rows
-

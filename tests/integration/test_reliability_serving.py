@@ -73,8 +73,14 @@ class Reply:
         return str(doc["error"])
 
 
-def build(method: str, path: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
-          *, length: bool = True) -> bytes:
+def build(
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    *,
+    length: bool = True,
+) -> bytes:
     """A request exactly as written (no normalisation); Content-Length added for a body."""
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers)]
     if length and (body or method in ("POST", "PUT")):
@@ -124,8 +130,9 @@ def exchange(port: int, raw: bytes, timeout: float = 15.0) -> Reply:
         return read_reply(sock, start)
 
 
-def stream(port: int, head: bytes, pieces: Iterable[bytes], timeout: float = 15.0
-           ) -> tuple[Reply, int]:
+def stream(
+    port: int, head: bytes, pieces: Iterable[bytes], timeout: float = 15.0
+) -> tuple[Reply, int]:
     """Send ``head``, then ``pieces`` from a thread while reading the answer: the answer and the
     body bytes sent by the time it came (the kernel's buffers hold part of them)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -186,10 +193,12 @@ class Conn:
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """The sum of a Prometheus sample's values over the series matching ``labels``."""
-    return sum(sample.value for family in text_string_to_metric_families(text)
-               for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v
-                                              for k, v in labels.items()))
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -213,15 +222,29 @@ class Served:
 
     def body(self, rows: int = 1) -> bytes:
         x = self.x[:rows]
-        return json.dumps({"inputs": [{"name": self.input, "datatype": "FP32",
-                                       "shape": list(x.shape),
-                                       "data": x.reshape(-1).tolist()}]}).encode()
+        return json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": self.input,
+                        "datatype": "FP32",
+                        "shape": list(x.shape),
+                        "data": x.reshape(-1).tolist(),
+                    }
+                ]
+            }
+        ).encode()
 
-    def infer(self, rows: int = 1, headers: Sequence[tuple[str, str]] = (),
-              key: str | None = None) -> bytes:
+    def infer(
+        self, rows: int = 1, headers: Sequence[tuple[str, str]] = (), key: str | None = None
+    ) -> bytes:
         auth = ("Authorization", f"Bearer {key}") if key else self.auth
-        return build("POST", "/v2/models/digits/infer",
-                     [auth, ("Content-Type", "application/json"), *headers], self.body(rows))
+        return build(
+            "POST",
+            "/v2/models/digits/infer",
+            [auth, ("Content-Type", "application/json"), *headers],
+            self.body(rows),
+        )
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.gw.url + path, headers=self.gw.headers, timeout=15)
@@ -237,8 +260,13 @@ class Served:
             children = psutil.Process(self.gw.proc.pid).children()
         except psutil.NoSuchProcess:
             return []
-        return [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                and "serving.engine" in " ".join(c.cmdline())]
+        return [
+            c
+            for c in children
+            if c.is_running()
+            and c.status() != psutil.STATUS_ZOMBIE
+            and "serving.engine" in " ".join(c.cmdline())
+        ]
 
     def engine_stats(self) -> dict[str, Any]:
         """The (only) engine's counters from its ``GET /stats``."""
@@ -275,9 +303,14 @@ class Served:
 
 
 @contextmanager
-def served_gateway(validated_home: Path, dest: Path, examples: Path, *,
-                   serving: dict[str, Any] | None = None,
-                   env: dict[str, str] | None = None) -> Iterator[Served]:
+def served_gateway(
+    validated_home: Path,
+    dest: Path,
+    examples: Path,
+    *,
+    serving: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Served]:
     """digits deployed on a copy of ``validated_home`` with ``serving`` settings, behind a
     `kiln serve` started with ``env``; stopped (engines included) on exit."""
     home = copy_home(validated_home, dest)
@@ -289,31 +322,42 @@ def served_gateway(validated_home: Path, dest: Path, examples: Path, *,
         gw.wait_ready()
         meta = httpx.get(f"{gw.url}/v2/models/digits", headers=gw.headers, timeout=15).json()
         x, _ = digits_rows(examples, 64)
-        yield Served(gw=gw, port=gw.port, version=meta["versions"][0],
-                     input=meta["inputs"][0]["name"], x=x)
+        yield Served(
+            gw=gw, port=gw.port, version=meta["versions"][0], input=meta["inputs"][0]["name"], x=x
+        )
     finally:
         gw.stop()
 
 
 @pytest.fixture(scope="module")
-def shared(validated_home: Path, examples: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def shared(
+    validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     """The gateway for scenarios that do not change settings: one replica, a 64 KiB body cap,
     at most 16 rows per request."""
-    with served_gateway(validated_home, tmp_path_factory.mktemp("shared"), examples,
-                        serving={"max_request_batch": MAX_BATCH, "max_replicas": 1},
-                        env={"KILN_MAX_BODY_BYTES": str(BODY_CAP)}) as served:
+    with served_gateway(
+        validated_home,
+        tmp_path_factory.mktemp("shared"),
+        examples,
+        serving={"max_request_batch": MAX_BATCH, "max_replicas": 1},
+        env={"KILN_MAX_BODY_BYTES": str(BODY_CAP)},
+    ) as served:
         yield served
 
 
 @pytest.fixture(scope="module")
-def slow(validated_home: Path, examples: Path,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def slow(
+    validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     """A gateway whose one engine takes 3 s per model call, with a queue of 8 (scenarios 7, 9
     and 10)."""
-    with served_gateway(validated_home, tmp_path_factory.mktemp("slow"), examples,
-                        serving={"max_queue": SLOW_QUEUE, "max_replicas": 1},
-                        env={"KILN_ENGINE_FAULTS": f"delay_ms={ENGINE_DELAY_MS}"}) as served:
+    with served_gateway(
+        validated_home,
+        tmp_path_factory.mktemp("slow"),
+        examples,
+        serving={"max_queue": SLOW_QUEUE, "max_replicas": 1},
+        env={"KILN_ENGINE_FAULTS": f"delay_ms={ENGINE_DELAY_MS}"},
+    ) as served:
         yield served
 
 
@@ -321,13 +365,24 @@ def slow(validated_home: Path, examples: Path,
 # ``{v}`` is the served version.
 PROBES = [("GET", "/v2/health/live"), ("GET", "/v2/health/ready")]
 ROUTES = [
-    ("GET", "/v2"), ("GET", "/v2/models/digits"), ("GET", "/v2/models/digits/versions/{v}"),
-    ("GET", "/v2/models/digits/ready"), ("GET", "/v2/models/digits/versions/{v}/ready"),
-    ("POST", "/v2/models/digits/infer"), ("POST", "/v2/models/digits/versions/{v}/infer"),
-    ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"),
-    ("GET", "/admin"), ("POST", "/v2/repository/index"),
-    ("POST", "/v2/repository/models/digits/load"), ("DELETE", "/v2/models/digits"),
-    ("GET", "/v2/models/no-such-model"), ("GET", "/"), ("GET", "/no/such/route"),
+    ("GET", "/v2"),
+    ("GET", "/v2/models/digits"),
+    ("GET", "/v2/models/digits/versions/{v}"),
+    ("GET", "/v2/models/digits/ready"),
+    ("GET", "/v2/models/digits/versions/{v}/ready"),
+    ("POST", "/v2/models/digits/infer"),
+    ("POST", "/v2/models/digits/versions/{v}/infer"),
+    ("GET", "/metrics"),
+    ("GET", "/docs"),
+    ("GET", "/redoc"),
+    ("GET", "/openapi.json"),
+    ("GET", "/admin"),
+    ("POST", "/v2/repository/index"),
+    ("POST", "/v2/repository/models/digits/load"),
+    ("DELETE", "/v2/models/digits"),
+    ("GET", "/v2/models/no-such-model"),
+    ("GET", "/"),
+    ("GET", "/no/such/route"),
 ]
 
 
@@ -338,8 +393,7 @@ def _route(served: Served, method: str, path: str) -> tuple[str, str, bytes]:
 
 
 # ---------------------------------------------------------------------------- scenario 1
-def test_scenario_1_bodies_over_the_cap_are_refused_before_they_are_read(shared: Served
-                                                                        ) -> None:
+def test_scenario_1_bodies_over_the_cap_are_refused_before_they_are_read(shared: Served) -> None:
     s = shared
     rss_before = s.gateway_rss()
     path = "/v2/models/digits/infer"
@@ -355,8 +409,9 @@ def test_scenario_1_bodies_over_the_cap_are_refused_before_they_are_read(shared:
     assert reply.status == 200, reply.body
 
     # one byte over, by Content-Length: refused on the head alone, not one body byte sent
-    head = build("POST", path, [s.auth, json_type, ("Content-Length", str(BODY_CAP + 1))],
-                 length=False)
+    head = build(
+        "POST", path, [s.auth, json_type, ("Content-Length", str(BODY_CAP + 1))], length=False
+    )
     with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
         sock.sendall(head)
         reply = read_reply(sock, time.monotonic())
@@ -366,7 +421,7 @@ def test_scenario_1_bodies_over_the_cap_are_refused_before_they_are_read(shared:
     assert closed, "the connection must close after a 413"
 
     # chunked with no length, under the cap: served
-    pieces = [body[i:i + 97] for i in range(0, len(body), 97)]
+    pieces = [body[i : i + 97] for i in range(0, len(body), 97)]
     raw = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
     reply = exchange(s.port, build("POST", path, chunked, length=False) + raw)
     statuses["chunked under cap"] = reply.status
@@ -375,24 +430,32 @@ def test_scenario_1_bodies_over_the_cap_are_refused_before_they_are_read(shared:
     # chunked with no length, over the cap: 1 KiB chunks up to 64x the cap, never terminated,
     # so an answer at all means the body was refused before it was read in full
     kib = b"400\r\n" + b"7" * 1024 + b"\r\n"
-    reply, sent_over = stream(s.port, build("POST", path, chunked, length=False),
-                             (kib for _ in range(64 * BODY_CAP // 1024)))
+    reply, sent_over = stream(
+        s.port,
+        build("POST", path, chunked, length=False),
+        (kib for _ in range(64 * BODY_CAP // 1024)),
+    )
     statuses["chunked over cap"] = reply.status
     assert reply.status == 413 and b"limit" in reply.body, reply
 
     # 100k one-byte chunks, never terminated: refused at the chunk-count cap
     ones = b"1\r\n7\r\n" * 100_000
-    reply, sent_ones = stream(s.port, build("POST", path, chunked, length=False),
-                              (ones[i:i + 65536] for i in range(0, len(ones), 65536)))
+    reply, sent_ones = stream(
+        s.port,
+        build("POST", path, chunked, length=False),
+        (ones[i : i + 65536] for i in range(0, len(ones), 65536)),
+    )
     statuses["100k one-byte chunks"] = reply.status
     assert reply.status == 413 and b"chunks" in reply.body, reply
 
     assert exchange(s.port, build("GET", "/v2/health/live")).status == 200
     change_mb = (s.gateway_rss() - rss_before) / 2**20
     assert change_mb < 32, f"gateway RSS grew {change_mb:.1f} MB"
-    print(f"FIGURE scenario 1: cap {BODY_CAP} bytes, statuses {statuses} (the chunked bodies "
-          f"never terminated: refused while streaming, the client {sent_over >> 10} and "
-          f"{sent_ones >> 10} KiB into them); gateway RSS change {change_mb:+.1f} MB")
+    print(
+        f"FIGURE scenario 1: cap {BODY_CAP} bytes, statuses {statuses} (the chunked bodies "
+        f"never terminated: refused while streaming, the client {sent_over >> 10} and "
+        f"{sent_ones >> 10} KiB into them); gateway RSS change {change_mb:+.1f} MB"
+    )
 
 
 # ---------------------------------------------------------------------------- scenario 2
@@ -406,16 +469,16 @@ class _Touch:
         return (Path.touch, (self.path,))
 
 
-def test_scenario_2_malformed_json_and_foreign_content_types(shared: Served,
-                                                             tmp_path: Path) -> None:
+def test_scenario_2_malformed_json_and_foreign_content_types(
+    shared: Served, tmp_path: Path
+) -> None:
     s = shared
     control, marker = tmp_path / "control", tmp_path / "unpickled"
     pickle.loads(pickle.dumps(_Touch(control)))  # the payload is live when unpickled...
     assert control.exists()
     payload = pickle.dumps(_Touch(marker))  # ...so the marker shows whether the gateway did
     good = s.body(2)
-    form = (b"--k\r\nContent-Disposition: form-data; name=\"inputs\"\r\n\r\n" + good
-            + b"\r\n--k--\r\n")
+    form = b'--k\r\nContent-Disposition: form-data; name="inputs"\r\n\r\n' + good + b"\r\n--k--\r\n"
     cases: list[tuple[str, str | None, bytes, int]] = [
         ("truncated JSON", "application/json", good[:-7], 400),
         ("not JSON", "application/json", b"{inputs: [", 400),
@@ -446,35 +509,57 @@ def test_scenario_2_malformed_json_and_foreign_content_types(shared: Served,
     assert not marker.exists(), "the gateway unpickled a request body"
     fives = sum(code >= 500 for code in got.values())
     assert fives == 0
-    print(f"FIGURE scenario 2: {len(cases)} cases, 400 x{list(got.values()).count(400)}, "
-          f"415 x{list(got.values()).count(415)}, 200 x{list(got.values()).count(200)} "
-          f"(no content type read as JSON); 5xx count = {fives}; unpickled = "
-          f"{'yes' if marker.exists() else 'no'}")
+    print(
+        f"FIGURE scenario 2: {len(cases)} cases, 400 x{list(got.values()).count(400)}, "
+        f"415 x{list(got.values()).count(415)}, 200 x{list(got.values()).count(200)} "
+        f"(no content type read as JSON); 5xx count = {fives}; unpickled = "
+        f"{'yes' if marker.exists() else 'no'}"
+    )
 
 
 # ---------------------------------------------------------------------------- scenario 3
-_OTHER_TYPES = {"BOOL": True, "UINT8": 1, "INT8": 1, "INT16": 1, "INT32": 1, "INT64": 1,
-                "FP16": 0.5, "FP64": 0.5, "BYTES": "a"}
-_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70)
-                     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=4)
-                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=12)
+_OTHER_TYPES = {
+    "BOOL": True,
+    "UINT8": 1,
+    "INT8": 1,
+    "INT16": 1,
+    "INT32": 1,
+    "INT64": 1,
+    "FP16": 0.5,
+    "FP64": 0.5,
+    "BYTES": "a",
+}
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
 
 
 @st.composite
 def bad_requests(draw: st.DrawFn, name: str) -> tuple[str, dict[str, str], bytes, list[str]]:
     """(kind, extra headers, body, words the 4xx message must hold) for a request that is
     wrong in one way."""
-    kind = draw(st.sampled_from(["shape", "dtype", "rank", "empty", "batch", "count",
-                                 "name", "binary", "fuzz"]))
+    kind = draw(
+        st.sampled_from(
+            ["shape", "dtype", "rank", "empty", "batch", "count", "name", "binary", "fuzz"]
+        )
+    )
     tensor: dict[str, Any] = {"name": name, "datatype": "FP32"}
     headers: dict[str, str] = {}
     tail = b""
     doc: dict[str, Any] = {"inputs": [tensor]}
     quoted = repr(name)
     if kind == "shape":
-        dims = draw(st.lists(st.integers(1, 9), min_size=3, max_size=3)
-                    .filter(lambda d: d != [1, 8, 8]))
+        dims = draw(
+            st.lists(st.integers(1, 9), min_size=3, max_size=3).filter(lambda d: d != [1, 8, 8])
+        )
         tensor["shape"] = [draw(st.integers(1, 3)), *dims]
         words = [quoted, "shape"]
     elif kind == "dtype":
@@ -503,8 +588,9 @@ def bad_requests(draw: st.DrawFn, name: str) -> tuple[str, dict[str, str], bytes
     elif kind == "count":
         rows = draw(st.integers(1, 3))
         tensor["shape"] = [rows, 1, 8, 8]
-        tensor["data"] = [0.5] * draw(st.integers(0, 64 * rows + 64)
-                                      .filter(lambda n: n != 64 * rows))
+        tensor["data"] = [0.5] * draw(
+            st.integers(0, 64 * rows + 64).filter(lambda n: n != 64 * rows)
+        )
         words = [quoted, "'data'"]
     elif kind == "name":
         other = draw(st.text(min_size=1, max_size=12).filter(lambda n: n != name))
@@ -518,12 +604,28 @@ def bad_requests(draw: st.DrawFn, name: str) -> tuple[str, dict[str, str], bytes
         words = [quoted, "binary"]
     else:  # fuzz: one field of an otherwise valid request is any JSON value it cannot hold
         tensor.update(shape=[1, 1, 8, 8], data=[0.5] * 64)
-        field = draw(st.sampled_from(["name", "datatype", "shape", "data", "parameters",
-                                      "request parameters", "outputs", "output parameters"]))
+        field = draw(
+            st.sampled_from(
+                [
+                    "name",
+                    "datatype",
+                    "shape",
+                    "data",
+                    "parameters",
+                    "request parameters",
+                    "outputs",
+                    "output parameters",
+                ]
+            )
+        )
         odd = _JSON.filter(lambda v: bool(v) and not isinstance(v, dict))  # truthy, no object
         if field == "parameters":  # not an object, or a binary_data_size of any kind
-            tensor[field] = draw(odd | st.builds(lambda v: {"binary_data_size": v},
-                                                 _JSON.filter(lambda v: v is not None)))
+            tensor[field] = draw(
+                odd
+                | st.builds(
+                    lambda v: {"binary_data_size": v}, _JSON.filter(lambda v: v is not None)
+                )
+            )
         elif field == "request parameters":
             doc["parameters"] = draw(odd)
         elif field == "outputs":
@@ -542,16 +644,20 @@ def bad_requests(draw: st.DrawFn, name: str) -> tuple[str, dict[str, str], bytes
     return kind, headers, head + tail, words
 
 
-def test_scenario_3_property_based_bad_requests_get_a_4xx_naming_the_field(
-        shared: Served) -> None:
+def test_scenario_3_property_based_bad_requests_get_a_4xx_naming_the_field(shared: Served) -> None:
     s = shared
     pids = sorted(p.pid for p in s.engines())
     restarts_before = s.restarts()
     seen: list[tuple[str, int]] = []
     client = httpx.Client(base_url=s.gw.url, headers=s.gw.headers, timeout=15)
 
-    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @settings(
+        max_examples=150,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
     @given(case=bad_requests(s.input))
     def probe(case: tuple[str, dict[str, str], bytes, list[str]]) -> None:
         kind, headers, body, words = case
@@ -572,10 +678,12 @@ def test_scenario_3_property_based_bad_requests_get_a_4xx_naming_the_field(
         same = sorted(p.pid for p in s.engines()) == pids
         share = sum(400 <= code < 500 for _, code in seen) / max(1, len(seen))
         fives = sum(code >= 500 for _, code in seen)
-        print(f"FIGURE scenario 3: {len(seen)} hypothesis requests "
-              f"({', '.join(sorted({kind for kind, _ in seen}))}; shrinking included): 4xx "
-              f"{share:.0%}, 5xx {fives}; engine restarts = {restarts:g}, engine pids "
-              f"{'unchanged' if same else 'CHANGED'}, a good request after: {good}")
+        print(
+            f"FIGURE scenario 3: {len(seen)} hypothesis requests "
+            f"({', '.join(sorted({kind for kind, _ in seen}))}; shrinking included): 4xx "
+            f"{share:.0%}, 5xx {fives}; engine restarts = {restarts:g}, engine pids "
+            f"{'unchanged' if same else 'CHANGED'}, a good request after: {good}"
+        )
     assert good == 200 and same and restarts == 0
 
 
@@ -587,35 +695,64 @@ def test_scenario_4_non_finite_inputs_are_400(shared: Served) -> None:
     for token in ("NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e39", "-3.5e38"):
         data = values.copy()
         data[17] = token
-        body = ('{"inputs": [{"name": %s, "datatype": "FP32", "shape": [1, 1, 8, 8], '
-                '"data": [%s]}]}' % (json.dumps(s.input), ", ".join(data))).encode()
-        reply = exchange(s.port, build("POST", "/v2/models/digits/infer",
-                                       [s.auth, ("Content-Type", "application/json")], body))
+        body = (
+            '{"inputs": [{"name": %s, "datatype": "FP32", "shape": [1, 1, 8, 8], '
+            '"data": [%s]}]}' % (json.dumps(s.input), ", ".join(data))
+        ).encode()
+        reply = exchange(
+            s.port,
+            build(
+                "POST",
+                "/v2/models/digits/infer",
+                [s.auth, ("Content-Type", "application/json")],
+                body,
+            ),
+        )
         statuses[f"JSON {token}"] = reply.status
         assert reply.status == 400, (token, reply)
         message = reply.error()
         # literals JSON has no word for are refused as JSON; numbers FP32 cannot hold, by name
-        assert ("JSON" in message) if token in ("NaN", "Infinity", "-Infinity", "1e400",
-                                                "-1e400") else (repr(s.input) in message
-                                                                and "NaN" in message), message
+        assert (
+            ("JSON" in message)
+            if token in ("NaN", "Infinity", "-Infinity", "1e400", "-1e400")
+            else (repr(s.input) in message and "NaN" in message)
+        ), message
     for value in (np.nan, np.inf, -np.inf):
         x = s.x[:1].copy()
         x.reshape(-1)[5] = value
         raw = x.astype("<f4").tobytes()
-        head = json.dumps({"inputs": [{"name": s.input, "datatype": "FP32", "shape": [1, 1, 8, 8],
-                                       "parameters": {"binary_data_size": len(raw)}}]}).encode()
-        reply = exchange(s.port, build("POST", "/v2/models/digits/infer",
-                                       [s.auth, ("Inference-Header-Content-Length",
-                                                 str(len(head)))], head + raw))
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": s.input,
+                        "datatype": "FP32",
+                        "shape": [1, 1, 8, 8],
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ]
+            }
+        ).encode()
+        reply = exchange(
+            s.port,
+            build(
+                "POST",
+                "/v2/models/digits/infer",
+                [s.auth, ("Inference-Header-Content-Length", str(len(head)))],
+                head + raw,
+            ),
+        )
         statuses[f"binary {value}"] = reply.status
         assert reply.status == 400 and repr(s.input) in reply.error(), (value, reply)
     print(f"FIGURE scenario 4 (inputs): {statuses}")
 
 
 def test_scenario_4_a_model_that_outputs_nan_is_a_500_with_json(
-        validated_home: Path, examples: Path, tmp_path: Path) -> None:
-    with served_gateway(validated_home, tmp_path, examples,
-                        env={"KILN_ENGINE_FAULTS": "nan_rate=1.0"}) as s:
+    validated_home: Path, examples: Path, tmp_path: Path
+) -> None:
+    with served_gateway(
+        validated_home, tmp_path, examples, env={"KILN_ENGINE_FAULTS": "nan_rate=1.0"}
+    ) as s:
         replies = [exchange(s.port, s.infer(rows)) for rows in (1, 3, 1)]
         for reply in replies:
             assert reply.status == 500, reply
@@ -627,18 +764,43 @@ def test_scenario_4_a_model_that_outputs_nan_is_a_500_with_json(
         assert exchange(s.port, build("GET", "/v2/health/live")).status == 200
         restarts = s.restarts()
     assert restarts == 0
-    print(f"FIGURE scenario 4 (outputs): NaN outputs -> {[r.status for r in replies]}, each "
-          f"with a JSON body ({replies[0].error()!r}); engine restarts = {restarts:g}")
+    print(
+        f"FIGURE scenario 4 (outputs): NaN outputs -> {[r.status for r in replies]}, each "
+        f"with a JSON body ({replies[0].error()!r}); engine restarts = {restarts:g}"
+    )
 
 
 # ---------------------------------------------------------------------------- scenario 5
 def _fuzzed_lines(rng: random.Random, paths: list[str], count: int) -> list[bytes]:
     """Request lines mutated from valid ones: bytes replaced, inserted, deleted; odd methods,
     versions, targets and control characters."""
-    methods = [b"GET", b"POST", b"get", b"G ET", b"PUT", b"TRACE", b"PRI", b"CONNECT",
-               b"\x00GET", b"GET\x7f", b"X" * 300, b""]
-    versions = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/9.9", b"HTTP/1.1 extra",
-                b"http/1.1", b"HTTP/1.01", b"HTTP/", b"", b"HTTP/1.1\x00", b"ICE/1.0"]
+    methods = [
+        b"GET",
+        b"POST",
+        b"get",
+        b"G ET",
+        b"PUT",
+        b"TRACE",
+        b"PRI",
+        b"CONNECT",
+        b"\x00GET",
+        b"GET\x7f",
+        b"X" * 300,
+        b"",
+    ]
+    versions = [
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"HTTP/2.0",
+        b"HTTP/9.9",
+        b"HTTP/1.1 extra",
+        b"http/1.1",
+        b"HTTP/1.01",
+        b"HTTP/",
+        b"",
+        b"HTTP/1.1\x00",
+        b"ICE/1.0",
+    ]
     lines = []
     for i in range(count):
         method = b"POST" if i % 2 else b"GET"
@@ -651,20 +813,27 @@ def _fuzzed_lines(rng: random.Random, paths: list[str], count: int) -> list[byte
             elif op == 1:  # insert bytes
                 line[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
             elif op == 2 and line:  # delete a span
-                del line[at:at + rng.randint(1, 6)]
+                del line[at : at + rng.randint(1, 6)]
             elif op == 3:  # another method
                 first = line.split(b" ", 1)
-                line = bytearray(rng.choice(methods) + b" " + (first[1] if len(first) > 1
-                                                               else b""))
+                line = bytearray(rng.choice(methods) + b" " + (first[1] if len(first) > 1 else b""))
             elif op == 4:  # another version
                 line = bytearray(line.rsplit(b" ", 1)[0] + b" " + rng.choice(versions))
             elif op == 5:  # control characters or a bare CR / LF
-                line[at:at] = rng.choice([b"\x00", b"\r", b"\n", b"\t", b"\x1b", b"\x7f",
-                                          b"\xff"])
+                line[at:at] = rng.choice([b"\x00", b"\r", b"\n", b"\t", b"\x1b", b"\x7f", b"\xff"])
             elif op == 6:  # odd targets
-                target = rng.choice([b"*", b"http://evil.example/v2", b"//v2//models",
-                                     b"/v2/models/%zz", b"/v2/models/%00", b"/../../etc/passwd",
-                                     b"/v2/" + b"a" * 9000, b"?" * 40])
+                target = rng.choice(
+                    [
+                        b"*",
+                        b"http://evil.example/v2",
+                        b"//v2//models",
+                        b"/v2/models/%zz",
+                        b"/v2/models/%00",
+                        b"/../../etc/passwd",
+                        b"/v2/" + b"a" * 9000,
+                        b"?" * 40,
+                    ]
+                )
                 parts = line.split(b" ")
                 if len(parts) >= 2:
                     parts[1] = target
@@ -690,11 +859,19 @@ def test_scenario_5_oversized_heads_and_fuzzed_request_lines(shared: Served) -> 
             assert reply.status == 431, (label, path, reply)
             counts[f"{label} -> 431"] = counts.get(f"{label} -> 431", 0) + 1
         # an Upgrade (WebSocket, h2c) switches nothing: the route answers as plain HTTP
-        for upgrade in ([("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-                         ("Sec-WebSocket-Version", "13")],
-                        [("Upgrade", "h2c"), ("Connection", "Upgrade, HTTP2-Settings"),
-                         ("HTTP2-Settings", "AAMAAABkAAQAAP__")]):
+        for upgrade in (
+            [
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("Sec-WebSocket-Version", "13"),
+            ],
+            [
+                ("Upgrade", "h2c"),
+                ("Connection", "Upgrade, HTTP2-Settings"),
+                ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
+            ],
+        ):
             reply = exchange(s.port, build(method, path, upgrade, body))
             want = 200 if (method, path) in PROBES else 401
             assert reply.status == want, (path, upgrade[0], reply)
@@ -704,8 +881,9 @@ def test_scenario_5_oversized_heads_and_fuzzed_request_lines(shared: Served) -> 
     # fuzzed request lines on every route, all at once; each must be answered (or closed)
     paths = [p for _, p, _ in routes]
     lines = _fuzzed_lines(random.Random(5), paths, 360)
-    tail = ("\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nContent-Length: 0\r\n\r\n"
-            % s.gw.key).encode()
+    tail = (
+        "\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nContent-Length: 0\r\n\r\n" % s.gw.key
+    ).encode()
 
     async def fuzz() -> list[int]:
         async def one(line: bytes) -> int:
@@ -716,8 +894,9 @@ def test_scenario_5_oversized_heads_and_fuzzed_request_lines(shared: Served) -> 
             try:
                 writer.write(line + tail)
                 await writer.drain()
-                reply = await asyncio.wait_for(aread_reply(reader, time.monotonic()),
-                                               RECEIVE_TIMEOUT_S + 3)
+                reply = await asyncio.wait_for(
+                    aread_reply(reader, time.monotonic()), RECEIVE_TIMEOUT_S + 3
+                )
                 return reply.status
             except TimeoutError:
                 return -1  # neither answered nor closed: a hang
@@ -741,9 +920,11 @@ def test_scenario_5_oversized_heads_and_fuzzed_request_lines(shared: Served) -> 
     assert crashes == 0, by_status
     malformed = by_status.get(400, 0) + by_status.get(414, 0) + by_status.get(431, 0)
     assert malformed >= len(lines) // 3, by_status  # the fuzz did produce broken requests
-    print(f"FIGURE scenario 5: {len(routes)} routes: {counts}; {len(lines)} fuzzed request lines in {fuzz_s:.1f} s -> "
-          f"{dict(sorted(by_status.items()))} (0 = closed unanswered); 5xx/hangs = {crashes}, "
-          "crashes = 0, liveness 200")
+    print(
+        f"FIGURE scenario 5: {len(routes)} routes: {counts}; {len(lines)} fuzzed request lines in {fuzz_s:.1f} s -> "
+        f"{dict(sorted(by_status.items()))} (0 = closed unanswered); 5xx/hangs = {crashes}, "
+        "crashes = 0, liveness 200"
+    )
 
 
 # ---------------------------------------------------------------------------- scenario 7
@@ -779,14 +960,15 @@ def test_scenario_7_a_full_queue_rejects_exactly_the_overflow_at_once(slow: Serv
     worst = max(r.seconds for r in rejected)
     assert worst < 0.05, f"slowest rejection took {worst * 1000:.1f} ms"
     assert metric_sum(s.metrics(), "kiln_inflight_requests", model="digits") == 0
-    print(f"FIGURE scenario 7: queue {SLOW_QUEUE}, 1 blocking + burst of {len(burst)}: rejected "
-          f"{len(rejected)}/{len(burst)} (overflow {overflow}) with 503 + Retry-After, reject "
-          f"latency max {worst * 1000:.1f} ms; admitted {len(admitted)} served 200")
+    print(
+        f"FIGURE scenario 7: queue {SLOW_QUEUE}, 1 blocking + burst of {len(burst)}: rejected "
+        f"{len(rejected)}/{len(burst)} (overflow {overflow}) with 503 + Retry-After, reject "
+        f"latency max {worst * 1000:.1f} ms; admitted {len(admitted)} served 200"
+    )
 
 
 # ---------------------------------------------------------------------------- scenario 9
-def _wait_engine(s: Served, field: str, at_least: int, timeout: float = 20.0
-                 ) -> dict[str, Any]:
+def _wait_engine(s: Served, field: str, at_least: int, timeout: float = 20.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         stats = s.engine_stats()
@@ -836,10 +1018,12 @@ def test_scenario_9_deadline_504_on_time_and_expired_requests_never_run(slow: Se
     expired = after["expired"] - snap["expired"]
     wasted = (after["model_rows"] - snap["model_rows"]) - 1  # the blocker's row ran, rightly
     assert expired == len(late) and wasted == 0, (snap, after)
-    print(f"FIGURE scenario 9: model 3 s, deadline 1 s: 504 after "
-          f"{', '.join(f'{r.seconds:.3f}' for r in [alone, *late])} s (timing error max "
-          f"{max(errors) * 1000:.0f} ms); queued past their deadline: {expired}/{len(late)} "
-          f"dropped by the engine, wasted runs = {wasted}")
+    print(
+        f"FIGURE scenario 9: model 3 s, deadline 1 s: 504 after "
+        f"{', '.join(f'{r.seconds:.3f}' for r in [alone, *late])} s (timing error max "
+        f"{max(errors) * 1000:.0f} ms); queued past their deadline: {expired}/{len(late)} "
+        f"dropped by the engine, wasted runs = {wasted}"
+    )
 
 
 # --------------------------------------------------------------------------- scenario 10
@@ -856,8 +1040,11 @@ conns[0].recv(1)  # block until killed
 
 
 def _killed_client(s: Served, raw: bytes, count: int, cut: int = 0) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", _CLIENT, str(s.port), str(count), str(cut)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CLIENT, str(s.port), str(count), str(cut)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(raw)
     proc.stdin.close()
@@ -897,19 +1084,26 @@ def test_scenario_10_a_killed_client_leaves_nothing_in_flight(slow: Served) -> N
     assert _inflight(s) == 0
     assert exchange(s.port, s.infer(1)).status == 200
     assert "Exception in ASGI application" not in (s.gw.home / "gateway.log").read_text(
-        errors="replace"), "a vanished client made the gateway log a traceback"
+        errors="replace"
+    ), "a vanished client made the gateway log a traceback"
     assert psutil.pid_exists(s.gw.proc.pid)
-    print(f"FIGURE scenario 10: 3 requests in flight when their client was SIGKILLed: server "
-          f"live ({live.seconds * 1000:.1f} ms), in-flight back to 0 in {to_zero:.1f} s (the "
-          f"engine's {ENGINE_DELAY_MS / 1000:g} s call finishing); killed mid-body: in-flight 0")
+    print(
+        f"FIGURE scenario 10: 3 requests in flight when their client was SIGKILLed: server "
+        f"live ({live.seconds * 1000:.1f} ms), in-flight back to 0 in {to_zero:.1f} s (the "
+        f"engine's {ENGINE_DELAY_MS / 1000:g} s call finishing); killed mid-body: in-flight 0"
+    )
 
 
 # --------------------------------------------------------------------------- scenario 11
 def test_scenario_11_no_route_opens_without_a_valid_key(shared: Served) -> None:
     s = shared
     revoked = s.create_key("--scope", "infer")
-    assert exchange(s.port, build("GET", "/v2", [("Authorization",
-                                                  f"Bearer {revoked['key']}")])).status == 200
+    assert (
+        exchange(
+            s.port, build("GET", "/v2", [("Authorization", f"Bearer {revoked['key']}")])
+        ).status
+        == 200
+    )
     proc = run_kiln("keys", "revoke", revoked["prefix"], "--json", env=s.gw.env)
     assert proc.returncode == 0, proc.stderr
     other_model = s.create_key("--scope", "admin", "--models", "breast-cancer")
@@ -932,9 +1126,17 @@ def test_scenario_11_no_route_opens_without_a_valid_key(shared: Served) -> None:
             method, path, body = _route(s, method, template)
             if label == "key in the query":
                 path += f"?api_key={s.gw.key}&key={s.gw.key}"
-            reply = exchange(s.port, build(method, path, [*headers, ("Content-Type",
-                                                                     "application/json")]
-                                           if method == "POST" else headers, body))
+            reply = exchange(
+                s.port,
+                build(
+                    method,
+                    path,
+                    [*headers, ("Content-Type", "application/json")]
+                    if method == "POST"
+                    else headers,
+                    body,
+                ),
+            )
             answers[(label, template)] = reply
             outcome.setdefault(label, {})
             outcome[label][reply.status] = outcome[label].get(reply.status, 0) + 1
@@ -955,18 +1157,29 @@ def test_scenario_11_no_route_opens_without_a_valid_key(shared: Served) -> None:
     for method, path in PROBES:
         assert exchange(s.port, build(method, path)).status == 200
     # unknown and revoked keys get identical answers, on every route
-    differ = [t for _, t in ROUTES
-              if (answers[("unknown key", t)].status, answers[("unknown key", t)].headers,
-                  answers[("unknown key", t)].body)
-              != (answers[("revoked key", t)].status, answers[("revoked key", t)].headers,
-                  answers[("revoked key", t)].body)]
+    differ = [
+        t
+        for _, t in ROUTES
+        if (
+            answers[("unknown key", t)].status,
+            answers[("unknown key", t)].headers,
+            answers[("unknown key", t)].body,
+        )
+        != (
+            answers[("revoked key", t)].status,
+            answers[("revoked key", t)].headers,
+            answers[("revoked key", t)].body,
+        )
+    ]
     assert differ == []
     assert open_routes == []
-    print(f"FIGURE scenario 11: {len(ROUTES)} routes x {len(credentials)} credentials: "
-          f"{ {k: dict(sorted(v.items())) for k, v in outcome.items()} }; open routes = "
-          f"{len(open_routes)} beyond the 2 probes; unknown vs revoked answers differ on "
-          f"{len(differ)} routes (no wrong-scope key exists for these routes: every scope "
-          "grants infer, and /metrics takes any valid key)")
+    print(
+        f"FIGURE scenario 11: {len(ROUTES)} routes x {len(credentials)} credentials: "
+        f"{ {k: dict(sorted(v.items())) for k, v in outcome.items()} }; open routes = "
+        f"{len(open_routes)} beyond the 2 probes; unknown vs revoked answers differ on "
+        f"{len(differ)} routes (no wrong-scope key exists for these routes: every scope "
+        "grants infer, and /metrics takes any valid key)"
+    )
 
 
 # --------------------------------------------------------------------------- scenario 13
@@ -980,8 +1193,9 @@ def moving_window_admits(times: Sequence[float], limit: int, window: float = 1.0
     return len(admitted)
 
 
-async def open_loop(port: int, raws: Sequence[bytes], interval: float, *, pool: int = 16
-                    ) -> list[tuple[float, Reply]]:
+async def open_loop(
+    port: int, raws: Sequence[bytes], interval: float, *, pool: int = 16
+) -> list[tuple[float, Reply]]:
     """Send ``raws[i]`` at ``i * interval`` s whatever the answers (open loop), on a pool of
     keep-alive connections (a new one when all are busy): (send time, reply) each."""
     free = deque([await Conn.open(port) for _ in range(pool)])  # FIFO: none idles into
@@ -1014,8 +1228,9 @@ def _rate_limit_run(s: Served, storage: str) -> None:
         assert exchange(s.port, raw_b).status == 200
 
     async def run() -> tuple[list[tuple[float, Reply]], list[tuple[float, Reply]]]:
-        got_a, got_b = await asyncio.gather(open_loop(s.port, [raw_a] * 100, 0.01),
-                                            open_loop(s.port, [raw_b] * 24, 0.05, pool=4))
+        got_a, got_b = await asyncio.gather(
+            open_loop(s.port, [raw_a] * 100, 0.01), open_loop(s.port, [raw_b] * 24, 0.05, pool=4)
+        )
         return got_a, got_b
 
     got_a, got_b = asyncio.run(run())
@@ -1030,18 +1245,21 @@ def _rate_limit_run(s: Served, storage: str) -> None:
     b_codes = [r.status for _, r in got_b]
     assert b_codes == [200] * len(got_b), b_codes
     b_p99 = percentile([r.seconds for _, r in got_b], 99) * 1000
-    print(f"FIGURE scenario 13 ({storage}): key A at 10/s sent {len(got_a)} in {span:.2f} s: "
-          f"admitted {admitted} (moving-window theory {theory}), {len(limited)} x 429 with "
-          f"Retry-After; key B {len(got_b)} requests alongside, all 200, p99 {b_p99:.1f} ms")
+    print(
+        f"FIGURE scenario 13 ({storage}): key A at 10/s sent {len(got_a)} in {span:.2f} s: "
+        f"admitted {admitted} (moving-window theory {theory}), {len(limited)} x 429 with "
+        f"Retry-After; key B {len(got_b)} requests alongside, all 200, p99 {b_p99:.1f} ms"
+    )
 
 
 def _redis_down() -> str | None:
     import redis
 
     try:
-        redis.Redis(host="127.0.0.1", port=6379, socket_timeout=0.5,
-                    socket_connect_timeout=0.5).ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means no Redis to test against
+        redis.Redis(
+            host="127.0.0.1", port=6379, socket_timeout=0.5, socket_connect_timeout=0.5
+        ).ping()
+    except Exception as exc:  # any failure means no Redis to test against
         return f"Redis at 127.0.0.1:6379 does not answer: {exc}"
     return None
 
@@ -1050,13 +1268,18 @@ def test_scenario_13_per_key_rate_limit_in_memory(shared: Served) -> None:
     _rate_limit_run(shared, "memory://")
 
 
-def test_scenario_13_per_key_rate_limit_in_redis(validated_home: Path, examples: Path,
-                                                 tmp_path: Path) -> None:
+def test_scenario_13_per_key_rate_limit_in_redis(
+    validated_home: Path, examples: Path, tmp_path: Path
+) -> None:
     reason = _redis_down()
     if reason:
         pytest.skip(reason)
-    with served_gateway(validated_home, tmp_path, examples,
-                        env={"KILN_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379/0"}) as s:
+    with served_gateway(
+        validated_home,
+        tmp_path,
+        examples,
+        env={"KILN_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379/0"},
+    ) as s:
         _rate_limit_run(s, "redis://127.0.0.1:6379/0")
 
 
@@ -1065,14 +1288,29 @@ def test_scenario_14_header_case_and_path_variants_share_one_bucket(shared: Serv
     s = shared
     limit = 5
     key = s.create_key("--scope", "infer", "--rate", str(limit))["key"]
-    auth_variants = [("Authorization", f"Bearer {key}"), ("authorization", f"Bearer {key}"),
-                     ("AUTHORIZATION", f"Bearer {key}"), ("aUtHoRiZaTiOn", f"Bearer {key}"),
-                     ("Authorization", f"bearer {key}"), ("Authorization", f"BEARER {key}"),
-                     ("Authorization", f"Bearer   {key}"), ("Authorization", f"Bearer\t{key}")]
-    path_variants = ["/v2/models/digits/", "//v2/models/digits", "/v2//models///digits//",
-                     "///v2/models/digits/", "/v2/models/%64igits", "/v2/models/digits?x=1",
-                     f"/v2/models/digits/versions/{s.version}/", "/v2/models/digits/ready/",
-                     "//v2/", "/metrics/", "/V2/models/digits"]
+    auth_variants = [
+        ("Authorization", f"Bearer {key}"),
+        ("authorization", f"Bearer {key}"),
+        ("AUTHORIZATION", f"Bearer {key}"),
+        ("aUtHoRiZaTiOn", f"Bearer {key}"),
+        ("Authorization", f"bearer {key}"),
+        ("Authorization", f"BEARER {key}"),
+        ("Authorization", f"Bearer   {key}"),
+        ("Authorization", f"Bearer\t{key}"),
+    ]
+    path_variants = [
+        "/v2/models/digits/",
+        "//v2/models/digits",
+        "/v2//models///digits//",
+        "///v2/models/digits/",
+        "/v2/models/%64igits",
+        "/v2/models/digits?x=1",
+        f"/v2/models/digits/versions/{s.version}/",
+        "/v2/models/digits/ready/",
+        "//v2/",
+        "/metrics/",
+        "/V2/models/digits",
+    ]
     requests = [build("GET", "/v2/models/digits", [header]) for header in auth_variants]
     requests += [build("GET", path, [auth_variants[0]]) for path in path_variants]
     started = time.monotonic()
@@ -1084,8 +1322,12 @@ def test_scenario_14_header_case_and_path_variants_share_one_bucket(shared: Serv
     bypasses = max(0, len(admitted) - limit)
     assert bypasses == 0, codes
     assert all(code in (200, 404) for code in codes[:limit]), codes  # the first `limit` pass
-    assert all(code == 429 and int(r.headers["retry-after"]) >= 1
-               for code, r in zip(codes[limit:], replies[limit:], strict=True)), codes
-    print(f"FIGURE scenario 14: key at {limit}/s, {len(requests)} requests in {span:.2f} s "
-          f"({len(auth_variants)} header/scheme variants, {len(path_variants)} path variants "
-          f"with //, trailing /, %-encoding): admitted {len(admitted)}, bypasses = {bypasses}")
+    assert all(
+        code == 429 and int(r.headers["retry-after"]) >= 1
+        for code, r in zip(codes[limit:], replies[limit:], strict=True)
+    ), codes
+    print(
+        f"FIGURE scenario 14: key at {limit}/s, {len(requests)} requests in {span:.2f} s "
+        f"({len(auth_variants)} header/scheme variants, {len(path_variants)} path variants "
+        f"with //, trailing /, %-encoding): admitted {len(admitted)}, bypasses = {bypasses}"
+    )

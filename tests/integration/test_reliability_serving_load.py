@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_reliability_serving import (
@@ -43,13 +42,17 @@ CLOSED_LOOP_CLIENTS = 16
 
 
 @pytest.fixture(scope="module")
-def loaded(validated_home: Path, examples: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def loaded(
+    validated_home: Path, examples: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     """One engine replica (capacity must not move while it is measured), a 1 s deadline and a
     queue of 64."""
-    with served_gateway(validated_home, tmp_path_factory.mktemp("loaded"), examples,
-                        serving={"max_replicas": 1, "deadline_ms": DEADLINE_MS,
-                                 "max_queue": QUEUE}) as served:
+    with served_gateway(
+        validated_home,
+        tmp_path_factory.mktemp("loaded"),
+        examples,
+        serving={"max_replicas": 1, "deadline_ms": DEADLINE_MS, "max_queue": QUEUE},
+    ) as served:
         yield served
 
 
@@ -64,8 +67,12 @@ async def _slow_connection(port: int, keep_alive: bool, limit_s: float) -> float
         if keep_alive:
             writer.write(build("GET", "/v2/health/live"))
             assert (await aread_reply(reader, time.monotonic())).status == 200
-        text = build("POST", "/v2/models/digits/infer", [("Content-Type", "application/json")],
-                     b'{"inputs": []}')
+        text = build(
+            "POST",
+            "/v2/models/digits/infer",
+            [("Content-Type", "application/json")],
+            b'{"inputs": []}',
+        )
         start = loop.time()
 
         async def until_closed() -> None:
@@ -101,15 +108,16 @@ async def _slow_client(port: int, keep_alive: bool, stop: asyncio.Event) -> list
     return closes
 
 
-def test_scenario_6_slow_connections_are_closed_while_real_traffic_flows(loaded: Served
-                                                                         ) -> None:
+def test_scenario_6_slow_connections_are_closed_while_real_traffic_flows(loaded: Served) -> None:
     s = loaded
     slow_count, keep_alive_count, rps, seconds = 200, 20, 20, 12
 
     async def run() -> tuple[list[float], list[tuple[float, Reply]]]:
         stop = asyncio.Event()
-        slow = [asyncio.ensure_future(_slow_client(s.port, i < keep_alive_count, stop))
-                for i in range(slow_count)]
+        slow = [
+            asyncio.ensure_future(_slow_client(s.port, i < keep_alive_count, stop))
+            for i in range(slow_count)
+        ]
         await asyncio.sleep(0.5)  # every slow client is connected before the traffic starts
         real = await open_loop(s.port, [s.infer(1)] * (rps * seconds), 1 / rps, pool=8)
         stop.set()
@@ -122,16 +130,19 @@ def test_scenario_6_slow_connections_are_closed_while_real_traffic_flows(loaded:
     worst = max(closes)
     assert worst <= 10.0, f"slowest slow connection closed after {worst:.1f} s"
     assert share >= 0.99, {r.status for _, r in real}
-    print(f"FIGURE scenario 6: {slow_count} slow clients (1 byte / 5 s, reconnecting when "
-          f"closed; {keep_alive_count} after a whole keep-alive request), {len(closes)} slow "
-          f"connections closed after {np.median(closes):.1f} s median, {worst:.1f} s max "
-          f"(receive timeout {RECEIVE_TIMEOUT_S:g} s); real traffic {rps} rps x {seconds} s "
-          f"beside them: {share:.1%} ok, p99 {p99:.1f} ms")
+    print(
+        f"FIGURE scenario 6: {slow_count} slow clients (1 byte / 5 s, reconnecting when "
+        f"closed; {keep_alive_count} after a whole keep-alive request), {len(closes)} slow "
+        f"connections closed after {np.median(closes):.1f} s median, {worst:.1f} s max "
+        f"(receive timeout {RECEIVE_TIMEOUT_S:g} s); real traffic {rps} rps x {seconds} s "
+        f"beside them: {share:.1%} ok, p99 {p99:.1f} ms"
+    )
 
 
 # ---------------------------------------------------------------------------- scenario 8
-async def _closed_loop(port: int, raw: bytes, clients: int, seconds: float
-                       ) -> tuple[float, list[float]]:
+async def _closed_loop(
+    port: int, raw: bytes, clients: int, seconds: float
+) -> tuple[float, list[float]]:
     """Requests per second served by ``clients`` connections sending back to back, and the
     latencies of the 200s."""
     conns = [await Conn.open(port) for _ in range(clients)]
@@ -152,8 +163,9 @@ async def _closed_loop(port: int, raw: bytes, clients: int, seconds: float
     return len(latencies) / elapsed, latencies
 
 
-async def _offer(port: int, raw: bytes, rate: float, seconds: float,
-                 sample: Callable[[], None]) -> tuple[list[Reply], float, int]:
+async def _offer(
+    port: int, raw: bytes, rate: float, seconds: float, sample: Callable[[], None]
+) -> tuple[list[Reply], float, int]:
     """Open loop: a request every ``1/rate`` s for ``seconds`` whatever the answers, on as many
     keep-alive connections as that takes. The replies, the seconds the sending took and the
     connections used. ``sample()`` is called once a second (RSS)."""
@@ -213,12 +225,15 @@ def _cpu_seconds(proc: psutil.Process, *, tree: bool) -> float:
 def _gateway_quantile(before: str, after: str, q: float) -> float:
     """The gateway's own view: the ``q`` quantile (bucket bound, s) of the 200s it served
     between two scrapes of ``kiln_request_duration_seconds{stage="gateway"}``."""
+
     def buckets(text: str) -> dict[float, float]:
         out: dict[float, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if (sample.name == "kiln_request_duration_seconds_bucket"
-                        and sample.labels.get("stage") == "gateway"):
+                if (
+                    sample.name == "kiln_request_duration_seconds_bucket"
+                    and sample.labels.get("stage") == "gateway"
+                ):
                     le = float(sample.labels["le"])
                     out[le] = out.get(le, 0.0) + sample.value
         return out
@@ -259,8 +274,9 @@ def test_scenario_8_twice_the_capacity_keeps_goodput_and_deadlines(loaded: Serve
     for _ in range(OVERLOAD_ROUNDS):
         server0, client0 = _cpu_seconds(gateway, tree=True), _cpu_seconds(me, tree=False)
         started = time.monotonic()
-        got, sent_in, used = asyncio.run(_offer(s.port, raw, rate,
-                                                OVERLOAD_S / OVERLOAD_ROUNDS, sample))
+        got, sent_in, used = asyncio.run(
+            _offer(s.port, raw, rate, OVERLOAD_S / OVERLOAD_ROUNDS, sample)
+        )
         overload_s += time.monotonic() - started
         cpu_server += _cpu_seconds(gateway, tree=True) - server0
         cpu_client += _cpu_seconds(me, tree=False) - client0
@@ -283,20 +299,22 @@ def test_scenario_8_twice_the_capacity_keeps_goodput_and_deadlines(loaded: Serve
     t = np.array([ts - rss[0][0] for ts, _ in rss]) / 60
     mb = np.array([b for _, b in rss]) / 2**20
     slope = float(np.polyfit(t, mb, 1)[0])  # MB per minute
-    growth = float(mb[len(mb) // 2:].mean() - mb[:len(mb) // 2].mean())
-    figure = (f"FIGURE scenario 8: capacity {capacity:.0f} rps (closed loop, "
-              f"{CLOSED_LOOP_CLIENTS} clients, runs {', '.join(f'{c:.0f}' for c in capacity_runs)}"
-              f"; p50 {percentile(closed, 50) * 1000:.1f} ms); offered {offered:.0f} rps for "
-              f"{OVERLOAD_S:g} s (RELIABILITY.md says 60 s) on up to {opened} connections: "
-              f"goodput {goodput:.0f} rps ({goodput / capacity:.0%} of capacity; windows "
-              f"{', '.join(f'{w:.0f}' for w in windows)}), p50 "
-              f"{p50:.1f} ms, admitted p99 {p99:.1f} ms (deadline {DEADLINE_MS} ms; the gateway's own "
-              f"histogram: 200s p99 <= {server_p99:g} ms), rejected "
-              f"{rejected:.1%} (503), codes {dict(sorted(codes.items()))}; gateway+engine RSS "
-              f"{mb[0]:.0f} -> {mb[-1]:.0f} MB, slope {slope:+.1f} MB/min; CPU cores used: "
-              f"gateway+engine {cpu_server / overload_s:.2f}, load client "
-              f"{cpu_client / overload_s:.2f}"
-              f", machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    growth = float(mb[len(mb) // 2 :].mean() - mb[: len(mb) // 2].mean())
+    figure = (
+        f"FIGURE scenario 8: capacity {capacity:.0f} rps (closed loop, "
+        f"{CLOSED_LOOP_CLIENTS} clients, runs {', '.join(f'{c:.0f}' for c in capacity_runs)}"
+        f"; p50 {percentile(closed, 50) * 1000:.1f} ms); offered {offered:.0f} rps for "
+        f"{OVERLOAD_S:g} s (RELIABILITY.md says 60 s) on up to {opened} connections: "
+        f"goodput {goodput:.0f} rps ({goodput / capacity:.0%} of capacity; windows "
+        f"{', '.join(f'{w:.0f}' for w in windows)}), p50 "
+        f"{p50:.1f} ms, admitted p99 {p99:.1f} ms (deadline {DEADLINE_MS} ms; the gateway's own "
+        f"histogram: 200s p99 <= {server_p99:g} ms), rejected "
+        f"{rejected:.1%} (503), codes {dict(sorted(codes.items()))}; gateway+engine RSS "
+        f"{mb[0]:.0f} -> {mb[-1]:.0f} MB, slope {slope:+.1f} MB/min; CPU cores used: "
+        f"gateway+engine {cpu_server / overload_s:.2f}, load client "
+        f"{cpu_client / overload_s:.2f}"
+        f", machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     print(figure)
     assert offered >= 1.8 * capacity_runs[0], "the client could not offer 2x capacity"
     assert set(codes) <= {200, 503, 504}, codes

@@ -32,8 +32,15 @@ DIGITS = REPO / "data" / "digits"
 FAST_ROLLOUT = {"rollout": {"step_seconds": 3, "max_extra_s": 45, "replay_concurrency": 4}}
 EAGER_ONLY = {"optimize": {"backends": ["torch-eager"]}}  # no variant: the baseline is served
 ORT_FP32 = {"optimize": {"backends": ["onnxruntime"], "precisions": {"onnxruntime": ["fp32"]}}}
-TABLES = ("model", "modelversion", "artifact", "dataset", "optimizationjob", "deployment",
-          "deploymentevent")
+TABLES = (
+    "model",
+    "modelversion",
+    "artifact",
+    "dataset",
+    "optimizationjob",
+    "deployment",
+    "deploymentevent",
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +61,15 @@ def weak_home(digits: Path, tmp_path: Path) -> Path:
     """digits 0.1.0 in production serving its fp32 eager baseline (no optimization built)."""
     home = tmp_path / "kiln-home"
     env = kiln_env(home)
-    up = run_kiln("upload", "digits", str(digits / "model.pt2"), "--dataset",
-                  str(digits / "val.npz"), "--json", env=env)
+    up = run_kiln(
+        "upload",
+        "digits",
+        str(digits / "model.pt2"),
+        "--dataset",
+        str(digits / "val.npz"),
+        "--json",
+        env=env,
+    )
     assert up.returncode == 0, up.stderr
     set_model_settings(home, "digits", {**EAGER_ONLY, **FAST_ROLLOUT})
     opt = run_kiln("optimize", "digits", "--json", env=env, timeout=900)
@@ -67,12 +81,20 @@ def weak_home(digits: Path, tmp_path: Path) -> Path:
 
 def run_reoptimize(env: dict[str, str], out: Path, **kwargs: object) -> dict:
     """The flow in a child process (its own Prefect ephemeral API), as the CLI runs flows."""
-    code = ("import json, sys\n"
-            "from flows.reoptimize import reoptimize\n"
-            "doc = reoptimize(**json.loads(sys.argv[1]))\n"
-            "open(sys.argv[2], 'w').write(json.dumps(doc))\n")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs), str(out)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    code = (
+        "import json, sys\n"
+        "from flows.reoptimize import reoptimize\n"
+        "doc = reoptimize(**json.loads(sys.argv[1]))\n"
+        "open(sys.argv[2], 'w').write(json.dumps(doc))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs), str(out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
@@ -82,8 +104,11 @@ def snapshot(home: Path) -> dict[str, object]:
     pointers, DVC cache) and every registry row that records versions and their history."""
     models = run_kiln("models", "--json", env=kiln_env(home))
     assert models.returncode == 0, models.stderr
-    files = sorted(p.relative_to(home).as_posix() for root in ("objects", ".dvc/cache")
-                   for p in (home / root).rglob("*"))
+    files = sorted(
+        p.relative_to(home).as_posix()
+        for root in ("objects", ".dvc/cache")
+        for p in (home / root).rglob("*")
+    )
     with sqlite3.connect(home / "registry.db") as db:
         rows = {t: db.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in TABLES}
     return {"models": json.loads(models.stdout), "files": files, "rows": rows}
@@ -96,8 +121,9 @@ def version_meta(home: Path, version: str) -> dict[str, object]:
     return json.loads(row[0])  # type: ignore[no-any-return]
 
 
-def test_reoptimize_promotes_a_faster_build_then_changes_nothing(weak_home: Path,
-                                                                 tmp_path: Path) -> None:
+def test_reoptimize_promotes_a_faster_build_then_changes_nothing(
+    weak_home: Path, tmp_path: Path
+) -> None:
     home = weak_home
     set_model_settings(home, "digits", ORT_FP32)  # today's settings: ONNX Runtime allowed
     with RunningGateway(home) as gateway:
@@ -110,9 +136,11 @@ def test_reoptimize_promotes_a_faster_build_then_changes_nothing(weak_home: Path
         second = run_reoptimize(gateway.env, tmp_path / "second.json", model="digits")
         second_s = time.monotonic() - started
         after = snapshot(home)
-    print(f"FIGURE reoptimize first={first_s:.1f}s second={second_s:.1f}s "
-          f"first={json.dumps(first['models'][0].get('comparison'))} "
-          f"second={second['models'][0]['reason']!r}")
+    print(
+        f"FIGURE reoptimize first={first_s:.1f}s second={second_s:.1f}s "
+        f"first={json.dumps(first['models'][0].get('comparison'))} "
+        f"second={second['models'][0]['reason']!r}"
+    )
 
     [row] = first["models"]
     assert row["model"] == "digits" and row["production"] == "0.1.0", row
@@ -136,18 +164,19 @@ def test_reoptimize_promotes_a_faster_build_then_changes_nothing(weak_home: Path
     assert after == before  # the candidate's rows and stored objects are gone again
 
     # deleting is only for versions that never reached traffic: the served ones are refused
+    from kiln.errors import IllegalTransition
     from kiln.registry import crud
     from kiln.registry.db import dispose_engines, session_scope
-    from kiln.errors import IllegalTransition
 
     url = f"sqlite:///{home / 'registry.db'}"
     try:
         for version in ("0.1.0", "0.1.1"):  # retired, production
-            with pytest.raises(IllegalTransition, match="never deployed"), \
-                    session_scope(url) as session:
+            with (
+                pytest.raises(IllegalTransition, match="never deployed"),
+                session_scope(url) as session,
+            ):
                 row = crud.require_version(session=session, name="digits", version=version)
                 crud.delete_version(session=session, version=row)
     finally:
         dispose_engines()
     assert snapshot(home) == before
-

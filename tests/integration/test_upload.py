@@ -39,8 +39,12 @@ def snapshot(home: Path) -> dict:
         with sqlite3.connect(db) as conn:
             for table in ("model", "modelversion", "artifact", "dataset"):
                 registry[table] = conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-    return {"registry": registry, "objects": _files(home / "objects"),
-            "remote": _files(home / "dvc-remote"), "staging": _files(home / "tmp")}
+    return {
+        "registry": registry,
+        "objects": _files(home / "objects"),
+        "remote": _files(home / "dvc-remote"),
+        "staging": _files(home / "tmp"),
+    }
 
 
 def _json(proc) -> dict:
@@ -65,8 +69,9 @@ def registered(kiln_home: Path, tiny_pt2: Path) -> dict:
     return _json(run_kiln("upload", "tiny", str(tiny_pt2), "--task", "classification", "--json"))
 
 
-def test_upload_registers_hashes_and_tracks(registered: dict, kiln_home: Path,
-                                            tiny_pt2: Path) -> None:
+def test_upload_registers_hashes_and_tracks(
+    registered: dict, kiln_home: Path, tiny_pt2: Path
+) -> None:
     sha = hashlib.sha256(tiny_pt2.read_bytes()).hexdigest()
     assert registered["version"] == "0.1.0" and registered["sha256"] == sha
     assert registered["status"] == "uploaded" and registered["created"] is True
@@ -82,8 +87,15 @@ def test_upload_registers_hashes_and_tracks(registered: dict, kiln_home: Path,
     assert spec["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
     assert spec["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 3]}]
     models = _json(run_kiln("models", "--json"))
-    assert models == {"models": [{"name": "tiny", "task": "classification", "versions": [
-        {"version": "0.1.0", "status": "uploaded", "sha256": sha}]}]}
+    assert models == {
+        "models": [
+            {
+                "name": "tiny",
+                "task": "classification",
+                "versions": [{"version": "0.1.0", "status": "uploaded", "sha256": sha}],
+            }
+        ]
+    }
 
 
 def test_same_content_is_a_noop_and_new_content_bumps_the_patch(
@@ -98,12 +110,14 @@ def test_same_content_is_a_noop_and_new_content_bumps_the_patch(
     assert bumped["version"] == "0.1.1" and bumped["created"] is True
 
 
-def test_same_version_other_content_is_refused(registered: dict, kiln_home: Path,
-                                               tmp_path: Path) -> None:
+def test_same_version_other_content_is_refused(
+    registered: dict, kiln_home: Path, tmp_path: Path
+) -> None:
     before = snapshot(kiln_home)
     other = _export(tmp_path / "other.pt2", seed=2)
-    _refused(run_kiln("upload", "tiny", str(other), "--version", "0.1.0"), code=4,
-             match="immutable")
+    _refused(
+        run_kiln("upload", "tiny", str(other), "--version", "0.1.0"), code=4, match="immutable"
+    )
     assert snapshot(kiln_home) == before
 
 
@@ -128,8 +142,9 @@ class Marker:
 
 
 @pytest.mark.parametrize("filename", ["model.pt", "model.pth", "weights.bin", "model.pkl"])
-def test_pickled_module_refused_and_never_run(registered: dict, kiln_home: Path, tmp_path: Path,
-                                              filename: str) -> None:
+def test_pickled_module_refused_and_never_run(
+    registered: dict, kiln_home: Path, tmp_path: Path, filename: str
+) -> None:
     marker = tmp_path / "pwned"
     source = tmp_path / filename
     source.write_bytes(pickle.dumps(Marker(marker)))
@@ -140,8 +155,9 @@ def test_pickled_module_refused_and_never_run(registered: dict, kiln_home: Path,
     assert snapshot(kiln_home) == before
 
 
-def test_torch_save_archive_refused_and_never_run(registered: dict, kiln_home: Path,
-                                                  tmp_path: Path) -> None:
+def test_torch_save_archive_refused_and_never_run(
+    registered: dict, kiln_home: Path, tmp_path: Path
+) -> None:
     marker = tmp_path / "pwned"
     source = tmp_path / "model.pt2"
     torch.save({"m": Marker(marker)}, str(source))  # a zip with data.pkl, renamed .pt2
@@ -153,7 +169,7 @@ def test_torch_save_archive_refused_and_never_run(registered: dict, kiln_home: P
 class _Recorder(http.server.BaseHTTPRequestHandler):
     hits = 0
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         type(self).hits += 1
         self.send_response(200)
         self.end_headers()
@@ -162,19 +178,27 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_url_sources_refused_and_never_fetched(registered: dict, kiln_home: Path,
-                                               tiny_pt2: Path) -> None:
+def test_url_sources_refused_and_never_fetched(
+    registered: dict, kiln_home: Path, tiny_pt2: Path
+) -> None:
     server = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         before = snapshot(kiln_home)
         port = server.server_address[1]
-        for url in (f"http://127.0.0.1:{port}/model.pt2", "file:///etc/passwd",
-                    "http://169.254.169.254/latest/model.onnx"):
+        for url in (
+            f"http://127.0.0.1:{port}/model.pt2",
+            "file:///etc/passwd",
+            "http://169.254.169.254/latest/model.onnx",
+        ):
             _refused(run_kiln("upload", "tiny", url), match="URL")
-        _refused(run_kiln("upload", "tiny", str(tiny_pt2),
-                          "--dataset", f"http://127.0.0.1:{port}/d.npz"), match="URL")
+        _refused(
+            run_kiln(
+                "upload", "tiny", str(tiny_pt2), "--dataset", f"http://127.0.0.1:{port}/d.npz"
+            ),
+            match="URL",
+        )
         assert _Recorder.hits == 0 and snapshot(kiln_home) == before
     finally:
         server.shutdown()
@@ -189,8 +213,9 @@ def test_bad_names_refused(registered: dict, kiln_home: Path, tiny_pt2: Path, na
 
 
 @pytest.mark.parametrize("member", ["../../escaped.txt", "/tmp/kiln-absolute-escape.txt"])
-def test_escaping_archives_refused(registered: dict, kiln_home: Path, tmp_path: Path,
-                                   tiny_pt2: Path, member: str) -> None:
+def test_escaping_archives_refused(
+    registered: dict, kiln_home: Path, tmp_path: Path, tiny_pt2: Path, member: str
+) -> None:
     source = tmp_path / "evil.pt2"
     shutil_copy = zipfile.ZipFile(tiny_pt2)
     with zipfile.ZipFile(source, "w") as out:
@@ -204,28 +229,34 @@ def test_escaping_archives_refused(registered: dict, kiln_home: Path, tmp_path: 
     assert not Path("/tmp/kiln-absolute-escape.txt").exists()
 
 
-def test_onnx_external_data_outside_refused(registered: dict, kiln_home: Path,
-                                            tmp_path: Path) -> None:
+def test_onnx_external_data_outside_refused(
+    registered: dict, kiln_home: Path, tmp_path: Path
+) -> None:
     from tests.unit.test_formats import _onnx_with_external
 
     (tmp_path / "secret.bin").write_bytes(b"\0" * 16)
     folder = tmp_path / "onnx"
     folder.mkdir()
     before = snapshot(kiln_home)
-    _refused(run_kiln("upload", "tiny", str(_onnx_with_external(folder, "../secret.bin"))),
-             match="outside")
+    _refused(
+        run_kiln("upload", "tiny", str(_onnx_with_external(folder, "../secret.bin"))),
+        match="outside",
+    )
     assert snapshot(kiln_home) == before
 
 
 def test_oversized_files_refused(registered: dict, kiln_home: Path, tiny_pt2: Path) -> None:
     before = snapshot(kiln_home)
-    _refused(run_kiln("upload", "tiny", str(tiny_pt2), env={"KILN_MAX_UPLOAD_BYTES": "1000"}),
-             match="KILN_MAX_UPLOAD_BYTES")
+    _refused(
+        run_kiln("upload", "tiny", str(tiny_pt2), env={"KILN_MAX_UPLOAD_BYTES": "1000"}),
+        match="KILN_MAX_UPLOAD_BYTES",
+    )
     assert snapshot(kiln_home) == before
 
 
-def test_model_that_fails_to_run_is_refused(registered: dict, kiln_home: Path,
-                                            tmp_path: Path) -> None:
+def test_model_that_fails_to_run_is_refused(
+    registered: dict, kiln_home: Path, tmp_path: Path
+) -> None:
     folder = _folder_model(tmp_path, factory_body="raise RuntimeError('boom in factory')")
     before = snapshot(kiln_home)
     line = _refused(run_kiln("upload", "tiny", str(folder)))
@@ -236,8 +267,10 @@ def test_model_that_fails_to_run_is_refused(registered: dict, kiln_home: Path,
 def test_model_load_timeout(registered: dict, kiln_home: Path, tmp_path: Path) -> None:
     folder = _folder_model(tmp_path, factory_body="import time; time.sleep(60)")
     before = snapshot(kiln_home)
-    _refused(run_kiln("upload", "tiny", str(folder), env={"KILN_LOAD_TIMEOUT_S": "3"}),
-             match="KILN_LOAD_TIMEOUT_S")
+    _refused(
+        run_kiln("upload", "tiny", str(folder), env={"KILN_LOAD_TIMEOUT_S": "3"}),
+        match="KILN_LOAD_TIMEOUT_S",
+    )
     assert snapshot(kiln_home) == before
 
 
@@ -253,8 +286,12 @@ def _folder_model(tmp_path: Path, *, factory_body: str = "") -> Path:
         "                               torch.nn.Linear(hidden, 1))\n"
     )
     torch.manual_seed(0)
-    state = {"0.weight": torch.randn(5, 3), "0.bias": torch.randn(5),
-             "2.weight": torch.randn(1, 5), "2.bias": torch.randn(1)}
+    state = {
+        "0.weight": torch.randn(5, 3),
+        "0.bias": torch.randn(5),
+        "2.weight": torch.randn(1, 5),
+        "2.bias": torch.randn(1),
+    }
     save_file(state, str(folder / "weights.safetensors"))
     (folder / "kiln.yaml").write_text(
         "task: regression\nfactory: tinyfactory:build\nconfig: {hidden: 5}\n"
@@ -268,8 +305,9 @@ def test_kiln_yaml_folder_with_dataset(kiln_home: Path, tmp_path: Path) -> None:
     folder = _folder_model(tmp_path)
     data = tmp_path / "reg.npz"
     rng = np.random.default_rng(0)
-    np.savez(data, inputs=rng.random((20, 3), dtype=np.float32),
-             labels=rng.random(20).astype(np.float32))
+    np.savez(
+        data, inputs=rng.random((20, 3), dtype=np.float32), labels=rng.random(20).astype(np.float32)
+    )
     result = _json(run_kiln("upload", "reg", str(folder), "--dataset", str(data), "--json"))
     assert result["version"] == "0.1.0" and result["dataset"]["check_passed"] is True
     shown = _json(run_kiln("show", "reg@0.1.0", "--json"))
@@ -280,8 +318,9 @@ def test_kiln_yaml_folder_with_dataset(kiln_home: Path, tmp_path: Path) -> None:
     assert _json(run_kiln("upload", "reg", str(folder), "--json"))["created"] is False
 
 
-def test_failing_dataset_is_reported_and_not_used(kiln_home: Path, tiny_pt2: Path,
-                                                  tmp_path: Path) -> None:
+def test_failing_dataset_is_reported_and_not_used(
+    kiln_home: Path, tiny_pt2: Path, tmp_path: Path
+) -> None:
     data = tmp_path / "bad.npz"
     inputs = np.random.default_rng(0).random((10, 4), dtype=np.float32)
     inputs[3, 1] = np.nan
@@ -306,7 +345,8 @@ def test_onnx_upload(kiln_home: Path, tmp_path: Path) -> None:
 
     weight = numpy_helper.from_array(np.eye(2, 3, dtype=np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
         initializer=[weight],
@@ -321,27 +361,35 @@ def test_onnx_upload(kiln_home: Path, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- crash safety (RELIABILITY 19)
-@pytest.mark.parametrize("point", ["store.before_rename", "store.after_rename",
-                                   "upload.before_commit"])
+@pytest.mark.parametrize(
+    "point", ["store.before_rename", "store.after_rename", "upload.before_commit"]
+)
 def test_killed_upload_leaves_nothing(kiln_home: Path, tiny_pt2: Path, point: str) -> None:
-    proc = run_kiln("upload", "tiny", str(tiny_pt2), "--task", "classification",
-                    env={"KILN_FAILPOINTS": point})
+    proc = run_kiln(
+        "upload", "tiny", str(tiny_pt2), "--task", "classification", env={"KILN_FAILPOINTS": point}
+    )
     assert proc.returncode == -9  # SIGKILL
     # the next start sweeps what the killed one left, then the re-upload succeeds
-    result = _json(run_kiln("upload", "tiny", str(tiny_pt2), "--task", "classification",
-                            "--json"))
+    result = _json(run_kiln("upload", "tiny", str(tiny_pt2), "--task", "classification", "--json"))
     assert result["version"] == "0.1.0"
     assert result["sha256"] == hashlib.sha256(tiny_pt2.read_bytes()).hexdigest()
     state = snapshot(kiln_home)
     assert len(state["registry"]["modelversion"]) == 1
     assert [f for f in state["objects"] if not f.endswith((".dvc", ".gitignore"))] == [
-        f"{result['sha256'][:2]}/{result['sha256']}.pt2"]
+        f"{result['sha256'][:2]}/{result['sha256']}.pt2"
+    ]
     assert state["staging"] == []
 
 
 def test_killed_upload_then_sweep_without_reupload(kiln_home: Path, tiny_pt2: Path) -> None:
-    proc = run_kiln("upload", "tiny", str(tiny_pt2), "--task", "classification",
-                    env={"KILN_FAILPOINTS": "upload.before_commit"})
+    proc = run_kiln(
+        "upload",
+        "tiny",
+        str(tiny_pt2),
+        "--task",
+        "classification",
+        env={"KILN_FAILPOINTS": "upload.before_commit"},
+    )
     assert proc.returncode == -9
     assert snapshot(kiln_home)["registry"]["modelversion"] == []
     other = run_kiln("upload", "x", "missing.pt2")  # any later start sweeps first

@@ -35,10 +35,16 @@ from serving.state import Replica, RoutingState, ServedModel
 SERVING = ServingSettings(deadline_ms=1000)
 
 
-def _obs(requests: int = 100, errors: int = 0, p99_ms: float | None = 10.0,
-         unready_s: float = 0.0, ever_ready: bool = True) -> Observation:
-    return Observation(requests=requests, errors=errors, p99_ms=p99_ms, unready_s=unready_s,
-                       ever_ready=ever_ready)
+def _obs(
+    requests: int = 100,
+    errors: int = 0,
+    p99_ms: float | None = 10.0,
+    unready_s: float = 0.0,
+    ever_ready: bool = True,
+) -> Observation:
+    return Observation(
+        requests=requests, errors=errors, p99_ms=p99_ms, unready_s=unready_s, ever_ready=ever_ready
+    )
 
 
 def _holds(obs: Observation, alerts: AlertSettings | None = None) -> dict[str, bool]:
@@ -62,8 +68,9 @@ def test_p99_rule_needs_the_minimum_requests() -> None:
     assert not _holds(_obs(requests=19, p99_ms=5000.0), alerts)[P99]
     # every request failed: no answered latency, no p99 verdict
     assert not _holds(_obs(p99_ms=None), alerts)[P99]
-    (p99,) = [f for f in evaluate(_obs(p99_ms=150.0), alerts, SERVING, start_grace_s=0)
-              if f.kind == P99]
+    (p99,) = [
+        f for f in evaluate(_obs(p99_ms=150.0), alerts, SERVING, start_grace_s=0) if f.kind == P99
+    ]
     assert (p99.value, p99.threshold) == (150.0, 100.0)
     assert "150 ms" in p99.message and "100 ms" in p99.message
 
@@ -73,8 +80,11 @@ def test_error_rate_rule_counts_5xx_share() -> None:
     assert _holds(_obs(requests=100, errors=6), alerts)[ERROR_RATE]
     assert not _holds(_obs(requests=100, errors=5), alerts)[ERROR_RATE]  # at the limit: fine
     assert not _holds(_obs(requests=10, errors=10), alerts)[ERROR_RATE]  # too few to judge
-    (rule,) = [f for f in evaluate(_obs(requests=40, errors=4), alerts, SERVING,
-                                   start_grace_s=0) if f.kind == ERROR_RATE]
+    (rule,) = [
+        f
+        for f in evaluate(_obs(requests=40, errors=4), alerts, SERVING, start_grace_s=0)
+        if f.kind == ERROR_RATE
+    ]
     assert rule.value == pytest.approx(0.1) and rule.threshold == 0.05
 
 
@@ -121,17 +131,20 @@ def test_hysteresis_opens_at_once_and_resolves_after_clear_ticks() -> None:
 def _registry(tmp_path: Path, alerts: dict[str, object]) -> Settings:
     settings = Settings(home=tmp_path / "home", database_url=None, alert_clear_ticks=2)
     with session_scope(settings.db_url) as session:
-        crud.create_model(session=session, name="m", task=Task.classification,
-                          settings={"alerts": alerts})
+        crud.create_model(
+            session=session, name="m", task=Task.classification, settings={"alerts": alerts}
+        )
     return settings
 
 
 def _state(ready: bool = True) -> RoutingState:
     state = RoutingState()
-    state.models = {"m": ServedModel(name="m", task="classification", settings=SERVING,
-                                     stable="1.0.0")}
-    state.replicas = {("m", "1.0.0"): [Replica(model="m", version="1.0.0",
-                                                url="http://127.0.0.1:9", ready=ready)]}
+    state.models = {
+        "m": ServedModel(name="m", task="classification", settings=SERVING, stable="1.0.0")
+    }
+    state.replicas = {
+        ("m", "1.0.0"): [Replica(model="m", version="1.0.0", url="http://127.0.0.1:9", ready=ready)]
+    }
     return state
 
 
@@ -145,8 +158,10 @@ def _gauge(metrics: GatewayMetrics, kind: str) -> float | None:
 
 
 def test_monitor_ticks_open_and_resolve_registry_alerts(tmp_path: Path) -> None:
-    settings = _registry(tmp_path, {"p99_ms": 50, "min_requests": 5, "window_s": 30,
-                                    "gpu_util_min": 0.3, "down_after_s": 0})
+    settings = _registry(
+        tmp_path,
+        {"p99_ms": 50, "min_requests": 5, "window_s": 30, "gpu_util_min": 0.3, "down_after_s": 0},
+    )
     state, metrics = _state(), GatewayMetrics()
     gpu = [0.05]  # faked NVML reading (no GPU here): an idle GPU
     monitor = AlertMonitor(settings, state, metrics, gpu_reader=lambda: gpu)
@@ -185,15 +200,16 @@ def test_monitor_ticks_open_and_resolve_registry_alerts(tmp_path: Path) -> None:
 
 
 def test_monitor_takes_over_and_resolves_alerts_of_versions_no_longer_served(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     from kiln.monitor import alerts as kiln_alerts
 
     settings = _registry(tmp_path, {})
     # left open by an earlier gateway: one for a version no longer served, one still served
-    kiln_alerts.fire(settings.db_url, model="m", kind=ENGINE_DOWN, version="0.9.0",
-                     message="no ready engine")
-    kiln_alerts.fire(settings.db_url, model="m", kind=ERROR_RATE, version="1.0.0",
-                     message="errors")
+    kiln_alerts.fire(
+        settings.db_url, model="m", kind=ENGINE_DOWN, version="0.9.0", message="no ready engine"
+    )
+    kiln_alerts.fire(settings.db_url, model="m", kind=ERROR_RATE, version="1.0.0", message="errors")
     kiln_alerts.fire(settings.db_url, model="m", kind="drift", message="drift")
     monitor = AlertMonitor(settings, _state(), GatewayMetrics(), gpu_reader=lambda: None)
 
@@ -230,8 +246,7 @@ def test_the_faults_file_changes_an_engines_faults_while_it_runs(tmp_path: Path)
 def test_monitor_starts_and_stops_with_its_loop(tmp_path: Path) -> None:
     settings = _registry(tmp_path, {})
     settings.alert_interval_s = 0.05
-    monitor = AlertMonitor(settings, _state(ready=False), GatewayMetrics(),
-                           gpu_reader=lambda: None)
+    monitor = AlertMonitor(settings, _state(ready=False), GatewayMetrics(), gpu_reader=lambda: None)
 
     async def run() -> None:
         await monitor.start()

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from kiln.errors import Forbidden
 from kiln.registry import crud
 from kiln.registry.db import session_scope
 from kiln.settings import Settings
-from kiln.errors import Forbidden
 from serving.auth import (
     KeyStore,
     Principal,
@@ -31,12 +31,18 @@ from serving.auth import (
 REDIS_URI = "redis://127.0.0.1:6379/0"
 
 
-def make_key(settings: Settings, scopes: list[str], *, models: list[str] | None = None,
-             rate: float | None = None) -> tuple[str, str]:
+def make_key(
+    settings: Settings,
+    scopes: list[str],
+    *,
+    models: list[str] | None = None,
+    rate: float | None = None,
+) -> tuple[str, str]:
     """A new key in the registry: (plaintext key, prefix)."""
     with session_scope(settings.db_url) as session:
-        key, row = crud.create_api_key(session=session, scopes=scopes, models=models,
-                                       rate_per_second=rate)
+        key, row = crud.create_api_key(
+            session=session, scopes=scopes, models=models, rate_per_second=rate
+        )
         return key, row.prefix
 
 
@@ -50,29 +56,41 @@ def settings(kiln_home: Path) -> Settings:
     return Settings(auth_cache_s=0.3)
 
 
-def principal(prefix: str, scopes: tuple[str, ...] = ("infer",), *,
-              models: tuple[str, ...] | None = None, rate: float | None = None) -> Principal:
-    return Principal(prefix=prefix, scopes=frozenset(scopes),
-                     models=None if models is None else frozenset(models), rate_per_second=rate)
+def principal(
+    prefix: str,
+    scopes: tuple[str, ...] = ("infer",),
+    *,
+    models: tuple[str, ...] | None = None,
+    rate: float | None = None,
+) -> Principal:
+    return Principal(
+        prefix=prefix,
+        scopes=frozenset(scopes),
+        models=None if models is None else frozenset(models),
+        rate_per_second=rate,
+    )
 
 
 # --- bearer parsing
-@pytest.mark.parametrize(("header", "token"), [
-    ("Bearer abc.def", "abc.def"),
-    ("bearer abc.def", "abc.def"),
-    ("BEARER abc.def", "abc.def"),
-    ("  Bearer   abc.def  ", "abc.def"),
-    (None, None),
-    ("", None),
-    ("Bearer", None),
-    ("Bearer ", None),
-    ("Basic abc.def", None),
-    ("abc.def", None),
-    ("Bearer abc def", None),
-    ("Bearer " + "x" * 257, None),
-    ("Bearer ab\x00c", None),
-    ("Bearer abcé", None),
-])
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc.def", "abc.def"),
+        ("bearer abc.def", "abc.def"),
+        ("BEARER abc.def", "abc.def"),
+        ("  Bearer   abc.def  ", "abc.def"),
+        (None, None),
+        ("", None),
+        ("Bearer", None),
+        ("Bearer ", None),
+        ("Basic abc.def", None),
+        ("abc.def", None),
+        ("Bearer abc def", None),
+        ("Bearer " + "x" * 257, None),
+        ("Bearer ab\x00c", None),
+        ("Bearer abcé", None),
+    ],
+)
 def test_bearer_token_variants(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
 
@@ -82,12 +100,18 @@ def test_authenticate_live_key_any_scheme_case(settings: Settings) -> None:
     store = KeyStore(settings)
 
     async def run() -> list[Principal | None]:
-        return [await store.authenticate(h) for h in
-                (f"Bearer {key}", f"bearer {key}", f"BeArEr  {key} ", key, f"Basic {key}")]
+        return [
+            await store.authenticate(h)
+            for h in (f"Bearer {key}", f"bearer {key}", f"BeArEr  {key} ", key, f"Basic {key}")
+        ]
 
     found = asyncio.run(run())
-    expected = Principal(prefix=prefix, scopes=frozenset({"infer"}),
-                         models=frozenset({"digits"}), rate_per_second=5.0)
+    expected = Principal(
+        prefix=prefix,
+        scopes=frozenset({"infer"}),
+        models=frozenset({"digits"}),
+        rate_per_second=5.0,
+    )
     assert found == [expected, expected, expected, None, None]
 
 
@@ -98,9 +122,11 @@ def test_unknown_and_revoked_keys_are_identical(settings: Settings) -> None:
     store = KeyStore(settings)
 
     async def run() -> tuple[Principal | None, Principal | None, Principal | None]:
-        return (await store.authenticate(f"Bearer {key}"),
-                await store.authenticate(f"Bearer {unknown}"),
-                await store.authenticate("Bearer kiln_00000000.nothing"))
+        return (
+            await store.authenticate(f"Bearer {key}"),
+            await store.authenticate(f"Bearer {unknown}"),
+            await store.authenticate("Bearer kiln_00000000.nothing"),
+        )
 
     assert asyncio.run(run()) == (None, None, None)
 
@@ -199,15 +225,22 @@ def test_models_limit_the_reach() -> None:
 def test_limit_windows() -> None:
     assert [str(i) for i in limits_for(10, "moving-window")] == ["10 per 1 second"]
     assert [str(i) for i in limits_for(10, "sliding-window-counter")] == [
-        "10 per 1 second", "600 per 1 minute"]
+        "10 per 1 second",
+        "600 per 1 minute",
+    ]
     assert [str(i) for i in limits_for(0.5, "moving-window")] == [
-        "1 per 1 second", "30 per 1 minute"]
+        "1 per 1 second",
+        "30 per 1 minute",
+    ]
     assert [str(i) for i in limits_for(2.5, "moving-window")] == [
-        "3 per 1 second", "150 per 1 minute"]
+        "3 per 1 second",
+        "150 per 1 minute",
+    ]
 
 
-async def burst(limiter: RateLimiter, a: Principal, b: Principal
-                ) -> tuple[list[float | None], list[float | None], float]:
+async def burst(
+    limiter: RateLimiter, a: Principal, b: Principal
+) -> tuple[list[float | None], list[float | None], float]:
     """100 hits of ``a`` spread over ~0.5 s with 5 of ``b`` among them."""
     a_results: list[float | None] = []
     b_results: list[float | None] = []
@@ -220,8 +253,13 @@ async def burst(limiter: RateLimiter, a: Principal, b: Principal
     return a_results, b_results, time.monotonic() - start
 
 
-def check_burst(a_results: list[float | None], b_results: list[float | None], elapsed: float,
-                *, admitted_max: int) -> int:
+def check_burst(
+    a_results: list[float | None],
+    b_results: list[float | None],
+    elapsed: float,
+    *,
+    admitted_max: int,
+) -> int:
     admitted = sum(r is None for r in a_results)
     refused = [r for r in a_results if r is not None]
     assert len(b_results) == 5 and all(r is None for r in b_results), b_results  # B unaffected
@@ -321,9 +359,7 @@ def redis_limiter(kiln_home: Path) -> Iterator[tuple[RateLimiter, str]]:
         client.close()
 
 
-def test_redis_moving_window_shared_by_two_gateways(
-    redis_limiter: tuple[RateLimiter, str]
-) -> None:
+def test_redis_moving_window_shared_by_two_gateways(redis_limiter: tuple[RateLimiter, str]) -> None:
     limiter, namespace = redis_limiter
     other = RateLimiter(Settings(rate_limit_storage=REDIS_URI), namespace=namespace)
     a, b = principal("kiln_aaaaaaaa", rate=10), principal("kiln_bbbbbbbb", rate=10)
@@ -348,9 +384,10 @@ def test_redis_moving_window_shared_by_two_gateways(
 
 def test_redis_sliding_window_counter(redis_limiter: tuple[RateLimiter, str]) -> None:
     _, namespace = redis_limiter
-    limiter = RateLimiter(Settings(rate_limit_storage=REDIS_URI,
-                                   rate_limit_strategy="sliding-window-counter"),
-                          namespace=namespace)
+    limiter = RateLimiter(
+        Settings(rate_limit_storage=REDIS_URI, rate_limit_strategy="sliding-window-counter"),
+        namespace=namespace,
+    )
     a, b = principal("kiln_aaaaaaaa", rate=10), principal("kiln_bbbbbbbb", rate=10)
     a_results, b_results, elapsed = asyncio.run(burst(limiter, a, b))
     check_burst(a_results, b_results, elapsed, admitted_max=10 + math.ceil(10 * elapsed))

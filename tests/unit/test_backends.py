@@ -38,8 +38,9 @@ class TinyMLP(torch.nn.Module):
 def tiny_program() -> torch.export.ExportedProgram:
     torch.manual_seed(0)
     batch = torch.export.Dim("batch", min=1, max=64)
-    return torch.export.export(TinyMLP().eval(), (torch.randn(2, 4),),
-                               dynamic_shapes={"x": {0: batch}})
+    return torch.export.export(
+        TinyMLP().eval(), (torch.randn(2, 4),), dynamic_shapes={"x": {0: batch}}
+    )
 
 
 def test_registry_lists_the_four_backends_baseline_first() -> None:
@@ -53,11 +54,14 @@ def test_registry_lists_the_four_backends_baseline_first() -> None:
 
 
 def test_importing_the_registry_stays_cheap() -> None:
-    code = ("import sys, kiln.backends; "
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'torch_tensorrt') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
+    code = (
+        "import sys, kiln.backends; "
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'torch_tensorrt') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -84,18 +88,22 @@ def test_inductor_reduced_precision_needs_cuda(precision: str, tmp_path: Path) -
     inductor = REGISTRY["inductor"]
     verdict = inductor.supports(precision)
     assert not verdict.ok and "needs a CUDA device" in verdict.reason
-    model = ExtractedModel(program=tmp_path / "model.pt2", onnx=tmp_path / "model.onnx",
-                           spec=ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32",
-                                                             shape=[-1, 4])], outputs=[]))
+    model = ExtractedModel(
+        program=tmp_path / "model.pt2",
+        onnx=tmp_path / "model.onnx",
+        spec=ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])], outputs=[]),
+    )
     with pytest.raises(VariantUnavailable, match="needs a CUDA device"):
         inductor.build(model, precision, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_torch_backends_refuse_an_onnx_only_model(tmp_path: Path) -> None:
-    model = ExtractedModel(program=None, onnx=tmp_path / "model.onnx",
-                           spec=ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32",
-                                                             shape=[-1, 4])], outputs=[]))
+    model = ExtractedModel(
+        program=None,
+        onnx=tmp_path / "model.onnx",
+        spec=ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])], outputs=[]),
+    )
     with pytest.raises(VariantUnavailable, match="uploaded as ONNX"):
         REGISTRY["inductor"].build(model, "fp32", tmp_path / "out")
 
@@ -103,9 +111,11 @@ def test_torch_backends_refuse_an_onnx_only_model(tmp_path: Path) -> None:
 def test_int8_static_without_calibration_is_skipped_with_the_fix(tmp_path: Path) -> None:
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"")
-    model = ExtractedModel(program=None, onnx=onnx_path,
-                           spec=ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32",
-                                                             shape=[-1, 4])], outputs=[]))
+    model = ExtractedModel(
+        program=None,
+        onnx=onnx_path,
+        spec=ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])], outputs=[]),
+    )
     with pytest.raises(VariantUnavailable, match=r"calibration data.*int8-dynamic"):
         REGISTRY["onnxruntime"].build(model, "int8-static", tmp_path / "out")
 
@@ -156,14 +166,14 @@ def trt_ready() -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_variant_matches_eager(trt_ready: None, precision: str, tmp_path: Path
-                                        ) -> None:
+def test_tensorrt_variant_matches_eager(trt_ready: None, precision: str, tmp_path: Path) -> None:
     program = tiny_program()
     torch.export.save(program, str(tmp_path / "model.pt2"))
-    spec = ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
-                     outputs=[TensorSpec(name="output", datatype="FP32", shape=[-1, 3])])
-    model = ExtractedModel(program=tmp_path / "model.pt2", onnx=tmp_path / "model.onnx",
-                           spec=spec)
+    spec = ModelSpec(
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
+        outputs=[TensorSpec(name="output", datatype="FP32", shape=[-1, 3])],
+    )
+    model = ExtractedModel(program=tmp_path / "model.pt2", onnx=tmp_path / "model.onnx", spec=spec)
     backend = REGISTRY["tensorrt"]
     result = backend.build(model, precision, tmp_path / "trt", max_batch=16)
     assert [p.name for p in (tmp_path / "trt").iterdir()] == [result.path.name]

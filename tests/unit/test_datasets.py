@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kiln.intake.datasets import DatasetCheck, LoadedDataset, check_dataset, load_dataset
 from kiln.errors import InvalidInput
+from kiln.intake.datasets import DatasetCheck, LoadedDataset, check_dataset, load_dataset
 from kiln.spec import ModelSpec, Preprocess, TensorSpec
 
 IMAGE = ModelSpec(
@@ -42,8 +42,9 @@ def _failed(check: DatasetCheck) -> set[tuple[str, str | None]]:
 
 
 def _classify(inputs: np.ndarray, labels: np.ndarray | None) -> DatasetCheck:
-    return check_dataset(LoadedDataset(inputs, labels), spec=IMAGE, task="classification",
-                         num_classes=10)
+    return check_dataset(
+        LoadedDataset(inputs, labels), spec=IMAGE, task="classification", num_classes=10
+    )
 
 
 # --------------------------------------------------------------------------- checks
@@ -60,13 +61,17 @@ def test_good_classification_dataset_passes() -> None:
 
 
 def test_dynamic_dims_match_any_size() -> None:
-    spec = ModelSpec(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 3, -1])],
-                     outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])])
-    ok = check_dataset(LoadedDataset(np.zeros((2, 3, 17), np.float32)), spec=spec,
-                       task="regression")
+    spec = ModelSpec(
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 3, -1])],
+        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])],
+    )
+    ok = check_dataset(
+        LoadedDataset(np.zeros((2, 3, 17), np.float32)), spec=spec, task="regression"
+    )
     assert ok.success, ok.summary()
-    bad = check_dataset(LoadedDataset(np.zeros((2, 4, 17), np.float32)), spec=spec,
-                        task="regression")
+    bad = check_dataset(
+        LoadedDataset(np.zeros((2, 4, 17), np.float32)), spec=spec, task="regression"
+    )
     assert _failed(bad) == {("expect_column_values_to_match_regex", "shape")}
 
 
@@ -83,7 +88,8 @@ def test_float64_beyond_fp32_range_counts_as_nonfinite() -> None:
     inputs = _images().astype(np.float64)
     inputs[0, 0, 0, 0] = 1e300  # finite in float64, +Inf once cast to the served FP32
     assert _failed(_classify(inputs, _labels())) == {
-        ("expect_column_values_to_be_in_set", "nonfinite")}
+        ("expect_column_values_to_be_in_set", "nonfinite")
+    }
 
 
 def test_wrong_shape_fails() -> None:
@@ -133,21 +139,21 @@ def test_empty_dataset_fails_row_count() -> None:
 
 def test_regression_labels_must_be_finite() -> None:
     inputs = np.ones((4, 4), np.float32)
-    ok = check_dataset(LoadedDataset(inputs, np.array([0.5, 1.0, 2.0, 3.5])), spec=TABULAR,
-                       task="regression")
+    ok = check_dataset(
+        LoadedDataset(inputs, np.array([0.5, 1.0, 2.0, 3.5])), spec=TABULAR, task="regression"
+    )
     assert ok.success, ok.summary()
     assert ok.statistics["labels"]["max"] == 3.5
-    bad = check_dataset(LoadedDataset(inputs, np.array([0.5, np.inf, 2.0, 3.5])),
-                        spec=TABULAR, task="regression")
+    bad = check_dataset(
+        LoadedDataset(inputs, np.array([0.5, np.inf, 2.0, 3.5])), spec=TABULAR, task="regression"
+    )
     assert _failed(bad) == {("expect_column_values_to_be_in_set", "label_nonfinite")}
 
 
 def test_text_dataset_passes_and_refuses_empty_strings() -> None:
-    good = check_dataset(LoadedDataset(np.array(["a cat", "a dog"])), spec=TEXT,
-                         task="embedding")
+    good = check_dataset(LoadedDataset(np.array(["a cat", "a dog"])), spec=TEXT, task="embedding")
     assert good.success, good.summary()
-    bad = check_dataset(LoadedDataset(np.array(["a cat", "", "  "])), spec=TEXT,
-                        task="embedding")
+    bad = check_dataset(LoadedDataset(np.array(["a cat", "", "  "])), spec=TEXT, task="embedding")
     assert _failed(bad) == {("expect_column_values_to_be_between", "text_length")}
     assert "row 1" in bad.failures[0].detail and "row 2" in bad.failures[0].detail
     numbers = check_dataset(LoadedDataset(np.ones(2, np.float32)), spec=TEXT, task="embedding")
@@ -247,10 +253,15 @@ def test_unknown_suffix_refused(tmp_path: Path, name: str) -> None:
 
 
 def test_parquet_round_trip(tmp_path: Path) -> None:
-    frame = pd.DataFrame({
-        "b": np.array([1.0, 2.0, 3.0], np.float32), "a": np.array([4.0, 5.0, 6.0], np.float32),
-        "c": np.zeros(3, np.float32), "d": np.ones(3, np.float32), "label": [0, 1, 1],
-    })
+    frame = pd.DataFrame(
+        {
+            "b": np.array([1.0, 2.0, 3.0], np.float32),
+            "a": np.array([4.0, 5.0, 6.0], np.float32),
+            "c": np.zeros(3, np.float32),
+            "d": np.ones(3, np.float32),
+            "label": [0, 1, 1],
+        }
+    )
     frame.to_parquet(tmp_path / "t.parquet")
     data = load_dataset(tmp_path / "t.parquet")
     assert data.inputs.shape == (3, 4) and data.inputs.dtype == np.float32
@@ -287,8 +298,9 @@ def test_parquet_nulls_surface_as_check_failures(tmp_path: Path) -> None:
     frame.loc[1, "f2"] = None
     frame["label"] = pd.array([1, None], dtype="Int64")
     frame.to_parquet(tmp_path / "n.parquet")
-    check = check_dataset(load_dataset(tmp_path / "n.parquet"), spec=TABULAR,
-                          task="classification", num_classes=2)
+    check = check_dataset(
+        load_dataset(tmp_path / "n.parquet"), spec=TABULAR, task="classification", num_classes=2
+    )
     assert _failed(check) == {
         ("expect_column_values_to_be_in_set", "nonfinite"),
         ("expect_column_values_to_not_be_null", "label"),

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kiln.monitor import drift
 from kiln.errors import InvalidInput
+from kiln.monitor import drift
 from kiln.spec import TensorSpec
 
 DIGITS = TensorSpec(name="x", datatype="FP32", shape=[-1, 1, 8, 8])
@@ -33,8 +33,9 @@ def splits() -> dict[str, np.ndarray]:
     x = (digits.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     y = digits.target
     _, x_rest, _, y_rest = train_test_split(x, y, test_size=0.30, stratify=y, random_state=0)
-    x_val, x_test, _, _ = train_test_split(x_rest, y_rest, test_size=0.50, stratify=y_rest,
-                                           random_state=0)
+    x_val, x_test, _, _ = train_test_split(
+        x_rest, y_rest, test_size=0.50, stratify=y_rest, random_state=0
+    )
     return {"val": x_val, "test": x_test}
 
 
@@ -44,8 +45,13 @@ def reference(splits: dict[str, np.ndarray]) -> Any:
 
 
 def _verdict(x: np.ndarray, reference: Any, html: Path | None = None) -> drift.DriftResult:
-    return drift.detect(drift.feature_frame(x, DIGITS), reference, method=drift.METHOD_IMAGE,
-                        settings=drift.DriftSettings(), html=html)
+    return drift.detect(
+        drift.feature_frame(x, DIGITS),
+        reference,
+        method=drift.METHOD_IMAGE,
+        settings=drift.DriftSettings(),
+        html=html,
+    )
 
 
 def test_image_features_on_tiny_images() -> None:
@@ -55,8 +61,15 @@ def test_image_features_on_tiny_images() -> None:
     frame = drift.feature_frame(np.concatenate([blank, centre, 1 - centre]), DIGITS)
     assert list(frame.columns) == list(drift.IMAGE_FEATURES)
     flat_blank, square, inverted = frame.to_dict("records")
-    assert flat_blank == {"mean": 0.0, "std": 0.0, "p25": 0.0, "p75": 0.0, "contrast": 0.0,
-                          "variation": 0.0, "flat": 1.0}
+    assert flat_blank == {
+        "mean": 0.0,
+        "std": 0.0,
+        "p25": 0.0,
+        "p75": 0.0,
+        "contrast": 0.0,
+        "variation": 0.0,
+        "flat": 1.0,
+    }
     assert square["mean"] == pytest.approx(16 / 64)
     assert square["contrast"] == pytest.approx(1.0)  # centre all 1, border all 0
     # 8 rows x 7 horizontal + 8 columns x 7 vertical neighbour pairs; the square's edge
@@ -91,11 +104,17 @@ def test_great_expectations_flags_what_clients_sent(splits: dict[str, np.ndarray
     assert drift.check_inputs(drift.stack_rows([good]), DIGITS).success
 
 
-def test_below_the_minimum_is_not_enough_data(splits: dict[str, np.ndarray], reference: Any,
-                                              tmp_path: Path) -> None:
+def test_below_the_minimum_is_not_enough_data(
+    splits: dict[str, np.ndarray], reference: Any, tmp_path: Path
+) -> None:
     html = tmp_path / "report.html"
-    result = drift.detect(drift.feature_frame(splits["test"][:99], DIGITS), reference,
-                          method=drift.METHOD_IMAGE, settings=drift.DriftSettings(), html=html)
+    result = drift.detect(
+        drift.feature_frame(splits["test"][:99], DIGITS),
+        reference,
+        method=drift.METHOD_IMAGE,
+        settings=drift.DriftSettings(),
+        html=html,
+    )
     assert result.drift_detected is None and result.drift_share is None
     assert result.samples == 99 and drift.NOT_ENOUGH in result.reason
     assert not html.exists()  # nothing ran
@@ -103,8 +122,9 @@ def test_below_the_minimum_is_not_enough_data(splits: dict[str, np.ndarray], ref
         drift.DriftSettings(min_samples=0)
 
 
-def test_shifted_digits_are_flagged(splits: dict[str, np.ndarray], reference: Any,
-                                    tmp_path: Path, record_property: Any) -> None:
+def test_shifted_digits_are_flagged(
+    splits: dict[str, np.ndarray], reference: Any, tmp_path: Path, record_property: Any
+) -> None:
     rng = np.random.default_rng(7)
     base = splits["test"][rng.choice(len(splits["test"]), DRAW_ROWS, replace=False)]
     noised = np.clip(base + rng.normal(0.0, 0.1, base.shape), 0.0, 1.0).astype(np.float32)
@@ -120,12 +140,15 @@ def test_shifted_digits_are_flagged(splits: dict[str, np.ndarray], reference: An
     assert html.stat().st_size > 0 and "<html" in html.read_text()[:2000].lower()
 
 
-def test_unshifted_draws_are_flagged_at_most_once(splits: dict[str, np.ndarray], reference: Any,
-                                                  record_property: Any) -> None:
+def test_unshifted_draws_are_flagged_at_most_once(
+    splits: dict[str, np.ndarray], reference: Any, record_property: Any
+) -> None:
     rng = np.random.default_rng(2026)
     test = splits["test"]
-    verdicts = [_verdict(test[rng.choice(len(test), DRAW_ROWS, replace=False)], reference)
-                for _ in range(DRAWS)]
+    verdicts = [
+        _verdict(test[rng.choice(len(test), DRAW_ROWS, replace=False)], reference)
+        for _ in range(DRAWS)
+    ]
     flagged = sum(bool(v.drift_detected) for v in verdicts)
     shares = [round(float(v.drift_share or 0.0), 3) for v in verdicts]
     record_property("false_positives", flagged)
@@ -142,8 +165,9 @@ def test_embeddings_drift_uses_evidently_domain_classifier(tmp_path: Path) -> No
     moved = drift.embedding_frame(rng.normal(loc=0.5, size=(120, 16)))
     settings = drift.DriftSettings()
     html = tmp_path / "embeddings.html"
-    shifted = drift.detect(moved, reference, method=drift.METHOD_EMBEDDINGS, settings=settings,
-                           html=html)
+    shifted = drift.detect(
+        moved, reference, method=drift.METHOD_EMBEDDINGS, settings=settings, html=html
+    )
     assert shifted.drift_detected is True and shifted.method == drift.METHOD_EMBEDDINGS
     assert shifted.drift_share is not None and shifted.drift_share > 0.5  # ROC AUC over chance
     assert html.stat().st_size > 0

@@ -32,8 +32,14 @@ def test_non_slug_names_refused(name: str) -> None:
 
 @pytest.mark.parametrize(
     "source",
-    ["http://127.0.0.1:8080/model.pt2", "https://example.com/m.onnx", "file:///etc/passwd",
-     "http://169.254.169.254/latest/meta-data/", "//host/share/m.pt2", "s3://bucket/m.pt2"],
+    [
+        "http://127.0.0.1:8080/model.pt2",
+        "https://example.com/m.onnx",
+        "file:///etc/passwd",
+        "http://169.254.169.254/latest/meta-data/",
+        "//host/share/m.pt2",
+        "s3://bucket/m.pt2",
+    ],
 )
 def test_urls_refused(source: str) -> None:
     with pytest.raises(UnsafeSource, match="URL"):
@@ -67,8 +73,9 @@ def _zip_with(tmp_path: Path, member: str, *, symlink: bool = False) -> Path:
     return path
 
 
-@pytest.mark.parametrize("member", ["../escape.txt", "m/../../escape.txt", "/etc/cron.d/x",
-                                    "C:/windows/x", "m\\..\\x"])
+@pytest.mark.parametrize(
+    "member", ["../escape.txt", "m/../../escape.txt", "/etc/cron.d/x", "C:/windows/x", "m\\..\\x"]
+)
 def test_zip_slip_refused(tmp_path: Path, member: str) -> None:
     with pytest.raises(UnsafeSource, match="outside"):
         classify_source(str(_zip_with(tmp_path, member)), max_bytes=BIG)
@@ -111,7 +118,8 @@ def _onnx_with_external(folder: Path, location: str) -> Path:
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
         initializer=[tensor],

@@ -8,14 +8,21 @@ import random
 import numpy as np
 import pytest
 
-from kiln.rollout.guardrails import Policy, Window, disagreements, judge, wilson_lower
 from kiln.rollout.canary import RolloutSettings
+from kiln.rollout.guardrails import Policy, Window, disagreements, judge, wilson_lower
 
 
-def simulate_rollout(rng: random.Random, *, canary_error: float, total_rps: float = 40.0,
-                     steps: tuple[float, ...] = (0.1, 0.5, 1.0), step_s: float = 10.0,
-                     poll_s: float = 0.5, max_extra_s: float = 60.0,
-                     policy: Policy | None = None) -> str:
+def simulate_rollout(
+    rng: random.Random,
+    *,
+    canary_error: float,
+    total_rps: float = 40.0,
+    steps: tuple[float, ...] = (0.1, 0.5, 1.0),
+    step_s: float = 10.0,
+    poll_s: float = 0.5,
+    max_extra_s: float = 60.0,
+    policy: Policy | None = None,
+) -> str:
     """One rollout as flows/deploy.py runs it: traffic split by weight, a look every poll
     (interim looks until the step's end, then final), stable errors 0 %."""
     policy = policy or Policy()
@@ -29,8 +36,12 @@ def simulate_rollout(rng: random.Random, *, canary_error: float, total_rps: floa
                 canary_n += 1
                 canary_err += rng.random() < canary_error
             stable_n += int(total_rps * (1 - weight) * poll_s + rng.random())
-            verdict = judge(Window(stable_n, stable_err, 2.0, 3.0),
-                            Window(canary_n, canary_err, 2.0, 3.0), policy, final=t >= step_s)
+            verdict = judge(
+                Window(stable_n, stable_err, 2.0, 3.0),
+                Window(canary_n, canary_err, 2.0, 3.0),
+                policy,
+                final=t >= step_s,
+            )
             if verdict.decision == "fail":
                 return "rolled_back"
             if t >= step_s and verdict.decision == "pass":
@@ -43,8 +54,10 @@ def simulate_rollout(rng: random.Random, *, canary_error: float, total_rps: floa
 def test_twenty_healthy_canaries_with_one_percent_errors_are_never_rolled_back() -> None:
     # RELIABILITY.md 24 / issue 5 acceptance: 20 synthetic streams, each a whole rollout with
     # a verdict every half second, at enough traffic for verdicts (200 rps).
-    outcomes = [simulate_rollout(random.Random(seed), canary_error=0.01, total_rps=200)
-                for seed in range(20)]
+    outcomes = [
+        simulate_rollout(random.Random(seed), canary_error=0.01, total_rps=200)
+        for seed in range(20)
+    ]
     assert outcomes == ["promoted"] * 20
 
 
@@ -58,8 +71,9 @@ def test_false_rollback_rate_over_many_simulated_rollouts_is_small() -> None:
 
 @pytest.mark.parametrize("error", [0.05, 0.10, 0.5])
 def test_a_canary_with_many_errors_is_rolled_back(error: float) -> None:
-    outcomes = [simulate_rollout(random.Random(s), canary_error=error, total_rps=200)
-                for s in range(20)]
+    outcomes = [
+        simulate_rollout(random.Random(s), canary_error=error, total_rps=200) for s in range(20)
+    ]
     assert outcomes == ["rolled_back"] * 20
 
 
@@ -92,8 +106,7 @@ def test_shadow_disagreement_rule() -> None:
     policy = Policy(min_requests=100, min_compared=50, max_disagreement=0.05)
     same = judge(Window(500, 0, 2, 3), Window(300, 0, 2, 3, compared=200, disagreed=2), policy)
     assert same.decision == "pass"
-    differ = judge(Window(500, 0, 2, 3), Window(300, 0, 2, 3, compared=200, disagreed=120),
-                   policy)
+    differ = judge(Window(500, 0, 2, 3), Window(300, 0, 2, 3, compared=200, disagreed=120), policy)
     assert differ.decision == "fail" and "120 of 200 shadowed rows" in differ.reasons[0]
 
 
@@ -124,8 +137,9 @@ def test_rollout_settings() -> None:
         RolloutSettings(steps=[0.5, 0.1])
     with pytest.raises(ValueError, match="rising weights"):
         RolloutSettings(steps=[0.0, 1.0])
-    merged = RolloutSettings.for_model({"rollout": {"step_seconds": 5, "min_requests": 50}},
-                                       step_seconds=None, steps=[0.5])
+    merged = RolloutSettings.for_model(
+        {"rollout": {"step_seconds": 5, "min_requests": 50}}, step_seconds=None, steps=[0.5]
+    )
     assert merged.step_seconds == 5 and merged.steps == [0.5, 1.0]
     assert merged.policy().min_requests == 50
 

@@ -29,4 +29,3 @@ def test_freeze_moves_live_objects_out_of_collection() -> None:
         gc.unfreeze()  # this test process goes on collecting as usual
     gc.collect()
     assert ref() is None and gc.get_freeze_count() == 0
-

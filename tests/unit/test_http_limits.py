@@ -21,8 +21,9 @@ LIMIT = 3
 async def _ok(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
     if scope["type"] != "http":
         return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-length", b"2")]})
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    )
     await send({"type": "http.response.body", "body": b"ok"})
 
 
@@ -31,8 +32,14 @@ def server() -> Iterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(_ok, http=guarded_protocol(HttpLimits()), lifespan="off",
-                            log_level="error", limit_concurrency=LIMIT, ws="none")
+    config = uvicorn.Config(
+        _ok,
+        http=guarded_protocol(HttpLimits()),
+        lifespan="off",
+        log_level="error",
+        limit_concurrency=LIMIT,
+        ws="none",
+    )
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -16,9 +16,12 @@ from kiln.spec import ModelSpec
 from serving.loader import LoadedModel, ModelCache
 
 MB = 2**20
-SPEC = ModelSpec.model_validate({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-                                 "outputs": [{"name": "y", "datatype": "FP32",
-                                              "shape": [-1, 2]}]})
+SPEC = ModelSpec.model_validate(
+    {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+    }
+)
 
 
 class FakeLoader:
@@ -38,8 +41,13 @@ class FakeLoader:
             time.sleep(self.delay)
         if name in self.fail:
             raise RuntimeError(f"cannot load {name}")
-        return LoadedModel(name=name, version=version, spec=SPEC,
-                           runner=lambda xs: [xs[0] * 2], memory_bytes=self.sizes[name] * MB)
+        return LoadedModel(
+            name=name,
+            version=version,
+            spec=SPEC,
+            runner=lambda xs: [xs[0] * 2],
+            memory_bytes=self.sizes[name] * MB,
+        )
 
 
 def test_miss_loads_then_hits() -> None:
@@ -127,15 +135,18 @@ def test_budget_must_be_positive() -> None:
         ModelCache(0, FakeLoader({}))
 
 
-@pytest.mark.parametrize(("inputs", "message"), [
-    ({"x": np.ones((2, 3), np.float32)}, "'x' has shape \\[2, 3\\]"),
-    ({"x": np.ones((2, 2), np.float64)}, "'x' must be FP32, got FP64"),
-    ({"x": np.ones((2,), np.float32)}, "'x' has shape"),
-    ({"x": np.ones((0, 2), np.float32)}, "'x' has no rows"),
-    ({"x": np.array([[1.0, np.nan]], np.float32)}, "'x' holds NaN"),
-    ({"x": np.ones((1, 2), np.float32), "z": np.ones((1,), np.float32)}, "unknown input 'z'"),
-    ({}, "'x' is missing"),
-])
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"x": np.ones((2, 3), np.float32)}, "'x' has shape \\[2, 3\\]"),
+        ({"x": np.ones((2, 2), np.float64)}, "'x' must be FP32, got FP64"),
+        ({"x": np.ones((2,), np.float32)}, "'x' has shape"),
+        ({"x": np.ones((0, 2), np.float32)}, "'x' has no rows"),
+        ({"x": np.array([[1.0, np.nan]], np.float32)}, "'x' holds NaN"),
+        ({"x": np.ones((1, 2), np.float32), "z": np.ones((1,), np.float32)}, "unknown input 'z'"),
+        ({}, "'x' is missing"),
+    ],
+)
 def test_check_names_the_bad_field(inputs: dict[str, np.ndarray], message: str) -> None:
     model = FakeLoader({"a": 1})("a", "1")
     with pytest.raises(InvalidInput, match=message):

@@ -38,21 +38,67 @@ RULES = REPO / "deploy" / "prometheus" / "kiln-alerts.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "kiln-dashboard.json"
 
 # --- a PromQL parser (see the module docstring)
-AGGREGATIONS = {"sum", "min", "max", "avg", "count", "stddev", "stdvar", "group",
-                "topk", "bottomk", "quantile", "count_values", "limitk", "limit_ratio"}
-PARAM_AGGREGATIONS = {"topk": "scalar", "bottomk": "scalar", "quantile": "scalar",
-                      "count_values": "string", "limitk": "scalar", "limit_ratio": "scalar"}
+AGGREGATIONS = {
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "stddev",
+    "stdvar",
+    "group",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "limitk",
+    "limit_ratio",
+}
+PARAM_AGGREGATIONS = {
+    "topk": "scalar",
+    "bottomk": "scalar",
+    "quantile": "scalar",
+    "count_values": "string",
+    "limitk": "scalar",
+    "limit_ratio": "scalar",
+}
 _OVER_TIME = ("avg", "min", "max", "sum", "count", "stddev", "stdvar", "last", "present")
 # function -> argument types ("?" marks optional ones) and its result
 FUNCTIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    **{f: (("matrix",), "vector") for f in ("rate", "irate", "increase", "delta", "idelta",
-                                           "deriv", "changes", "resets", "absent_over_time")},
+    **{
+        f: (("matrix",), "vector")
+        for f in (
+            "rate",
+            "irate",
+            "increase",
+            "delta",
+            "idelta",
+            "deriv",
+            "changes",
+            "resets",
+            "absent_over_time",
+        )
+    },
     **{f"{f}_over_time": (("matrix",), "vector") for f in _OVER_TIME},
     "quantile_over_time": (("scalar", "matrix"), "vector"),
     "predict_linear": (("matrix", "scalar"), "vector"),
     "histogram_quantile": (("scalar", "vector"), "vector"),
-    **{f: (("vector",), "vector") for f in ("abs", "ceil", "floor", "exp", "ln", "log2",
-                                           "log10", "sqrt", "absent", "timestamp", "sgn")},
+    **{
+        f: (("vector",), "vector")
+        for f in (
+            "abs",
+            "ceil",
+            "floor",
+            "exp",
+            "ln",
+            "log2",
+            "log10",
+            "sqrt",
+            "absent",
+            "timestamp",
+            "sgn",
+        )
+    },
     "round": (("vector", "scalar?"), "vector"),
     "clamp": (("vector", "scalar", "scalar"), "vector"),
     "clamp_min": (("vector", "scalar"), "vector"),
@@ -62,16 +108,25 @@ FUNCTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "time": ((), "scalar"),
     "label_replace": (("vector", "string", "string", "string", "string"), "vector"),
 }
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<ws>\s+)
   | (?P<duration>(?:\d+(?:ms|[smhdwy]))+)
   | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|0[xX][0-9a-fA-F]+)
   | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_:]*)
   | (?P<op>=~|!~|==|!=|>=|<=|[-+*/%^<>=(){}\[\],:@])
-""", re.VERBOSE)
-_PRECEDENCE = [{"or"}, {"and", "unless"}, {"==", "!=", ">", "<", ">=", "<="}, {"+", "-"},
-               {"*", "/", "%", "atan2"}, {"^"}]
+""",
+    re.VERBOSE,
+)
+_PRECEDENCE = [
+    {"or"},
+    {"and", "unless"},
+    {"==", "!=", ">", "<", ">=", "<="},
+    {"+", "-"},
+    {"*", "/", "%", "atan2"},
+    {"^"},
+]
 
 
 class PromQLError(ValueError):
@@ -120,8 +175,11 @@ class Parser:
 
     def take(self, text: str | None = None, kind: str | None = None) -> Token:
         token = self.peek()
-        if token is None or (text is not None and token.text != text) or (
-                kind is not None and token.kind != kind):
+        if (
+            token is None
+            or (text is not None and token.text != text)
+            or (kind is not None and token.kind != kind)
+        ):
             self.fail(f"expected {text or kind}")
         self.pos += 1
         return token  # type: ignore[return-value]
@@ -140,8 +198,11 @@ class Parser:
         if level == len(_PRECEDENCE):
             return self.unary()
         left = self.expr(level + 1)
-        while (token := self.peek()) is not None and token.text in _PRECEDENCE[level] \
-                and token.kind in ("op", "ident"):
+        while (
+            (token := self.peek()) is not None
+            and token.text in _PRECEDENCE[level]
+            and token.kind in ("op", "ident")
+        ):
             op = self.take().text
             comparison = level == 2
             is_bool = comparison and self.at("bool")
@@ -232,16 +293,30 @@ class Parser:
             self.fail("expected an expression")
         name = token.text
         following = self.peek(1)
-        if name in AGGREGATIONS and following is not None and following.text in (
-                "(", "by", "without"):
+        if (
+            name in AGGREGATIONS
+            and following is not None
+            and following.text in ("(", "by", "without")
+        ):
             return self.aggregation(), False
         if following is not None and following.text == "(":
             return self.call(), False
         if name in ("Inf", "NaN", "inf", "nan"):
             self.take()
             return "scalar", False
-        if name in ("by", "without", "on", "ignoring", "bool", "offset", "and", "or",
-                    "unless", "group_left", "group_right"):
+        if name in (
+            "by",
+            "without",
+            "on",
+            "ignoring",
+            "bool",
+            "offset",
+            "and",
+            "or",
+            "unless",
+            "group_left",
+            "group_right",
+        ):
             self.fail(f"keyword {name!r} where an expression belongs")
         self.take()
         self.metrics.add(name)
@@ -316,19 +391,30 @@ def parse_promql(text: str) -> tuple[str, set[str]]:
 def exported_metric_names() -> set[str]:
     """Every sample name the gateway's /metrics shows once each metric has a sample."""
     metrics = GatewayMetrics()
-    metrics.watch_engines(lambda: [{"model": "m", "version": "1", "replica": 0, "ready": True,
-                                    "outstanding": 0, "rss_bytes": 1}])
+    metrics.watch_engines(
+        lambda: [
+            {
+                "model": "m",
+                "version": "1",
+                "replica": 0,
+                "ready": True,
+                "outstanding": 0,
+                "rss_bytes": 1,
+            }
+        ]
+    )
     # faked NVML with one GPU: no GPU exists here (the hardware edge, the one allowed fake)
     handle = object()
     metrics.gpu._nvml = SimpleNamespace(
-        nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: handle,
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: handle,
         nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=50),
-        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=1))
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=1),
+    )
     for metric in vars(metrics).values():
         if not isinstance(metric, MetricWrapperBase):
             continue
-        child = metric.labels(*["x"] * len(metric._labelnames)) if metric._labelnames \
-            else metric
+        child = metric.labels(*["x"] * len(metric._labelnames)) if metric._labelnames else metric
         if metric._type == "histogram":
             child.observe(0.1)
         elif metric._type == "counter":
@@ -360,23 +446,39 @@ def _grafana(expr: str) -> str:
 
 
 # --- the parser itself, on known good and bad expressions
-@pytest.mark.parametrize("expr", [
-    'histogram_quantile(0.99, sum by (le) (rate(x_bucket{a="b", c=~"5.."}[5m])))',
-    "sum(rate(x[1m])) by (model) / ignoring(code) group_left sum(rate(y[1m])) > bool 0.5",
-    "-x offset 5m + 2 ^ 3 ^ 2", 'topk(3, x) or vector(1)', "max_over_time(x[10m:1m])",
-    "avg by (gpu) (avg_over_time(g[30m])) < 0.1", 'count_values("v", x)',
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        'histogram_quantile(0.99, sum by (le) (rate(x_bucket{a="b", c=~"5.."}[5m])))',
+        "sum(rate(x[1m])) by (model) / ignoring(code) group_left sum(rate(y[1m])) > bool 0.5",
+        "-x offset 5m + 2 ^ 3 ^ 2",
+        "topk(3, x) or vector(1)",
+        "max_over_time(x[10m:1m])",
+        "avg by (gpu) (avg_over_time(g[30m])) < 0.1",
+        'count_values("v", x)',
+    ],
+)
 def test_parser_accepts_promql(expr: str) -> None:
     parse_promql(expr)
 
 
-@pytest.mark.parametrize("expr", [
-    "rate(x)",  # rate wants a range vector
-    "sum(x[5m])",  # an aggregation wants an instant vector
-    "histogram_quantile(x, 0.9)",  # arguments swapped
-    "sum by (a (x)", "x{a=b}", 'x{a~"b"}', "rate(x[5])", "(x + )", "nosuchfunc(x)",
-    "x[5m] + 1", "1 and 2", '{a="b"',
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "rate(x)",  # rate wants a range vector
+        "sum(x[5m])",  # an aggregation wants an instant vector
+        "histogram_quantile(x, 0.9)",  # arguments swapped
+        "sum by (a (x)",
+        "x{a=b}",
+        'x{a~"b"}',
+        "rate(x[5])",
+        "(x + )",
+        "nosuchfunc(x)",
+        "x[5m] + 1",
+        "1 and 2",
+        '{a="b"',
+    ],
+)
 def test_parser_refuses_bad_promql(expr: str) -> None:
     with pytest.raises(PromQLError):
         parse_promql(expr)
@@ -393,8 +495,15 @@ def test_rules_file_has_prometheus_rule_group_structure() -> None:
         assert set(group) <= {"name", "interval", "rules", "limit"}, group.keys()
         for rule in group["rules"]:
             assert ("alert" in rule) != ("record" in rule), rule
-            assert set(rule) <= {"alert", "record", "expr", "for", "keep_firing_for",
-                                 "labels", "annotations"}, rule.keys()
+            assert set(rule) <= {
+                "alert",
+                "record",
+                "expr",
+                "for",
+                "keep_firing_for",
+                "labels",
+                "annotations",
+            }, rule.keys()
             assert isinstance(rule["expr"], str) and rule["expr"].strip()
             for key in ("for", "keep_firing_for"):
                 if key in rule:
@@ -433,10 +542,17 @@ def test_dashboard_panels_parse_and_name_exported_metrics(exported: set[str]) ->
         used |= names
     # what the dashboard is for: latency, throughput and errors, in-flight, engines, cache,
     # batching, GPU and open alerts
-    assert {"kiln_request_duration_seconds_bucket", "kiln_requests_total",
-            "kiln_inflight_requests", "kiln_engine_up", "kiln_engine_resident_memory_bytes",
-            "kiln_result_cache_hits_total", "kiln_batch_size_bucket",
-            "kiln_gpu_utilization_ratio", "kiln_alerts_open"} <= used
+    assert {
+        "kiln_request_duration_seconds_bucket",
+        "kiln_requests_total",
+        "kiln_inflight_requests",
+        "kiln_engine_up",
+        "kiln_engine_resident_memory_bytes",
+        "kiln_result_cache_hits_total",
+        "kiln_batch_size_bucket",
+        "kiln_gpu_utilization_ratio",
+        "kiln_alerts_open",
+    } <= used
 
 
 def test_a_renamed_metric_would_be_caught(exported: set[str]) -> None:

@@ -18,10 +18,12 @@ IMAGE = [TensorSpec(name="image", datatype="FP32", shape=[-1, 1, 8, 8])]
 TEXT = [TensorSpec(name="text", datatype="BYTES", shape=[-1])]
 
 
-def _json_body(data: object, shape: list[int], datatype: str = "FP32", name: str = "image"
-               ) -> bytes:
-    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape,
-                                   "data": data}]}).encode()
+def _json_body(
+    data: object, shape: list[int], datatype: str = "FP32", name: str = "image"
+) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}
+    ).encode()
 
 
 def test_json_request_decodes_to_the_spec() -> None:
@@ -35,9 +37,19 @@ def test_json_request_decodes_to_the_spec() -> None:
 def test_binary_extension_roundtrip_numbers_and_bytes() -> None:
     x = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
     raw = x.tobytes()
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
-                                     "parameters": {"binary_data_size": len(raw)}}],
-                         "parameters": {"binary_data_output": True}}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": [1, 1, 8, 8],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     doc, tail = oip.parse(header + raw, str(len(header)))
     req = oip.request(doc, tail, IMAGE, max_rows=4)
     np.testing.assert_array_equal(req.inputs["image"], x)
@@ -45,8 +57,18 @@ def test_binary_extension_roundtrip_numbers_and_bytes() -> None:
 
     texts = [b"hello", b"", "h\u00e9".encode()]
     raw = b"".join(struct.pack("<I", len(t)) + t for t in texts)
-    header = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3],
-                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": [3],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
     doc, tail = oip.parse(header + raw, str(len(header)))
     req = oip.request(doc, tail, TEXT, max_rows=4)
     assert list(req.inputs["text"]) == texts
@@ -54,34 +76,42 @@ def test_binary_extension_roundtrip_numbers_and_bytes() -> None:
 
 def test_binary_response_carries_a_json_header_and_raw_tensors() -> None:
     out = np.arange(6, dtype=np.float32).reshape(2, 3)
-    body, length = oip.response(model="m", version="1.0.0", request_id="7",
-                                outputs={"logits": out}, binary={"logits"})
+    body, length = oip.response(
+        model="m", version="1.0.0", request_id="7", outputs={"logits": out}, binary={"logits"}
+    )
     assert length is not None
     header = json.loads(body[:length])
     assert header["outputs"][0]["parameters"]["binary_data_size"] == out.nbytes
     assert header["id"] == "7"
     np.testing.assert_array_equal(np.frombuffer(body[length:], dtype="<f4").reshape(2, 3), out)
-    body, length = oip.response(model="m", version="1.0.0", request_id=None,
-                                outputs={"logits": out}, binary=set())
+    body, length = oip.response(
+        model="m", version="1.0.0", request_id=None, outputs={"logits": out}, binary=set()
+    )
     assert length is None and json.loads(body)["outputs"][0]["data"] == out.reshape(-1).tolist()
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    (b"{not json", "JSON"),
-    (b"[1, 2]", "inputs"),
-    (b'{"inputs": []}', "inputs"),
-    (_json_body([0.0] * 64, [1, 1, 8, 8], name="pixels"), "pixels"),
-    (_json_body([0.0] * 64, [1, 64]), "rank"),
-    (_json_body([0.0] * 64, [1, 1, 4, 16]), "shape"),
-    (_json_body([0.0] * 63, [1, 1, 8, 8]), "63 values"),
-    (_json_body([0] * 64, [1, 1, 8, 8], datatype="INT64"), "datatype INT64"),
-    (_json_body([], [0, 1, 8, 8]), "batch dimension is 0"),
-    (_json_body([0.0] * 64 * 5, [5, 1, 8, 8]), "max_request_batch"),
-    (_json_body(["a"] * 64, [1, 1, 8, 8]), "FP32"),
-    (_json_body([0.0] * 64, [1, 1, 8, -8]), "negative"),
-    (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1,1,8,8], '
-     b'"data": [1e400]}]}', "JSON"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"{not json", "JSON"),
+        (b"[1, 2]", "inputs"),
+        (b'{"inputs": []}', "inputs"),
+        (_json_body([0.0] * 64, [1, 1, 8, 8], name="pixels"), "pixels"),
+        (_json_body([0.0] * 64, [1, 64]), "rank"),
+        (_json_body([0.0] * 64, [1, 1, 4, 16]), "shape"),
+        (_json_body([0.0] * 63, [1, 1, 8, 8]), "63 values"),
+        (_json_body([0] * 64, [1, 1, 8, 8], datatype="INT64"), "datatype INT64"),
+        (_json_body([], [0, 1, 8, 8]), "batch dimension is 0"),
+        (_json_body([0.0] * 64 * 5, [5, 1, 8, 8]), "max_request_batch"),
+        (_json_body(["a"] * 64, [1, 1, 8, 8]), "FP32"),
+        (_json_body([0.0] * 64, [1, 1, 8, -8]), "negative"),
+        (
+            b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1,1,8,8], '
+            b'"data": [1e400]}]}',
+            "JSON",
+        ),
+    ],
+)
 def test_bad_requests_name_the_field(body: bytes, field: str) -> None:
     with pytest.raises(oip.BadRequest, match=field):
         doc, tail = oip.parse(body, None)
@@ -93,8 +123,18 @@ def test_non_finite_input_is_refused(bad: float) -> None:
     x = np.zeros((1, 1, 8, 8), dtype=np.float32)
     x[0, 0, 3, 3] = bad
     raw = x.tobytes()
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
-                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": [1, 1, 8, 8],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
     doc, tail = oip.parse(header + raw, str(len(header)))
     with pytest.raises(oip.BadRequest, match="image.*NaN or infinite"):
         oip.request(doc, tail, IMAGE, max_rows=4)
@@ -103,9 +143,18 @@ def test_non_finite_input_is_refused(bad: float) -> None:
 def test_binary_size_mismatches_are_refused() -> None:
     raw = np.zeros(64, dtype=np.float32).tobytes()
     for size, tail in [(len(raw) + 4, raw), (len(raw), raw + b"xx")]:
-        header = json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
-                                         "shape": [1, 1, 8, 8],
-                                         "parameters": {"binary_data_size": size}}]}).encode()
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "FP32",
+                        "shape": [1, 1, 8, 8],
+                        "parameters": {"binary_data_size": size},
+                    }
+                ]
+            }
+        ).encode()
         with pytest.raises(oip.BadRequest):
             doc, rest = oip.parse(header + tail, str(len(header)))
             oip.request(doc, rest, IMAGE, max_rows=4)
@@ -114,11 +163,14 @@ def test_binary_size_mismatches_are_refused() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(shape=st.lists(st.integers(min_value=-2, max_value=9), min_size=0, max_size=6),
-       datatype=st.sampled_from(sorted(oip.DATATYPES) + ["FP8", "", "fp32"]),
-       values=st.integers(min_value=0, max_value=200))
-def test_any_malformed_request_is_a_bad_request_never_a_crash(shape: list[int], datatype: str,
-                                                             values: int) -> None:
+@given(
+    shape=st.lists(st.integers(min_value=-2, max_value=9), min_size=0, max_size=6),
+    datatype=st.sampled_from(sorted(oip.DATATYPES) + ["FP8", "", "fp32"]),
+    values=st.integers(min_value=0, max_value=200),
+)
+def test_any_malformed_request_is_a_bad_request_never_a_crash(
+    shape: list[int], datatype: str, values: int
+) -> None:
     body = _json_body([0.5] * values, shape, datatype=datatype)
     try:
         doc, tail = oip.parse(body, None)
@@ -130,16 +182,22 @@ def test_any_malformed_request_is_a_bad_request_never_a_crash(shape: list[int], 
 
 
 def test_path_variants_are_one_route() -> None:
-    assert {normalise_path(p) for p in ("/v2/models/digits/infer", "//v2//models/digits/infer/",
-                                        "/v2/models//digits/infer//")} \
-        == {"/v2/models/digits/infer"}
+    assert {
+        normalise_path(p)
+        for p in (
+            "/v2/models/digits/infer",
+            "//v2//models/digits/infer/",
+            "/v2/models//digits/infer//",
+        )
+    } == {"/v2/models/digits/infer"}
 
 
 def test_non_string_datatype_and_odd_output_parameters_are_bad_requests() -> None:
-    for body in (b'{"inputs": [{"name": "image", "datatype": [], "shape": [1,1,8,8], '
-                 b'"data": []}]}',
-                 _json_body([0.0] * 64, [1, 1, 8, 8])[:-1] + b', "outputs": [{"name": "y", '
-                 b'"parameters": [1]}]}'):
+    for body in (
+        b'{"inputs": [{"name": "image", "datatype": [], "shape": [1,1,8,8], "data": []}]}',
+        _json_body([0.0] * 64, [1, 1, 8, 8])[:-1] + b', "outputs": [{"name": "y", '
+        b'"parameters": [1]}]}',
+    ):
         with pytest.raises(oip.BadRequest):
             doc, tail = oip.parse(body, None)
             oip.request(doc, tail, IMAGE, max_rows=4)

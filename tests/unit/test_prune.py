@@ -71,10 +71,13 @@ def _save(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
 
 
 def _spec(shape: list[int], outputs: int) -> ModelSpec:
-    return ModelSpec.model_validate({
-        "task": "classification",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": shape}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, outputs]}]})
+    return ModelSpec.model_validate(
+        {
+            "task": "classification",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": shape}],
+            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, outputs]}],
+        }
+    )
 
 
 def _params(path: Path) -> dict[str, torch.Tensor]:
@@ -85,15 +88,21 @@ def test_every_hidden_layer_is_pruned_the_dead_units_first(tmp_path: Path) -> No
     torch.manual_seed(0)
     model = RedundantMLP().eval()
     source = _save(model, torch.randn(2, 8), tmp_path / "mlp.pt2")
-    record = prune_structured(source, tmp_path / "pruned.pt2", ratio=0.3,
-                              spec=_spec([-1, 8], 3))
+    record = prune_structured(source, tmp_path / "pruned.pt2", ratio=0.3, spec=_spec([-1, 8], 3))
 
     first, second = record["layers"]
-    assert first == {"name": "fc1", "op": "linear", "channels_before": 20, "channels_after": 14,
-                     "removed": DEAD, "consumers": ["fc2"]}
+    assert first == {
+        "name": "fc1",
+        "op": "linear",
+        "channels_before": 20,
+        "channels_after": 14,
+        "removed": DEAD,
+        "consumers": ["fc2"],
+    }
     assert second["name"] == "fc2" and second["channels_after"] == 14
-    assert record["skipped"] == [{"name": "out", "op": "linear",
-                                  "reason": "its output is the model's output"}]
+    assert record["skipped"] == [
+        {"name": "out", "op": "linear", "reason": "its output is the model's output"}
+    ]
     # fc1 8x20+20, fc2 20x20+20, out 20x3+3 -> fc1 8x14+14, fc2 14x14+14, out 14x3+3
     assert record["params_before"] == 663 and record["params_after"] == 381
     params = _params(tmp_path / "pruned.pt2")
@@ -111,8 +120,7 @@ def test_pruning_only_dead_units_keeps_the_outputs(tmp_path: Path) -> None:
         model[0].weight[DEAD] *= 1e-4
         model[0].bias[DEAD] = 0.0
     source = _save(model, torch.randn(2, 8), tmp_path / "mlp.pt2")
-    record = prune_structured(source, tmp_path / "pruned.pt2", ratio=0.3,
-                              spec=_spec([-1, 8], 3))
+    record = prune_structured(source, tmp_path / "pruned.pt2", ratio=0.3, spec=_spec([-1, 8], 3))
     assert [layer["removed"] for layer in record["layers"]] == [DEAD]
     assert record["params_before"] == 8 * 20 + 20 + 20 * 3 + 3
     assert record["params_after"] == 8 * 14 + 14 + 14 * 3 + 3
@@ -128,12 +136,18 @@ def test_pruning_a_cnn_keeps_shapes_consistent_through_flatten(tmp_path: Path) -
     torch.manual_seed(0)
     model = SmallCNN().eval()
     source = _save(model, torch.randn(2, 1, 8, 8), tmp_path / "cnn.pt2")
-    record = prune_structured(source, tmp_path / "pruned.pt2", ratio=0.3,
-                              spec=_spec([-1, 1, 8, 8], 5))
-    summary = {layer["name"]: (layer["channels_before"], layer["channels_after"],
-                               layer["consumers"]) for layer in record["layers"]}
-    assert summary == {"conv1": (10, 7, ["conv2"]), "conv2": (16, 12, ["fc"]),
-                       "fc": (12, 9, ["head"])}
+    record = prune_structured(
+        source, tmp_path / "pruned.pt2", ratio=0.3, spec=_spec([-1, 1, 8, 8], 5)
+    )
+    summary = {
+        layer["name"]: (layer["channels_before"], layer["channels_after"], layer["consumers"])
+        for layer in record["layers"]
+    }
+    assert summary == {
+        "conv1": (10, 7, ["conv2"]),
+        "conv2": (16, 12, ["fc"]),
+        "fc": (12, 9, ["head"]),
+    }
     assert [s["name"] for s in record["skipped"]] == ["head"]
     params = _params(tmp_path / "pruned.pt2")
     assert params["conv1.weight"].shape == (7, 1, 3, 3)
@@ -159,8 +173,11 @@ def test_pruning_a_cnn_keeps_shapes_consistent_through_flatten(tmp_path: Path) -
 def test_a_residual_is_skipped_with_the_reason(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = _save(Residual(), torch.randn(2, 6), tmp_path / "res.pt2")
-    with pytest.raises(VariantUnavailable, match=r"nothing to prune.*fc1: its output reaches "
-                                                 r"aten\.add.*residual"):
+    with pytest.raises(
+        VariantUnavailable,
+        match=r"nothing to prune.*fc1: its output reaches "
+        r"aten\.add.*residual",
+    ):
         prune_structured(source, tmp_path / "pruned.pt2", ratio=0.3, spec=_spec([-1, 6], 2))
     assert not (tmp_path / "pruned.pt2").exists()
 

@@ -11,9 +11,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlmodel import Session, SQLModel
 
+from kiln.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from kiln.registry import crud
 from kiln.registry.db import dispose_engines, engine_for, migrate, session_scope
-from kiln.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from kiln.registry.tables import TRANSITIONS, ModelVersion, Task, VersionStatus
 
 SHA = "ab" * 32
@@ -27,9 +27,16 @@ def _fresh_engines():
 
 def _model_and_version(session: Session, version: str = "0.1.0") -> ModelVersion:
     model = crud.get_model(session=session, name="m") or crud.create_model(
-        session=session, name="m", task=Task.classification)
-    return crud.create_version(session=session, model=model, version=version,
-                               source_format="pt2", source_sha256=SHA, spec={"inputs": []})
+        session=session, name="m", task=Task.classification
+    )
+    return crud.create_version(
+        session=session,
+        model=model,
+        version=version,
+        source_format="pt2",
+        source_sha256=SHA,
+        spec={"inputs": []},
+    )
 
 
 def test_migrations_match_the_models(db_url: str) -> None:
@@ -51,8 +58,15 @@ def test_sqlite_runs_wal_with_foreign_keys(tmp_path) -> None:
 def test_crud_round_trip(db_url: str) -> None:
     with session_scope(db_url) as session:
         row = _model_and_version(session)
-        crud.add_artifact(session=session, version=row, kind="source", path="objects/ab/x.pt2",
-                          sha256=SHA, size=10, selected=True)
+        crud.add_artifact(
+            session=session,
+            version=row,
+            kind="source",
+            path="objects/ab/x.pt2",
+            sha256=SHA,
+            size=10,
+            selected=True,
+        )
     with session_scope(db_url) as session:
         found = crud.require_version(session=session, name="m")
         assert found.version == "0.1.0" and found.status == VersionStatus.uploaded
@@ -72,7 +86,10 @@ def test_versions_sort_by_semver_not_text(db_url: str) -> None:
             _model_and_version(session, v)
         model = crud.require_model(session=session, name="m")
         assert [v.version for v in crud.list_versions(session=session, model=model)] == [
-            "0.2.0", "0.9.1", "0.10.0"]
+            "0.2.0",
+            "0.9.1",
+            "0.10.0",
+        ]
         assert crud.next_version(session=session, model=model) == "0.10.1"
 
 
@@ -88,8 +105,11 @@ def test_versions_are_unique_and_semver(db_url: str) -> None:
 def test_database_enforces_unique_version(db_url: str) -> None:
     with session_scope(db_url) as session:
         row = _model_and_version(session)
-        session.add(ModelVersion(model_id=row.model_id, version="0.1.0", source_format="pt2",
-                                 source_sha256=SHA))
+        session.add(
+            ModelVersion(
+                model_id=row.model_id, version="0.1.0", source_format="pt2", source_sha256=SHA
+            )
+        )
         with pytest.raises(sqlalchemy.exc.IntegrityError):
             session.flush()
         session.rollback()
@@ -98,8 +118,11 @@ def test_database_enforces_unique_version(db_url: str) -> None:
 def test_database_enforces_foreign_keys(db_url: str) -> None:
     with pytest.raises(sqlalchemy.exc.IntegrityError):
         with session_scope(db_url) as session:
-            session.add(ModelVersion(model_id=12345, version="0.1.0", source_format="pt2",
-                                     source_sha256=SHA))
+            session.add(
+                ModelVersion(
+                    model_id=12345, version="0.1.0", source_format="pt2", source_sha256=SHA
+                )
+            )
 
 
 ALL_PAIRS = list(itertools.product(VersionStatus, VersionStatus))
@@ -140,10 +163,17 @@ def test_lifecycle_edges(tmp_path, start: VersionStatus, end: VersionStatus) -> 
 def test_lifecycle_is_the_design(tmp_path) -> None:
     edges = {(a.value, b.value) for a, targets in TRANSITIONS.items() for b in targets}
     assert edges == {
-        ("uploaded", "optimizing"), ("optimizing", "validated"), ("optimizing", "rejected"),
-        ("validated", "canary"), ("validated", "production"), ("validated", "rejected"),
-        ("canary", "production"), ("canary", "rolled_back"), ("production", "retired"),
-        ("retired", "production"), ("rolled_back", "canary"),
+        ("uploaded", "optimizing"),
+        ("optimizing", "validated"),
+        ("optimizing", "rejected"),
+        ("validated", "canary"),
+        ("validated", "production"),
+        ("validated", "rejected"),
+        ("canary", "production"),
+        ("canary", "rolled_back"),
+        ("production", "retired"),
+        ("retired", "production"),
+        ("rolled_back", "canary"),
     }
 
 
@@ -162,18 +192,35 @@ def test_api_keys_are_stored_hashed(db_url: str) -> None:
 
 def test_alerts_open_once_refresh_and_resolve(db_url: str) -> None:
     with session_scope(db_url) as session:
-        first, opened = crud.raise_alert(session=session, model="m", kind="p99", version="0.1.0",
-                                         message="p99 120 ms over 50 ms", value=120, threshold=50)
+        first, opened = crud.raise_alert(
+            session=session,
+            model="m",
+            kind="p99",
+            version="0.1.0",
+            message="p99 120 ms over 50 ms",
+            value=120,
+            threshold=50,
+        )
         assert opened
-        again, opened = crud.raise_alert(session=session, model="m", kind="p99", version="0.1.0",
-                                         message="p99 130 ms over 50 ms", value=130, threshold=50)
+        again, opened = crud.raise_alert(
+            session=session,
+            model="m",
+            kind="p99",
+            version="0.1.0",
+            message="p99 130 ms over 50 ms",
+            value=130,
+            threshold=50,
+        )
         assert not opened and again.id == first.id and again.value == 130
-        other, opened = crud.raise_alert(session=session, model="m", kind="engine_down",
-                                         version="0.1.0", message="no engine")
+        other, opened = crud.raise_alert(
+            session=session, model="m", kind="engine_down", version="0.1.0", message="no engine"
+        )
         assert opened and other.id != first.id
     with session_scope(db_url) as session:
         assert {a.kind for a in crud.open_alerts(session=session, model="m")} == {
-            "p99", "engine_down"}
+            "p99",
+            "engine_down",
+        }
         alert = crud.find_open_alert(session=session, model="m", kind="p99", version="0.1.0")
         assert alert is not None
         crud.resolve_alert(session=session, alert=alert, detail={"cleared_at_ms": 12})
@@ -183,8 +230,9 @@ def test_alerts_open_once_refresh_and_resolve(db_url: str) -> None:
         assert resolved.state == "resolved" and resolved.resolved_at is not None
         assert resolved.detail["cleared_at_ms"] == 12
         # the next breach is a new alert, not the resolved one reopened
-        _, opened = crud.raise_alert(session=session, model="m", kind="p99", version="0.1.0",
-                                     message="again")
+        _, opened = crud.raise_alert(
+            session=session, model="m", kind="p99", version="0.1.0", message="again"
+        )
         assert opened
 
 
@@ -198,17 +246,25 @@ def test_inference_records_round_trip_and_retention(db_url: str) -> None:
 
     now = utcnow()
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    rows = [InferenceRecord(model_name="m", version="0.1.0", input=records.encode({"x": x}),
-                            output=records.encode({"y": x[:, :1]}), latency_ms=1.5,
-                            timestamp=now - timedelta(days=age)) for age in (0, 1, 10)]
+    rows = [
+        InferenceRecord(
+            model_name="m",
+            version="0.1.0",
+            input=records.encode({"x": x}),
+            output=records.encode({"y": x[:, :1]}),
+            latency_ms=1.5,
+            timestamp=now - timedelta(days=age),
+        )
+        for age in (0, 1, 10)
+    ]
     with session_scope(db_url) as session:
         assert crud.add_inference_records(session=session, records=rows) == 3
     with session_scope(db_url) as session:
-        recent = crud.recent_inferences(session=session, model="m",
-                                        since=now - timedelta(days=2))
+        recent = crud.recent_inferences(session=session, model="m", since=now - timedelta(days=2))
         assert len(recent) == 2
-        np.testing.assert_array_equal(records.rows([r.input for r in recent], "x"),
-                                      np.concatenate([x, x]))
+        np.testing.assert_array_equal(
+            records.rows([r.input for r in recent], "x"), np.concatenate([x, x])
+        )
         assert crud.purge_inferences(session=session, older_than=now - timedelta(days=7)) == 1
     with session_scope(db_url) as session:
         assert len(crud.recent_inferences(session=session, model="m")) == 2
@@ -224,10 +280,16 @@ def test_bulk_inference_rows_from_arrays_read_back_as_sent(db_url: str) -> None:
     x = np.array([[0.1, np.nan, -2.5, 1e-7]], dtype=np.float32)
     y = np.array([[3, 1]], dtype=np.int64)
     text = np.array([b"caf\xc3\xa9", b"\xff"], dtype=object)
-    row = {"model_name": "m", "version": "0.1.0",
-           "input": records.encode({"x": x, "t": text}, arrays=True),
-           "output": records.encode({"y": y}, arrays=True), "latency_ms": 2.0, "status": 200,
-           "batch_id": None, "timestamp": utcnow()}
+    row = {
+        "model_name": "m",
+        "version": "0.1.0",
+        "input": records.encode({"x": x, "t": text}, arrays=True),
+        "output": records.encode({"y": y}, arrays=True),
+        "latency_ms": 2.0,
+        "status": 200,
+        "batch_id": None,
+        "timestamp": utcnow(),
+    }
     assert isinstance(row["input"]["x"]["data"], np.ndarray)
     with session_scope(db_url) as session:
         assert crud.insert_inference_rows(session=session, rows=[row, row]) == 2
@@ -245,11 +307,23 @@ def test_drift_reports_latest_first(db_url: str) -> None:
     from kiln.registry.tables import DriftReport
 
     with session_scope(db_url) as session:
-        crud.add_drift_report(session=session, report=DriftReport(
-            model_name="m", drift_detected=None, samples=12, method="not enough data"))
-        crud.add_drift_report(session=session, report=DriftReport(
-            model_name="m", drift_detected=True, drift_share=0.8, samples=300,
-            method="evidently DataDriftPreset", report_path="objects/cd/report.html"))
+        crud.add_drift_report(
+            session=session,
+            report=DriftReport(
+                model_name="m", drift_detected=None, samples=12, method="not enough data"
+            ),
+        )
+        crud.add_drift_report(
+            session=session,
+            report=DriftReport(
+                model_name="m",
+                drift_detected=True,
+                drift_share=0.8,
+                samples=300,
+                method="evidently DataDriftPreset",
+                report_path="objects/cd/report.html",
+            ),
+        )
     with session_scope(db_url) as session:
         latest = crud.latest_drift_report(session=session, model="m")
         assert latest is not None and latest.drift_detected and latest.drift_share == 0.8

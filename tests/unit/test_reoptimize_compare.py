@@ -8,41 +8,55 @@ from kiln.optimize.reoptimize import compare
 
 
 def variant(backend: str, p50_b8: float, metric: float = 0.98) -> dict[str, Any]:
-    return {"backend": backend, "precision": "fp32", "metric": metric,
-            "latency_ms": {"8": {"p50": p50_b8}, "32": {"p50": p50_b8 * 3}},
-            "throughput": {"8": 8000 / p50_b8, "32": 32000 / (p50_b8 * 3)}}
+    return {
+        "backend": backend,
+        "precision": "fp32",
+        "metric": metric,
+        "latency_ms": {"8": {"p50": p50_b8}, "32": {"p50": p50_b8 * 3}},
+        "throughput": {"8": 8000 / p50_b8, "32": 32000 / (p50_b8 * 3)},
+    }
 
 
 def doc(selected: dict[str, Any], sha: str) -> dict[str, Any]:
     return {"selected": selected, "selected_sha256": sha}
 
 
-def judge(production: dict[str, Any] | None, candidate: dict[str, Any], task: str =
-          "classification", settings: dict[str, Any] | None = None, min_speedup: float = 1.1
-          ) -> dict[str, Any]:
-    return compare(task=task, model_settings=settings or {}, production=production,
-                   candidate=candidate, min_speedup=min_speedup)
+def judge(
+    production: dict[str, Any] | None,
+    candidate: dict[str, Any],
+    task: str = "classification",
+    settings: dict[str, Any] | None = None,
+    min_speedup: float = 1.1,
+) -> dict[str, Any]:
+    return compare(
+        task=task,
+        model_settings=settings or {},
+        production=production,
+        candidate=candidate,
+        min_speedup=min_speedup,
+    )
 
 
 def test_faster_at_equal_accuracy_is_better_at_the_serving_batch() -> None:
-    v = judge(doc(variant("torch-eager", 2.0), "a" * 64),
-              doc(variant("onnxruntime", 0.5), "b" * 64))
+    v = judge(
+        doc(variant("torch-eager", 2.0), "a" * 64), doc(variant("onnxruntime", 0.5), "b" * 64)
+    )
     assert v["better"] and v["speedup"] == 4.0 and v["batch"] == "8"
     assert v["throughput_ratio"] == 4.0
 
 
 def test_the_model_serving_batch_setting_is_used() -> None:
     settings = {"optimize": {"gates": {"serving_batch": 32}}}
-    v = judge(doc(variant("a", 2.0), "a" * 64), doc(variant("b", 1.0), "b" * 64),
-              settings=settings)
+    v = judge(doc(variant("a", 2.0), "a" * 64), doc(variant("b", 1.0), "b" * 64), settings=settings)
     assert v["batch"] == "32" and v["better"]
 
 
 def test_not_fast_enough_is_no_improvement() -> None:
     v = judge(doc(variant("a", 1.0), "a" * 64), doc(variant("b", 0.95), "b" * 64))
     assert not v["better"] and "under the 1.1x" in v["reason"]
-    assert judge(doc(variant("a", 1.0), "a" * 64), doc(variant("b", 0.95), "b" * 64),
-                 min_speedup=1.05)["better"]
+    assert judge(
+        doc(variant("a", 1.0), "a" * 64), doc(variant("b", 0.95), "b" * 64), min_speedup=1.05
+    )["better"]
 
 
 def test_an_accuracy_drop_over_the_gate_is_no_improvement() -> None:

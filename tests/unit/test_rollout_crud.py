@@ -7,19 +7,26 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from kiln.errors import Conflict, IllegalTransition, NotFound
 from kiln.registry import crud
 from kiln.registry.db import session_scope
-from kiln.errors import Conflict, IllegalTransition, NotFound
 from kiln.registry.tables import Task, VersionStatus
 
 
 def _validated(db_url: str, *versions: str) -> None:
     with session_scope(db_url) as session:
         model = crud.get_model(session=session, name="m") or crud.create_model(
-            session=session, name="m", task=Task.classification)
+            session=session, name="m", task=Task.classification
+        )
         for version in versions:
-            row = crud.create_version(session=session, model=model, version=version,
-                                      source_format="pt2", source_sha256=version * 8, spec={})
+            row = crud.create_version(
+                session=session,
+                model=model,
+                version=version,
+                source_format="pt2",
+                source_sha256=version * 8,
+                spec={},
+            )
             crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
             crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
 
@@ -36,40 +43,52 @@ def _deployment(db_url: str) -> tuple[str | None, str | None, float]:
         dep = crud.get_deployment(session=session, model=model)
         assert dep is not None
         name = {v.id: v.version for v in crud.list_versions(session=session, model=model)}
-        return (name.get(dep.stable_version_id), name.get(dep.canary_version_id),
-                dep.canary_weight)
+        return (name.get(dep.stable_version_id), name.get(dep.canary_version_id), dep.canary_weight)
 
 
 def test_deploy_canary_promote_rollback(db_url: str) -> None:
     _validated(db_url, "1.0.0", "1.1.0", "1.2.0")
     with session_scope(db_url) as session:
-        crud.deploy_direct(session=session, version=crud.require_version(
-            session=session, name="m", version="1.0.0"))
+        crud.deploy_direct(
+            session=session,
+            version=crud.require_version(session=session, name="m", version="1.0.0"),
+        )
     with session_scope(db_url) as session:
-        crud.start_canary(session=session, weight=0.1, version=crud.require_version(
-            session=session, name="m", version="1.1.0"))
+        crud.start_canary(
+            session=session,
+            weight=0.1,
+            version=crud.require_version(session=session, name="m", version="1.1.0"),
+        )
     assert _deployment(db_url) == ("1.0.0", "1.1.0", 0.1)
     with session_scope(db_url) as session:
-        crud.set_canary_weight(session=session, model=crud.require_model(session=session,
-                                                                          name="m"),
-                               weight=0.5, reason="step")
+        crud.set_canary_weight(
+            session=session,
+            model=crud.require_model(session=session, name="m"),
+            weight=0.5,
+            reason="step",
+        )
     with session_scope(db_url) as session:
         crud.promote(session=session, model=crud.require_model(session=session, name="m"))
     assert _deployment(db_url) == ("1.1.0", None, 0.0)
     assert _status(db_url) == {"1.0.0": "retired", "1.1.0": "production", "1.2.0": "validated"}
     with session_scope(db_url) as session:  # a canary that fails its guardrails
-        crud.start_canary(session=session, weight=0.1, version=crud.require_version(
-            session=session, name="m", version="1.2.0"))
+        crud.start_canary(
+            session=session,
+            weight=0.1,
+            version=crud.require_version(session=session, name="m", version="1.2.0"),
+        )
     with session_scope(db_url) as session:
-        crud.rollback(session=session, model=crud.require_model(session=session, name="m"),
-                      reason="p99 over 1.2x stable")
+        crud.rollback(
+            session=session,
+            model=crud.require_model(session=session, name="m"),
+            reason="p99 over 1.2x stable",
+        )
     assert _deployment(db_url) == ("1.1.0", None, 0.0)
     assert _status(db_url)["1.2.0"] == "rolled_back"
     with session_scope(db_url) as session:  # back to an earlier production version
         crud.rollback(session=session, model=crud.require_model(session=session, name="m"))
     assert _deployment(db_url) == ("1.0.0", None, 0.0)
-    assert _status(db_url) == {"1.0.0": "production", "1.1.0": "retired",
-                               "1.2.0": "rolled_back"}
+    assert _status(db_url) == {"1.0.0": "production", "1.1.0": "retired", "1.2.0": "rolled_back"}
     with session_scope(db_url) as session:
         model = crud.require_model(session=session, name="m")
         dep = crud.get_deployment(session=session, model=model)
@@ -83,38 +102,46 @@ def test_illegal_changes_are_refused_and_change_nothing(db_url: str) -> None:
         with pytest.raises(NotFound):  # not deployed: nothing to promote
             crud.promote(session=session, model=crud.require_model(session=session, name="m"))
     with session_scope(db_url) as session:
-        crud.deploy_direct(session=session, version=crud.require_version(
-            session=session, name="m", version="1.0.0"))
+        crud.deploy_direct(
+            session=session,
+            version=crud.require_version(session=session, name="m", version="1.0.0"),
+        )
     with session_scope(db_url) as session, pytest.raises(Conflict, match="no canary"):
         crud.promote(session=session, model=crud.require_model(session=session, name="m"))
     with session_scope(db_url) as session, pytest.raises(IllegalTransition):
-        crud.start_canary(session=session, weight=0.1, version=crud.require_version(
-            session=session, name="m", version="1.0.0"))  # production cannot be a canary
+        crud.start_canary(
+            session=session,
+            weight=0.1,
+            version=crud.require_version(session=session, name="m", version="1.0.0"),
+        )  # production cannot be a canary
     assert _deployment(db_url) == ("1.0.0", None, 0.0)
 
 
 def test_twenty_concurrent_promotes_have_one_winner(db_url: str) -> None:
     _validated(db_url, "1.0.0", "2.0.0")
     with session_scope(db_url) as session:
-        crud.deploy_direct(session=session, version=crud.require_version(
-            session=session, name="m", version="1.0.0"))
+        crud.deploy_direct(
+            session=session,
+            version=crud.require_version(session=session, name="m", version="1.0.0"),
+        )
     with session_scope(db_url) as session:
-        crud.start_canary(session=session, weight=0.5, version=crud.require_version(
-            session=session, name="m", version="2.0.0"))
+        crud.start_canary(
+            session=session,
+            weight=0.5,
+            version=crud.require_version(session=session, name="m", version="2.0.0"),
+        )
 
     def promote(_: int) -> str:
         try:
             with session_scope(db_url) as session:
-                crud.promote(session=session,
-                             model=crud.require_model(session=session, name="m"))
+                crud.promote(session=session, model=crud.require_model(session=session, name="m"))
             return "won"
         except Conflict:
             return "409"
 
     with ThreadPoolExecutor(20) as pool:
         outcomes = list(pool.map(promote, range(20)))
-    print(f"20 concurrent promotes: {outcomes.count('won')} won, {outcomes.count('409')} got "
-          "409")
+    print(f"20 concurrent promotes: {outcomes.count('won')} won, {outcomes.count('409')} got 409")
     assert outcomes.count("won") == 1 and outcomes.count("409") == 19
     assert _deployment(db_url) == ("2.0.0", None, 0.0)
     assert _status(db_url) == {"1.0.0": "retired", "2.0.0": "production"}

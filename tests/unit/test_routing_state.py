@@ -9,14 +9,24 @@ from kiln.spec import ModelSpec
 from serving.config import ServingSettings
 from serving.state import BREAKER_FAILURES, Replica, ResultCache, RoutingState, ServedModel
 
-SPEC = ModelSpec.model_validate({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
-                                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}]})
+SPEC = ModelSpec.model_validate(
+    {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+    }
+)
 
 
 def _served(weight: float, canary: str | None = "2.0.0") -> ServedModel:
-    return ServedModel(name="m", task="classification", settings=ServingSettings(),
-                       stable="1.0.0", canary=canary, canary_weight=weight,
-                       specs={"1.0.0": SPEC, **({canary: SPEC} if canary else {})})
+    return ServedModel(
+        name="m",
+        task="classification",
+        settings=ServingSettings(),
+        stable="1.0.0",
+        canary=canary,
+        canary_weight=weight,
+        specs={"1.0.0": SPEC, **({canary: SPEC} if canary else {})},
+    )
 
 
 def test_canary_weight_splits_traffic_and_routing_keys_stick() -> None:
@@ -108,8 +118,7 @@ def test_scaling_in_drains_a_warming_replica_before_the_ready_one() -> None:
     from serving.supervisor import EngineProc, scale_in_victim
 
     def proc(ready: bool, outstanding: int) -> EngineProc:
-        replica = Replica("m", "1.0.0", "http://127.0.0.1:1", ready=ready,
-                          outstanding=outstanding)
+        replica = Replica("m", "1.0.0", "http://127.0.0.1:1", ready=ready, outstanding=outstanding)
         return EngineProc(replica=replica, proc=None, started=0.0)  # type: ignore[arg-type]
 
     serving, warming = proc(True, 0), proc(False, 0)

@@ -12,13 +12,17 @@ def test_max_replicas_set_by_hand_wins() -> None:
     assert ServingSettings(max_replicas=3).replica_limit == 3
 
 
-@pytest.mark.parametrize(("cores", "gpus", "expected"), [
-    (2, 0, 1),  # this machine: one CPU replica (a second would share the same 2 cores)
-    (16, 0, 4),
-    (16, 2, 4),  # two per GPU
-])
-def test_default_limit_follows_the_host(monkeypatch: pytest.MonkeyPatch, cores: int, gpus: int,
-                                         expected: int) -> None:
+@pytest.mark.parametrize(
+    ("cores", "gpus", "expected"),
+    [
+        (2, 0, 1),  # this machine: one CPU replica (a second would share the same 2 cores)
+        (16, 0, 4),
+        (16, 2, 4),  # two per GPU
+    ],
+)
+def test_default_limit_follows_the_host(
+    monkeypatch: pytest.MonkeyPatch, cores: int, gpus: int, expected: int
+) -> None:
     monkeypatch.setattr(config.os, "cpu_count", lambda: cores)
     monkeypatch.setattr(config, "gpu_count", lambda: gpus)
     assert ServingSettings().replica_limit == expected

@@ -42,8 +42,13 @@ def test_get_settings_is_cached_and_turns_telemetry_off(
         monkeypatch.delenv(key, raising=False)
     get_settings.cache_clear()
     assert get_settings() is get_settings()
-    for key in ("DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED", "DVC_NO_ANALYTICS",
-                "GX_ANALYTICS_ENABLED", "HF_HUB_OFFLINE"):
+    for key in (
+        "DO_NOT_TRACK",
+        "PREFECT_SERVER_ANALYTICS_ENABLED",
+        "DVC_NO_ANALYTICS",
+        "GX_ANALYTICS_ENABLED",
+        "HF_HUB_OFFLINE",
+    ):
         assert os.environ[key] == PRIVACY_ENV[key]
     get_settings.cache_clear()
 

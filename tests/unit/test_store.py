@@ -55,8 +55,17 @@ def test_corrupt_files_are_refused(store: ArtifactStore, blob: Path) -> None:
         store.verified_path(stored.path, stored.sha256)
 
 
-@pytest.mark.parametrize("rel", ["../registry.db", "objects/../../etc/passwd", "/etc/passwd",
-                                 "//proc/self/root", "objects/%2e%2e/x", "objects"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "../registry.db",
+        "objects/../../etc/passwd",
+        "/etc/passwd",
+        "//proc/self/root",
+        "objects/%2e%2e/x",
+        "objects",
+    ],
+)
 def test_paths_outside_the_store_are_not_found(store: ArtifactStore, rel: str) -> None:
     with pytest.raises((NotFound, IntegrityError)):
         store.verified_path(rel, "0" * 64)
@@ -90,8 +99,12 @@ def test_sweep_removes_orphans_and_dead_staging(store: ArtifactStore, blob: Path
     other = blob.with_name("other.bin")
     other.write_bytes(b"orphan")
     orphan = store.put(other, suffix=".bin")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (store.home / "tmp" / f"op-{dead}-abc").mkdir()
     with store.staging() as mine:
         removed = store.sweep({kept.path})
@@ -108,9 +121,17 @@ def test_sweep_waits_for_a_running_operation(store: ArtifactStore, blob: Path) -
     with store.locked():
         stored = store.put(other, suffix=".bin")
         child = subprocess.run(
-            [sys.executable, "-c",
-             "import sys; from pathlib import Path; from kiln.store.artifacts import ArtifactStore; "
-             "print(ArtifactStore(Path(sys.argv[1]), sys.argv[2]).sweep(set()))",
-             str(store.home), store.remote_url], capture_output=True, text=True, check=True)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pathlib import Path; from kiln.store.artifacts import ArtifactStore; "
+                "print(ArtifactStore(Path(sys.argv[1]), sys.argv[2]).sweep(set()))",
+                str(store.home),
+                store.remote_url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert child.stdout.strip() == "[]"
         assert (store.home / stored.path).is_file()
