@@ -28,6 +28,7 @@ lint: setup  ## ruff check, ruff format --check, lint-imports (the layer contrac
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 typecheck: setup  ## mypy over kiln, serving, tasks and flows (pyproject.toml's [tool.mypy])
 	$(VENV)/bin/mypy

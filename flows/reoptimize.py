@@ -20,7 +20,7 @@ candidate that never reached traffic and reports the error, and the other models
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from prefect import flow
@@ -96,7 +96,8 @@ def _one(
             st.task,
             st.model_settings,
             t.optimize_report(name, production.version),
-            t.optimize_report(name, candidate),
+            # validated just now, so its report is written (compare indexes it)
+            cast(dict[str, Any], t.optimize_report(name, candidate)),
             min_speedup,
         )
         row.update(speedup=verdict["speedup"], comparison=verdict)

@@ -258,9 +258,9 @@ class AlertMonitor:
         gpu = self._read_gpu(now)
         for name in {n for n, _ in served}:
             alerts = view.alerts.get(name) or AlertSettings()
-            finding = evaluate_gpu(list(self.gpu_samples), alerts, now) if gpu else None
-            if finding is not None:
-                findings[(name, GPU_UTIL, None)] = finding
+            gpu_finding = evaluate_gpu(list(self.gpu_samples), alerts, now) if gpu else None
+            if gpu_finding is not None:
+                findings[(name, GPU_UTIL, None)] = gpu_finding
         for key, finding in findings.items():
             step = self.hysteresis.step(key, finding.holds)
             if step in ("open", "hold"):
@@ -286,9 +286,9 @@ class AlertMonitor:
                     "clear", key, None, {"resolved_because": "no longer served or no longer judged"}
                 )
             )
-        for key in [k for k in self._seen if k not in served]:
-            self._seen.pop(key, None)
-            self._ready_at.pop(key, None)
+        for seen_key in [k for k in self._seen if k not in served]:
+            self._seen.pop(seen_key, None)
+            self._ready_at.pop(seen_key, None)
         return actions
 
     def _observe(
@@ -400,12 +400,14 @@ class AlertMonitor:
                 log.exception("could not record alert %s", action.key)
         with session_scope(url) as session:
             settings: dict[str, AlertSettings] = {}
-            for model in crud.list_models(session=session):
+            for model_row in crud.list_models(session=session):
                 try:
-                    settings[model.name] = AlertSettings.for_model(model.settings or {})
+                    settings[model_row.name] = AlertSettings.for_model(model_row.settings or {})
                 except ValueError as exc:
                     log.warning(
-                        "alert settings of %s are invalid (%s): using the defaults", model.name, exc
+                        "alert settings of %s are invalid (%s): using the defaults",
+                        model_row.name,
+                        exc,
                     )
             open_keys = [
                 (a.model_name, a.kind, a.version) for a in crud.open_alerts(session=session)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from prefect import task
@@ -70,7 +70,7 @@ def baseline(
 
 def _job(prepared: stages.Prepared, kind: str) -> int:
     with session_scope(get_settings().db_url) as session:
-        row = session.get(crud.ModelVersion, prepared.version_id)
+        row = cast(crud.ModelVersion, session.get(crud.ModelVersion, prepared.version_id))
         job = crud.create_job(session=session, version=row, optimization_type=kind)
         crud.update_job(session=session, job=job, status="running", progress=5)
         return job.id  # type: ignore[return-value]
@@ -78,7 +78,8 @@ def _job(prepared: stages.Prepared, kind: str) -> int:
 
 def _update_job(job_id: int, **changes: Any) -> None:
     with session_scope(get_settings().db_url) as session:
-        crud.update_job(session=session, job=session.get(OptimizationJob, job_id), **changes)
+        job = cast(OptimizationJob, session.get(OptimizationJob, job_id))
+        crud.update_job(session=session, job=job, **changes)
 
 
 @task(name="build-and-validate-variant", cache_policy=NO_CACHE)
@@ -222,7 +223,7 @@ def _store(prepared: stages.Prepared, report: VariantReport, path: Path) -> int:
         )
         row = crud.add_artifact(
             session=session,
-            version=session.get(crud.ModelVersion, prepared.version_id),
+            version=cast(crud.ModelVersion, session.get(crud.ModelVersion, prepared.version_id)),
             kind=kind,
             backend=report.backend,
             precision=report.precision,

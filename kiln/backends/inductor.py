@@ -97,6 +97,7 @@ class InductorBackend(Backend):
         from kiln.backends._torch import FLOAT_DTYPES, cast_program, resolve_device
 
         self.require(precision, model)
+        assert model.program is not None  # require() refuses a model without a torch program
         if options:
             raise TypeError(f"inductor build got unknown options: {sorted(options)}")
         device = resolve_device(device)

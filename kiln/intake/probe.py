@@ -11,10 +11,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kiln.errors import ModelLoadError
-from kiln.spec import ModelSpec, TensorSpec
+from kiln.spec import Datatype, ModelSpec, TensorSpec
 
 
 def probe_source(fmt: str, path: Path, *, timeout_s: float) -> ModelSpec:
@@ -69,7 +69,8 @@ def _spec_from(name: str, value: Any, other: Any) -> TensorSpec:
         -1 if (i == 0 or da != db) else da
         for i, (da, db) in enumerate(zip(a.shape, b.shape, strict=True))
     ]
-    return TensorSpec(name=name, datatype=datatype_of_numpy(a.dtype), shape=shape)
+    datatype = cast(Datatype, datatype_of_numpy(a.dtype))
+    return TensorSpec(name=name, datatype=datatype, shape=shape)
 
 
 def _as_list(out: Any) -> list[Any]:
@@ -105,14 +106,14 @@ def probe_pt2(path: Path) -> ModelSpec:
         if node.op == "placeholder" and node.name in user_inputs:
             val = node.meta["val"]
             shape = [d if isinstance(d, int) else -1 for d in val.shape]
-            dtype = datatype_of_numpy(torch.empty(0, dtype=val.dtype).numpy().dtype)
+            dtype = cast(Datatype, datatype_of_numpy(torch.empty(0, dtype=val.dtype).numpy().dtype))
             inputs.append(TensorSpec(name=node.name, datatype=dtype, shape=shape))
     with torch.inference_mode():
         outputs = _output_specs(lambda xs: module(*xs), inputs)
     return ModelSpec(inputs=inputs, outputs=outputs)
 
 
-_ORT_TYPES = {
+_ORT_TYPES: dict[str, Datatype] = {
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
     "tensor(float16)": "FP16",

@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -115,6 +115,8 @@ def start(
             store, source.path, source.sha256, row.source_format, work_dir
         )
         data_path = store.verified_path(dataset.path, dataset.sha256) if dataset else None
+        # a stored version, and a job the flush above just inserted: both have their ids
+        assert row.id is not None and job.id is not None
         ids = (row.id, job.id, str(model.task), row.version, row.source_format)
     inputs, labels, note = _evaluation_data(spec, prepared_source, data_path)
     skipped = []
@@ -235,7 +237,7 @@ def finish_rejected(settings: Settings, prepared: Prepared, reason: str) -> None
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=prepared.name, version=prepared.version)
         crud.set_version_status(session=session, version=row, status=VersionStatus.rejected)
-        job = session.get(crud.OptimizationJob, prepared.parent_job_id)
+        job = cast(crud.OptimizationJob, session.get(crud.OptimizationJob, prepared.parent_job_id))
         crud.update_job(session=session, job=job, status="failed", error=reason, progress=100)
 
 
@@ -496,7 +498,7 @@ def finish(
             "data": prepared.data_note,
             "chart": str(settings.home / stored_chart.path),
         }
-        job = session.get(crud.OptimizationJob, prepared.parent_job_id)
+        job = cast(crud.OptimizationJob, session.get(crud.OptimizationJob, prepared.parent_job_id))
         crud.update_job(session=session, job=job, status="done", progress=100, metrics=doc)
     doc["markdown"] = table
     return doc

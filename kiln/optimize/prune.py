@@ -21,12 +21,14 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from kiln.errors import VariantUnavailable
 from kiln.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
     from torch.fx import GraphModule, Node
 
@@ -190,20 +192,20 @@ def _prune_module(
         kind = _layer_kind(node, ops)
         if kind is None or not _is_attr(node.args[1]):
             continue
-        name = node.args[1].target.rpartition(".")[0] or node.args[1].target
+        name = _weight(node).rpartition(".")[0] or _weight(node)
         try:
-            if uses[node.args[1].target] > 1:
+            if uses[_weight(node)] > 1:
                 raise _Unfollowable("its weight is shared with another layer")
             if kind == "conv2d" and _conv_groups(node) != 1:
                 raise _Unfollowable("grouped or depthwise convolution")
             group = _follow(node, kind, ops)
             if not group.consumers:
                 raise _Unfollowable("no later layer reads its output")
-            if any(uses[c.args[1].target] > 1 for c, _ in group.consumers):
+            if any(uses[_weight(c)] > 1 for c, _ in group.consumers):
                 raise _Unfollowable("a layer reading its output shares its weight")
-            channels = _attr(module, node.args[1].target).shape[0]
+            channels = _attr(module, _weight(node)).shape[0]
             for consumer, block in group.consumers:
-                if _attr(module, consumer.args[1].target).shape[1] != channels * block:
+                if _attr(module, _weight(consumer)).shape[1] != channels * block:
                     raise _Unfollowable(
                         f"{_layer_name(consumer)} reads its output in a layout Kiln does not follow"
                     )
@@ -213,7 +215,7 @@ def _prune_module(
         except _Unfollowable as why:
             skipped.append({"name": name, "op": kind, "reason": str(why)})
             continue
-        keep, removed = _choose(_attr(module, node.args[1].target), remove)
+        keep, removed = _choose(_attr(module, _weight(node)), remove)
         _apply(module, group, keep, channels)
         layers.append(
             {
@@ -288,7 +290,7 @@ def _follow(producer: Node, kind: str, ops: dict[str, set[Any]]) -> _Group:
                 and op in ops["mean"]
                 and user.args[0] is node
                 and isinstance(user.args[1], list | tuple)
-                and sorted(d % 4 for d in user.args[1]) == [2, 3]
+                and sorted(d % 4 for d in cast("Sequence[int]", user.args[1])) == [2, 3]
             ):
                 keepdim = bool(user.args[2]) if len(user.args) > 2 else False
                 stack.append((user, "nchw" if keepdim else "last", block))
@@ -342,8 +344,8 @@ def _spatial(node: Node) -> int:
 
 
 def _flattens_chw(flatten: Node) -> bool:
-    start = flatten.args[1] if len(flatten.args) > 1 else 0
-    end = flatten.args[2] if len(flatten.args) > 2 else -1
+    start = cast(int, flatten.args[1]) if len(flatten.args) > 1 else 0  # start_dim
+    end = cast(int, flatten.args[2]) if len(flatten.args) > 2 else -1  # end_dim
     return start == 1 and end in (-1, 3)
 
 
@@ -357,21 +359,29 @@ def _flat_view(view: Node, source: Node) -> bool:
     if not (isinstance(size[0], Node) or size[0] == -1):  # the batch, then the features
         return False
     channels = _shape(source)[1]
-    return size[1] == -1 or size[1] == channels * _spatial(source)
+    features = cast("int | Node", size[1])  # a view's sizes are ints or (symbolic) nodes
+    return features == -1 or features == channels * _spatial(source)
 
 
 def _conv_groups(node: Node) -> int:
-    return int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return int(cast(int, groups))
 
 
-def _is_attr(arg: Any) -> bool:
+def _is_attr(arg: Any) -> TypeGuard[Node]:
     from torch.fx import Node
 
     return isinstance(arg, Node) and arg.op == "get_attr"
 
 
+def _weight(layer: Node) -> str:
+    """The parameter a layer reads as its weight: the target of its ``args[1]``, a get_attr
+    node (callers have checked :func:`_is_attr`), whose target is the dotted name."""
+    return cast(str, cast("Node", layer.args[1]).target)
+
+
 def _layer_name(node: Node) -> str:
-    target = str(node.args[1].target)
+    target = str(cast("Node", node.args[1]).target)
     return target.rpartition(".")[0] or target
 
 
@@ -403,7 +413,7 @@ def _apply(module: GraphModule, group: _Group, keep: list[int], channels: int) -
         return (rows[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
 
     producer = group.producer
-    _slice(module, producer.args[1], 0, rows)
+    _slice(module, cast("Node", producer.args[1]), 0, rows)
     if len(producer.args) > 2 and _is_attr(producer.args[2]):
         _slice(module, producer.args[2], 0, rows)
     for norm, block in group.channelwise:
@@ -411,9 +421,9 @@ def _apply(module: GraphModule, group: _Group, keep: list[int], channels: int) -
             if _is_attr(arg):
                 _slice(module, arg, 0, features(block))
     for consumer, block in group.consumers:
-        _slice(module, consumer.args[1], 1, features(block))
+        _slice(module, cast("Node", consumer.args[1]), 1, features(block))
     for view, block in group.views:
-        size = list(view.args[1])
+        size = list(cast("Sequence[int | Node]", view.args[1]))  # checked by _flat_view
         if size[1] != -1:
             size[1] = len(keep) * block
         view.args = (view.args[0], size, *view.args[2:])

@@ -34,6 +34,7 @@ from sqlmodel import Session, SQLModel
 from kiln.errors import Conflict, ExternalToolError, IntegrityError, InvalidInput, KilnError
 from kiln.registry import crud
 from kiln.registry.db import dispose_engines, engine_for, make_engine
+from kiln.registry.tables import Artifact, Dataset
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore, _dvc_repo_class
 
@@ -81,7 +82,10 @@ def backup(settings: Settings, dest: Path) -> dict[str, Any]:
 
 
 def _referenced(session: Session) -> list[dict[str, Any]]:
-    rows = [*crud.all_artifacts(session=session), *crud.all_datasets(session=session)]
+    rows: list[Artifact | Dataset] = [
+        *crud.all_artifacts(session=session),
+        *crud.all_datasets(session=session),
+    ]
     seen: dict[str, dict[str, Any]] = {}
     for row in rows:
         seen.setdefault(row.path, {"path": row.path, "sha256": row.sha256, "size": row.size})

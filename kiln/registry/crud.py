@@ -743,7 +743,9 @@ def insert_inference_rows(*, session: Session, rows: Sequence[dict[str, Any]]) -
     connection (Core: about a third of the CPU of the ORM's bulk insert; JSON columns through
     the registry's orjson serializer, :func:`kiln.registry.db.json_serializer`)."""
     if rows:
-        session.connection().execute(insert(InferenceRecord.__table__), list(rows))
+        # sqlmodel's stubs omit the SQLAlchemy-declared __table__ of a table=True model
+        table = InferenceRecord.__table__  # type: ignore[attr-defined]
+        session.connection().execute(insert(table), list(rows))
     return len(rows)
 
 
