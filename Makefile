@@ -22,13 +22,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# ruff (lint and format) and the layer contracts of pyproject.toml ([tool.importlinter]);
-# .ci/run runs this before the tests. `make typecheck` is mypy with the same config.
-lint: setup  ## ruff check, ruff format --check, lint-imports (the layer contracts)
+# ruff (lint and format), the layer contracts of pyproject.toml ([tool.importlinter]) and mypy;
+# .ci/run runs this before the tests.
+lint: setup typecheck  ## ruff check, ruff format --check, lint-imports (the layer contracts), mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/mypy
 
 typecheck: setup  ## mypy over kiln, serving, tasks and flows (pyproject.toml's [tool.mypy])
 	$(VENV)/bin/mypy

@@ -18,7 +18,6 @@ from kiln.cli._common import (
     out,
 )
 
-# --- API keys (issue 4): only a key's sha256 is stored; the key itself is printed once.
 keys_app = typer.Typer(
     help="Create, list and revoke API keys for the gateway.", no_args_is_help=True
 )

@@ -18,7 +18,6 @@ from kiln.rollout.replay import Replayer
 log = logging.getLogger(__name__)
 
 
-# --- canary rollouts (issue 5): settings, the gateway's figures, replayed traffic, one step.
 class RolloutSettings(BaseModel):
     """How a model's new versions roll out (``Model.settings["rollout"]``); the guardrail
     thresholds are :class:`kiln.rollout.guardrails.Policy`'s fields, set in the same record."""
