@@ -46,6 +46,7 @@ from tests.conftest import (
     copy_home,
     deploy,
     digits_rows,
+    require_service,
     run_kiln,
     set_model_settings,
 )
@@ -1271,9 +1272,7 @@ def test_scenario_13_per_key_rate_limit_in_memory(shared: Served) -> None:
 def test_scenario_13_per_key_rate_limit_in_redis(
     validated_home: Path, examples: Path, tmp_path: Path
 ) -> None:
-    reason = _redis_down()
-    if reason:
-        pytest.skip(reason)
+    require_service(_redis_down())
     with served_gateway(
         validated_home,
         tmp_path,
