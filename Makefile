@@ -60,7 +60,7 @@ screenshots: setup  ## headless-Chromium captures of the Prefect UI's deploy run
 bench-deps:  ## the serve benchmark's load generator (wrk, from Debian's packages)
 	command -v wrk || (apt-get update -qq && apt-get install -y -qq wrk)
 
-# GPU check (issue 3, item 8; issue 4, item 5; bench/README-gpu.md). Builds bench/gpu-carry/
+# GPU check (bench/README-gpu.md). Builds bench/gpu-carry/
 # (git-ignored, ~49 MiB: the models from data/, and the wheels Kiln's engine needs there, from
 # PyPI), then runs bench/gpu_check.py here: on a host without CUDA it prints "no CUDA device:
 # nothing to check" and exits 0; with CUDA it compiles, times, then serves both models with

@@ -61,13 +61,13 @@ BATCHES = (1, 32)
 MAX_BATCH = 1024  # kiln.optimize.extract.ExtractSettings: the dynamic batch's upper bound
 SEQ_MIN, SEQ_MAX = 2, 512  # and the sequence length's
 TRT_OPT_BATCH, TRT_OPT_SEQ = 32, 128  # kiln.backends.tensorrt: the shapes TensorRT tunes for
-# Kiln's default gates (issue 3): accuracy drop <= 0.5 points, or cosine mean >= 0.99 and
+# Kiln's default gates: accuracy drop <= 0.5 points, or cosine mean >= 0.99 and
 # min >= 0.97; at least 1.1x the baseline's throughput at the serving batch (32).
 MAX_DROP_POINTS = 0.5
 MIN_COS_MEAN, MIN_COS_MIN = 0.99, 0.97
 MIN_SPEEDUP = 1.1
 SERVING_BATCH = 32
-# Issue 3's benchmark targets at batch 32, for reference (they were set for the CPU pipeline).
+# The optimize benchmark's targets at batch 32, for reference (they were set for the CPU pipeline).
 TARGETS = {"digits": 5.0, "minilm": 2.5}
 BUILD_RESERVE_S = 90  # no build starts with less than this left of --budget-s (CUDA default 270)
 # Serving (bench/gpu_serve.py): Kiln's default max_batch_size; a burst of single-row requests.
@@ -834,7 +834,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "Gates (Kiln's defaults): accuracy drop <= 0.5 points, or cosine mean >= 0.99 "
         f"and min >= 0.97; >= {MIN_SPEEDUP}x the baseline's samples/s at batch "
-        f"{SERVING_BATCH}. Issue 3's batch-32 targets, set for the CPU pipeline: "
+        f"{SERVING_BATCH}. The batch-32 targets, set for the CPU pipeline: "
         + ", ".join(f"{k} >= {t}x" for k, t in TARGETS.items())
         + ".",
     ]

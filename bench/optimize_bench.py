@@ -1,7 +1,7 @@
 """`make bench` (optimize part): every variant of digits and MiniLM against eager fp32.
 
 Runs the real ``optimize-model`` flow on the example models (from ``dvc repro``) in a private
-KILN_HOME, then writes ``bench/results.json`` (schema in DESIGN.md; the ``serve`` part is kept
+KILN_HOME, then writes ``bench/results.json`` (schema in docs/interfaces.md; the ``serve`` part is kept
 if present) and ``bench/results.md`` with the machine's description and its measured peak
 fp32 matmul rate for reference.
 """

@@ -754,7 +754,7 @@ def run(
 
 
 # ------------------------------------------------------------------ inference-log overhead
-# Issue 6's acceptance: logging at a 100% sample under load raises the gateway's p99 by at most
+# The inference log's budget: logging at a 100% sample under load raises the gateway's p99 by at most
 # 10% against logging off, each the median of alternating runs. Two gateways on the same
 # KILN_HOME serve digits side by side (KILN_INFERENCE_LOG_SAMPLE 0 and 1), and the runs
 # alternate between them (0, 1, 0, 1, ...), so drift in the machine's load hits both alike.
@@ -982,7 +982,7 @@ def write_section(out: Path, key: str, doc: Any, marker: str, table: str) -> Non
 
 
 # ----------------------------------------------------------------------- gateway overhead
-# Issue 4's target: the gateway adds at most 1 ms at p50 over the engine behind it. Judged on
+# The gateway's budget: it adds at most 1 ms at p50 over the engine behind it. Judged on
 # pairs, not on the serve table's rows (measured minutes apart, on different processes): one
 # `kiln serve` per model, and wrk at concurrency 1 alternating between the gateway's OIP route
 # and the very engine it routes to (its /predict, the gateway's wire format), the order flipped

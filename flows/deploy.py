@@ -1,7 +1,7 @@
 """Prefect flow ``deploy-model``: (upload) -> optimize -> champion/challenger gate -> canary
 (weight steps with guardrails) -> promote, or roll back.
 
-The flow only writes desired state (DESIGN.md, control plane): the canary's weight, promote,
+The flow only writes desired state (docs/architecture.md, control plane): the canary's weight, promote,
 roll back. ``kiln serve``'s supervisor starts, warms and drains the engines, and the gateway
 routes by the same rows and keeps the per-version figures each step is judged on. The first
 deploy of a model has nothing to canary against and goes straight to production after the

@@ -13,7 +13,7 @@ For each model with a production (stable) version, or just ``model``:
    improvement", and the candidate is removed again completely (rows and stored objects), so
    the registry is exactly as before the run.
 
-Versions are never mutated (DESIGN.md). A model with a canary in flight, or with no gateway
+Versions are never mutated (docs/architecture.md, data model). A model with a canary in flight, or with no gateway
 to canary through, is skipped before anything is written; a step that fails removes a
 candidate that never reached traffic and reports the error, and the other models carry on.
 """

@@ -58,7 +58,7 @@ class Conflict(KilnError):
 
 
 class IllegalTransition(Conflict):
-    """A version status change not on the lifecycle in DESIGN.md. HTTP 409, exit 4."""
+    """A version status change not on the lifecycle (``TRANSITIONS`` in kiln/registry/tables.py). HTTP 409, exit 4."""
 
 
 class IntegrityError(KilnError):

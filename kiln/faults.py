@@ -19,7 +19,7 @@ FoundationDB's buggify are the model.)
   default: every version (a bad canary beside a healthy stable needs this).
 
 The engine (:mod:`serving.engine`) reads it once at start and applies it only when it is set; it
-exists for RELIABILITY.md's scenarios (9, 22, 24), never for production use.
+exists for the scenarios of docs/reliability.md (9, 22, 24), never for production use.
 
 **Faults that change while an engine runs.** Set ``KILN_ENGINE_FAULTS_FILE`` to a file path
 instead: the file holds the same text as ``KILN_ENGINE_FAULTS`` and the engine re-reads it at

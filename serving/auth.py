@@ -5,7 +5,7 @@ One request goes: :meth:`KeyStore.authenticate` (the ``Authorization`` header to
 -> :meth:`RateLimiter.hit` (None, or the ``Retry-After`` seconds: 429).
 
 Only the sha256 of a key is stored (``kiln.registry.crud``). Unknown and revoked keys take the same path
-and give the same answer (None), so a client cannot tell them apart (RELIABILITY.md).
+and give the same answer (None), so a client cannot tell them apart (docs/reliability.md, status codes).
 """
 
 from __future__ import annotations

@@ -193,7 +193,9 @@ class Gateway:
             await self._error(send, exc.status, str(exc), exc.headers)
         except ClientGone:
             pass
-        except Exception:  # never a traceback or a path in a body (RELIABILITY.md)
+        except (
+            Exception
+        ):  # never a traceback or a path in a body (docs/reliability.md, status codes)
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             await self._error(send, 500, "internal error: see the gateway's log")
 

@@ -1,7 +1,7 @@
 """uvicorn's httptools protocol with the limits a public endpoint needs.
 
 uvicorn has no request-receive timeout (one slow client holds a connection for minutes: the
-slowloris lesson of RELIABILITY.md), no cap on header count or size (httptools buffers a header
+slowloris lesson of docs/reliability.md), no cap on header count or size (httptools buffers a header
 name or value of any length until its line ends), and reads a body of any length into memory
 before the app can refuse it. This protocol adds, per connection:
 

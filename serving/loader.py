@@ -2,7 +2,7 @@
 
 :func:`read_version` reads what the registry says about a version (its spec, the artifact the
 engine serves, its serving settings); :func:`load_version` verifies that artifact's sha256 (a
-bit-flipped or truncated file is refused, never loaded: RELIABILITY.md scenario 20), loads it
+bit-flipped or truncated file is refused, never loaded: docs/reliability.md scenario 20), loads it
 with its backend, and, for text models, loads the tokenizer from the uploaded folder.
 :class:`LoadedModel` is the result: numpy arrays (or texts) in, numpy arrays out.
 :class:`ModelCache` keeps loaded versions within a memory budget, least recently used first out,

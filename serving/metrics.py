@@ -123,7 +123,7 @@ class _EngineCollector(Collector):
 
 
 class GatewayMetrics:
-    """Every metric the gateway exports (DESIGN.md: ``/metrics``, Prometheus text)."""
+    """Every metric the gateway exports (docs/interfaces.md: ``/metrics``, Prometheus text)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

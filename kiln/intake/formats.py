@@ -2,7 +2,7 @@
 
 Accepted: a ``.pt2`` torch.export archive, an ``.onnx`` file, a folder with ``kiln.yaml``
 (factory + safetensors weights + input spec). Refused: pickles, URLs, archives or external data
-escaping their folder, links, oversized files (RELIABILITY.md 15-19).
+escaping their folder, links, oversized files (docs/reliability.md scenarios 15-19).
 """
 
 from __future__ import annotations

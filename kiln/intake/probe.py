@@ -1,7 +1,7 @@
 """Load a model source and run it once on a sample input, in a sandbox subprocess.
 
 ``probe_source`` starts ``python -m kiln.intake.probe`` with a timeout (untrusted models never load
-into Kiln's own process: RELIABILITY.md, torch.load RCE) and returns the model's recorded
+into Kiln's own process: docs/reliability.md, torch.load RCE) and returns the model's recorded
 ``ModelSpec``. The child prints one JSON document on stdout.
 """
 

@@ -8,7 +8,7 @@ returns the :class:`~kiln.backends.base.ExtractedModel` with a parity report. A 
 exporter's reason in one paragraph (the version becomes ``rejected``).
 
 It runs the model's own code (a ``kiln.yaml`` factory, a program's graph): callers in the
-pipeline run it in a sandbox subprocess, as upload runs its probe (RELIABILITY.md).
+pipeline run it in a sandbox subprocess, as upload runs its probe (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -358,7 +358,7 @@ VARIANT_KEYS = (
 
 
 def public(report: VariantReport) -> dict[str, Any]:
-    """A VARIANT as DESIGN.md lists it (stable keys first; extras after)."""
+    """A VARIANT as docs/interfaces.md lists it (stable keys first; extras after)."""
     doc = report.model_dump(mode="json")
     return {
         **{k: doc[k] for k in VARIANT_KEYS},

@@ -1,7 +1,7 @@
 """Re-optimization: a served version's source, optimized again with today's settings and
 toolchain, as a new patch version; kept only when it is faster at equal quality.
 
-DESIGN.md: re-optimization never mutates a version. It registers a new patch version with the
+Re-optimization never mutates a version. It registers a new patch version with the
 same source (the stored source artifact, reused: same path, same sha256) and new artifacts
 (metadata ``reoptimized_from``), which then takes the normal deploy path. A candidate that
 brings no improvement is removed again completely (rows and stored objects), so the registry

@@ -150,7 +150,7 @@ def create_version(
 def set_version_status(
     *, session: Session, version: ModelVersion, status: VersionStatus
 ) -> ModelVersion:
-    """Move ``version`` along the lifecycle; any edge not in DESIGN.md is IllegalTransition."""
+    """Move ``version`` along the lifecycle; any edge not in ``TRANSITIONS`` is IllegalTransition."""
     status = VersionStatus(status)
     current = VersionStatus(version.status)
     if status not in TRANSITIONS[current]:
@@ -405,7 +405,7 @@ def deploy_direct(
         )
     previous = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id else None
     set_version_status(session=session, version=version, status=VersionStatus.production)
-    failpoint("deploy.after_status")  # RELIABILITY.md 21: killed mid-transaction
+    failpoint("deploy.after_status")  # docs/reliability.md scenario 21: killed mid-transaction
     if previous is not None and VersionStatus(previous.status) == VersionStatus.production:
         set_version_status(session=session, version=previous, status=VersionStatus.retired)
     dep.stable_version_id = version.id
@@ -576,7 +576,7 @@ def _replace_stable(
         state="stable",
         **values,
     )
-    # RELIABILITY.md 21 kills the process mid-transaction here ({promote,rollback}.after_swap)
+    # docs/reliability.md scenario 21 kills the process mid-transaction here ({promote,rollback}.after_swap)
     # and after the last write, before the caller commits ({promote,rollback}.after_event)
     failpoint(f"{kind}.after_swap")
     set_version_status(session=session, version=new, status=VersionStatus.production)
@@ -621,7 +621,9 @@ def rollback(
             shadow_share=0.0,
             state="stable",
         )
-        failpoint("canary_rollback.after_swap")  # RELIABILITY.md 21: killed mid-transaction
+        failpoint(
+            "canary_rollback.after_swap"
+        )  # docs/reliability.md scenario 21: killed mid-transaction
         set_version_status(session=session, version=canary, status=VersionStatus.rolled_back)
         add_deployment_event(
             session=session,

@@ -42,7 +42,7 @@ class VersionStatus(StrEnum):
     retired = "retired"
 
 
-# The only legal status changes (DESIGN.md, data model); anything else is IllegalTransition.
+# The only legal status changes (docs/architecture.md, data model); anything else is IllegalTransition.
 TRANSITIONS: dict[VersionStatus, frozenset[VersionStatus]] = {
     VersionStatus.uploaded: frozenset({VersionStatus.optimizing}),
     VersionStatus.optimizing: frozenset({VersionStatus.validated, VersionStatus.rejected}),

@@ -1,4 +1,4 @@
-"""Read-only views of the registry, shaped as DESIGN.md's ``--json`` documents."""
+"""Read-only views of the registry, shaped as the ``--json`` documents of docs/interfaces.md."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A pure function over two windows of per-version figures (requests, 5xx errors, latency
 percentiles, shadow disagreement), so the decision can be tested on recorded or synthetic
-streams without any process (RELIABILITY.md 24). Flagger's metric checks and Argo Rollouts'
+streams without any process (docs/reliability.md scenario 24). Flagger's metric checks and Argo Rollouts'
 analysis are the models; the difference is that every rule here is a *statistical* one:
 
 - no verdict below ``min_requests`` canary requests (noise never rolls back);

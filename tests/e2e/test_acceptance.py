@@ -185,7 +185,7 @@ def test_dvc_metrics_and_plots_of_the_optimize_stage(repo: Path) -> None:
 
 
 def test_optimize_digits_on_a_clean_clone(repo: Path) -> None:
-    """The issue's acceptance: upload digits, `kiln optimize digits --json` selects a passing
+    """The optimization journey's promise: upload digits, `kiln optimize digits --json` selects a passing
     variant faster than the baseline. `dvc repro` above ran exactly these two commands in the
     clean copy (data/optimize_digits.py, a private KILN_HOME) and kept what optimize printed."""
     doc = json.loads((repo / "data/digits/optimize/optimize.json").read_text())

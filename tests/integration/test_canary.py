@@ -55,8 +55,8 @@ def canary_home(
 
 class Client:
     """~``rps`` single-row requests per second in a thread, each with a random routing key and
-    up to 3 tries on a 5xx or a broken connection (a client that retries, as the issue's
-    "0 failed client requests when the client retries" assumes); counts final statuses."""
+    up to 3 tries on a 5xx or a broken connection (a client that retries, as docs/reliability.md
+    scenario 22's "no client failures (retried on stable)" assumes); counts final statuses."""
 
     def __init__(self, gateway: RunningGateway, examples: Path, rps: float = 20.0) -> None:
         self.gateway, self.rps = gateway, rps
@@ -165,7 +165,7 @@ def test_a_good_canary_with_one_percent_errors_is_promoted(home: Path, examples:
 def test_a_bad_canary_is_rolled_back_without_failed_requests(
     home: Path, examples: Path, fault: str
 ) -> None:
-    """RELIABILITY.md 22 (500s, NaN at 10 % of 20 rps) and a slow canary (p99)."""
+    """docs/reliability.md scenario 22 (500s, NaN at 10 % of 20 rps) and a slow canary (p99)."""
     faults = {"KILN_ENGINE_FAULTS": f"versions=0.2.0,{fault},seed=5"}
     with RunningGateway(home, env=faults) as gateway, Client(gateway, examples) as client:
         code, doc = deploy_canary(gateway, "digits@0.2.0")

@@ -234,7 +234,7 @@ def test_slow_model_nan_output_and_queued_expiry(
 
 
 def test_bit_flipped_artifact_is_refused(engine_home: Path, tmp_path: Path) -> None:
-    """RELIABILITY.md scenario 20: a corrupt selected artifact is never loaded, in the engine
+    """docs/reliability.md scenario 20: a corrupt selected artifact is never loaded, in the engine
     process (it exits with a clear log line, never ready) or through the loader."""
     from kiln.errors import IntegrityError
     from kiln.settings import Settings

@@ -1,4 +1,4 @@
-"""The gateway's inference log (issue 6) against a real `kiln serve` (gateway, supervisor, ONNX
+"""The gateway's inference log against a real `kiln serve` (gateway, supervisor, ONNX
 Runtime engine) and a real SQLite registry: what is logged is what was sent and answered; a
 stalled writer (the registry's write lock held by this test) fills the bounded queue, which
 drops and counts while every request is still answered; the model's 500s and 504s are logged

@@ -1,4 +1,4 @@
-"""`kiln keys` through the real console script (RELIABILITY.md scenario 12: only hashes stored)."""
+"""`kiln keys` through the real console script (docs/reliability.md scenario 12: only hashes stored)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RELIABILITY.md scenarios 20, 21, 23 and 25: rollouts that meet a fault, against a real
+"""docs/reliability.md scenarios 20, 21, 23 and 25: rollouts that meet a fault, against a real
 `kiln serve` (scenario 21 against the registry alone, on SQLite and PostgreSQL).
 
 - 20: a canary whose stored artifact was bit-flipped, then one truncated, while the stable

@@ -1,4 +1,4 @@
-"""RELIABILITY.md scenarios 1-5, 7, 9-11, 13 and 14 against real `kiln serve` processes.
+"""docs/reliability.md scenarios 1-5, 7, 9-11, 13 and 14 against real `kiln serve` processes.
 
 Scenario 12 (dump the registry: only key hashes stored) is
 ``tests/integration/test_keys_cli.py::test_registry_dump_holds_only_hashes``; 6 and 8 (slow
@@ -1145,7 +1145,7 @@ def test_scenario_11_no_route_opens_without_a_valid_key(shared: Served) -> None:
                 open_routes.append(f"{label}: {method} {path}")
             if label == "wrong model":
                 # a key limited to another model reaches no model route; /v2 and /metrics
-                # serve any valid key (DESIGN.md), other paths do not exist
+                # serve any valid key (docs/interfaces.md), other paths do not exist
                 if template.startswith("/v2/models/"):
                     assert reply.status == 403, (template, reply)
                 elif template in ("/v2", "/metrics"):

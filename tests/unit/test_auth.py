@@ -1,4 +1,4 @@
-"""API keys, authorization and per-key rate limits (serving/auth.py; RELIABILITY.md 11, 13, 14).
+"""API keys, authorization and per-key rate limits (serving/auth.py; docs/reliability.md scenarios 11, 13, 14).
 
 Keys live in a real SQLite registry (``kiln_home``); rate limits run on the in-process storage
 and on the real Redis at 127.0.0.1:6379.

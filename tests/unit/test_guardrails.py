@@ -1,4 +1,4 @@
-"""The canary verdict (kiln.rollout.guardrails) on synthetic metric streams: RELIABILITY.md 24's
+"""The canary verdict (kiln.rollout.guardrails) on synthetic metric streams: docs/reliability.md scenario 24's
 minimum-sample guard, and the rules that must roll a bad canary back."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def simulate_rollout(
 
 
 def test_twenty_healthy_canaries_with_one_percent_errors_are_never_rolled_back() -> None:
-    # RELIABILITY.md 24 / issue 5 acceptance: 20 synthetic streams, each a whole rollout with
+    # docs/reliability.md scenario 24: 20 synthetic streams, each a whole rollout with
     # a verdict every half second, at enough traffic for verdicts (200 rps).
     outcomes = [
         simulate_rollout(random.Random(seed), canary_error=0.01, total_rps=200)
