@@ -15,6 +15,7 @@ from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from kiln.errors import ExtractionError
+from kiln.optimize import pipeline as stages
 from kiln.settings import get_settings
 from tasks import optimize as t
 
@@ -43,10 +44,10 @@ def optimize_model(name: str, version: str | None = None) -> dict[str, Any]:
         base, base_outputs = t.baseline(prepared, extracted)
         reports = [
             t.variant(prepared, extracted, base, base_outputs, backend, precision, work)
-            for backend, precision in t.stages.plan(prepared)
+            for backend, precision in stages.plan(prepared)
         ]
         if prepared.settings.prune and (pruned := t.prune(prepared, extracted, work)):
-            backend, precision, label = t.stages.PRUNED
+            backend, precision, label = stages.PRUNED
             reports.append(
                 t.variant(
                     prepared,

@@ -98,7 +98,7 @@ class EngineFaults:
                 raise ValueError(
                     f"{ENGINE_FAULTS_ENV}: {key} needs a number, got {raw!r}"
                 ) from None
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineFaults | None:

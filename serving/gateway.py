@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import numpy as np
@@ -43,6 +43,7 @@ from tenacity import (
 from kiln.errors import Forbidden
 from kiln.rollout.guardrails import disagreements
 from kiln.settings import Settings
+from kiln.spec import TensorSpec
 from serving import heap, oip
 from serving.auth import KeyStore, Principal, RateLimiter, authorize
 from serving.inference_log import InferenceLog
@@ -103,7 +104,7 @@ def normalise_path(path: str) -> str:
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            return cast(bytes, value).decode("latin-1")
     return None
 
 
@@ -295,9 +296,10 @@ class Gateway:
     def _metadata(self, served: ServedModel, version: str | None) -> dict[str, Any]:
         chosen = version or served.stable or served.canary
         spec = served.specs[chosen] if chosen else None
-        tensors = lambda ts: [
-            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in ts
-        ]
+
+        def tensors(ts: list[TensorSpec]) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in ts]
+
         return {
             "name": served.name,
             "versions": served.versions(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.table import Table
@@ -202,4 +202,4 @@ def _run_with_progress(settings: Settings, ref: str) -> dict[str, Any]:
             bar.update(task, completed=done, jobs=running)
     if "error" in result:
         raise result["error"]
-    return result["doc"]
+    return cast(dict[str, Any], result["doc"])

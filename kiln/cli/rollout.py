@@ -163,7 +163,10 @@ def status(as_json: JsonOpt = False) -> None:
         "alerts",
         title="deployments",
     )
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
     for m in doc["models"]:
         drift = fmt(m["drift_share"], ".0%") + (" [red]drift[/red]" if m["drift_detected"] else "")
         alerts = ", ".join(

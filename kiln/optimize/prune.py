@@ -431,7 +431,7 @@ def _apply(module: GraphModule, group: _Group, keep: list[int], channels: int) -
 
 def _attr(module: GraphModule, target: str) -> torch.Tensor:
     owner, _, name = target.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, name)
+    return cast("torch.Tensor", getattr(module.get_submodule(owner) if owner else module, name))
 
 
 def _slice(module: GraphModule, node: Node, dim: int, index: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -132,7 +132,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(len(a), -1)
     b = b.reshape(len(b), -1)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)
+    return cast(np.ndarray, np.sum(a * b, axis=1) / np.maximum(norms, 1e-12))
 
 
 def _neighbour_agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -145,7 +145,7 @@ def _neighbour_agreement(a: np.ndarray, b: np.ndarray) -> float:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         sim = x @ x.T
         np.fill_diagonal(sim, -np.inf)
-        return sim.argmax(axis=1)
+        return cast(np.ndarray, sim.argmax(axis=1))
 
     return float(np.mean(nearest(a) == nearest(b)))
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from sqlalchemy import Engine, exists, inspect, select, text
@@ -201,7 +201,7 @@ def _read_manifest(src: Path) -> dict[str, Any]:
             raise ValueError
         if manifest["database"] == "postgresql" and not isinstance(manifest["schema"], str):
             raise ValueError
-        return manifest
+        return cast(dict[str, Any], manifest)
     except (KeyError, TypeError, ValueError):
         raise InvalidInput(f"{src}/{MANIFEST} is malformed: pass an unmodified backup") from None
 

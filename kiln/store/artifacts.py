@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -88,7 +89,7 @@ class ArtifactStore:
         if "://" not in self.remote_url:
             Path(self.remote_url).mkdir(parents=True, exist_ok=True)
 
-    def _repo(self):  # type: ignore[no-untyped-def]
+    def _repo(self) -> Any:
         return _dvc_repo_class()(str(self.home))
 
     @contextmanager
@@ -277,7 +278,7 @@ class ArtifactStore:
         return removed
 
 
-def _dvc_repo_class():  # type: ignore[no-untyped-def]
+def _dvc_repo_class() -> Any:
     """DVC's Repo, with DVC's info logging (which it sends to stdout) turned down."""
     from dvc.repo import Repo
 
