@@ -1,18 +1,40 @@
 """Kiln's domain exceptions, in one place.
 
-Each class says what it becomes at the edge: ``http_status`` for the gateway, ``exit_code`` for
-the CLI (which prints the message, one line, and exits with it). Messages say how to fix the
-input, never internals such as tracebacks or absolute paths.
+Each class says what it becomes at the edge: ``http_status`` for the gateway (which answers
+``{"error": message}`` with that status and the error's ``headers``), ``exit_code`` for the CLI
+(which prints the message, one line, and exits with it). Messages say how to fix the input, never
+internals such as tracebacks or absolute paths.
+
+Exit codes: 1 any other failure, 2 bad input, 3 not found, 4 conflict, 5 integrity failure, 6 an
+external tool failed, 7 the version is rejected, 8 a variant this host cannot build, 11 busy or
+out of time (retry later). 9 and 10 are not errors: ``kiln deploy``'s rollback and ``kiln drift
+--exit-code``'s drift (``kiln/cli``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
 
 class KilnError(Exception):
-    """Base of every error Kiln raises on purpose. HTTP 500 / exit 1 unless a subclass says."""
+    """Base of every error Kiln raises on purpose. HTTP 500 / exit 1 unless a subclass says.
+
+    ``headers`` are the extra response headers the gateway sends with the error (``Retry-After``
+    on a refusal to come back from, ``Allow`` on a wrong method); none unless the raiser gives
+    them.
+    """
 
     http_status: int = 500
     exit_code: int = 1
+    headers: Mapping[str, str] = _NO_HEADERS
+
+    def __init__(self, *args: object, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(*args)
+        if headers:
+            self.headers = dict(headers)  # a plain dict, so the error still pickles
 
 
 class InvalidInput(KilnError):
@@ -32,11 +54,31 @@ class TooLarge(InvalidInput):
     http_status = 413
 
 
+class MethodNotAllowed(InvalidInput):
+    """A route asked with an HTTP method it does not take. HTTP 405 (the raiser names the method
+    it takes in an ``Allow`` header), exit 2."""
+
+    http_status = 405
+
+
+class UnsupportedMediaType(InvalidInput):
+    """A body in a content type or encoding the route does not read. HTTP 415, exit 2."""
+
+    http_status = 415
+
+
 class NotFound(KilnError):
     """Unknown model, version, artifact or key. HTTP 404, exit 3."""
 
     http_status = 404
     exit_code = 3
+
+
+class Unauthorized(KilnError):
+    """A request without a live API key: missing, malformed, unknown or revoked, all alike.
+    HTTP 401 (the raiser adds the ``WWW-Authenticate`` challenge), exit 1."""
+
+    http_status = 401
 
 
 class Forbidden(KilnError):
@@ -99,3 +141,34 @@ class VariantUnavailable(KilnError):
 
     http_status = 422
     exit_code = 8
+
+
+class InferenceFailed(KilnError):
+    """The model failed on a request that reached it: it raised, or answered NaN or infinite
+    values. The message carries the engine's reason. HTTP 500, exit 1; the request may be retried
+    on another version (inference is idempotent)."""
+
+
+class Unavailable(KilnError):
+    """Kiln cannot take the request now but expects to shortly: a model's queue is full, it has
+    no served version or no engine able to answer yet. HTTP 503 (the raiser says when to come
+    back in ``Retry-After``), exit 11: retry later."""
+
+    http_status = 503
+    exit_code = 11
+
+
+class RateLimited(Unavailable):
+    """An API key over its request rate. HTTP 429 (``Retry-After``: the whole seconds until its
+    window frees a slot), exit 11."""
+
+    http_status = 429
+
+
+class DeadlineExceeded(KilnError):
+    """The request's deadline passed before an answer was ready: before an engine took it, while
+    it waited in the engine, or while the model ran. HTTP 504, exit 11: retry later, or with a
+    longer deadline."""
+
+    http_status = 504
+    exit_code = 11

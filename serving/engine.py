@@ -39,7 +39,7 @@ from litserve.transport.process_transport import MPQueueTransport
 from litserve.utils import LitAPIStatus, LoopResponseType
 from starlette.responses import Response
 
-from kiln.errors import InvalidInput, KilnError
+from kiln.errors import DeadlineExceeded, InferenceFailed, InvalidInput, KilnError, NotFound
 from kiln.faults import EngineFaults
 from serving import heap
 from serving.config import ServingSettings
@@ -106,8 +106,9 @@ class Job:
     batch_size: int = 0
     engine_ms: float = 0.0
 
-    def fail(self, status: int, detail: str) -> None:
-        self.status, self.detail = status, detail
+    def fail(self, error: KilnError) -> None:
+        """Answer with ``error``: its class's HTTP status, its message as the detail."""
+        self.status, self.detail = error.http_status, str(error)
 
 
 def _request_error(request: Any) -> str | None:
@@ -141,7 +142,7 @@ def _decode(request: Any) -> Job:
     job = Job()
     error = _request_error(request)
     if error is not None:
-        job.fail(400, error)
+        job.fail(InvalidInput(error))
         return job
     job.model, job.version = request["model"], request.get("version") or ""
     job.wanted = request.get("outputs")
@@ -154,7 +155,7 @@ def _decode(request: Any) -> Job:
                 raise ValueError(f"input {name!r} is given twice")
             job.inputs[name] = array
     except ValueError as exc:
-        job.fail(400, str(exc))
+        job.fail(InvalidInput(str(exc)))
     return job
 
 
@@ -337,7 +338,7 @@ class KilnEngine(ls.LitAPI):
         if not job.status and not job.version and job.model == self.name:
             job.version = self.version
         elif not job.status and not job.version:
-            job.fail(400, f"'version' is required for model {job.model!r}")
+            job.fail(InvalidInput(f"'version' is required for model {job.model!r}"))
         return job
 
     def batch(self, inputs: list[Job]) -> list[Job]:
@@ -365,22 +366,17 @@ class KilnEngine(ls.LitAPI):
         assert self.cache is not None
         try:
             model = self.cache.get(name, version)
-        except KilnError as exc:
-            status = 404 if exc.http_status == 404 else 500
+        except NotFound as exc:
             for job in jobs:
-                job.fail(
-                    status,
-                    str(exc)
-                    if status == 404
-                    else f"{name}@{version} could not be loaded on this engine",
-                )
-            if status != 404:
-                log.error("loading %s@%s failed: %s", name, version, exc)
+                job.fail(exc)
             return
-        except Exception:
-            log.exception("loading %s@%s failed", name, version)
+        except Exception as exc:
+            if isinstance(exc, KilnError):
+                log.error("loading %s@%s failed: %s", name, version, exc)
+            else:
+                log.exception("loading %s@%s failed", name, version)
             for job in jobs:
-                job.fail(500, f"{name}@{version} could not be loaded on this engine")
+                job.fail(KilnError(f"{name}@{version} could not be loaded on this engine"))
             return
         calls: dict[tuple[tuple[int, ...], ...], list[Job]] = {}
         for job in jobs:
@@ -394,7 +390,7 @@ class KilnEngine(ls.LitAPI):
                             f"returns {', '.join(model.output_names)}"
                         )
             except InvalidInput as exc:
-                job.fail(400, str(exc))
+                job.fail(exc)
                 continue
             job.rows = job.served[0].shape[0]
             # Texts are tokenized together (padded to the batch's longest); other inputs
@@ -411,7 +407,11 @@ class KilnEngine(ls.LitAPI):
         live = []
         for job in jobs:
             if job.deadline is not None and job.deadline <= now:
-                job.fail(504, "deadline passed before the model ran; the request was dropped")
+                job.fail(
+                    DeadlineExceeded(
+                        "deadline passed before the model ran; the request was dropped"
+                    )
+                )
             else:
                 live.append(job)
         if not live:
@@ -434,7 +434,9 @@ class KilnEngine(ls.LitAPI):
         except Exception:
             log.exception("%s@%s failed on a batch of %d rows", model.name, model.version, rows)
             for job in live:
-                job.fail(500, f"the model {model.name}@{model.version} failed on this batch")
+                job.fail(
+                    InferenceFailed(f"the model {model.name}@{model.version} failed on this batch")
+                )
             return
         engine_ms = (time.perf_counter() - started) * 1000
         self._calls = (self._calls[0] + 1, self._calls[1] + rows)
@@ -461,7 +463,7 @@ class KilnEngine(ls.LitAPI):
             start = stop
             fault = faults.draw() if faults is not None else None
             if fault == "error":
-                job.fail(500, "injected fault (KILN_ENGINE_FAULTS): the model failed")
+                job.fail(InferenceFailed("injected fault (KILN_ENGINE_FAULTS): the model failed"))
                 continue
             if fault == "nan":
                 mine = [(n, np.full_like(a, np.nan) if a.dtype.kind == "f" else a) for n, a in mine]
@@ -470,8 +472,10 @@ class KilnEngine(ls.LitAPI):
             )
             if bad is not None:
                 job.fail(
-                    500,
-                    f"output {bad!r} of {model.name}@{model.version} holds NaN or infinite values",
+                    InferenceFailed(
+                        f"output {bad!r} of {model.name}@{model.version} holds NaN or infinite "
+                        "values"
+                    )
                 )
                 continue
             job.status, job.outputs = 200, mine
@@ -497,7 +501,11 @@ class KilnEngine(ls.LitAPI):
             log.info("engine stats %s", self.stats.snapshot())
 
 
-_COUNTER_OF = {504: "expired", 404: "not_found", 400: "invalid"}
+_COUNTER_OF = {  # a failed Job's status -> its EngineStats counter; any other: "failed"
+    DeadlineExceeded.http_status: "expired",
+    NotFound.http_status: "not_found",
+    InvalidInput.http_status: "invalid",
+}
 
 
 def _load(

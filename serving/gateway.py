@@ -25,7 +25,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -40,7 +40,20 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from kiln.errors import Forbidden
+from kiln.errors import (
+    DeadlineExceeded,
+    Forbidden,
+    InferenceFailed,
+    InvalidInput,
+    KilnError,
+    MethodNotAllowed,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
 from kiln.rollout.guardrails import disagreements
 from kiln.settings import Settings
 from kiln.spec import TensorSpec
@@ -65,15 +78,24 @@ _STATS_PATH = re.compile(r"^/kiln/models/([^/]+)/stats$")
 INFERENCE_LOG_FLUSH_S = 10.0  # at shutdown, the inference log's writer gets this long
 MAX_SHADOW_INFLIGHT = 64  # mirrored requests in flight at most; more are not mirrored
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+# a full queue, no served version or no engine yet: come back in a second
+RETRY_SHORTLY: Mapping[str, str] = {"Retry-After": "1"}
+DEADLINE_BEFORE_ENGINE = "deadline passed before an engine could answer"
+INTERNAL_ERROR = "internal error: see the gateway's log"  # any error not a kiln.errors one
+# the errors of a request that reached a model: counted against its version (its canary falls
+# back to the stable), inference-logged; an engine's other errors are the request's: not retried
+REACHED_A_MODEL = (InferenceFailed, DeadlineExceeded)
+# an engine's 4xx as the kiln.errors class of the same status (others: EngineRefused)
+_ENGINE_REFUSALS: dict[int, type[KilnError]] = {400: InvalidInput, 404: NotFound, 413: TooLarge}
 
 
-class HTTPError(Exception):
-    """An answer other than 200: status, message, extra headers."""
+class EngineRefused(KilnError):
+    """An engine's answer (a 4xx) whose status no :mod:`kiln.errors` class stands for, passed on
+    with the engine's status and reason: ``http_status`` is set per error."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
+        self.http_status = status
 
 
 class EngineUnavailable(Exception):
@@ -83,6 +105,25 @@ class EngineUnavailable(Exception):
 class ClientGone(Exception):
     """The client disconnected (or its request was refused by the HTTP layer) before its body
     was read: there is no one to answer."""
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """What the gateway answers for an error: its status, JSON body and extra headers."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+def error_response(error: KilnError) -> ErrorResponse:
+    """The one mapping from a :mod:`kiln.errors` error to its HTTP answer: the class's status,
+    ``{"error": message}`` (the Open Inference Protocol v2 error body) and the error's headers."""
+    return ErrorResponse(
+        status=error.http_status,
+        body=orjson.dumps({"error": str(error)}),
+        headers=dict(error.headers),
+    )
 
 
 @dataclass
@@ -190,15 +231,13 @@ class Gateway:
             return
         try:
             await self._route(scope, receive, send)
-        except HTTPError as exc:
-            await self._error(send, exc.status, str(exc), exc.headers)
+        except KilnError as exc:
+            await self._error(send, exc)
         except ClientGone:
             pass
-        except (
-            Exception
-        ):  # never a traceback or a path in a body (docs/reliability.md, status codes)
+        except Exception:  # never a traceback or a path in a body (docs/reliability.md)
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await self._error(send, 500, "internal error: see the gateway's log")
+            await self._error(send, KilnError(INTERNAL_ERROR))
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = normalise_path(scope["path"])
@@ -214,18 +253,16 @@ class Gateway:
         principal = await self.keys.authenticate(_header(scope, b"authorization"))
         if principal is None:
             self.metrics.auth_failures.labels("401").inc()
-            raise HTTPError(
-                401,
+            raise Unauthorized(
                 "missing or unknown API key: send 'Authorization: Bearer <key>'",
-                {"WWW-Authenticate": 'Bearer realm="kiln"'},
+                headers={"WWW-Authenticate": 'Bearer realm="kiln"'},
             )
         retry_after = await self.limiter.hit(principal)
         if retry_after is not None:
             self.metrics.rate_limited.inc()
-            raise HTTPError(
-                429,
+            raise RateLimited(
                 f"rate limit of key {principal.prefix} exceeded; retry after {retry_after:g} s",
-                {"Retry-After": str(int(retry_after))},
+                headers={"Retry-After": str(int(retry_after))},
             )
         if path == "/metrics":
             self._method(method, "GET")
@@ -248,7 +285,7 @@ class Gateway:
             return
         match = _MODEL_PATH.match(path)
         if match is None:
-            raise HTTPError(404, f"no route {path}: see the Open Inference Protocol v2 routes")
+            raise NotFound(f"no route {path}: see the Open Inference Protocol v2 routes")
         name, version, action = match.group(1), match.group(2), match.group(3)
         self._authorize(principal, "infer", name)
         served = self._served(name, version)
@@ -269,28 +306,24 @@ class Gateway:
     @staticmethod
     def _method(method: str, allowed: str) -> None:
         if method != allowed:
-            raise HTTPError(
-                405, f"method {method} not allowed here: use {allowed}", {"Allow": allowed}
+            raise MethodNotAllowed(
+                f"method {method} not allowed here: use {allowed}", headers={"Allow": allowed}
             )
 
     def _authorize(self, principal: Principal, scope: str, model: str | None) -> None:
         try:
             authorize(principal, scope, model)
-        except Forbidden as exc:
+        except Forbidden:
             self.metrics.auth_failures.labels("403").inc()
-            raise HTTPError(403, str(exc)) from None
+            raise
 
     def _served(self, name: str, version: str | None) -> ServedModel:
         served = self.state.models.get(name)
         if served is None:
-            raise HTTPError(
-                404, f"model {name!r} is not deployed: see `kiln models` and `kiln deploy`"
-            )
+            raise NotFound(f"model {name!r} is not deployed: see `kiln models` and `kiln deploy`")
         if version is not None and version not in served.specs:
             deployed = ", ".join(served.versions()) or "none"
-            raise HTTPError(
-                404, f"version {version!r} of {name!r} is not served (served: {deployed})"
-            )
+            raise NotFound(f"version {version!r} of {name!r} is not served (served: {deployed})")
         return served
 
     def _metadata(self, served: ServedModel, version: str | None) -> dict[str, Any]:
@@ -313,7 +346,7 @@ class Gateway:
         rollout's guardrails and ``kiln status``."""
         served = self.state.models.get(name)
         if served is None:
-            raise HTTPError(404, f"model {name!r} is not deployed")
+            raise NotFound(f"model {name!r} is not deployed")
         numbers: dict[str, float] = {}
         query = scope.get("query_string", b"").decode("latin-1")
         for part in filter(None, query.split("&")):
@@ -322,8 +355,8 @@ class Gateway:
                 try:
                     numbers[key] = float(value)
                 except ValueError:
-                    raise HTTPError(
-                        400, f"{key} must be a number (since: unix seconds; over_ms: milliseconds)"
+                    raise InvalidInput(
+                        f"{key} must be a number (since: unix seconds; over_ms: milliseconds)"
                     ) from None
         since = numbers.get("since", 0.0)
         versions = {
@@ -362,28 +395,26 @@ class Gateway:
         header_length = _header(scope, b"inference-header-content-length")
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if content_type not in ("", "application/json", "application/octet-stream"):
-            raise HTTPError(
-                415,
+            raise UnsupportedMediaType(
                 f"content type {content_type!r} is not accepted: send JSON, or "
                 "the binary tensor extension with Inference-Header-Content-Length",
             )
         if content_type == "application/octet-stream" and header_length is None:
-            raise HTTPError(
-                415,
+            raise UnsupportedMediaType(
                 "application/octet-stream needs the Inference-Header-Content-"
                 "Length header (Triton's binary tensor extension)",
             )
         encoding = (_header(scope, b"content-encoding") or "identity").lower()
         if encoding != "identity":
-            raise HTTPError(
-                415, f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed"
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed"
             )
         body = await self._read_body(receive)
         deadline = self._deadline(scope, settings.deadline_ms)
         version = pinned or served.pick_version(_header(scope, ROUTING_KEY))
         if version is None:
-            raise HTTPError(
-                503, f"model {served.name!r} has no served version yet", {"Retry-After": "1"}
+            raise Unavailable(
+                f"model {served.name!r} has no served version yet", headers=RETRY_SHORTLY
             )
         spec = served.specs[version]
         try:
@@ -391,7 +422,7 @@ class Gateway:
             req = oip.request(doc, tail, spec.served_inputs(), max_rows=settings.max_request_batch)
         except oip.BadRequest as exc:
             self.metrics.requests.labels(served.name, version, "400").inc()
-            raise HTTPError(400, str(exc)) from None
+            raise InvalidInput(str(exc)) from None
 
         cache = self.state.cache_for(served)
         cache_key = _cache_key(version, req.inputs) if cache is not None else None
@@ -405,11 +436,10 @@ class Gateway:
         if inflight >= settings.max_queue:
             self.metrics.rejected.labels(served.name, "queue_full").inc()
             self.metrics.requests.labels(served.name, version, "503").inc()
-            raise HTTPError(
-                503,
+            raise Unavailable(
                 f"model {served.name!r} is at its queue limit "
                 f"({settings.max_queue}); retry shortly",
-                {"Retry-After": "1"},
+                headers=RETRY_SHORTLY,
             )
         self.state.inflight[served.name] = inflight + 1
         self.metrics.inflight.labels(served.name).inc()
@@ -417,16 +447,16 @@ class Gateway:
             answer, used, fallback = await self._dispatch(
                 served, version, pinned, req, deadline, start
             )
-        except HTTPError as exc:
-            self.metrics.requests.labels(served.name, version, str(exc.status)).inc()
-            if exc.status in (500, 504):  # it reached a model: logged, with no output
+        except KilnError as exc:
+            self.metrics.requests.labels(served.name, version, str(exc.http_status)).inc()
+            if isinstance(exc, REACHED_A_MODEL):  # logged, with no output
                 self.inference_log.offer(
                     served.name,
                     version,
                     req.inputs,
                     {},
                     (time.perf_counter() - start) * 1000,
-                    exc.status,
+                    exc.http_status,
                 )
             raise
         finally:
@@ -456,11 +486,9 @@ class Gateway:
             try:
                 ms = min(ms, float(asked))
             except ValueError:
-                raise HTTPError(
-                    400, "X-Kiln-Deadline-Ms must be a number of milliseconds"
-                ) from None
+                raise InvalidInput("X-Kiln-Deadline-Ms must be a number of milliseconds") from None
             if not ms > 0:
-                raise HTTPError(400, "X-Kiln-Deadline-Ms must be positive")
+                raise InvalidInput("X-Kiln-Deadline-Ms must be positive")
         return time.monotonic() + ms / 1000
 
     def _candidates(
@@ -524,9 +552,7 @@ class Gateway:
             except EngineUnavailable as exc:
                 last = str(exc)
                 continue
-            except HTTPError as exc:
-                if exc.status not in (500, 504):
-                    raise
+            except REACHED_A_MODEL as exc:
                 self.state.window(model, candidate).record(
                     (time.perf_counter() - start) * 1000, False
                 )
@@ -545,12 +571,11 @@ class Gateway:
                 ).inc()
             return answer, (model, candidate), reason
         if time.monotonic() >= deadline:
-            raise HTTPError(504, "deadline passed before an engine could answer")
+            raise DeadlineExceeded(DEADLINE_BEFORE_ENGINE)
         self.metrics.rejected.labels(served.name, "no_engine").inc()
-        raise HTTPError(
-            503,
+        raise Unavailable(
             f"model {served.name!r} has no engine able to answer ({last}); retry shortly",
-            {"Retry-After": "1"},
+            headers=RETRY_SHORTLY,
         )
 
     def _mirror(
@@ -585,9 +610,8 @@ class Gateway:
         rows = req.rows
         try:
             mirrored = await self._call_version(name, canary, req, deadline)
-        except HTTPError as exc:
-            if exc.status in (500, 504):
-                window.record_shadow(rows, rows)
+        except REACHED_A_MODEL:
+            window.record_shadow(rows, rows)
             return
         except Exception:  # an engine that is not up yet: nothing to compare
             return
@@ -645,7 +669,7 @@ class Gateway:
         assert self.client is not None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise HTTPError(504, "deadline passed before an engine could answer")
+            raise DeadlineExceeded(DEADLINE_BEFORE_ENGINE)
         replica.outstanding += 1
         try:
             async with self.client.post(
@@ -657,7 +681,7 @@ class Gateway:
                 status = resp.status
                 body = await resp.read()
         except TimeoutError:
-            raise HTTPError(504, "deadline passed while the engine was working") from None
+            raise DeadlineExceeded("deadline passed while the engine was working") from None
         except aiohttp.ClientError as exc:
             replica.failed(time.monotonic())
             raise EngineUnavailable(f"engine {replica.url} failed: {type(exc).__name__}") from None
@@ -668,12 +692,7 @@ class Gateway:
             raise EngineUnavailable(f"engine {replica.url} answered {status}")
         replica.succeeded()
         if status != 200:
-            detail = _detail(body)
-            if status == 504:
-                raise HTTPError(504, "deadline passed while the request waited in the engine")
-            if status >= 500:
-                raise HTTPError(500, f"the model failed on this request: {detail}")
-            raise HTTPError(status, detail)
+            raise _engine_error(status, _detail(body))
         doc = orjson.loads(body)
         outputs = dict(decode_tensor(t) for t in doc["outputs"])
         return EngineAnswer(
@@ -696,8 +715,8 @@ class Gateway:
         if req.outputs is not None:
             missing = [n for n in req.outputs if n not in outputs]
             if missing:
-                raise HTTPError(
-                    400, f"unknown output {missing[0]!r}: the model returns {', '.join(outputs)}"
+                raise InvalidInput(
+                    f"unknown output {missing[0]!r}: the model returns {', '.join(outputs)}"
                 )
             outputs = {n: outputs[n] for n in req.outputs}
         binary = set(outputs) if req.binary_default else req.binary_outputs & set(outputs)
@@ -743,13 +762,27 @@ class Gateway:
     ) -> None:
         await self._respond(send, status, orjson.dumps(doc), "application/json", headers)
 
-    async def _error(
-        self, send: Send, status: int, message: str, headers: dict[str, str] | None = None
-    ) -> None:
+    async def _error(self, send: Send, error: KilnError) -> None:
+        answer = error_response(error)
         try:
-            await self._json(send, status, {"error": message}, headers)
+            await self._respond(
+                send, answer.status, answer.body, "application/json", answer.headers
+            )
         except Exception:  # the client is gone or a response already started
             pass
+
+
+def _engine_error(status: int, detail: str) -> KilnError:
+    """The error for an engine's answer other than 200 (502 and 503 never get here: they are
+    :class:`EngineUnavailable`). A 504 is the deadline passing in the engine's queue, any other
+    5xx the model failing on this request; the engine's other answers (its 4xx) pass on with
+    their status and the engine's reason."""
+    if status == 504:
+        return DeadlineExceeded("deadline passed while the request waited in the engine")
+    if status >= 500:
+        return InferenceFailed(f"the model failed on this request: {detail}")
+    known = _ENGINE_REFUSALS.get(status)
+    return known(detail) if known is not None else EngineRefused(status, detail)
 
 
 def _detail(body: bytes) -> str:

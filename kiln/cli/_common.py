@@ -26,7 +26,7 @@ out = Console()
 err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 F = TypeVar("F", bound=Callable[..., Any])
-DRIFT_EXIT_CODE = 10  # `kiln drift --exit-code` found drift; apart from the errors' 1-8
+DRIFT_EXIT_CODE = 10  # `kiln drift --exit-code` found drift; apart from kiln/errors.py's codes
 
 
 def _emit(doc: dict[str, Any]) -> None:
