@@ -115,10 +115,6 @@ class ModelLoadError(InvalidInput):
     HTTP 400, exit 2; the upload changes nothing."""
 
 
-class DatasetCheckFailed(InvalidInput):
-    """A dataset failed its Great Expectations checks; the message lists each expectation."""
-
-
 class ExternalToolError(KilnError):
     """A tool Kiln drives (DVC, pg_dump) failed; the message carries its own reason. Exit 6."""
 

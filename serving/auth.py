@@ -145,11 +145,6 @@ class KeyStore:
         # shielded: a client that goes away must not cancel the lookup others wait on
         return await asyncio.shield(task)
 
-    def invalidate(self) -> None:
-        """Forget every cached answer (the next request per key asks the registry)."""
-        self._known.clear()
-        self._unknown.clear()
-
     async def _lookup(self, token: str, digest: str) -> Principal | None:
         try:
             async with self._lookups:

@@ -36,7 +36,6 @@ log = logging.getLogger("kiln.engine")
 #: backend of a selected *source* artifact, by file suffix (upload records torch-eager for any
 #: non-ONNX source, and a packed folder is not loadable until optimize has exported it)
 SOURCE_BACKENDS = {".pt2": "torch-eager", ".onnx": "onnxruntime"}
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -419,11 +418,6 @@ class ModelCache:
     def unpin(self, name: str, version: str) -> None:
         with self._lock:
             self._pinned.discard((name, version))
-
-    def peek(self, name: str, version: str) -> LoadedModel | None:
-        """The entry if loaded, without loading it or changing the LRU order."""
-        with self._lock:
-            return self._entries.get((name, version))
 
     def keys(self) -> list[Key]:
         """Loaded keys, least recently used first."""

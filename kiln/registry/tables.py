@@ -1,8 +1,8 @@
 """The registry's tables (SQLModel), one family per entity.
 
 ``XBase`` holds the fields a caller supplies, ``X(table=True)`` adds what the registry owns (ids,
-timestamps), ``XPublic`` is what leaves the process (CLI ``--json``, HTTP). CRUD lives in
-``kiln.registry.crud``; nothing else builds queries.
+timestamps). What leaves the process (CLI ``--json``, HTTP) is shaped by
+``kiln.registry.views``. CRUD lives in ``kiln.registry.crud``; nothing else builds queries.
 """
 
 from __future__ import annotations
@@ -78,11 +78,6 @@ class Model(ModelBase, table=True):
     created_at: datetime = _ts()
 
 
-class ModelPublic(ModelBase):
-    id: int
-    created_at: datetime
-
-
 # --- ModelVersion: one immutable upload of a model (semver), with its lifecycle status.
 class ModelVersionBase(SQLModel):
     version: str = Field(max_length=64)
@@ -101,12 +96,6 @@ class ModelVersion(ModelVersionBase, table=True):
     created_at: datetime = _ts()
 
 
-class ModelVersionPublic(ModelVersionBase):
-    id: int
-    status: VersionStatus
-    created_at: datetime
-
-
 # --- Artifact: one stored, hashed, DVC-tracked file of a version.
 class ArtifactBase(SQLModel):
     kind: ArtifactKind = Field(sa_type=String(32))
@@ -123,10 +112,6 @@ class Artifact(ArtifactBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
     version_id: int = Field(foreign_key="modelversion.id", index=True)
     created_at: datetime = _ts()
-
-
-class ArtifactPublic(ArtifactBase):
-    id: int
 
 
 # --- Dataset: registered data for calibration, validation and drift reference.
