@@ -462,7 +462,7 @@ class Demo:
             dep = crud.get_deployment(session=session, model=model) if model else None
             if dep is None or dep.stable_version_id is None:
                 return None
-            row = session.get(crud.ModelVersion, dep.stable_version_id)
+            row = crud.get_version_by_id(session=session, version_id=dep.stable_version_id)
             return row.version if row else None
 
     def _run(self, work: Callable[[], dict[str, Any]], name: str, version: str) -> dict[str, Any]:

@@ -162,19 +162,8 @@ class Supervisor:
     def _fingerprint(self) -> tuple[Any, ...]:
         """One cheap query over what desired state depends on: deployment rows and their
         models' settings. The full read (specs, artifacts) runs only when this changes."""
-        from sqlalchemy import text
-
-        from kiln.registry.db import engine_for
-
-        with engine_for(self.settings.db_url).connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT d.id, d.stable_version_id, d.canary_version_id, d.canary_weight, "
-                    "d.shadow_share, d.state, d.updated_at, m.settings FROM deployment d "
-                    "JOIN model m ON m.id = d.model_id ORDER BY d.id"
-                )
-            ).all()
-        return tuple(tuple(str(v) for v in row) for row in rows)
+        with session_scope(self.settings.db_url) as session:
+            return crud.deployment_fingerprint(session=session)
 
     def _read_if_changed(self) -> dict[str, ServedModel] | None:
         fingerprint = self._fingerprint()

@@ -49,9 +49,9 @@ def standing(name: str, version: str | None) -> Standing:
         dep = crud.get_deployment(session=session, model=model)
         stable = canary = None
         if dep is not None and dep.stable_version_id is not None:
-            stable = session.get(type(row), dep.stable_version_id)
+            stable = crud.get_version_by_id(session=session, version_id=dep.stable_version_id)
         if dep is not None and dep.canary_version_id is not None:
-            canary = session.get(type(row), dep.canary_version_id)
+            canary = crud.get_version_by_id(session=session, version_id=dep.canary_version_id)
         return Standing(
             model=name,
             version=row.version,

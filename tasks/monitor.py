@@ -73,7 +73,7 @@ def resolve(model: str, version: str | None) -> tuple[str, str]:
         if version is None:
             dep = crud.get_deployment(session=session, model=row)
             if dep is not None and dep.stable_version_id is not None:
-                stable = session.get(crud.ModelVersion, dep.stable_version_id)
+                stable = crud.get_version_by_id(session=session, version_id=dep.stable_version_id)
                 version = stable.version if stable is not None else None
         found = crud.require_version(session=session, name=model, version=version)
         return row.name, found.version

@@ -70,7 +70,10 @@ def baseline(
 
 def _job(prepared: stages.Prepared, kind: str) -> int:
     with session_scope(get_settings().db_url) as session:
-        row = cast(crud.ModelVersion, session.get(crud.ModelVersion, prepared.version_id))
+        row = cast(
+            crud.ModelVersion,
+            crud.get_version_by_id(session=session, version_id=prepared.version_id),
+        )
         job = crud.create_job(session=session, version=row, optimization_type=kind)
         crud.update_job(session=session, job=job, status="running", progress=5)
         return job.id  # type: ignore[return-value]
@@ -78,7 +81,7 @@ def _job(prepared: stages.Prepared, kind: str) -> int:
 
 def _update_job(job_id: int, **changes: Any) -> None:
     with session_scope(get_settings().db_url) as session:
-        job = cast(OptimizationJob, session.get(OptimizationJob, job_id))
+        job = cast(OptimizationJob, crud.get_job(session=session, job_id=job_id))
         crud.update_job(session=session, job=job, **changes)
 
 
@@ -223,7 +226,10 @@ def _store(prepared: stages.Prepared, report: VariantReport, path: Path) -> int:
         )
         row = crud.add_artifact(
             session=session,
-            version=cast(crud.ModelVersion, session.get(crud.ModelVersion, prepared.version_id)),
+            version=cast(
+                crud.ModelVersion,
+                crud.get_version_by_id(session=session, version_id=prepared.version_id),
+            ),
             kind=kind,
             backend=report.backend,
             precision=report.precision,

@@ -122,8 +122,7 @@ def fire(
             detail=detail,
         )
         session.commit()
-        session.refresh(alert)
-        session.expunge(alert)
+        crud.detached(session=session, row=alert)
     if opened:
         emit("kiln.alert.opened", alert)
     return alert, opened
@@ -144,8 +143,7 @@ def clear(
             return None
         crud.resolve_alert(session=session, alert=alert, detail=detail)
         session.commit()
-        session.refresh(alert)
-        session.expunge(alert)
+        crud.detached(session=session, row=alert)
     emit("kiln.alert.resolved", alert)
     return alert
 

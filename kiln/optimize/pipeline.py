@@ -237,7 +237,9 @@ def finish_rejected(settings: Settings, prepared: Prepared, reason: str) -> None
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=prepared.name, version=prepared.version)
         crud.set_version_status(session=session, version=row, status=VersionStatus.rejected)
-        job = cast(crud.OptimizationJob, session.get(crud.OptimizationJob, prepared.parent_job_id))
+        job = cast(
+            crud.OptimizationJob, crud.get_job(session=session, job_id=prepared.parent_job_id)
+        )
         crud.update_job(session=session, job=job, status="failed", error=reason, progress=100)
 
 
@@ -478,13 +480,7 @@ def finish(
                     dvc_hash=exported.dvc_hash,
                 )
         chosen_path = selected.meta.get("path") if selected is not base else exported_path
-        for artifact in crud.list_artifacts(session=session, version=row):
-            artifact.selected = (
-                artifact.path == chosen_path
-                if chosen_path
-                else artifact.kind == ArtifactKind.source
-            )
-            session.add(artifact)
+        crud.mark_selected_artifact(session=session, version=row, path=chosen_path)
         crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
         doc = {
             "job_id": prepared.parent_job_id,
@@ -498,7 +494,9 @@ def finish(
             "data": prepared.data_note,
             "chart": str(settings.home / stored_chart.path),
         }
-        job = cast(crud.OptimizationJob, session.get(crud.OptimizationJob, prepared.parent_job_id))
+        job = cast(
+            crud.OptimizationJob, crud.get_job(session=session, job_id=prepared.parent_job_id)
+        )
         crud.update_job(session=session, job=job, status="done", progress=100, metrics=doc)
     doc["markdown"] = table
     return doc

@@ -14,14 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlmodel import col, select
-
 from kiln.errors import Conflict, NotFound
 from kiln.optimize.pipeline import OptimizeSettings
 from kiln.optimize.validate import GateSettings
 from kiln.registry import crud
 from kiln.registry.db import session_scope
-from kiln.registry.tables import ArtifactKind, OptimizationJob, Task, VersionStatus
+from kiln.registry.tables import ArtifactKind, Task, VersionStatus
 from kiln.settings import Settings
 from kiln.store.artifacts import ArtifactStore
 
@@ -51,9 +49,9 @@ def productions(settings: Settings, model: str | None = None) -> list[Production
             dep = crud.get_deployment(session=session, model=row)
             if dep is None or dep.stable_version_id is None:
                 continue
-            stable = session.get(crud.ModelVersion, dep.stable_version_id)
+            stable = crud.get_version_by_id(session=session, version_id=dep.stable_version_id)
             canary = (
-                session.get(crud.ModelVersion, dep.canary_version_id)
+                crud.get_version_by_id(session=session, version_id=dep.canary_version_id)
                 if dep.canary_version_id
                 else None
             )
@@ -101,9 +99,8 @@ def register_candidate(settings: Settings, production: Production) -> str:
             source_sha256=prod.source_sha256,
             spec=dict(prod.spec),
             meta={**(prod.meta or {}), META_KEY: prod.version},
+            optimization_config=dict((model.settings or {}).get("optimize", {})),
         )
-        row.optimization_config = dict((model.settings or {}).get("optimize", {}))
-        session.add(row)
         crud.add_artifact(
             session=session,
             version=row,
@@ -124,15 +121,7 @@ def optimize_report(settings: Settings, model: str, version: str) -> dict[str, A
     --json``'s), with the sha256 of the artifact its engine serves; None if it has none."""
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=model, version=version)
-        job = session.exec(
-            select(OptimizationJob)
-            .where(
-                OptimizationJob.version_id == row.id,
-                OptimizationJob.optimization_type == "optimize",
-                OptimizationJob.status == "done",
-            )
-            .order_by(col(OptimizationJob.id).desc())
-        ).first()
+        job = crud.last_optimize_run(session=session, version=row)
         if job is None or not (job.metrics or {}).get("selected"):
             return None
         selected = next(

@@ -10,11 +10,11 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import semver
-from sqlalchemy import insert
-from sqlmodel import Session, col, delete, select
+from sqlalchemy import insert, text
+from sqlmodel import Session, SQLModel, col, delete, select
 
 from kiln.errors import Conflict, IllegalTransition, InvalidInput, NotFound
 from kiln.faults import failpoint
@@ -37,6 +37,17 @@ from kiln.registry.tables import (
     VersionStatus,
     utcnow,
 )
+
+RowT = TypeVar("RowT", bound=SQLModel)
+
+
+# --- sessions
+def detached(*, session: Session, row: RowT) -> RowT:
+    """``row`` as the database has it now, read again and detached from ``session``, for a
+    caller that hands it on after the session closes (an alert that goes out in an event)."""
+    session.refresh(row)
+    session.expunge(row)
+    return row
 
 
 # --- models
@@ -108,6 +119,13 @@ def get_version(*, session: Session, model: Model, version: str) -> ModelVersion
     ).first()
 
 
+def get_version_by_id(*, session: Session, version_id: int | None) -> ModelVersion | None:
+    """The version whose primary key is ``version_id`` (a deployment's stable or canary, a run's
+    version), or None for None or an unknown id; a row the session holds comes from its identity
+    map, without a query."""
+    return session.get(ModelVersion, version_id) if version_id is not None else None
+
+
 def require_version(*, session: Session, name: str, version: str | None = None) -> ModelVersion:
     """``name`` at ``version``, or its newest version when ``version`` is None."""
     model = require_model(session=session, name=name)
@@ -130,7 +148,10 @@ def create_version(
     source_sha256: str,
     spec: dict[str, Any],
     meta: dict[str, Any] | None = None,
+    optimization_config: dict[str, Any] | None = None,
 ) -> ModelVersion:
+    """A new version of ``model``; ``optimization_config`` records the optimize settings it is
+    to be built with, when they are known up front (a re-optimization candidate's)."""
     parse_version(version)
     if get_version(session=session, model=model, version=version) is not None:
         raise Conflict(f"{model.name}@{version} already exists; versions are immutable")
@@ -141,6 +162,7 @@ def create_version(
         source_sha256=source_sha256,
         spec=spec,
         meta=meta or {},
+        optimization_config=optimization_config or {},
     )
     session.add(row)
     session.flush()
@@ -267,6 +289,20 @@ def list_artifacts(*, session: Session, version: ModelVersion) -> Sequence[Artif
     ).all()
 
 
+def mark_selected_artifact(
+    *, session: Session, version: ModelVersion, path: str | None
+) -> Sequence[Artifact]:
+    """Mark the artifact ``version``'s engines serve: the one stored at ``path``, or the source
+    artifact when ``path`` is None or empty (the baseline won and there is no export to serve);
+    every other artifact of the version is unmarked. Returns the version's artifacts."""
+    artifacts = list_artifacts(session=session, version=version)
+    for artifact in artifacts:
+        artifact.selected = artifact.path == path if path else artifact.kind == ArtifactKind.source
+        session.add(artifact)
+    session.flush()
+    return artifacts
+
+
 def all_artifacts(*, session: Session) -> Sequence[Artifact]:
     return session.exec(select(Artifact).order_by(col(Artifact.id))).all()
 
@@ -337,6 +373,25 @@ def list_jobs(*, session: Session, version: ModelVersion) -> Sequence[Optimizati
     ).all()
 
 
+def get_job(*, session: Session, job_id: int) -> OptimizationJob | None:
+    """The job whose primary key is ``job_id`` (a run's parent job, a variant's own), or None."""
+    return session.get(OptimizationJob, job_id)
+
+
+def last_optimize_run(*, session: Session, version: ModelVersion) -> OptimizationJob | None:
+    """The newest finished (``done``) optimize run of ``version``: its job's ``metrics`` hold
+    the run's report (``kiln optimize --json``'s document)."""
+    return session.exec(
+        select(OptimizationJob)
+        .where(
+            OptimizationJob.version_id == version.id,
+            OptimizationJob.optimization_type == "optimize",
+            OptimizationJob.status == "done",
+        )
+        .order_by(col(OptimizationJob.id).desc())
+    ).first()
+
+
 def create_job(
     *, session: Session, version: ModelVersion, optimization_type: str
 ) -> OptimizationJob:
@@ -362,6 +417,21 @@ def get_deployment(*, session: Session, model: Model) -> Deployment | None:
 
 def list_deployments(*, session: Session) -> Sequence[Deployment]:
     return session.exec(select(Deployment).order_by(col(Deployment.id))).all()
+
+
+def deployment_fingerprint(*, session: Session) -> tuple[tuple[str, ...], ...]:
+    """What the supervisor's desired state depends on, as one cheap query: every deployment row
+    (versions, weight, shadow share, state, last change) with its model's settings, in id order,
+    each value as text. Equal fingerprints mean nothing it reads changed, so its full read
+    (:func:`served_versions`, specs, artifacts) runs only when this changes; the value is for
+    comparison only. Plain SQL: the JSON settings are compared as stored, never parsed."""
+    query = text(
+        "SELECT d.id, d.stable_version_id, d.canary_version_id, d.canary_weight, "
+        "d.shadow_share, d.state, d.updated_at, m.settings FROM deployment d "
+        "JOIN model m ON m.id = d.model_id ORDER BY d.id"
+    )
+    rows = session.connection().execute(query).all()
+    return tuple(tuple(str(v) for v in row) for row in rows)
 
 
 def served_versions(

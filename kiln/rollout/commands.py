@@ -16,7 +16,6 @@ import httpx
 from kiln.errors import ExternalToolError
 from kiln.registry import crud
 from kiln.registry.db import session_scope
-from kiln.registry.tables import ModelVersion
 from kiln.rollout.client import GatewayClient, gateway_url
 from kiln.settings import Settings
 
@@ -44,12 +43,12 @@ def promote_now(settings: Settings, *, name: str) -> dict[str, Any]:
         model = crud.require_model(session=session, name=name)
         dep = crud.get_deployment(session=session, model=model)
         previous = (
-            session.get(ModelVersion, dep.stable_version_id)
+            crud.get_version_by_id(session=session, version_id=dep.stable_version_id)
             if dep is not None and dep.stable_version_id
             else None
         )
         dep = crud.promote(session=session, model=model, reason="promoted by `kiln promote`")
-        stable = session.get(ModelVersion, dep.stable_version_id)
+        stable = crud.get_version_by_id(session=session, version_id=dep.stable_version_id)
         assert stable is not None
         return {
             "model": name,
@@ -109,7 +108,11 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
             and dep.canary_version_id is not None
             and to_version is None
         )
-        canary = session.get(ModelVersion, dep.canary_version_id) if had_canary and dep else None
+        canary = (
+            crud.get_version_by_id(session=session, version_id=dep.canary_version_id)
+            if had_canary and dep
+            else None
+        )
         crud.rollback(
             session=session,
             model=model,

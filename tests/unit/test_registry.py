@@ -330,3 +330,97 @@ def test_drift_reports_latest_first(db_url: str) -> None:
         assert crud.latest_drift_report(session=session, model="other") is None
         # the store's sweep keeps what a drift report names
         assert "objects/cd/report.html" in crud.stored_paths(session=session)
+
+
+def test_lookups_by_id_and_the_last_optimize_run(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        row = _model_and_version(session)
+        done = crud.create_job(session=session, version=row, optimization_type="optimize")
+        crud.update_job(session=session, job=done, status="done", metrics={"n": 1})
+        newer = crud.create_job(session=session, version=row, optimization_type="optimize")
+        crud.update_job(session=session, job=newer, status="done", metrics={"n": 2})
+        crud.create_job(session=session, version=row, optimization_type="optimize")  # running
+        variant = crud.create_job(session=session, version=row, optimization_type="onnx/fp32")
+        crud.update_job(session=session, job=variant, status="done")
+        ids = row.id, newer.id
+        other = _model_and_version(session, "0.2.0")
+    with session_scope(db_url) as session:
+        found = crud.get_version_by_id(session=session, version_id=ids[0])
+        assert found is not None and found.version == "0.1.0"
+        assert crud.get_version_by_id(session=session, version_id=None) is None
+        assert crud.get_version_by_id(session=session, version_id=10_000) is None
+        job = crud.get_job(session=session, job_id=ids[1])
+        assert job is not None and job.metrics == {"n": 2}
+        assert crud.get_job(session=session, job_id=10_000) is None
+        last = crud.last_optimize_run(session=session, version=found)
+        assert last is not None and last.id == ids[1]  # newest done optimize, not the variant
+        assert crud.last_optimize_run(session=session, version=other) is None
+
+
+def test_a_version_records_its_optimization_config(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        model = crud.create_model(session=session, name="m", task=Task.classification)
+        crud.create_version(
+            session=session,
+            model=model,
+            version="0.1.0",
+            source_format="pt2",
+            source_sha256=SHA,
+            spec={},
+            optimization_config={"backends": ["onnxruntime"]},
+        )
+        plain = _model_and_version(session, "0.2.0")
+        assert plain.optimization_config == {}
+    with session_scope(db_url) as session:
+        row = crud.require_version(session=session, name="m", version="0.1.0")
+        assert row.optimization_config == {"backends": ["onnxruntime"]}
+
+
+def test_mark_selected_artifact_keeps_one_served(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        row = _model_and_version(session)
+        for kind, path in (("source", "objects/s.pt2"), ("onnx", "objects/o.onnx")):
+            crud.add_artifact(
+                session=session, version=row, kind=kind, path=path, sha256=SHA, size=1
+            )
+        crud.mark_selected_artifact(session=session, version=row, path="objects/o.onnx")
+    with session_scope(db_url) as session:
+        row = crud.require_version(session=session, name="m")
+        served = [a.path for a in crud.list_artifacts(session=session, version=row) if a.selected]
+        assert served == ["objects/o.onnx"]
+        crud.mark_selected_artifact(session=session, version=row, path=None)  # the baseline won
+    with session_scope(db_url) as session:
+        row = crud.require_version(session=session, name="m")
+        served = [a.path for a in crud.list_artifacts(session=session, version=row) if a.selected]
+        assert served == ["objects/s.pt2"]
+
+
+def test_deployment_fingerprint_changes_with_desired_state_only(db_url: str) -> None:
+    def fingerprint() -> tuple[tuple[str, ...], ...]:
+        with session_scope(db_url) as session:
+            return crud.deployment_fingerprint(session=session)
+
+    assert fingerprint() == ()
+    with session_scope(db_url) as session:
+        row = _model_and_version(session)
+        crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
+        crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
+        crud.deploy_direct(session=session, version=row)
+    deployed = fingerprint()
+    assert len(deployed) == 1 and str(row.id) in deployed[0]
+    with session_scope(db_url) as session:
+        _model_and_version(session, "0.2.0")  # a new version is not desired state
+    assert fingerprint() == deployed
+    with session_scope(db_url) as session:
+        model = crud.require_model(session=session, name="m")
+        crud.update_model_settings(session=session, model=model, settings={"replicas": 2})
+    assert fingerprint() != deployed
+
+
+def test_detached_rows_outlive_their_session(db_url: str) -> None:
+    with session_scope(db_url) as session:
+        alert, _ = crud.raise_alert(session=session, model="m", kind="p99", message="slow")
+        session.commit()
+        assert crud.detached(session=session, row=alert) is alert
+        assert alert not in session
+    assert alert.id is not None and alert.opened_at is not None and alert.message == "slow"
