@@ -267,8 +267,8 @@ class Demo:
             "   real test digits through the gateway", "OIP v2 JSON with an infer-scope API key"
         )
         with session_scope(self.settings.db_url) as session:
-            key, row = crud.create_api_key(session=session, scopes=["infer"], models=["digits"])
-            prefix = row.prefix
+            issued = crud.create_api_key(session=session, scopes=["infer"], models=["digits"])
+            key, prefix = issued.key, issued.row.prefix
         try:
             with np.load(self.project / TEST_SPLIT, allow_pickle=False) as npz:
                 x, labels = npz["inputs"].astype(np.float32), npz["labels"]
@@ -492,11 +492,12 @@ class Demo:
             task = bar.add_task(f"{name}@{version}", total=100, jobs="")
             while thread.is_alive():
                 thread.join(timeout=0.5)
-                done, _total, running = job_progress(self.settings, name=name, version=version)
+                progress = job_progress(self.settings, name=name, version=version)
                 bar.update(
                     task,
-                    completed=done,
-                    jobs=running or ("gates, serving" if done else "uploading"),
+                    completed=progress.percent,
+                    jobs=progress.running
+                    or ("gates, serving" if progress.percent else "uploading"),
                 )
         if "error" in result:
             raise result["error"]

@@ -23,8 +23,8 @@ from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from kiln.errors import KilnError
-from kiln.monitor.drift import DEFAULT_MIN_SAMPLES, DriftSettings
-from kiln.settings import get_settings
+from kiln.monitor.drift import DriftSettings
+from kiln.settings import DRIFT_MIN_SAMPLES, DRIFT_WINDOW_HOURS, get_settings
 from kiln.store.artifacts import ArtifactStore
 from tasks import monitor as t
 
@@ -32,8 +32,8 @@ from tasks import monitor as t
 @flow(name="monitor-drift", log_prints=True)
 def monitor_drift(
     model: str | None = None,
-    hours: float = 24,
-    min_samples: int = DEFAULT_MIN_SAMPLES,
+    hours: float = DRIFT_WINDOW_HOURS,
+    min_samples: int = DRIFT_MIN_SAMPLES,
     version: str | None = None,
 ) -> dict[str, Any]:
     """Judge drift of ``model``'s recent traffic (every deployed model when None).
@@ -71,8 +71,11 @@ def _one(model: str, hours: float, settings: DriftSettings, version: str | None)
     kiln_settings = get_settings()
     store = ArtifactStore(kiln_settings.home, kiln_settings.remote_url).ensure()
     with store.staging() as work:
-        result, html = t.detect(gathered, checked, settings, work)
-        doc = t.record(gathered, checked, result, html, str(runtime.flow_run.id or "") or None)
+        detection = t.detect(gathered, checked, settings, work)
+        result = detection.result
+        doc = t.record(
+            gathered, checked, result, detection.html, str(runtime.flow_run.id or "") or None
+        )
     text = t.markdown(doc, result)
     key = f"drift-{doc['model']}".lower()
     create_markdown_artifact(

@@ -30,7 +30,7 @@ def optimize_model(name: str, version: str | None = None) -> dict[str, Any]:
         work = Path(tmp)
         prepared = t.prepare(name, version, work, str(runtime.flow_run.id or "") or None)
         try:
-            extracted, parity = t.extract(prepared, work)
+            extraction = t.extract(prepared, work)
         except ExtractionError as exc:
             print(f"{name}@{prepared.version} rejected: {exc}")
             return {
@@ -41,27 +41,29 @@ def optimize_model(name: str, version: str | None = None) -> dict[str, Any]:
                 "variants": [],
                 "selected": None,
             }
-        base, base_outputs = t.baseline(prepared, extracted)
+        extracted = extraction.model
+        baseline = t.baseline(prepared, extracted)
+        base, base_outputs = baseline.report, baseline.outputs
         reports = [
-            t.variant(prepared, extracted, base, base_outputs, backend, precision, work)
-            for backend, precision in stages.plan(prepared)
+            t.variant(prepared, extracted, base, base_outputs, v.backend, v.precision, work)
+            for v in stages.plan(prepared)
         ]
         if prepared.settings.prune and (pruned := t.prune(prepared, extracted, work)):
-            backend, precision, label = stages.PRUNED
+            planned = stages.PRUNED
             reports.append(
                 t.variant(
                     prepared,
-                    pruned[0],
+                    pruned.model,
                     base,
                     base_outputs,
-                    backend,
-                    precision,
+                    planned.backend,
+                    planned.precision,
                     work,
-                    label=label,
-                    notes={"pruning": pruned[1]},
+                    label=planned.label,
+                    notes={"pruning": pruned.pruning},
                 )
             )
-        doc = t.record(prepared, extracted, parity, base, reports)
+        doc = t.record(prepared, extracted, extraction.report, base, reports)
     key = f"optimize-{name}".lower()
     create_markdown_artifact(
         markdown=doc["markdown"] + f"\n\nChart: `{doc['chart']}`",

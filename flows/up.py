@@ -27,7 +27,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln.errors import Conflict, ExternalToolError, KilnError
-from kiln.settings import PRIVACY_ENV, get_settings
+from kiln.settings import PRIVACY_ENV, Settings, get_settings
 
 # The checkout this module belongs to (flows/ is installed in editable mode): where
 # prefect.yaml lives and where the worker's flow runs import flows/ from.
@@ -434,12 +434,17 @@ def banner(stack: Stack) -> str:
     return "\n".join(lines)
 
 
+_PREFECT_PORT = UpSettings.model_fields["prefect_port"].default
+_GATEWAY_PORT = Settings.model_fields["gateway_port"].default
+
+
 def up(
     prefect_port: Annotated[
-        int | None, typer.Option(help="Prefect API + UI port (default KILN_PREFECT_PORT, 4200).")
+        int | None,
+        typer.Option(help=f"Prefect API + UI port (default KILN_PREFECT_PORT, {_PREFECT_PORT})."),
     ] = None,
     gateway_port: Annotated[
-        int | None, typer.Option(help="Gateway port (default KILN_GATEWAY_PORT, 8000).")
+        int | None, typer.Option(help=f"Gateway port (default KILN_GATEWAY_PORT, {_GATEWAY_PORT}).")
     ] = None,
     ui: Annotated[bool, typer.Option(help="Serve Prefect's UI.")] = True,
 ) -> None:

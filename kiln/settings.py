@@ -29,6 +29,13 @@ PRIVACY_ENV: dict[str, str] = {
 # Rate-limit storages the gateway accepts (`limits` async schemes, without "async+").
 RATE_LIMIT_SCHEMES = frozenset({"memory", "redis", "rediss", "redis+unix"})
 
+# Defaults of per-model and per-run settings that the CLI's options show as well: written here,
+# once, so that `kiln --help` loads neither the record that owns each (numpy and all) nor a copy.
+CANARY_STEP_SECONDS = 30.0  # kiln.rollout.canary.RolloutSettings.step_seconds
+READY_TIMEOUT_S = 180.0  # RolloutSettings.ready_timeout_s; `kiln deploy --strategy direct --wait`
+DRIFT_WINDOW_HOURS = 24.0  # logged requests a drift run judges (flows/monitor.py, `kiln drift`)
+DRIFT_MIN_SAMPLES = 100  # kiln.monitor.drift.DriftSettings.min_samples
+
 
 def apply_privacy_env() -> None:
     """Turn off the telemetry of every tool Kiln drives (user-set values win)."""

@@ -368,7 +368,7 @@ class AlertMonitor:
             try:
                 if action.op == "fire" and action.finding is not None:
                     f = action.finding
-                    _, opened = kiln_alerts.fire(
+                    opened = kiln_alerts.fire(
                         url,
                         model=model,
                         kind=kind,
@@ -377,7 +377,7 @@ class AlertMonitor:
                         value=f.value,
                         threshold=f.threshold,
                         detail=action.detail,
-                    )
+                    ).opened
                     if opened:
                         log.warning(
                             "alert opened: %s%s %s: %s",

@@ -32,6 +32,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from kiln.settings import Settings
+
 _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
@@ -48,7 +50,7 @@ class HttpLimits:
     max_url_bytes: int = 8 * 1024
     max_headers: int = 100
     max_header_bytes: int = 64 * 1024
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = Settings.model_fields["max_body_bytes"].default  # KILN_MAX_BODY_BYTES
     max_body_chunks: int = 16 * 1024
     linger_s: float = 2.0  # after a refusal: how long the client's leftover input is discarded
     linger_bytes: int = 4 * 1024 * 1024  # ... and how much of it, at most

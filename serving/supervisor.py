@@ -137,7 +137,9 @@ class Supervisor:
     def _read_registry(self) -> dict[str, ServedModel]:
         models: dict[str, ServedModel] = {}
         with session_scope(self.settings.db_url) as session:
-            for model, dep, stable, canary in crud.served_versions(session=session):
+            for deployed in crud.served_versions(session=session):
+                model, dep = deployed.model, deployed.deployment
+                stable, canary = deployed.stable, deployed.canary
                 served = ServedModel(
                     name=model.name,
                     task=str(model.task),

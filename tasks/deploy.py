@@ -17,10 +17,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from kiln.errors import IllegalTransition
+from kiln.gate import within
 from kiln.registry import crud
 from kiln.registry.db import session_scope
 from kiln.registry.tables import Task, VersionStatus
 from kiln.rollout.canary import RolloutSettings
+from kiln.rollout.replay import REPLAY_LIMIT
 from kiln.settings import get_settings
 
 if TYPE_CHECKING:
@@ -130,7 +132,7 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
         champion_metric=round(champion, 6),
         candidate_metric=round(candidate, 6),
         drop=round(drop, 6),
-        passed=drop <= rollout.champion_max_drop,
+        passed=within(drop, rollout.champion_max_drop),
     )
     verb = "is not worse than" if result["passed"] else "is worse than"
     result["reason"] = (
@@ -212,7 +214,7 @@ def roll_back(st: Standing, reason: str, detail: dict[str, Any]) -> None:
 
 
 @task(name="replay-inputs", retries=0, cache_policy=NO_CACHE)
-def replay_inputs(st: Standing, limit: int = 512) -> list[bytes]:
+def replay_inputs(st: Standing, limit: int = REPLAY_LIMIT) -> list[bytes]:
     """Request bodies for replayed traffic, one request each: with ``replay_source: log`` (the
     default) the stable version's recent logged requests (the inference log), else, or when
     fewer than ``replay_min_logged`` are logged, the candidate's validation dataset rows; the
@@ -259,9 +261,9 @@ def _dataset_bodies(st: Standing, spec: ModelSpec, limit: int) -> list[bytes]:
         dataset = crud.dataset_for(session=session, version=row)
         ref = (dataset.path, dataset.sha256) if dataset else None
     if ref is None:
-        from kiln.intake.probe import sample_inputs
+        from kiln.intake.probe import SAMPLE_DYNAMIC, SAMPLE_ROWS, sample_inputs
 
-        tensors = sample_inputs(spec.inputs, batch=64, dynamic=16)
+        tensors = sample_inputs(spec.inputs, batch=SAMPLE_ROWS, dynamic=SAMPLE_DYNAMIC)
         return replay_bodies(spec, [t.numpy() for t in tensors], limit)
     store = ArtifactStore(settings.home, settings.remote_url)
     data = load_dataset(store.verified_path(*ref))

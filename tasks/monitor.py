@@ -58,9 +58,9 @@ def deployed_models() -> list[str]:
     with session_scope(get_settings().db_url) as session:
         return sorted(
             {
-                model.name
-                for model, _, stable, canary in crud.served_versions(session=session)
-                if stable or canary
+                deployed.model.name
+                for deployed in crud.served_versions(session=session)
+                if deployed.stable or deployed.canary
             }
         )
 
@@ -172,19 +172,27 @@ def reference_embeddings(gathered: Gathered) -> np.ndarray:
     return np.concatenate(outputs, axis=0).reshape(len(texts), -1)
 
 
+@dataclass(frozen=True)
+class Detection:
+    """A drift run's verdict, and the HTML report Evidently wrote (None when nothing ran)."""
+
+    result: core.DriftResult
+    html: Path | None
+
+
 def detect_drift(
     gathered: Gathered, check: core.InputCheck, settings: core.DriftSettings, work_dir: Path
-) -> tuple[core.DriftResult, Path | None]:
-    """The verdict, and the HTML report Evidently wrote (None when nothing ran)."""
+) -> Detection:
+    """Judge the gathered rows against the reference (Evidently), when there are enough."""
     current, reference, method = frames(gathered, check)
     if len(current) < settings.min_samples:
         ref_rows = len(gathered.reference)
-        return core.not_enough(len(current), ref_rows, method, settings), None
+        return Detection(core.not_enough(len(current), ref_rows, method, settings), None)
     if reference is None:  # text: embeddings of the reference texts, only now that they count
         reference = core.embedding_frame(reference_embeddings(gathered))
     html = work_dir / f"drift-{gathered.model}.html"
     result = core.detect(current, reference, method=method, settings=settings, html=html)
-    return result, html
+    return Detection(result, html)
 
 
 def record_report(
@@ -259,7 +267,7 @@ def _alert(gathered: Gathered, result: core.DriftResult, report: str | None) -> 
     if result.drift_detected is None:
         return "unchanged"
     if result.drift_detected:
-        _, opened = alerts.fire(
+        opened = alerts.fire(
             url,
             model=gathered.model,
             kind="drift",
@@ -268,7 +276,7 @@ def _alert(gathered: Gathered, result: core.DriftResult, report: str | None) -> 
             value=result.drift_share,
             threshold=result.threshold,
             detail={"report": report, "method": result.method, "samples": result.samples},
-        )
+        ).opened
         return "opened" if opened else "refreshed"
     resolved = alerts.clear(
         url,
@@ -300,7 +308,7 @@ def markdown(doc: dict[str, Any], result: core.DriftResult) -> str:
     rows = core.summary_rows(result)
     if rows:
         lines += ["", "| column | test | score | drifted |", "|---|---|---|---|"]
-        lines += [f"| {c} | {t} | {s} | {d} |" for c, t, s, d in rows]
+        lines += [f"| {r.column} | {r.stattest} | {r.score} | {r.drifted} |" for r in rows]
     checks = doc["checks"]
     lines += [
         "",

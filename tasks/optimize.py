@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from kiln.backends import get_backend
 from kiln.backends.base import ExtractedModel
 from kiln.optimize import pipeline as stages
+from kiln.optimize.extract import Extraction
 from kiln.optimize.validate import VariantReport, judge
 from kiln.registry import crud
 from kiln.registry.db import session_scope
@@ -42,30 +43,30 @@ def prepare(
 
 
 @task(name="extract", cache_policy=NO_CACHE)
-def extract(prepared: stages.Prepared, work_dir: Path) -> tuple[ExtractedModel, dict[str, Any]]:
+def extract(prepared: stages.Prepared, work_dir: Path) -> Extraction:
     return stages.extract_stage(get_settings(), prepared, work_dir)
 
 
 @task(name="prune", cache_policy=NO_CACHE)
 def prune(
     prepared: stages.Prepared, extracted: ExtractedModel, work_dir: Path
-) -> tuple[ExtractedModel, dict[str, Any]] | None:
+) -> stages.Pruned | None:
     return stages.prune_stage(prepared, extracted, work_dir)
 
 
 @task(name="baseline", cache_policy=NO_CACHE)
-def baseline(
-    prepared: stages.Prepared, extracted: ExtractedModel
-) -> tuple[VariantReport, np.ndarray]:
+def baseline(prepared: stages.Prepared, extracted: ExtractedModel) -> stages.Measured:
+    """The fp32 eager baseline, measured: what every variant is judged against."""
     backend = get_backend("torch-eager")
     built = backend.build(extracted, "fp32", extracted.onnx.parent)
     runner = backend.load(built.path, spec=prepared.spec)
-    report, outputs = stages.measure(prepared, runner, None)
+    measured = stages.measure(prepared, runner, None)
+    report = measured.report
     report.backend, report.precision = "torch-eager", "fp32"
     report.size_bytes = built.path.stat().st_size
     report.passed = True
     report.meta = {"path": str(built.path), **built.meta}
-    return report, outputs
+    return measured
 
 
 def _job(prepared: stages.Prepared, kind: str) -> int:
@@ -113,11 +114,7 @@ def variant(
         _update_job(job_id, progress=40)
         report = _measure(prepared, backend, shown, built.path, base_outputs, base)
         report.meta.update({**built.meta, **(notes or {})})
-        if (
-            precision == "int8-static"
-            and not report.passed
-            and any("drop" in r or "cosine" in r or "RMSE" in r for r in report.reasons)
-        ):
+        if stages.wants_accuracy_aware(precision, report):
             report = _accuracy_aware(
                 prepared, extracted, backend, base, base_outputs, out_dir, report
             )
@@ -153,7 +150,7 @@ def _measure(
     base: VariantReport,
 ) -> VariantReport:
     runner = backend.load(path, spec=prepared.spec)
-    report, _ = stages.measure(prepared, runner, base_outputs)
+    report = stages.measure(prepared, runner, base_outputs).report
     report.backend, report.precision = backend.name, precision
     report.size_bytes = path.stat().st_size
     report.meta = {"path": str(path)}
@@ -180,27 +177,18 @@ def _accuracy_aware(
             backend.load(path, spec=prepared.spec), prepared.inputs, mask_index=prepared.mask_index
         )[0]
         q = quality(prepared.task, outputs, base_outputs, prepared.labels)
-        if prepared.task.value == "embedding":  # the minimum-cosine gate counts too
-            return min(q.metric, (q.metric_min or 0.0) + gates.min_mean_cosine - gates.min_cosine)
-        return q.metric
+        return gates.gated_metric(prepared.task, q)
 
-    max_drop = (
-        gates.max_accuracy_drop
-        if prepared.task.value == "classification"
-        else base.metric - gates.min_mean_cosine
-        if prepared.task.value == "embedding"
-        else gates.max_relative_error_increase * abs(base.metric)
-    )
     target = out_dir / "model.accuracy-aware.onnx"
     # start from the graph the variant was built on (fused where fusion applied)
-    graph, _ = backend.float_graph(extracted, check_inputs=prepared.calibration)
+    graph = backend.float_graph(extracted, check_inputs=prepared.calibration).path
     result = accuracy_aware_quantize(
         graph,
         target,
         calibration=prepared.calibration or [],
         evaluate=metric_of,
         baseline_metric=base.metric,
-        max_drop=max_drop,
+        max_drop=gates.allowed_drop(prepared.task, base.metric),
         budget=prepared.settings.accuracy_aware_budget,
     )
     report = _measure(prepared, backend, "int8-static", target, base_outputs, base)

@@ -10,7 +10,7 @@ torch-based ones share), and the ONNX graph tools the ONNX Runtime backend build
 ``ort_quantize`` (int8 dynamic and static QDQ, the accuracy-aware retry) and ``ort_fusion``
 (attention, layer-norm and GELU fusion into ORT's contrib ops).
 
-May import: ``kiln.errors``, ``kiln.spec``, ``kiln.settings``. Imported by: ``kiln.optimize``,
+May import: ``kiln.errors``, ``kiln.spec``, ``kiln.settings``, ``kiln.gate``. Imported by: ``kiln.optimize``,
 ``serving`` (engines load a backend's artifact), ``tasks``.
 """
 

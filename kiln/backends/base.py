@@ -22,6 +22,15 @@ import numpy as np
 
 from kiln.spec import ModelSpec
 
+# How a rewritten graph is checked against what it was made from. Extraction (eager against the
+# program and the ONNX graph, kiln.optimize.extract) and fusion (fused against extracted,
+# kiln.backends.ort_fusion) hold graphs to the same tolerances on the same sample shapes.
+PARITY_RTOL = 1e-4
+PARITY_ATOL = 1e-4
+# (batch, dynamic-dim size) of the deterministic sample inputs: two of each, so a dimension
+# baked in as a constant shows up
+PARITY_SAMPLE_SHAPES: tuple[tuple[int, int], ...] = ((1, 5), (3, 17))
+
 
 @dataclass(frozen=True)
 class ExtractedModel:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -142,6 +142,15 @@ def load_onnx(
     return OrtRunner(session, spec.inputs, record)
 
 
+@dataclass(frozen=True)
+class FloatGraph:
+    """The fp32 graph the variants are built on (fused, or the extracted one) and the fusion
+    record that says which, and why."""
+
+    path: Path
+    fusion: dict[str, Any]
+
+
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime variants: fp32, int8 dynamic, int8 static (QDQ), each built on the graph
     ``float_graph`` returns: the extracted graph with its transformer subgraphs fused into ORT's
@@ -185,13 +194,14 @@ class OnnxRuntimeBackend(Backend):
                 f"build {precision} into a folder of its own: {out_dir} holds the "
                 "extracted model.onnx, which quantization must not overwrite"
             )
-        graph, fusion = self.float_graph(model, check_inputs=calibration, fuse=fuse)
+        float_graph = self.float_graph(model, check_inputs=calibration, fuse=fuse)
+        graph = float_graph.path
         meta: dict[str, Any] = {
             "backend": self.name,
             "precision": precision,
             "session": session_settings(threads),
             "graph": "fused" if graph != model.onnx else "extracted",
-            "fusion": fusion,
+            "fusion": float_graph.fusion,
         }
         if precision == "fp32":
             if in_place:  # built in the extract folder: the graph itself (fused or extracted)
@@ -226,7 +236,7 @@ class OnnxRuntimeBackend(Backend):
         *,
         check_inputs: list[np.ndarray] | None = None,
         fuse: bool = True,
-    ) -> tuple[Path, dict[str, Any]]:
+    ) -> FloatGraph:
         """The fp32 graph every variant is built on, and the fusion record.
 
         The fused graph is written once beside the extracted one (``model.fused.onnx``, its
@@ -237,7 +247,9 @@ class OnnxRuntimeBackend(Backend):
         from this graph too, so its node names match the variants'.
         """
         if not fuse:
-            return model.onnx, {"applied": False, "reason": "fusion turned off (fuse=False)"}
+            return FloatGraph(
+                model.onnx, {"applied": False, "reason": "fusion turned off (fuse=False)"}
+            )
         from kiln.backends import ort_fusion as fusion
 
         fused = model.onnx.with_name(FUSED_GRAPH)
@@ -264,7 +276,7 @@ class OnnxRuntimeBackend(Backend):
                 and "applied" in done
                 and (not done["applied"] or fused.is_file())
             ):
-                return (fused if done["applied"] else model.onnx), done
+                return FloatGraph(fused if done["applied"] else model.onnx, done)
         try:
             record = fusion.optimize_graph(
                 model.onnx, fused, spec=model.spec, check_inputs=check_inputs
@@ -279,7 +291,7 @@ class OnnxRuntimeBackend(Backend):
         tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}")
         tmp.write_text(json.dumps({"key": key, "record": record}))
         os.replace(tmp, record_path)
-        return (fused if record["applied"] else model.onnx), record
+        return FloatGraph(fused if record["applied"] else model.onnx, record)
 
     def load(
         self,

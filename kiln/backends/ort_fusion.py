@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kiln.backends.base import PARITY_ATOL, PARITY_RTOL, PARITY_SAMPLE_SHAPES
 from kiln.spec import ModelSpec, numpy_of_datatype
 
 if TYPE_CHECKING:
@@ -87,10 +88,10 @@ _MASK_NAMES = ("attention_mask",)
 class FusionSettings:
     """How ``optimize_graph`` checks the fused graph; each default written once, here."""
 
-    rtol: float = 1e-4  # as extraction's eager-vs-ONNX check
-    atol: float = 1e-4
+    rtol: float = PARITY_RTOL  # as extraction's eager-vs-ONNX check
+    atol: float = PARITY_ATOL
     # (batch, dynamic-dim size) of the deterministic samples, as extraction's
-    sample_shapes: tuple[tuple[int, int], ...] = ((1, 5), (3, 17))
+    sample_shapes: tuple[tuple[int, int], ...] = PARITY_SAMPLE_SHAPES
     check_rows: int = 16  # rows of the caller's inputs checked as well
     fold_limit: int = 1 << 26  # elements a folded constant may have (packed QKV weights)
     mask_index: bool = True  # replace a key-padding attention_bias by mask_index

@@ -47,6 +47,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from kiln.errors import InvalidInput
+from kiln.gate import within
 
 if TYPE_CHECKING:
     import onnx
@@ -59,6 +60,11 @@ NO_CALIBRATION = (
 )
 METADATA_KEY = "kiln.quantization"
 CALIBRATION_BATCH = 16
+CALIBRATION_SAMPLES = 256  # calibration rows static int8 uses, at most
+SENSITIVITY_SAMPLES = 64  # calibration rows each node's sensitivity is measured on
+# quantize-and-evaluate attempts of the accuracy-aware retry (the optimize pipeline's
+# OptimizeSettings.accuracy_aware_budget by default)
+ACCURACY_AWARE_BUDGET = 4
 PREPROCESS_TIMEOUT_S = 1800
 ALL_QDQ_OPS = "all ORT QDQ op types"
 CalibrateMethod = Literal["MinMax", "Entropy", "Percentile", "Distribution"]
@@ -189,7 +195,7 @@ def quantize_static(
     nodes_to_exclude: Sequence[str] = (),
     per_channel: bool = True,
     calibrate_method: CalibrateMethod = "MinMax",
-    max_calibration_samples: int = 256,
+    max_calibration_samples: int = CALIBRATION_SAMPLES,
     activation_type: ActivationType = "auto",
     reduce_range: bool | None = None,
     op_types: Sequence[str] | None = None,
@@ -243,7 +249,7 @@ def node_sensitivity(
     quantized_model: Path,
     calibration: list[np.ndarray],
     *,
-    samples: int = 64,
+    samples: int = SENSITIVITY_SAMPLES,
 ) -> list[tuple[str, float]]:
     """Rank the quantized nodes of a QDQ model by the output error each causes, worst first.
 
@@ -281,7 +287,9 @@ def node_sensitivity(
     )
     with tempfile.TemporaryDirectory(prefix="kiln-sensitivity-") as tmp:
         data = _calibration_arrays(
-            Path(float_model), calibration, int(stored.get("calibration_samples") or 256)
+            Path(float_model),
+            calibration,
+            int(stored.get("calibration_samples") or CALIBRATION_SAMPLES),
         )
         work = Path(tmp)
         prepared, _ = _preprocess(Path(float_model), work)
@@ -332,19 +340,20 @@ def accuracy_aware_quantize(
     evaluate: Callable[[Path], float],
     baseline_metric: float,
     max_drop: float,
-    budget: int = 4,
+    budget: int = ACCURACY_AWARE_BUDGET,
     step: int | None = None,
     per_channel: bool = True,
     calibrate_method: CalibrateMethod = "MinMax",
-    max_calibration_samples: int = 256,
-    sensitivity_samples: int = 64,
+    max_calibration_samples: int = CALIBRATION_SAMPLES,
+    sensitivity_samples: int = SENSITIVITY_SAMPLES,
     op_types: Sequence[str] | None = None,
 ) -> AccuracyAwareResult:
     """Static int8 that keeps the most error-sensitive nodes in float until the gate passes.
 
-    Attempt 1 quantizes every node. If ``baseline_metric - metric > max_drop``, the quantized
-    nodes are ranked once by ``node_sensitivity``'s method and each further attempt keeps a
-    growing prefix of that ranking in float, ``step`` more nodes per attempt (default
+    Attempt 1 quantizes every node. If its drop, ``baseline_metric - metric``, is not within
+    ``max_drop`` (``kiln.gate.within``: the optimize gate's own comparison), the quantized nodes
+    are ranked once by ``node_sensitivity``'s method and each further attempt keeps a growing
+    prefix of that ranking in float, ``step`` more nodes per attempt (default
     ``max(1, n // 8)`` for ``n`` ranked nodes). ``budget`` counts every quantize-and-evaluate
     attempt, the first included; the ranking itself is not counted. The loop stops at the first
     passing attempt (more float nodes only cost speed). The written model is the best passing
@@ -395,7 +404,7 @@ def accuracy_aware_quantize(
                     excluded=list(excluded),
                     metric=metric,
                     drop=drop,
-                    passed=drop <= max_drop + 1e-12,
+                    passed=within(drop, max_drop),
                     seconds=round(time.perf_counter() - began, 3),
                 ),
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Annotated, Any, TypeVar
 
@@ -53,6 +54,14 @@ def _settings() -> Settings:
     return get_settings()
 
 
-def _split_ref(ref: str) -> tuple[str, str | None]:
+@dataclass(frozen=True)
+class ModelRef:
+    """A ``NAME[@VERSION]`` argument: the model, and the version (None: the command's default)."""
+
+    name: str
+    version: str | None
+
+
+def _split_ref(ref: str) -> ModelRef:
     name, _, version = ref.partition("@")
-    return name, version or None
+    return ModelRef(name, version or None)

@@ -75,9 +75,10 @@ def keys_create(
             "it out for every model"
         )
     with session_scope(_settings().db_url) as session:
-        key, row = crud.create_api_key(
+        issued = crud.create_api_key(
             session=session, scopes=scope, models=names, rate_per_second=rate
         )
+        key, row = issued.key, issued.row
     if as_json:
         _emit({"key": key, **_key_doc(row)})
         return

@@ -86,7 +86,8 @@ def show(
     """Show one version: status, spec, artifacts, datasets and jobs."""
     from kiln.registry.views import show_version_view
 
-    name, version = _split_ref(ref)
+    target = _split_ref(ref)
+    name, version = target.name, target.version
     doc = show_version_view(_settings(), name=name, version=version)
     if as_json:
         _emit(doc)
@@ -176,7 +177,8 @@ def _run_with_progress(settings: Settings, ref: str) -> dict[str, Any]:
     from flows.optimize import optimize_model
     from kiln.registry.views import job_progress
 
-    name, version = _split_ref(ref)
+    target = _split_ref(ref)
+    name, version = target.name, target.version
     result: dict[str, Any] = {}
 
     def work() -> None:
@@ -198,8 +200,8 @@ def _run_with_progress(settings: Settings, ref: str) -> dict[str, Any]:
         task = bar.add_task(f"optimizing {ref}", total=100, jobs="")
         while thread.is_alive():
             thread.join(timeout=0.5)
-            done, _total, running = job_progress(settings, name=name, version=version)
-            bar.update(task, completed=done, jobs=running)
+            progress = job_progress(settings, name=name, version=version)
+            bar.update(task, completed=progress.percent, jobs=progress.running)
     if "error" in result:
         raise result["error"]
     return cast(dict[str, Any], result["doc"])

@@ -17,19 +17,22 @@ from kiln.cli._common import (
     handled,
     out,
 )
+from kiln.settings import DRIFT_MIN_SAMPLES, DRIFT_WINDOW_HOURS
 
 
 @app.command()
 @handled
 def drift(
     name: Annotated[str, typer.Argument(help="The model whose recent traffic is judged.")],
-    hours: Annotated[float, typer.Option(help="Window of logged requests, in hours.")] = 24.0,
+    hours: Annotated[
+        float, typer.Option(help="Window of logged requests, in hours.")
+    ] = DRIFT_WINDOW_HOURS,
     min_samples: Annotated[
         int,
         typer.Option(
             help="Fewer valid logged rows than this: 'not enough data' (drift_detected null)."
         ),
-    ] = 100,
+    ] = DRIFT_MIN_SAMPLES,
     version: Annotated[
         str | None,
         typer.Option(

@@ -18,6 +18,11 @@ from kiln.cli._common import (
     handled,
     out,
 )
+from kiln.settings import CANARY_STEP_SECONDS, READY_TIMEOUT_S, Settings
+
+# what `kiln serve` binds to without --port and --host (the environment's KILN_* aside)
+_DEFAULT_PORT = Settings.model_fields["gateway_port"].default
+_DEFAULT_HOST = Settings.model_fields["gateway_host"].default
 
 
 @app.command()
@@ -33,14 +38,15 @@ def deploy(
     ] = None,
     steps: Annotated[str | None, typer.Option(help="Canary weights, e.g. 0.1,0.5,1.")] = None,
     step_seconds: Annotated[
-        float | None, typer.Option(help="Seconds each canary step is held (default 30).")
+        float | None,
+        typer.Option(help=f"Seconds each canary step is held (default {CANARY_STEP_SECONDS:g})."),
     ] = None,
     wait: Annotated[
         float,
         typer.Option(
             help="direct: seconds to wait for the engine to answer ready (0: do not wait)."
         ),
-    ] = 180.0,
+    ] = READY_TIMEOUT_S,
     as_json: JsonOpt = False,
 ) -> None:
     """Deploy a version: the deploy-model flow (optimize if needed, champion/challenger gate,
@@ -52,7 +58,8 @@ def deploy(
     if strategy not in (None, "direct", "canary"):
         raise InvalidInput(f"--strategy must be direct or canary, got {strategy!r}")
     settings = _settings()
-    name, version = _split_ref(ref)
+    target = _split_ref(ref)
+    name, version = target.name, target.version
     if strategy == "direct":
         doc = deploy_direct(settings, name=name, version=version)
         doc["served"] = (
@@ -201,9 +208,12 @@ def status(as_json: JsonOpt = False) -> None:
 @handled
 def serve(
     port: Annotated[
-        int | None, typer.Option(help="Gateway port (default KILN_GATEWAY_PORT, 8000).")
+        int | None,
+        typer.Option(help=f"Gateway port (default KILN_GATEWAY_PORT, {_DEFAULT_PORT})."),
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help=f"Bind address (default {_DEFAULT_HOST}).")
+    ] = None,
 ) -> None:
     """Run the gateway and the supervisor that keeps engines matched to the deployments."""
     import logging

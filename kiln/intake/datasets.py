@@ -244,13 +244,13 @@ def check_dataset(
     started = time.perf_counter()
     served = spec.served_inputs()[0]
     columns, wants, stats = _frame_and_expectations(data, served, task, num_classes)
-    results, gx_version = run_expectations(columns, wants)
-    failures = [failure for failure in results if failure is not None]
+    run = run_expectations(columns, wants)
+    failures = [failure for failure in run.results if failure is not None]
     rows = len(columns["shape"])
     stats.update(
         evaluated=len(wants),
         successful=len(wants) - len(failures),
-        great_expectations=gx_version,
+        great_expectations=run.gx_version,
         seconds=round(time.perf_counter() - started, 4),
     )
     return DatasetCheck(success=not failures, rows=rows, failures=failures, statistics=stats)
@@ -478,13 +478,17 @@ def shape_regex(dims: list[int]) -> str:
     return "^" + "x".join(r"[1-9][0-9]*" if d == -1 else str(d) for d in dims) + "$"
 
 
-def run_expectations(
-    columns: dict[str, Any], wants: list[Want]
-) -> tuple[list[ExpectationFailure | None], str]:
-    """Run ``wants`` on the frame in a fresh, in-memory GE context (nothing written, no network).
+@dataclass(frozen=True)
+class ExpectationRun:
+    """What ``run_expectations`` found: one entry per want, in order (None where it passed),
+    and the Great Expectations version that ran them."""
 
-    Returns one entry per want, in order: None where it passed.
-    """
+    results: list[ExpectationFailure | None]
+    gx_version: str
+
+
+def run_expectations(columns: dict[str, Any], wants: list[Want]) -> ExpectationRun:
+    """Run ``wants`` on the frame in a fresh, in-memory GE context (nothing written, no network)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -516,7 +520,7 @@ def run_expectations(
             column=config.kwargs.get("column"),
             detail=_detail(wants[index].hint, item.result or {}, item.exception_info or {}),
         )
-    return outcome, gx.__version__
+    return ExpectationRun(results=outcome, gx_version=gx.__version__)
 
 
 def _detail(hint: str, result: dict[str, Any], exception_info: dict[str, Any]) -> str:

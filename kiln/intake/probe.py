@@ -16,6 +16,11 @@ from typing import Any, cast
 from kiln.errors import ModelLoadError
 from kiln.spec import Datatype, ModelSpec, TensorSpec
 
+# A model with no registered dataset is evaluated (the optimize pipeline) and replayed to (a
+# canary) on this many rows of ``sample_inputs``, dynamic dimensions (sequence length) this long.
+SAMPLE_ROWS = 64
+SAMPLE_DYNAMIC = 16
+
 
 def probe_source(fmt: str, path: Path, *, timeout_s: float) -> ModelSpec:
     """Spec of the model at ``path`` (a .pt2, .onnx or unpacked kiln folder)."""

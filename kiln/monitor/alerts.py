@@ -106,12 +106,12 @@ def fire(
     value: float | None = None,
     threshold: float | None = None,
     detail: dict[str, Any] | None = None,
-) -> tuple[Alert, bool]:
-    """Open (or refresh) the alert; ``(alert, newly_opened)``. Emits on opening only."""
+) -> crud.RaisedAlert:
+    """Open (or refresh) the alert (detached from its session). Emits on opening only."""
     if kind not in KINDS:
         raise ValueError(f"unknown alert kind {kind!r}: one of {', '.join(KINDS)}")
     with session_scope(url) as session:
-        alert, opened = crud.raise_alert(
+        raised = crud.raise_alert(
             session=session,
             model=model,
             kind=kind,
@@ -122,10 +122,10 @@ def fire(
             detail=detail,
         )
         session.commit()
-        crud.detached(session=session, row=alert)
-    if opened:
-        emit("kiln.alert.opened", alert)
-    return alert, opened
+        crud.detached(session=session, row=raised.alert)
+    if raised.opened:
+        emit("kiln.alert.opened", raised.alert)
+    return raised
 
 
 def clear(

@@ -41,12 +41,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.errors import InvalidInput
+from kiln.settings import DRIFT_MIN_SAMPLES
 from kiln.spec import TensorSpec
 
 if TYPE_CHECKING:
     import pandas as pd
 
-DEFAULT_MIN_SAMPLES = 100
+DEFAULT_MIN_SAMPLES = DRIFT_MIN_SAMPLES
 DEFAULT_DRIFT_SHARE = 0.5  # Evidently's DataDriftPreset default
 #: per-image statistics for inputs with two or more dimensions per row
 IMAGE_FEATURES = ("mean", "std", "p25", "p75", "contrast", "variation", "flat")
@@ -219,10 +220,9 @@ def check_inputs(rows: Sequence[np.ndarray], served: TensorSpec) -> InputCheck:
             )
         )
         valid &= np.asarray(nonfinite) == 0
-    results, _ = run_expectations(columns, wants)
     failures = [
         f"{f.expectation}" + (f" on {f.column}" if f.column else "") + f": {f.detail}"
-        for f in results
+        for f in run_expectations(columns, wants).results
         if f is not None
     ]
     return InputCheck(rows=n, valid=valid, failures=failures, evaluated=len(wants))
@@ -482,10 +482,25 @@ def _embeddings(
     ), snapshot
 
 
-def summary_rows(result: DriftResult) -> list[tuple[str, str, str, str]]:
-    """``(column, stattest, score, drifted)`` per column, for the markdown report."""
+@dataclass(frozen=True)
+class SummaryRow:
+    """One column of a drift result as the markdown report shows it (every cell text)."""
+
+    column: str
+    stattest: str
+    score: str  # four significant digits
+    drifted: str  # "yes" or "no"
+
+
+def summary_rows(result: DriftResult) -> list[SummaryRow]:
+    """One row per column, for the markdown report."""
     return [
-        (name, str(c.get("stattest", "")), f"{c['score']:.4g}", "yes" if c.get("drifted") else "no")
+        SummaryRow(
+            column=name,
+            stattest=str(c.get("stattest", "")),
+            score=f"{c['score']:.4g}",
+            drifted="yes" if c.get("drifted") else "no",
+        )
         for name, c in result.columns.items()
     ]
 

@@ -3,7 +3,8 @@ dynamic batch dimension (and sequence length for text), checked against the eage
 
 ``extract`` is the pipeline's first stage. It writes ``model.pt2`` (``torch.export.save``) and
 ``model.onnx`` (the dynamo exporter, opset >= 18, one self-contained file) into ``out_dir`` and
-returns the :class:`~kiln.backends.base.ExtractedModel` with a parity report. A model that
+returns an :class:`Extraction`: the :class:`~kiln.backends.base.ExtractedModel` with a parity
+report. A model that
 ``torch.export`` cannot capture raises :class:`~kiln.errors.ExtractionError` whose message is the
 exporter's reason in one paragraph (the version becomes ``rejected``).
 
@@ -27,7 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kiln.backends.base import ExtractedModel
+from kiln.backends.base import (
+    PARITY_ATOL,
+    PARITY_RTOL,
+    PARITY_SAMPLE_SHAPES,
+    ExtractedModel,
+)
 from kiln.errors import ExtractionError, InvalidInput
 from kiln.intake.formats import SourceFormat
 from kiln.spec import ModelSpec
@@ -42,6 +48,15 @@ MAX_REASON_CHARS = 560  # plus the stage's own prefix: ~600 in all
 
 
 @dataclass(frozen=True)
+class Extraction:
+    """What ``extract`` produced: the model's program and graph, and the report of how they
+    were made and checked (``extract``'s docstring lists its keys)."""
+
+    model: ExtractedModel
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ExtractSettings:
     """How extraction exports and checks a model; each default written once, here."""
 
@@ -49,11 +64,12 @@ class ExtractSettings:
     max_batch: int = 1024  # upper bound of the dynamic batch dimension
     seq_min: int = 2  # bounds of other dynamic dims (sequence length): 0 and 1 would specialise
     seq_max: int = 512
-    rtol: float = 1e-4  # torch.testing.assert_close tolerances, eager vs program and vs ONNX
-    atol: float = 1e-4
+    # torch.testing.assert_close tolerances, eager vs program and vs ONNX
+    rtol: float = PARITY_RTOL
+    atol: float = PARITY_ATOL
     # (batch, dynamic-dim size) of the sample inputs every model is checked on, besides the
-    # caller's check inputs: two of each, so a dimension baked in as a constant shows up.
-    sample_shapes: tuple[tuple[int, int], ...] = ((1, 5), (3, 17))
+    # caller's check inputs
+    sample_shapes: tuple[tuple[int, int], ...] = PARITY_SAMPLE_SHAPES
 
     def __post_init__(self) -> None:
         if self.opset < 18:
@@ -72,7 +88,7 @@ def extract(
     out_dir: Path,
     check_inputs: list[np.ndarray] | None = None,
     settings: ExtractSettings | None = None,
-) -> tuple[ExtractedModel, dict[str, Any]]:
+) -> Extraction:
     """Export ``source_path`` to ``out_dir/model.pt2`` and ``out_dir/model.onnx`` and check both.
 
     Args:
@@ -109,7 +125,7 @@ def extract(
         onnx_path = out_dir / "model.onnx"
         _copy_onnx(source_path, onnx_path)
         report["parity"] = {"onnx": _check_onnx_runs(onnx_path, spec, check_inputs, settings)}
-        return ExtractedModel(program=None, onnx=onnx_path, spec=spec), report
+        return Extraction(ExtractedModel(program=None, onnx=onnx_path, spec=spec), report)
 
     import torch
 
@@ -135,7 +151,7 @@ def extract(
     reloaded = torch.export.load(str(program_path)).module()
     report["parity"] = _check_parity(eager, reloaded, onnx_path, spec, cases, settings)
     log.info("extracted %s: %s", source_path.name, report["parity"])
-    return ExtractedModel(program=program_path, onnx=onnx_path, spec=spec), report
+    return Extraction(ExtractedModel(program=program_path, onnx=onnx_path, spec=spec), report)
 
 
 # ------------------------------------------------------------------------------ export

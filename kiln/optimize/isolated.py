@@ -16,7 +16,7 @@ import numpy as np
 from kiln.backends.base import ExtractedModel
 from kiln.errors import ExtractionError, KilnError
 from kiln.intake.sandbox import ChildTimeout, run_child
-from kiln.optimize.extract import extract
+from kiln.optimize.extract import Extraction, extract
 from kiln.settings import apply_privacy_env
 from kiln.spec import ModelSpec
 
@@ -29,7 +29,7 @@ def extract_isolated(
     out_dir: Path,
     check_inputs: list[np.ndarray],
     timeout_s: float,
-) -> tuple[ExtractedModel, dict[str, Any]]:
+) -> Extraction:
     """``kiln.optimize.extract.extract`` in a child process; the same results and errors."""
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / "check.npz", *check_inputs)
@@ -51,7 +51,9 @@ def extract_isolated(
     if "error" in result:
         raise ExtractionError(result["error"])
     program = Path(result["program"]) if result["program"] else None
-    return ExtractedModel(program=program, onnx=Path(result["onnx"]), spec=spec), result["report"]
+    return Extraction(
+        ExtractedModel(program=program, onnx=Path(result["onnx"]), spec=spec), result["report"]
+    )
 
 
 def _extract_child(source_format: str, source: Path, out_dir: Path) -> None:
@@ -60,17 +62,18 @@ def _extract_child(source_format: str, source: Path, out_dir: Path) -> None:
     with np.load(out_dir / "check.npz", allow_pickle=False) as data:
         check = [data[f"arr_{i}"] for i in range(len(data.files))]
     try:
-        extracted, report = extract(
+        extraction = extract(
             source_format=source_format,
             source_path=source,
             spec=spec,
             out_dir=out_dir,
             check_inputs=check,
         )
+        program = extraction.model.program
         result: dict[str, Any] = {
-            "program": str(extracted.program) if extracted.program else None,
-            "onnx": str(extracted.onnx),
-            "report": report,
+            "program": str(program) if program else None,
+            "onnx": str(extraction.model.onnx),
+            "report": extraction.report,
         }
     except KilnError as exc:
         result = {"error": str(exc)}

@@ -19,8 +19,11 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from kiln.backends.base import ExtractedModel
+from kiln.backends.ort_quantize import ACCURACY_AWARE_BUDGET
 from kiln.errors import Conflict, KilnError
 from kiln.intake.formats import unpack_folder
+from kiln.optimize.extract import Extraction
+from kiln.optimize.prune import PRUNE_RATIO
 from kiln.optimize.validate import GateSettings, TimingSettings, VariantReport
 from kiln.registry import crud
 from kiln.registry.db import session_scope
@@ -30,8 +33,24 @@ from kiln.spec import ModelSpec
 from kiln.store.artifacts import ArtifactStore
 
 CALIBRATION_ROWS = 128
-SAMPLE_ROWS = 64  # rows of random input when a model has no registered dataset
-PRUNED = ("onnxruntime", "fp32", "fp32-pruned")  # backend, precision built, precision reported
+
+
+@dataclass(frozen=True)
+class PlannedVariant:
+    """One variant a run builds: a backend at a precision, reported under ``label`` when it
+    is not the precision's own name (``fp32-pruned``: the pruned model built as fp32)."""
+
+    backend: str
+    precision: str
+    label: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """The precision the report shows."""
+        return self.label or self.precision
+
+
+PRUNED = PlannedVariant("onnxruntime", "fp32", label="fp32-pruned")
 
 
 class OptimizeSettings(BaseModel):
@@ -45,9 +64,10 @@ class OptimizeSettings(BaseModel):
         "inductor": ["fp32", "fp16", "bf16"],
         "tensorrt": ["fp32", "fp16"],
     }
-    accuracy_aware_budget: int = 4
+    accuracy_aware_budget: int = ACCURACY_AWARE_BUDGET
     prune: bool = False  # structured pruning pass (off by default): one more variant, PRUNED
-    prune_ratio: float = Field(default=0.3, gt=0.0, lt=1.0)  # share of each layer's channels
+    # share of each layer's channels
+    prune_ratio: float = Field(default=PRUNE_RATIO, gt=0.0, lt=1.0)
 
     @classmethod
     def for_model(cls, model_settings: dict[str, Any]) -> OptimizeSettings:
@@ -164,10 +184,10 @@ def _evaluation_data(
     spec: ModelSpec, source: Path, data_path: Path | None
 ) -> tuple[list[np.ndarray], np.ndarray | None, str]:
     """Model-ready evaluation inputs (tokenized for text models), labels, and a note."""
-    from kiln.intake.probe import sample_inputs
+    from kiln.intake.probe import SAMPLE_DYNAMIC, SAMPLE_ROWS, sample_inputs
 
     if data_path is None:
-        tensors = sample_inputs(spec.inputs, batch=SAMPLE_ROWS, dynamic=16)
+        tensors = sample_inputs(spec.inputs, batch=SAMPLE_ROWS, dynamic=SAMPLE_DYNAMIC)
         return [t.numpy() for t in tensors], None, f"{SAMPLE_ROWS} random sample inputs"
     from kiln.intake.datasets import load_dataset
 
@@ -212,9 +232,7 @@ def tokenize(
     return [arrays[n.name] for n in names]
 
 
-def extract_stage(
-    settings: Settings, prepared: Prepared, work_dir: Path
-) -> tuple[ExtractedModel, dict[str, Any]]:
+def extract_stage(settings: Settings, prepared: Prepared, work_dir: Path) -> Extraction:
     """Graph extraction; on failure the version becomes ``rejected`` and the error is raised."""
     from kiln.optimize.isolated import extract_isolated
 
@@ -243,9 +261,16 @@ def finish_rejected(settings: Settings, prepared: Prepared, reason: str) -> None
         crud.update_job(session=session, job=job, status="failed", error=reason, progress=100)
 
 
-def prune_stage(
-    prepared: Prepared, extracted: ExtractedModel, work_dir: Path
-) -> tuple[ExtractedModel, dict[str, Any]] | None:
+@dataclass(frozen=True)
+class Pruned:
+    """The pruned model, extracted again, and its pruning record (``prune_structured``'s,
+    with the re-extraction's ``parity``): the ``PRUNED`` variant's input and notes."""
+
+    model: ExtractedModel
+    pruning: dict[str, Any]
+
+
+def prune_stage(prepared: Prepared, extracted: ExtractedModel, work_dir: Path) -> Pruned | None:
     """The structured-pruning pass: the program pruned (``kiln.optimize.prune``), then extracted again
     (ONNX, parity), for the ``PRUNED`` variant. None, with the reason in ``prepared.skipped``,
     when it cannot be built: the other variants proceed."""
@@ -253,14 +278,14 @@ def prune_stage(
     from kiln.optimize.extract import extract
     from kiln.optimize.prune import prune_structured
 
-    label = f"{PRUNED[0]}/{PRUNED[2]} skipped"
+    label = f"{PRUNED.backend}/{PRUNED.shown} skipped"
     if extracted.program is None:
         prepared.skipped.append(
             f"{label}: pruning edits a torch program, and this model was "
             "uploaded as ONNX (upload a .pt2 or kiln.yaml folder)"
         )
         return None
-    if not (availability := get_backend(PRUNED[0]).available()).ok:
+    if not (availability := get_backend(PRUNED.backend).available()).ok:
         prepared.skipped.append(f"{label}: {availability.reason}")
         return None
     out = work_dir / "pruned"
@@ -271,7 +296,7 @@ def prune_stage(
             ratio=prepared.settings.prune_ratio,
             spec=prepared.spec,
         )
-        pruned, report = extract(
+        pruned = extract(
             source_format="pt2",
             source_path=out / "pruned.pt2",
             spec=prepared.spec,
@@ -281,11 +306,11 @@ def prune_stage(
     except Exception as exc:  # a variant that cannot be built is a note, not a failed run
         prepared.skipped.append(f"{label}: {error_summary(exc)}")
         return None
-    return pruned, {**record, "parity": report["parity"]}
+    return Pruned(pruned.model, {**record, "parity": pruned.report["parity"]})
 
 
-def plan(prepared: Prepared) -> list[tuple[str, str]]:
-    """The (backend, precision) variants this host can build for this model."""
+def plan(prepared: Prepared) -> list[PlannedVariant]:
+    """The variants this host can build for this model (``PRUNED`` aside)."""
     from kiln.backends import REGISTRY
 
     wanted = prepared.settings.backends
@@ -302,18 +327,28 @@ def plan(prepared: Prepared) -> list[tuple[str, str]]:
             if not (supported := backend.supports(precision)).ok:
                 prepared.skipped.append(f"{name}/{precision} skipped: {supported.reason}")
                 continue
-            variants.append((name, precision))
+            variants.append(PlannedVariant(name, precision))
     return variants
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A variant measured (its report, backend and precision still to be filled in) and its
+    first output over every evaluation row (the baseline's is what variants are compared to)."""
+
+    report: VariantReport
+    outputs: np.ndarray
 
 
 def measure(
     prepared: Prepared,
     runner: Any,
     baseline_outputs: np.ndarray | None,
-) -> tuple[VariantReport, np.ndarray]:
+) -> Measured:
+    """Quality and speed of a loaded variant (the baseline when ``baseline_outputs`` is None)."""
     from kiln.optimize.validate import evaluate
 
-    quality, speed, outputs = evaluate(
+    evaluation = evaluate(
         prepared.task,
         runner,
         prepared.inputs,
@@ -322,6 +357,7 @@ def measure(
         timing_settings=prepared.settings.timing,
         mask_index=prepared.mask_index,
     )
+    quality, speed = evaluation.quality, evaluation.speed
     report = VariantReport(
         backend="",
         precision="",
@@ -331,7 +367,14 @@ def measure(
         latency_ms=speed.latency_ms if speed else {},
         throughput=speed.throughput if speed else {},
     )
-    return report, outputs
+    return Measured(report, evaluation.outputs)
+
+
+def wants_accuracy_aware(precision: str, report: VariantReport) -> bool:
+    """Whether a judged variant gets the accuracy-aware retry (``accuracy_aware_quantize``):
+    static int8 that failed the quality gate, as ``judge`` recorded in ``failed_gates``. One
+    that is only too slow is not retried: nodes kept in float would make it slower still."""
+    return precision == "int8-static" and "quality" in report.failed_gates
 
 
 def error_summary(exc: BaseException) -> str:
@@ -440,7 +483,8 @@ def finish(
     """Select, store the exported program and the chart, mark the version ``validated``."""
     from kiln.optimize.validate import select
 
-    selected, reason = select(base, reports, prepared.settings.gates)
+    selection = select(base, reports, prepared.settings.gates)
+    selected, reason = selection.variant, selection.reason
     work = extracted.onnx.parent
     figure = chart(work / "variants.png", base, reports, str(prepared.settings.gates.serving_batch))
     table = markdown_table(

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CRITERION = "L1 norm of each output channel's weights"
+PRUNE_RATIO = 0.3  # share of each layer's channels removed (OptimizeSettings.prune_ratio too)
 
 
 class _Unfollowable(Exception):
@@ -53,7 +54,7 @@ class _Group:
 
 
 def prune_structured(
-    program: Path, out: Path, *, ratio: float = 0.3, spec: ModelSpec
+    program: Path, out: Path, *, ratio: float = PRUNE_RATIO, spec: ModelSpec
 ) -> dict[str, Any]:
     """Remove ``ratio`` of the output channels of each prunable layer of ``program``.
 

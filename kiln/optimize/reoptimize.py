@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.errors import Conflict, NotFound
+from kiln.gate import DROP_DECIMALS, within
 from kiln.optimize.pipeline import OptimizeSettings
 from kiln.optimize.validate import GateSettings
 from kiln.registry import crud
@@ -130,14 +131,6 @@ def optimize_report(settings: Settings, model: str, version: str) -> dict[str, A
         return {**job.metrics, "selected_sha256": selected.sha256 if selected else None}
 
 
-def _allowed_drop(task: Task, gates: GateSettings, production_metric: float) -> float:
-    if task is Task.classification:
-        return gates.max_accuracy_drop
-    if task is Task.regression:
-        return gates.max_relative_error_increase * max(abs(production_metric), 1e-12)
-    return max(0.0, 1.0 - gates.min_mean_cosine)  # embedding: cosine to the same baseline
-
-
 def _batch(gates: GateSettings, a: dict[str, Any], b: dict[str, Any]) -> str | None:
     """The serving batch (the one ``select`` optimizes for), else 32, else the largest both
     reports timed."""
@@ -188,8 +181,8 @@ def compare(
     result["speedup"] = speedup
     result["throughput_ratio"] = round(tp_cand / tp_prod, 3) if tp_prod and tp_cand else None
     drop = float(prod["metric"]) - float(cand["metric"])
-    result["metric_drop"] = round(drop, 6) if math.isfinite(drop) else None
-    allowed = _allowed_drop(Task(task), gates, float(prod["metric"]))
+    result["metric_drop"] = round(drop, DROP_DECIMALS) if math.isfinite(drop) else None
+    allowed = gates.allowed_drop(Task(task), float(prod["metric"]))
     timing = (
         f"{result['candidate_variant']} p50 {p50_cand:.4g} ms against "
         f"{result['production_variant']} {p50_prod:.4g} ms at batch {batch}: "
@@ -202,7 +195,7 @@ def compare(
             "reason": f"the candidate serves the same artifact as production "
             f"(sha256 {same[:12]}...): nothing to gain",
         }
-    if not math.isfinite(drop) or drop > allowed:
+    if not within(drop, allowed):
         return {
             **result,
             "reason": f"{timing}, but its metric {cand['metric']:.4f} is below "

@@ -12,24 +12,59 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from kiln.backends.base import Runner
+from kiln.gate import MAX_ACCURACY_DROP, metric_drop, within
 from kiln.registry.tables import Task
+
+# The gates a variant can fail: its quality against the baseline's (accuracy, RMSE or cosine),
+# or its speedup over the baseline at the serving batch.
+Gate = Literal["quality", "speed"]
 
 
 class GateSettings(BaseModel):
     """The gates a variant must pass; per model in ``Model.settings["gates"]``."""
 
-    max_accuracy_drop: float = Field(default=0.005, ge=0.0, description="0.005 = half a point")
+    max_accuracy_drop: float = Field(
+        default=MAX_ACCURACY_DROP, ge=0.0, description="0.005 = half a point"
+    )
     max_relative_error_increase: float = Field(default=0.01, ge=0.0, description="regression")
     min_mean_cosine: float = Field(default=0.99, ge=-1.0, le=1.0)
     min_cosine: float = Field(default=0.97, ge=-1.0, le=1.0)
     min_speedup: float = Field(default=1.1, gt=0.0, description="vs baseline, serving batch")
     serving_batch: int = Field(default=8, ge=1)
+
+    def allowed_drop(self, task: Task, baseline_metric: float) -> float:
+        """How far a metric may fall below ``baseline_metric``, in the metric's own units
+        (``kiln.gate.within`` compares): the one rule for the optimize gate, its accuracy-aware
+        retry and re-optimization's comparison with production.
+
+        Classification: ``max_accuracy_drop`` points of accuracy. Regression (metric: negative
+        RMSE): ``max_relative_error_increase`` of the baseline's RMSE (at least 1e-12, so a
+        perfect baseline still allows float noise). Embeddings (metric: mean cosine to the fp32
+        baseline's embeddings, 1.0 for identical ones): the fall from 1.0 that
+        ``min_mean_cosine`` allows, whatever the baseline scored.
+        """
+        if task is Task.regression:
+            return self.max_relative_error_increase * max(abs(baseline_metric), 1e-12)
+        if task is Task.embedding:
+            return max(0.0, 1.0 - self.min_mean_cosine)
+        return self.max_accuracy_drop
+
+    def gated_metric(self, task: Task, quality: Quality) -> float:
+        """The one number a drop is taken from: the metric, or for embeddings the tighter of
+        the two cosine gates in mean-cosine units (the minimum cosine, shifted by the gap
+        between ``min_mean_cosine`` and ``min_cosine``), so an embedding that fails either gate
+        falls by more than ``allowed_drop``."""
+        if task is Task.embedding:
+            lowest = (quality.metric_min or 0.0) + self.min_mean_cosine - self.min_cosine
+            return min(quality.metric, lowest)
+        return quality.metric
 
 
 class TimingSettings(BaseModel):
@@ -69,6 +104,9 @@ class VariantReport(BaseModel):
     speedup: float | None = None
     reasons: list[str] = Field(default_factory=list)
     meta: dict[str, Any] = Field(default_factory=dict)
+    # which gates ``judge`` failed it on, for decisions (the accuracy-aware retry); ``reasons``
+    # says the same in words. In-process only: not part of the report's JSON.
+    failed_gates: list[Gate] = Field(default_factory=list, exclude=True)
 
 
 def trim_padding(batch: list[np.ndarray], mask_index: int | None) -> list[np.ndarray]:
@@ -199,48 +237,78 @@ def judge(
     baseline: VariantReport,
     gates: GateSettings,
 ) -> VariantReport:
-    """Fill ``metric_drop``, ``speedup``, ``passed`` and the reasons a variant failed."""
-    variant.metric_drop = round(baseline.metric - variant.metric, 6)
-    reasons = []
+    """Fill ``metric_drop``, ``speedup``, ``passed``, the gates a variant failed and why.
+
+    Embeddings are held to their two cosine gates directly; classification and regression to
+    ``GateSettings.allowed_drop`` through ``kiln.gate.within``.
+    """
+    variant.metric_drop = metric_drop(baseline.metric, variant.metric)
+    quality_reasons = []
     if task is Task.embedding:
         if variant.metric < gates.min_mean_cosine:
-            reasons.append(f"mean cosine {variant.metric:.4f} < {gates.min_mean_cosine}")
+            quality_reasons.append(f"mean cosine {variant.metric:.4f} < {gates.min_mean_cosine}")
         if (variant.metric_min or 0.0) < gates.min_cosine:
-            reasons.append(f"minimum cosine {variant.metric_min:.4f} < {gates.min_cosine}")
-    elif task is Task.regression:
-        allowed = gates.max_relative_error_increase * max(abs(baseline.metric), 1e-12)
-        if variant.metric_drop > allowed:
-            reasons.append(f"RMSE up {variant.metric_drop:.4g} (allowed {allowed:.4g})")
-    elif variant.metric_drop > gates.max_accuracy_drop:
-        reasons.append(
-            f"accuracy drop {variant.metric_drop * 100:.2f} points "
-            f"> {gates.max_accuracy_drop * 100:.2f}"
+            quality_reasons.append(f"minimum cosine {variant.metric_min:.4f} < {gates.min_cosine}")
+    elif not within(variant.metric_drop, allowed := gates.allowed_drop(task, baseline.metric)):
+        quality_reasons.append(
+            f"RMSE up {variant.metric_drop:.4g} (allowed {allowed:.4g})"
+            if task is Task.regression
+            else f"accuracy drop {variant.metric_drop * 100:.2f} points > {allowed * 100:.2f}"
         )
+    speed_reasons = []
     key = str(gates.serving_batch)
     if key in variant.latency_ms and key in baseline.latency_ms:
         variant.speedup = round(
             baseline.latency_ms[key]["p50"] / max(variant.latency_ms[key]["p50"], 1e-9), 3
         )
         if variant.speedup < gates.min_speedup:
-            reasons.append(f"{variant.speedup:.2f}x at batch {key} < {gates.min_speedup}x")
-    variant.reasons = reasons
-    variant.passed = not reasons
+            speed_reasons.append(f"{variant.speedup:.2f}x at batch {key} < {gates.min_speedup}x")
+    failed: list[Gate] = []
+    if quality_reasons:
+        failed.append("quality")
+    if speed_reasons:
+        failed.append("speed")
+    variant.failed_gates = failed
+    variant.reasons = quality_reasons + speed_reasons
+    variant.passed = not failed
     return variant
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What ``select`` chose to serve, and why (the report's ``reason``)."""
+
+    variant: VariantReport
+    reason: str
 
 
 def select(
     baseline: VariantReport, variants: Sequence[VariantReport], gates: GateSettings
-) -> tuple[VariantReport, str]:
+) -> Selection:
     """The fastest passing variant at the serving batch, or the baseline with the reason."""
     passing = [v for v in variants if v.passed]
     key = str(gates.serving_batch)
     if passing:
         best = min(passing, key=lambda v: v.latency_ms[key]["p50"])
-        return best, f"{best.backend}/{best.precision}: {best.speedup}x faster, within the gates"
+        return Selection(
+            best, f"{best.backend}/{best.precision}: {best.speedup}x faster, within the gates"
+        )
     if not variants:
-        return baseline, "no variant could be built on this host: serving the fp32 baseline"
+        return Selection(
+            baseline, "no variant could be built on this host: serving the fp32 baseline"
+        )
     why = "; ".join(f"{v.backend}/{v.precision}: {', '.join(v.reasons)}" for v in variants)
-    return baseline, f"no variant passed the gates, serving the fp32 baseline ({why})"
+    return Selection(baseline, f"no variant passed the gates, serving the fp32 baseline ({why})")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One loaded variant judged on the evaluation inputs: its quality, its speed (None when
+    not timed) and its first output over every row (the baseline's becomes the reference)."""
+
+    quality: Quality
+    speed: Speed | None
+    outputs: np.ndarray
 
 
 def evaluate(
@@ -253,10 +321,10 @@ def evaluate(
     timing_settings: TimingSettings,
     mask_index: int | None = None,
     time_it: bool = True,
-) -> tuple[Quality, Speed | None, np.ndarray]:
+) -> Evaluation:
     """Quality (and, with ``time_it``, speed) of one loaded variant on ``inputs``."""
     outputs = run_all(runner, inputs, mask_index=mask_index)[0]
     reference = outputs if baseline_outputs is None else baseline_outputs
     q = quality(task, outputs, reference, labels)
     speed = timing(runner, inputs, timing_settings, mask_index) if time_it else None
-    return q, speed, outputs
+    return Evaluation(quality=q, speed=speed, outputs=outputs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -434,9 +435,17 @@ def deployment_fingerprint(*, session: Session) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(str(v) for v in row) for row in rows)
 
 
-def served_versions(
-    *, session: Session
-) -> list[tuple[Model, Deployment, ModelVersion | None, ModelVersion | None]]:
+@dataclass(frozen=True)
+class DeployedModel:
+    """A deployment with its model and the versions it serves (rows of the caller's session)."""
+
+    model: Model
+    deployment: Deployment
+    stable: ModelVersion | None
+    canary: ModelVersion | None
+
+
+def served_versions(*, session: Session) -> list[DeployedModel]:
     """Every deployment with its model, stable and canary versions (one query per table)."""
     rows = []
     for dep in list_deployments(session=session):
@@ -444,7 +453,7 @@ def served_versions(
         stable = session.get(ModelVersion, dep.stable_version_id) if dep.stable_version_id else None
         canary = session.get(ModelVersion, dep.canary_version_id) if dep.canary_version_id else None
         if model is not None:
-            rows.append((model, dep, stable, canary))
+            rows.append(DeployedModel(model=model, deployment=dep, stable=stable, canary=canary))
     return rows
 
 
@@ -758,13 +767,21 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class IssuedKey:
+    """A new API key: the secret itself (shown once, never stored) and its row (the hash)."""
+
+    key: str
+    row: ApiKey
+
+
 def create_api_key(
     *,
     session: Session,
     scopes: list[str],
     models: list[str] | None = None,
     rate_per_second: float | None = None,
-) -> tuple[str, ApiKey]:
+) -> IssuedKey:
     unknown = set(scopes) - {"infer", "deploy", "admin"}
     if not scopes or unknown:
         raise InvalidInput("scope must be one or more of infer, deploy, admin")
@@ -779,7 +796,7 @@ def create_api_key(
     )
     session.add(row)
     session.flush()
-    return key, row
+    return IssuedKey(key=key, row=row)
 
 
 def find_api_key(*, session: Session, key: str) -> ApiKey | None:
@@ -884,6 +901,14 @@ def find_open_alert(
     ).first()
 
 
+@dataclass(frozen=True)
+class RaisedAlert:
+    """An open alert, and whether raising it opened it (False: an open one was refreshed)."""
+
+    alert: Alert
+    opened: bool
+
+
 def raise_alert(
     *,
     session: Session,
@@ -894,8 +919,8 @@ def raise_alert(
     value: float | None = None,
     threshold: float | None = None,
     detail: dict[str, Any] | None = None,
-) -> tuple[Alert, bool]:
-    """Open the alert, or refresh the open one's figures; ``(alert, newly_opened)``."""
+) -> RaisedAlert:
+    """Open the alert, or refresh the open one's figures."""
     row = find_open_alert(session=session, model=model, kind=kind, version=version)
     opened = row is None
     if row is None:
@@ -904,7 +929,7 @@ def raise_alert(
     row.detail = detail or {}
     session.add(row)
     session.flush()
-    return row, opened
+    return RaisedAlert(alert=row, opened=opened)
 
 
 def resolve_alert(*, session: Session, alert: Alert, detail: dict[str, Any] | None = None) -> Alert:

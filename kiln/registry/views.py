@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from kiln.registry import crud
@@ -69,8 +70,17 @@ def show_version_view(settings: Settings, *, name: str, version: str | None) -> 
         }
 
 
-def job_progress(settings: Settings, *, name: str, version: str | None) -> tuple[int, int, str]:
-    """(percent done, variants, what is running) of a version's optimize jobs, for progress bars."""
+@dataclass(frozen=True)
+class JobProgress:
+    """How far a version's optimize run is, for progress bars."""
+
+    percent: int  # 0 before the run's rows exist, 5 while extracting, 100 when every job is done
+    variants: int  # variant jobs so far
+    running: str  # the running jobs' names ("onnxruntime/int8-static, ..."), or a stage's
+
+
+def job_progress(settings: Settings, *, name: str, version: str | None) -> JobProgress:
+    """The progress of a version's optimize jobs, from their rows."""
     try:
         with session_scope(settings.db_url) as session:
             row = crud.require_version(session=session, name=name, version=version)
@@ -80,9 +90,9 @@ def job_progress(settings: Settings, *, name: str, version: str | None) -> tuple
                 if j.optimization_type != "optimize"
             ]
     except Exception:  # the run may not have created its rows yet
-        return 0, 0, ""
+        return JobProgress(0, 0, "")
     if not jobs:
-        return 5, 0, "extracting"
+        return JobProgress(5, 0, "extracting")
     running = [j.optimization_type for j in jobs if j.status == "running"]
     done = sum(j.progress for j in jobs) / len(jobs)
-    return int(5 + 0.95 * done), len(jobs), ", ".join(running)
+    return JobProgress(int(5 + 0.95 * done), len(jobs), ", ".join(running))

@@ -11,9 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kiln.gate import MAX_ACCURACY_DROP
 from kiln.rollout.client import GatewayClient
 from kiln.rollout.guardrails import Policy, Verdict, Window, judge, p99_limit
 from kiln.rollout.replay import Replayer
+from kiln.settings import CANARY_STEP_SECONDS, READY_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ class RolloutSettings(BaseModel):
     model_config = ConfigDict(extra="allow")  # the Policy's fields live here too
 
     steps: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0])
-    step_seconds: float = Field(default=30.0, gt=0)
+    step_seconds: float = Field(default=CANARY_STEP_SECONDS, gt=0)
     shadow_share: float = Field(default=0.2, ge=0.0, le=1.0)  # stable traffic mirrored
     replay: bool = True  # make traffic when live traffic is too thin for a verdict
     # what is replayed: "log", the stable version's recent logged requests (the inference log),
@@ -34,13 +36,15 @@ class RolloutSettings(BaseModel):
     replay_min_logged: int = Field(default=200, ge=1)
     replay_concurrency: int = Field(default=4, ge=1, le=64)
     max_extra_s: float = Field(default=60.0, ge=0)  # past a step's end, waiting for a verdict
-    ready_timeout_s: float = Field(default=180.0, gt=0)  # the canary's engine warming up
+    ready_timeout_s: float = Field(default=READY_TIMEOUT_S, gt=0)  # a new engine warming up
     # after its engine is ready, the canary gets mirrored (shadow) requests only, for this
     # long, before any step is judged: a new engine's first real requests (connections,
     # allocator arenas, caches) are slower than a warm one's, and a short step would hold
     # that against it (Flagger's and Argo's initial delay)
     warmup_s: float = Field(default=10.0, ge=0)
-    champion_max_drop: float = Field(default=0.005, ge=0)  # the candidate's metric vs stable's
+    # the candidate's metric vs stable's (tasks/deploy.py's champion gate): by default the
+    # optimize gate's allowed accuracy drop
+    champion_max_drop: float = Field(default=MAX_ACCURACY_DROP, ge=0)
 
     @field_validator("steps")
     @classmethod

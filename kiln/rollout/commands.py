@@ -144,8 +144,13 @@ def status_view(settings: Settings) -> dict[str, Any]:
     alerts from the registry."""
     with session_scope(settings.db_url) as session:
         rows = [
-            (m.name, dep, s.version if s else None, c.version if c else None)
-            for m, dep, s, c in crud.served_versions(session=session)
+            (
+                d.model.name,
+                d.deployment,
+                d.stable.version if d.stable else None,
+                d.canary.version if d.canary else None,
+            )
+            for d in crud.served_versions(session=session)
         ]
         watch = {name: _watch(session, name) for name, *_ in rows}
         key = None

@@ -17,9 +17,11 @@ from kiln.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
+REPLAY_LIMIT = 512  # request bodies a canary's replay is built from, at most
+
 
 def replay_bodies(
-    spec: ModelSpec, inputs: list[np.ndarray] | np.ndarray, limit: int = 512
+    spec: ModelSpec, inputs: list[np.ndarray] | np.ndarray, limit: int = REPLAY_LIMIT
 ) -> list[bytes]:
     """One OIP v2 JSON request per row of the (validation) inputs, as a client would send."""
     import orjson
@@ -49,7 +51,9 @@ def replay_bodies(
     return bodies
 
 
-def logged_bodies(spec: ModelSpec, inputs: list[dict[str, Any]], limit: int = 512) -> list[bytes]:
+def logged_bodies(
+    spec: ModelSpec, inputs: list[dict[str, Any]], limit: int = REPLAY_LIMIT
+) -> list[bytes]:
     """OIP v2 JSON requests from logged inputs (``InferenceRecord.input``), as they came; a
     record whose tensors are not the spec's served inputs (logged before a spec change) or
     that holds a null (a NaN: JSON has none) is skipped."""

@@ -32,7 +32,7 @@ def service_key(settings: Settings) -> str:
             key = ""
         if key and crud.find_api_key(session=session, key=key) is not None:
             return key
-        key, _row = crud.create_api_key(session=session, scopes=SERVICE_SCOPES)
+        key = crud.create_api_key(session=session, scopes=SERVICE_SCOPES).key
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
         tmp = path.with_suffix(".tmp")

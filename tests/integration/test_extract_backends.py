@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.backends import REGISTRY, BuildResult, ExtractedModel
+from kiln.backends import REGISTRY, BuildResult
 from kiln.errors import ExtractionError
 from kiln.intake.probe import probe_kiln, probe_pt2
-from kiln.optimize.extract import extract
+from kiln.optimize.extract import Extraction, extract
 from kiln.spec import ModelSpec, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,9 +41,7 @@ def ort_session(path: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def digits(
-    examples: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ExtractedModel, dict[str, Any]]:
+def digits(examples: Path, tmp_path_factory: pytest.TempPathFactory) -> Extraction:
     source = examples / "digits" / "model.pt2"
     return extract(
         source_format="pt2",
@@ -55,9 +53,7 @@ def digits(
 
 
 @pytest.fixture(scope="module")
-def minilm(
-    examples: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ExtractedModel, dict[str, Any]]:
+def minilm(examples: Path, tmp_path_factory: pytest.TempPathFactory) -> Extraction:
     from tokenizers import Tokenizer
 
     folder = examples / "minilm" / "model"
@@ -77,9 +73,9 @@ def minilm(
 
 
 def test_digits_extracts_with_parity_recorded(
-    digits: tuple[ExtractedModel, dict[str, Any]],
+    digits: Extraction,
 ) -> None:
-    model, report = digits
+    model, report = digits.model, digits.report
     assert model.program and model.program.name == "model.pt2" and model.onnx.name == "model.onnx"
     assert report["rtol"] > 0 and report["atol"] > 0 and report["opset"] >= 18
     for what in ("program", "onnx"):
@@ -102,9 +98,9 @@ def test_digits_extracts_with_parity_recorded(
 
 @pytest.mark.parametrize("batch", [1, 3, 300])
 def test_digits_program_and_onnx_take_any_batch(
-    digits: tuple[ExtractedModel, dict[str, Any]], examples: Path, batch: int
+    digits: Extraction, examples: Path, batch: int
 ) -> None:
-    model, _ = digits
+    model = digits.model
     x = np.resize(split(examples / "digits", "test"), (batch, 1, 8, 8)).astype(np.float32)
     assert model.program is not None
     with torch.inference_mode():
@@ -115,9 +111,9 @@ def test_digits_program_and_onnx_take_any_batch(
 
 
 def test_minilm_extracts_with_dynamic_batch_and_sequence(
-    minilm: tuple[ExtractedModel, dict[str, Any]],
+    minilm: Extraction,
 ) -> None:
-    model, report = minilm
+    model, report = minilm.model, minilm.report
     assert report["parity"]["onnx"]["max_abs_diff"] < 1e-4
     assert report["parity"]["program"]["cases"] == 3
     assert model.program is not None
@@ -193,13 +189,12 @@ def test_data_dependent_control_flow_is_rejected_with_a_readable_reason(tmp_path
     assert not list(out.iterdir())  # nothing written
 
 
-def test_onnx_source_is_used_as_is(
-    digits: tuple[ExtractedModel, dict[str, Any]], tmp_path: Path
-) -> None:
-    source, _ = digits
-    model, report = extract(
+def test_onnx_source_is_used_as_is(digits: Extraction, tmp_path: Path) -> None:
+    source = digits.model
+    extraction = extract(
         source_format="onnx", source_path=source.onnx, spec=source.spec, out_dir=tmp_path / "x"
     )
+    model, report = extraction.model, extraction.report
     assert model.program is None
     assert model.onnx.read_bytes() == source.onnx.read_bytes()
     assert report["parity"]["onnx"]["cases"] == 2
@@ -214,9 +209,9 @@ def test_onnx_source_is_used_as_is(
 # ------------------------------------------------------------------ variants of digits
 @pytest.fixture(scope="module")
 def digits_variants(
-    digits: tuple[ExtractedModel, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+    digits: Extraction, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, BuildResult]:
-    model, _ = digits
+    model = digits.model
     root = tmp_path_factory.mktemp("digits-variants")
     return {
         name: REGISTRY[name].build(model, "fp32", root / name)
@@ -226,12 +221,12 @@ def digits_variants(
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
 def test_fp32_variant_agrees_with_eager_on_the_test_split(
-    digits: tuple[ExtractedModel, dict[str, Any]],
+    digits: Extraction,
     digits_variants: dict[str, BuildResult],
     examples: Path,
     backend: str,
 ) -> None:
-    model, _ = digits
+    model = digits.model
     x = split(examples / "digits", "test")
     baseline = REGISTRY["torch-eager"].load(digits_variants["torch-eager"].path, spec=model.spec)
     variant = REGISTRY[backend].load(digits_variants[backend].path, spec=model.spec)
@@ -265,13 +260,13 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("kiln"))))
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
 def test_variant_loads_from_its_file_in_a_fresh_process(
-    digits: tuple[ExtractedModel, dict[str, Any]],
+    digits: Extraction,
     digits_variants: dict[str, BuildResult],
     examples: Path,
     backend: str,
     tmp_path: Path,
 ) -> None:
-    model, _ = digits
+    model = digits.model
     data = examples / "digits" / "test.npz"
     proc = subprocess.run(
         [
@@ -306,9 +301,10 @@ def test_fixed_batch_program_is_reexported_with_a_dynamic_batch(tmp_path: Path) 
         inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 4])],
         outputs=[TensorSpec(name="output", datatype="FP32", shape=[-1, 3])],
     )
-    model, report = extract(
+    extraction = extract(
         source_format="pt2", source_path=tmp_path / "fixed.pt2", spec=spec, out_dir=tmp_path / "out"
     )
+    model, report = extraction.model, extraction.report
     assert report["parity"]["onnx"]["cases"] == 2  # batches of 1 and 3, against the original
     assert model.program is not None
     x = torch.randn(7, 4)

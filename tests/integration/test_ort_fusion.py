@@ -81,14 +81,13 @@ def minilm(
     examples: Path, sentences: list[np.ndarray], tmp_path_factory: pytest.TempPathFactory
 ) -> ExtractedModel:
     folder = examples / "minilm" / "model"
-    model, _ = extract(
+    return extract(
         source_format="kiln",
         source_path=folder,
         spec=probe_kiln(folder),
         out_dir=tmp_path_factory.mktemp("minilm-extract"),
         check_inputs=[x[:8] for x in sentences],
-    )
-    return model
+    ).model
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +253,9 @@ def test_fusion_that_disagrees_is_refused_and_the_backend_falls_back(
 
 def test_a_cnn_keeps_its_extracted_graph(examples: Path, tmp_path: Path) -> None:
     source = examples / "digits" / "model.pt2"
-    model, _ = extract(
+    model = extract(
         source_format="pt2", source_path=source, spec=probe_pt2(source), out_dir=tmp_path / "digits"
-    )
+    ).model
     built = REGISTRY["onnxruntime"].build(model, "fp32", tmp_path / "fp32")
     assert built.meta["graph"] == "extracted"
     assert "no transformer subgraph" in built.meta["fusion"]["reason"]

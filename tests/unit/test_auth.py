@@ -40,10 +40,10 @@ def make_key(
 ) -> tuple[str, str]:
     """A new key in the registry: (plaintext key, prefix)."""
     with session_scope(settings.db_url) as session:
-        key, row = crud.create_api_key(
+        issued = crud.create_api_key(
             session=session, scopes=scopes, models=models, rate_per_second=rate
         )
-        return key, row.prefix
+        return issued.key, issued.row.prefix
 
 
 def revoke(settings: Settings, prefix: str) -> None:

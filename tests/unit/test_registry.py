@@ -179,7 +179,8 @@ def test_lifecycle_is_the_design(tmp_path) -> None:
 
 def test_api_keys_are_stored_hashed(db_url: str) -> None:
     with session_scope(db_url) as session:
-        key, row = crud.create_api_key(session=session, scopes=["infer"])
+        issued = crud.create_api_key(session=session, scopes=["infer"])
+        key, row = issued.key, issued.row
         assert key not in row.key_hash and key.startswith(row.prefix)
     with session_scope(db_url) as session:
         assert crud.find_api_key(session=session, key=key) is not None
@@ -192,7 +193,7 @@ def test_api_keys_are_stored_hashed(db_url: str) -> None:
 
 def test_alerts_open_once_refresh_and_resolve(db_url: str) -> None:
     with session_scope(db_url) as session:
-        first, opened = crud.raise_alert(
+        first = crud.raise_alert(
             session=session,
             model="m",
             kind="p99",
@@ -201,8 +202,8 @@ def test_alerts_open_once_refresh_and_resolve(db_url: str) -> None:
             value=120,
             threshold=50,
         )
-        assert opened
-        again, opened = crud.raise_alert(
+        assert first.opened
+        again = crud.raise_alert(
             session=session,
             model="m",
             kind="p99",
@@ -211,11 +212,11 @@ def test_alerts_open_once_refresh_and_resolve(db_url: str) -> None:
             value=130,
             threshold=50,
         )
-        assert not opened and again.id == first.id and again.value == 130
-        other, opened = crud.raise_alert(
+        assert not again.opened and again.alert.id == first.alert.id and again.alert.value == 130
+        other = crud.raise_alert(
             session=session, model="m", kind="engine_down", version="0.1.0", message="no engine"
         )
-        assert opened and other.id != first.id
+        assert other.opened and other.alert.id != first.alert.id
     with session_scope(db_url) as session:
         assert {a.kind for a in crud.open_alerts(session=session, model="m")} == {
             "p99",
@@ -230,10 +231,9 @@ def test_alerts_open_once_refresh_and_resolve(db_url: str) -> None:
         assert resolved.state == "resolved" and resolved.resolved_at is not None
         assert resolved.detail["cleared_at_ms"] == 12
         # the next breach is a new alert, not the resolved one reopened
-        _, opened = crud.raise_alert(
+        assert crud.raise_alert(
             session=session, model="m", kind="p99", version="0.1.0", message="again"
-        )
-        assert opened
+        ).opened
 
 
 def test_inference_records_round_trip_and_retention(db_url: str) -> None:

@@ -68,3 +68,21 @@ def test_tensor_spec() -> None:
 def test_packages_resolve_to_this_repo(package: str) -> None:
     module = importlib.import_module(package)
     assert Path(module.__file__).resolve().parent == REPO / package
+
+
+def test_defaults_shared_with_the_cli_are_the_records_own() -> None:
+    """kiln.settings writes the defaults the CLI's options show once; the records that own
+    them (and the HTTP limits the gateway applies) read the same values."""
+    from kiln.monitor.drift import DriftSettings
+    from kiln.rollout.canary import RolloutSettings
+    from kiln.settings import (
+        CANARY_STEP_SECONDS,
+        DRIFT_MIN_SAMPLES,
+        READY_TIMEOUT_S,
+    )
+    from serving.http import HttpLimits
+
+    rollout = RolloutSettings()
+    assert (rollout.step_seconds, rollout.ready_timeout_s) == (CANARY_STEP_SECONDS, READY_TIMEOUT_S)
+    assert DriftSettings().min_samples == DRIFT_MIN_SAMPLES == 100
+    assert HttpLimits().max_body_bytes == Settings.model_fields["max_body_bytes"].default
