@@ -15,7 +15,8 @@ markdown tables and writes them, with the full results as JSON, to ``--out``.
 
 It runs under the GPU machine's own ``python3`` (torch, transformers, tokenizers, safetensors;
 no pydantic, prefect, dvc, litserve or fastapi), so it imports no Kiln module that needs them:
-only ``kiln.examples`` (torch) and ``kiln/backends/_torch.py``, loaded by path so that the
+only ``kiln.examples`` (torch), ``kiln.processes`` (standard library, through
+``bench/gpu_serve.py``) and ``kiln/backends/_torch.py``, loaded by path so that the
 ``kiln.backends`` package (which imports pydantic through ``kiln.spec``) is not imported. The
 engines run in child processes with the wheels carried in ``gpu-carry/wheels/`` unpacked into
 a temporary folder on their ``PYTHONPATH``. Its inputs come from ``--carry``
@@ -106,7 +107,8 @@ def torch_helpers() -> ModuleType:
 
 
 def gpu_serve() -> ModuleType:
-    """``bench/gpu_serve.py``, the serving part's client (standard library and numpy)."""
+    """``bench/gpu_serve.py``, the serving part's client (standard library, numpy and
+    ``kiln.processes``)."""
     return _module_at("kiln_gpu_check_serve", ROOT / "bench" / "gpu_serve.py")
 
 

@@ -3,8 +3,9 @@ dynamically batched, answering a burst of requests.
 
 Two sides, one module:
 
-- **The client** (:func:`serve_check`, imported by ``bench/gpu_check.py``; standard library and
-  numpy only, so the check itself still runs on the GPU machine's bare ``python3``). It unpacks
+- **The client** (:func:`serve_check`, imported by ``bench/gpu_check.py``; standard library,
+  numpy and :mod:`kiln.processes` (standard library only), so the check itself still runs on
+  the GPU machine's bare ``python3``). It unpacks
   the wheels carried in ``gpu-carry/wheels/`` into a temporary folder (the GPU machine has no
   network and no pydantic, LitServe or FastAPI), starts one engine per (model, variant), each
   in its own process group with that folder first on its ``PYTHONPATH``, waits for their
@@ -25,7 +26,6 @@ The answers are checked against the eager model's outputs on the same rows.
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
 import json
 import os
@@ -47,6 +47,11 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # kiln.processes (standard library only) from this checkout
+    sys.path.insert(0, str(ROOT))
+
+from kiln.processes import start_group, stop_groups
+
 PARENT_ENV = "KILN_ENGINE_PARENT_PID"  # serving.engine: the engine stops when this pid is gone
 STOP_TIMEOUT_S = 15.0
 _OIP_DTYPES = {
@@ -228,37 +233,14 @@ def start_engine(target: Target, s: ServeSettings) -> Engine:
         "PYTHONUNBUFFERED": "1",
         PARENT_ENV: str(os.getpid()),
     }
-    with engine.log.open("ab") as out:
-        engine.proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    engine.proc = start_group(command, cwd=ROOT, env=env, log_path=engine.log)
     return engine
 
 
 def stop_engines(engines: list[Engine]) -> None:
     """SIGTERM every engine's process group (LitServe's workers are in it), give them
     STOP_TIMEOUT_S together to exit, then SIGKILL whatever is left of each group."""
-    procs = [e.proc for e in engines if e.proc is not None]
-    for proc in procs:
-        _signal_group(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for proc in procs:
-        _signal_group(proc.pid, signal.SIGKILL)  # workers that outlived their leader, if any
-        proc.wait()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+    stop_groups([e.proc for e in engines if e.proc is not None], timeout_s=STOP_TIMEOUT_S)
 
 
 def last_lines(log: Path, lines: int) -> list[str]:
@@ -586,8 +568,6 @@ def serve(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     args = parser.parse_args(argv)
 
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from serving import engine
     from serving.config import ServingSettings
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -52,6 +53,8 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+
+from kiln import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ROOT / "bench" / "servers"
@@ -167,16 +170,7 @@ def free_port() -> int:
 
 def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A server in its own process group (stopped as a group), logging to ``log``."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    return processes.start_group(command, cwd=ROOT, env={**os.environ, **(env or {})}, log_path=log)
 
 
 def family(root: int) -> list[psutil.Process]:
@@ -188,12 +182,10 @@ def family(root: int) -> list[psutil.Process]:
             found[child.pid] = child
     except psutil.NoSuchProcess:
         pass
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid not in found and os.getpgid(proc.pid) == root:
-                found[proc.pid] = proc
-        except (ProcessLookupError, psutil.Error):
-            continue
+    for pid in processes.group_members(root):
+        if pid not in found:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found[pid] = psutil.Process(pid)
     return [p for p in found.values() if _alive(p)]
 
 
@@ -215,19 +207,18 @@ def rss_mb(procs: list[psutil.Process]) -> float:
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM the server's group, then SIGKILL what is left of it and of its descendants."""
+    """Stop the server's group (SIGTERM, then SIGKILL after ``timeout``), then SIGKILL the
+    groups of its descendants that live in their own (engines the supervisor left behind)."""
     others = [p for p in family(proc.pid) if _pgid(p.pid) not in (None, proc.pid)]
-    _signal_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (proc.poll() is None or any(map(_alive, others))):
+    processes.stop_group(proc, timeout_s=timeout)
+    while time.monotonic() < deadline and any(map(_alive, others)):
         time.sleep(0.2)
-    _signal_group(proc.pid, signal.SIGKILL)
-    for p in others:  # engines in their own groups, if the supervisor left any behind
+    for p in others:
         if _alive(p):
             group = _pgid(p.pid)
             if group is not None:
-                _signal_group(group, signal.SIGKILL)
-    proc.wait()
+                processes.signal_group(group, signal.SIGKILL)
 
 
 def _pgid(pid: int) -> int | None:
@@ -235,13 +226,6 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def wait_ready(
@@ -253,17 +237,16 @@ def wait_ready(
     timeout: float = READY_TIMEOUT_S,
 ) -> None:
     """Until ``GET url`` answers 200; Skip if the server exits or takes longer than ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise Skip(f"server exited with {proc.returncode} before it was ready: {tail(log)}")
-        try:
-            if httpx.get(url, headers=headers, timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise Skip(f"not ready within {timeout:.0f} s ({url}): {tail(log)}")
+    try:
+        processes.wait_ready(
+            proc, processes.http_ok(url, headers=headers), timeout_s=timeout, what=url
+        )
+    except processes.ExitedEarly as exc:
+        raise Skip(
+            f"server exited with {exc.returncode} before it was ready: {tail(log)}"
+        ) from None
+    except processes.ReadyTimeout:
+        raise Skip(f"not ready within {timeout:.0f} s ({url}): {tail(log)}") from None
 
 
 def tail(log: Path, lines: int = 3) -> str:

@@ -30,13 +30,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any, Self
 
 import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
 from kiln.settings import Settings, apply_privacy_env, get_settings
 
 # The example data and models, and the demo's flawed digits versions (dvc.yaml stages).
@@ -96,7 +97,6 @@ class LocalGateway:
         self.log_path = log_path
         self._settings = settings
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
         self._previous_port = os.environ.get("KILN_GATEWAY_PORT")
 
     def __enter__(self) -> Self:
@@ -116,51 +116,31 @@ class LocalGateway:
         os.environ["KILN_GATEWAY_PORT"] = str(self.port)
         get_settings.cache_clear()
         env = {**os.environ, "KILN_HOME": str(self._settings.home)}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(
-            [*_kiln_command(), "serve", "--port", str(self.port)],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+        self._proc = start_group(
+            [*_kiln_command(), "serve", "--port", str(self.port)], env=env, log_path=self.log_path
         )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                raise RuntimeError(f"kiln serve exited early: see {self.log_path}")
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(
-            f"kiln serve was not ready within {timeout_s:.0f} s: see {self.log_path}"
-        )
+        if self._proc is None:
+            raise RuntimeError(f"kiln serve exited early: see {self.log_path}")
+        try:
+            wait_ready(
+                self._proc,
+                http_ok(self.url + "/v2/health/ready"),
+                timeout_s=timeout_s,
+                what="kiln serve",
+            )
+        except ExitedEarly:
+            raise RuntimeError(f"kiln serve exited early: see {self.log_path}") from None
+        except ReadyTimeout:
+            raise RuntimeError(
+                f"kiln serve was not ready within {timeout_s:.0f} s: see {self.log_path}"
+            ) from None
 
     def stop(self, grace_s: float = 30.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        if proc is not None:
-            try:  # engines left behind by a killed supervisor share its process group
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if proc is not None:  # the engines drain and stop with the supervisor
+            stop_group(proc, timeout_s=grace_s)
         if self._previous_port is None:
             os.environ.pop("KILN_GATEWAY_PORT", None)
         else:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Annotated, Any, Self
+from typing import Annotated, Any, Self
 
 import httpx
 import psutil
@@ -27,6 +27,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln.errors import Conflict, ExternalToolError, KilnError
+from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
 from kiln.settings import PRIVACY_ENV, Settings, get_settings
 
 # The checkout this module belongs to (flows/ is installed in editable mode): where
@@ -55,18 +56,16 @@ class UpSettings(BaseSettings):
 class Child:
     """One long-running process `make up` started, in its own process group (session).
 
-    Lifecycle: started by :meth:`Stack._spawn`; :meth:`stop` sends SIGTERM to its group, waits,
-    then SIGKILLs the group and any descendant that left it (Prefect starts flow runs in new
-    sessions; the supervisor starts engines in theirs).
+    Lifecycle: started by :meth:`Stack._spawn`; :meth:`wait_ready` until it answers;
+    :meth:`stop` stops its group (:func:`kiln.processes.stop_group`: SIGTERM, wait, SIGKILL),
+    then any descendant that left it (Prefect starts flow runs in new sessions; the supervisor
+    starts engines in theirs).
     """
 
-    def __init__(
-        self, name: str, proc: subprocess.Popen[bytes], log_path: Path, log: IO[bytes]
-    ) -> None:
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
         self.name = name
         self.proc = proc
         self.log_path = log_path
-        self._log = log
         self._descendants: dict[int, psutil.Process] = {}
 
     def alive(self) -> bool:
@@ -88,21 +87,34 @@ class Child:
 
     def tail(self, chars: int = 3000) -> str:
         with contextlib.suppress(OSError):
-            self._log.flush()
             return self.log_path.read_text(errors="replace")[-chars:]
         return ""
 
+    def check_alive(self) -> None:
+        """ExternalToolError naming this child and its log when it has exited."""
+        if not self.alive():
+            raise self._exited()
+
+    def _exited(self) -> ExternalToolError:
+        return ExternalToolError(
+            f"{self.name} exited ({self.proc.returncode}): see {self.log_path}"
+        )
+
+    def wait_ready(self, probe: Callable[[], bool], timeout_s: float, not_ready: str) -> None:
+        """Until ``probe`` succeeds; ExternalToolError when this child exits first, or
+        "``not_ready`` in N s" when ``timeout_s`` passes."""
+        try:
+            wait_ready(self.proc, probe, timeout_s=timeout_s, what=self.name)
+        except ExitedEarly:
+            raise self._exited() from None
+        except ReadyTimeout:
+            raise ExternalToolError(
+                f"{not_ready} in {timeout_s:.0f} s: see {self.log_path}"
+            ) from None
+
     def stop(self, timeout_s: float) -> None:
         self.remember_descendants()
-        if self.alive():
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(self.proc.pid, signal.SIGKILL)  # whatever is left in its group
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
+        stop_group(self.proc, timeout_s=timeout_s)
         leftovers = [p for p in self._descendants.values() if still_running(p)]
         for p in leftovers:
             with contextlib.suppress(psutil.Error):
@@ -112,12 +124,6 @@ class Child:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         psutil.wait_procs(alive, timeout=5)
-        self._log.close()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 def still_running(p: psutil.Process) -> bool:
@@ -296,18 +302,13 @@ class Stack:
                 "--no-create-pool-if-not-found",
             ],
         )
+
         # Ready once it has reported to the server (the pool turns READY).
-        deadline = time.monotonic() + self.up.start_timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive(worker)
+        def reported() -> bool:
             pool = httpx.get(f"{self.api_url}/work_pools/{WORK_POOL}", timeout=10).json()
-            if pool.get("status") == "READY":
-                return
-            time.sleep(0.25)
-        raise ExternalToolError(
-            f"the Prefect worker did not report in "
-            f"{self.up.start_timeout_s:.0f} s: see {worker.log_path}"
-        )
+            return bool(pool.get("status") == "READY")
+
+        worker.wait_ready(reported, self.up.start_timeout_s, "the Prefect worker did not report")
 
     def start_gateway(self) -> None:
         self._say(f"starting the gateway (kiln serve) on {self.gateway_url}")
@@ -325,7 +326,7 @@ class Stack:
         this with KeyboardInterrupt, see :func:`up`)."""
         while True:
             for child in self.children:
-                self._check_alive(child)
+                child.check_alive()
                 child.remember_descendants()
             time.sleep(1.0)
 
@@ -354,17 +355,8 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
         log_path = self.logs / f"{name}.log"
-        log = open(log_path, "ab")  # noqa: SIM115 - closed by Child.stop()
-        proc = subprocess.Popen(
-            argv,
-            env=self.env,
-            cwd=self.up.project,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        child = Child(name, proc, log_path, log)
+        proc = start_group(argv, env=self.env, cwd=self.up.project, log_path=log_path)
+        child = Child(name, proc, log_path)
         self.children.append(child)
         return child
 
@@ -394,23 +386,9 @@ class Stack:
             )
         return proc.stdout
 
-    def _check_alive(self, child: Child) -> None:
-        if not child.alive():
-            raise ExternalToolError(
-                f"{child.name} exited ({child.proc.returncode}): see {child.log_path}"
-            )
-
     def _wait_http(self, child: Child, url: str) -> None:
-        deadline = time.monotonic() + self.up.start_timeout_s
-        while time.monotonic() < deadline:
-            self._check_alive(child)
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            time.sleep(0.25)
-        raise ExternalToolError(
-            f"{child.name} did not answer {url} in "
-            f"{self.up.start_timeout_s:.0f} s: see {child.log_path}"
+        child.wait_ready(
+            http_ok(url), self.up.start_timeout_s, f"{child.name} did not answer {url}"
         )
 
 

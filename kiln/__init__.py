@@ -4,9 +4,10 @@ Layout (docs/architecture.md explains the journey through it):
 
 - shared by every layer: ``settings`` (pydantic-settings, each tunable default written once),
   ``errors`` (the domain exceptions, each naming its HTTP status and exit code), ``spec`` (tensor
-  and model specs, OIP datatypes), ``faults`` (failpoints for the reliability tests) and
-  ``examples`` (the example models' code, which the ``data/`` stages and the GPU check import)
-  and ``gate`` (a quality gate's drop arithmetic, one comparison for every gate);
+  and model specs, OIP datatypes), ``faults`` (failpoints for the reliability tests),
+  ``examples`` (the example models' code, which the ``data/`` stages and the GPU check import),
+  ``gate`` (a quality gate's drop arithmetic, one comparison for every gate) and ``processes``
+  (children in their own process group: start, wait until ready, stop);
 - ``store``: the DVC artifact store; ``registry``: tables, CRUD, migrations, backup, views;
 - ``intake``: uploads, source formats, the sandboxed probe, datasets;
 - ``backends``: one module per inference backend, with the ONNX graph tools they build on;

@@ -3,9 +3,9 @@
 The gateway sends it :mod:`serving.wire` requests on ``POST /predict`` (127.0.0.1 only); the
 engine batches them dynamically, runs the model, and answers each request with its own status.
 Run it as ``python -m serving.engine --model NAME --version V --port P``; the supervisor does so
-through :func:`start_engine_process` and stops it with :func:`stop_process_group` (LitServe
+through :func:`start_engine_process` and stops it with :func:`stop_engine_process` (LitServe
 leaves its worker processes behind on SIGTERM, so the engine runs in its own process group and
-the whole group is stopped).
+the whole group is stopped: :mod:`kiln.processes`).
 
 Routes: ``POST /predict`` (the wire format), ``GET /health`` (200 once the model is loaded and
 warmed up: the engine's readiness), ``GET /stats`` (served, expired, failed... counters).
@@ -41,6 +41,7 @@ from starlette.responses import Response
 
 from kiln.errors import DeadlineExceeded, InferenceFailed, InvalidInput, KilnError, NotFound
 from kiln.faults import EngineFaults
+from kiln.processes import signal_group, start_group, stop_group
 from serving import heap
 from serving.config import ServingSettings
 from serving.loader import LoadedModel, ModelCache, load_version, warm_up
@@ -727,9 +728,9 @@ def _watch_parent(period_s: float = 1.0) -> None:
         while os.getppid() == parent:
             time.sleep(period_s)
         log.error("supervisor (pid %d) is gone: stopping this engine", parent)
-        _signal_group(os.getpgid(0), signal.SIGTERM)
+        signal_group(os.getpgid(0), signal.SIGTERM)
         time.sleep(5.0)
-        _signal_group(os.getpgid(0), signal.SIGKILL)
+        signal_group(os.getpgid(0), signal.SIGKILL)
 
     threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
 
@@ -756,7 +757,7 @@ def start_engine_process(
     log_path: Path | None = None,
     device: str = "auto",
 ) -> "subprocess.Popen[bytes]":
-    """Start an engine in its own process group (so :func:`stop_process_group` can stop its
+    """Start an engine in its own process group (so :func:`stop_engine_process` can stop its
     LitServe workers too), logging to ``log_path`` (appended) or inheriting our output."""
     command = [
         sys.executable,
@@ -771,62 +772,18 @@ def start_engine_process(
         "--device",
         device,
     ]
-    env = {**env, PARENT_ENV: str(os.getpid())}
-    if log_path is None:
-        return subprocess.Popen(command, env=env, start_new_session=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log_file:
-        return subprocess.Popen(
-            command,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+    return start_group(command, env={**env, PARENT_ENV: str(os.getpid())}, log_path=log_path)
+
+
+def stop_engine_process(proc: "subprocess.Popen[bytes]", *, timeout_s: float = 10.0) -> int | None:
+    """SIGTERM the engine's process group, SIGKILL whatever is left after ``timeout_s``
+    seconds (with a warning); returns the engine's exit code."""
+    stopped = stop_group(proc, timeout_s=timeout_s)
+    if stopped.killed:
+        log.warning(
+            "engine process group %d did not stop in %.0f s; killing it", proc.pid, timeout_s
         )
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``."""
-    import psutil
-
-    members = []
-    for proc in psutil.process_iter(["pid", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                members.append(proc.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
-
-
-def stop_process_group(proc: "subprocess.Popen[bytes]", timeout: float = 10.0) -> int | None:
-    """SIGTERM ``proc``'s process group, SIGKILL whatever is left after ``timeout`` seconds;
-    returns ``proc``'s exit code. The group is ``proc.pid`` (started with a new session)."""
-    pgid = proc.pid
-    deadline = time.monotonic() + timeout
-    _signal_group(pgid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if proc.poll() is None or group_members(pgid):
-        log.warning("engine process group %d did not stop in %.0f s; killing it", pgid, timeout)
-        _signal_group(pgid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
-    return proc.poll()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    return stopped.returncode
 
 
 if __name__ == "__main__":

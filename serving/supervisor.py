@@ -384,10 +384,10 @@ class Supervisor:
 
     @staticmethod
     def _kill(engine: EngineProc) -> None:
-        from serving.engine import stop_process_group
+        from serving.engine import stop_engine_process
 
         engine.replica.ready = False
-        stop_process_group(engine.proc, timeout=10.0)
+        stop_engine_process(engine.proc, timeout_s=10.0)
 
     # --- health
     async def check_health(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
 from kiln.settings import apply_privacy_env
 from serving.supervisor import free_port
 
@@ -325,14 +326,10 @@ class RunningGateway:
         assert created.returncode == 0, created.stderr
         self.key = json.loads(created.stdout)["key"]
         self.headers = {"Authorization": f"Bearer {self.key}"}
-        self.log = open(home / "gateway.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.log_path = home / "gateway.log"
         kiln = Path(sys.executable).with_name("kiln")
-        self.proc = subprocess.Popen(
-            [str(kiln), "serve", "--port", str(self.port)],
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.proc = start_group(
+            [str(kiln), "serve", "--port", str(self.port)], env=self.env, log_path=self.log_path
         )
 
     def __enter__(self) -> RunningGateway:
@@ -347,37 +344,19 @@ class RunningGateway:
         self.stop()
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.tail()
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise AssertionError(f"gateway not ready in {timeout} s:\n{self.tail()}")
+        probe = http_ok(self.url + "/v2/health/ready")
+        try:
+            wait_ready(self.proc, probe, timeout_s=timeout, what="the gateway")
+        except ExitedEarly:
+            raise AssertionError(self.tail()) from None
+        except ReadyTimeout:
+            raise AssertionError(f"gateway not ready in {timeout} s:\n{self.tail()}") from None
 
     def tail(self) -> str:
-        self.log.flush()
-        text = (self.home / "gateway.log").read_text(errors="replace")
-        return text[-4000:]
+        return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self.log.close()
+        stop_group(self.proc, timeout_s=30)
 
 
 def deploy(home: Path, ref: str = "digits", *, wait: float = 0) -> dict[str, object]:

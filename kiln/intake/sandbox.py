@@ -3,7 +3,8 @@
 Uploaded models are untrusted (torch.load and pickles run code): their factories and exported
 programs are loaded by ``python -m kiln.intake.probe`` (upload) and ``python -m
 kiln.optimize.isolated`` (graph extraction), each in its own process group that a timeout kills
-whole. This module is the child runner both use; it imports nothing of Kiln's.
+whole. This module is the child runner both use; of Kiln's it imports only
+:mod:`kiln.processes`, which needs nothing but the standard library.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+
+from kiln.processes import signal_group
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ def run_child(
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # SIGKILL at once, no SIGTERM grace: untrusted code past its time may ignore SIGTERM.
+        signal_group(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise ChildTimeout from None
     return ChildResult(proc.returncode, out, err)

@@ -15,7 +15,8 @@ import numpy as np
 import psutil
 import pytest
 
-from serving.engine import group_members, start_engine_process, stop_process_group
+from kiln.processes import group_members
+from serving.engine import start_engine_process, stop_engine_process
 from serving.wire import decode_tensor, encode_tensor
 from tests.conftest import copy_home, digits_eager_logits, digits_rows, free_port, kiln_env
 
@@ -75,7 +76,7 @@ class Engine:
 
     def stop(self) -> None:
         self.client.close()
-        stop_process_group(self.proc, timeout=15)
+        stop_engine_process(self.proc, timeout_s=15)
 
 
 def _served_version(home: Path) -> str:
