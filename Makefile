@@ -29,7 +29,7 @@ lint: setup typecheck  ## ruff check, ruff format --check, lint-imports (the lay
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-typecheck: setup  ## mypy over kiln, serving, tasks and flows (pyproject.toml's [tool.mypy])
+typecheck: setup  ## mypy --strict over kiln, serving, tasks and flows (pyproject.toml's [tool.mypy])
 	$(VENV)/bin/mypy
 
 test: setup  ## every test: unit, integration (DVC, Prefect, PostgreSQL, subprocesses), e2e

@@ -164,7 +164,7 @@ def reject(st: Standing, reason: str, gate: dict[str, Any]) -> None:
 def deploy_direct(st: Standing, reason: str) -> None:
     with session_scope(get_settings().db_url) as session:
         row = crud.require_version(session=session, name=st.model, version=st.version)
-        crud.deploy_direct(session=session, version=row, reason=reason)
+        crud.make_stable(session=session, version=row, reason=reason)
 
 
 @task(name="start-canary", retries=0, cache_policy=NO_CACHE)

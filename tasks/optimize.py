@@ -21,7 +21,7 @@ from kiln.optimize.extract import Extraction
 from kiln.optimize.validate import VariantReport, judge
 from kiln.registry import crud
 from kiln.registry.db import session_scope
-from kiln.registry.tables import ArtifactKind, OptimizationJob
+from kiln.registry.tables import ArtifactKind, ModelVersion, OptimizationJob
 from kiln.settings import get_settings
 from kiln.store.artifacts import ArtifactStore
 
@@ -72,7 +72,7 @@ def baseline(prepared: stages.Prepared, extracted: ExtractedModel) -> stages.Mea
 def _job(prepared: stages.Prepared, kind: str) -> int:
     with session_scope(get_settings().db_url) as session:
         row = cast(
-            crud.ModelVersion,
+            ModelVersion,
             crud.get_version_by_id(session=session, version_id=prepared.version_id),
         )
         job = crud.create_job(session=session, version=row, optimization_type=kind)
@@ -215,7 +215,7 @@ def _store(prepared: stages.Prepared, report: VariantReport, path: Path) -> int:
         row = crud.add_artifact(
             session=session,
             version=cast(
-                crud.ModelVersion,
+                ModelVersion,
                 crud.get_version_by_id(session=session, version_id=prepared.version_id),
             ),
             kind=kind,

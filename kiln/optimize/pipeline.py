@@ -27,7 +27,7 @@ from kiln.optimize.prune import PRUNE_RATIO
 from kiln.optimize.validate import GateSettings, TimingSettings, VariantReport
 from kiln.registry import crud
 from kiln.registry.db import session_scope
-from kiln.registry.tables import ArtifactKind, Task, VersionStatus
+from kiln.registry.tables import ArtifactKind, OptimizationJob, Task, VersionStatus
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
 from kiln.store.artifacts import ArtifactStore
@@ -255,9 +255,7 @@ def finish_rejected(settings: Settings, prepared: Prepared, reason: str) -> None
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=prepared.name, version=prepared.version)
         crud.set_version_status(session=session, version=row, status=VersionStatus.rejected)
-        job = cast(
-            crud.OptimizationJob, crud.get_job(session=session, job_id=prepared.parent_job_id)
-        )
+        job = cast(OptimizationJob, crud.get_job(session=session, job_id=prepared.parent_job_id))
         crud.update_job(session=session, job=job, status="failed", error=reason, progress=100)
 
 
@@ -538,9 +536,7 @@ def finish(
             "data": prepared.data_note,
             "chart": str(settings.home / stored_chart.path),
         }
-        job = cast(
-            crud.OptimizationJob, crud.get_job(session=session, job_id=prepared.parent_job_id)
-        )
+        job = cast(OptimizationJob, crud.get_job(session=session, job_id=prepared.parent_job_id))
         crud.update_job(session=session, job=job, status="done", progress=100, metrics=doc)
     doc["markdown"] = table
     return doc

@@ -457,10 +457,11 @@ def served_versions(*, session: Session) -> list[DeployedModel]:
     return rows
 
 
-def deploy_direct(
+def make_stable(
     *, session: Session, version: ModelVersion, reason: str = "direct deploy"
 ) -> Deployment:
-    """Make ``version`` the model's stable version at once (no canary): the version becomes
+    """Make ``version`` the model's stable version at once (no canary): the registry change
+    behind the ``direct`` deploy strategy and a model's first version. The version becomes
     ``production``, the previous stable one ``retired``, and an event records the change.
 
     Only a ``validated`` version (or a ``retired`` one, brought back) may be deployed; the

@@ -26,7 +26,7 @@ def deploy_direct(settings: Settings, *, name: str, version: str | None) -> dict
     """Make ``name@version`` (default: newest) the stable version now, without a canary."""
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=name, version=version)
-        dep = crud.deploy_direct(session=session, version=row)
+        dep = crud.make_stable(session=session, version=row)
         return {
             "model": name,
             "version": row.version,

@@ -150,7 +150,7 @@ class Rollout:
                 crud.rollback(session=session, model=model, to_version=row)
             elif action == "deploy":
                 assert row is not None
-                crud.deploy_direct(session=session, version=row)
+                crud.make_stable(session=session, version=row)
             else:
                 raise ValueError(action)
 
@@ -509,7 +509,7 @@ with session_scope(url) as session:
     elif action == "rollback":
         crud.rollback(session=session, model=model)
     elif action == "deploy":
-        crud.deploy_direct(session=session, version=crud.require_version(
+        crud.make_stable(session=session, version=crud.require_version(
             session=session, name="m", version=version))
 print("the failpoint was not reached")
 """
@@ -575,7 +575,7 @@ def _do(db_url: str, action: str, version: str = "") -> None:
         elif action == "rollback":
             crud.rollback(session=session, model=model)
         elif action == "deploy":
-            crud.deploy_direct(
+            crud.make_stable(
                 session=session,
                 version=crud.require_version(session=session, name="m", version=version),
             )

@@ -405,7 +405,7 @@ def test_deployment_fingerprint_changes_with_desired_state_only(db_url: str) -> 
         row = _model_and_version(session)
         crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
         crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
-        crud.deploy_direct(session=session, version=row)
+        crud.make_stable(session=session, version=row)
     deployed = fingerprint()
     assert len(deployed) == 1 and str(row.id) in deployed[0]
     with session_scope(db_url) as session:
@@ -419,7 +419,7 @@ def test_deployment_fingerprint_changes_with_desired_state_only(db_url: str) -> 
 
 def test_detached_rows_outlive_their_session(db_url: str) -> None:
     with session_scope(db_url) as session:
-        alert, _ = crud.raise_alert(session=session, model="m", kind="p99", message="slow")
+        alert = crud.raise_alert(session=session, model="m", kind="p99", message="slow").alert
         session.commit()
         assert crud.detached(session=session, row=alert) is alert
         assert alert not in session

@@ -49,7 +49,7 @@ def _deployment(db_url: str) -> tuple[str | None, str | None, float]:
 def test_deploy_canary_promote_rollback(db_url: str) -> None:
     _validated(db_url, "1.0.0", "1.1.0", "1.2.0")
     with session_scope(db_url) as session:
-        crud.deploy_direct(
+        crud.make_stable(
             session=session,
             version=crud.require_version(session=session, name="m", version="1.0.0"),
         )
@@ -102,7 +102,7 @@ def test_illegal_changes_are_refused_and_change_nothing(db_url: str) -> None:
         with pytest.raises(NotFound):  # not deployed: nothing to promote
             crud.promote(session=session, model=crud.require_model(session=session, name="m"))
     with session_scope(db_url) as session:
-        crud.deploy_direct(
+        crud.make_stable(
             session=session,
             version=crud.require_version(session=session, name="m", version="1.0.0"),
         )
@@ -120,7 +120,7 @@ def test_illegal_changes_are_refused_and_change_nothing(db_url: str) -> None:
 def test_twenty_concurrent_promotes_have_one_winner(db_url: str) -> None:
     _validated(db_url, "1.0.0", "2.0.0")
     with session_scope(db_url) as session:
-        crud.deploy_direct(
+        crud.make_stable(
             session=session,
             version=crud.require_version(session=session, name="m", version="1.0.0"),
         )
