@@ -27,6 +27,7 @@ from serving.auth import (
     bearer_token,
     limits_for,
 )
+from tests.conftest import require_service
 
 REDIS_URI = "redis://127.0.0.1:6379/0"
 
@@ -348,7 +349,7 @@ def redis_limiter(kiln_home: Path) -> Iterator[tuple[RateLimiter, str]]:
         client.ping()
     except redis.RedisError as exc:
         client.close()
-        pytest.skip(f"Redis at 127.0.0.1:6379 does not answer: {exc}")
+        require_service(f"Redis at 127.0.0.1:6379 does not answer: {exc}")
     namespace = f"kiln-test-{uuid.uuid4().hex[:12]}"
     try:
         yield RateLimiter(Settings(rate_limit_storage=REDIS_URI), namespace=namespace), namespace
