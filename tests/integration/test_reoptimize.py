@@ -29,7 +29,9 @@ from tests.conftest import (
 )
 
 DIGITS = REPO / "data" / "digits"
-FAST_ROLLOUT = {"rollout": {"step_seconds": 3, "max_extra_s": 45, "replay_concurrency": 4}}
+# short steps; the extra time a step may wait for enough requests is generous, because on a
+# loaded CI host the eager stable answers slowly and a 10 % step needs 200 canary requests
+FAST_ROLLOUT = {"rollout": {"step_seconds": 3, "max_extra_s": 150, "replay_concurrency": 4}}
 EAGER_ONLY = {"optimize": {"backends": ["torch-eager"]}}  # no variant: the baseline is served
 ORT_FP32 = {"optimize": {"backends": ["onnxruntime"], "precisions": {"onnxruntime": ["fp32"]}}}
 TABLES = (
@@ -145,7 +147,7 @@ def test_reoptimize_promotes_a_faster_build_then_changes_nothing(
     [row] = first["models"]
     assert row["model"] == "digits" and row["production"] == "0.1.0", row
     assert row["candidate"] == "0.1.1", row
-    assert row["outcome"] == "promoted", row
+    assert row["outcome"] == "promoted", (row["reason"], row.get("deploy"))
     assert row["speedup"] >= 1.1, row
     assert row["comparison"]["candidate_variant"] == "onnxruntime/fp32", row
     assert row["comparison"]["production_variant"] == "torch-eager/fp32", row
