@@ -1,14 +1,19 @@
 """The inference engine: one LitServe server (one process group) serving one model version.
 
-The gateway sends it :mod:`serving.wire` requests on ``POST /predict`` (127.0.0.1 only); the
-engine batches them dynamically, runs the model, and answers each request with its own status.
+The gateway sends it :mod:`serving.wire` frames over one TCP connection per inference worker
+(:mod:`serving.channel`: several callers' requests per frame); direct callers may use ``POST
+/predict`` (LitServe's route and dynamic batching). Either way the engine checks, runs and
+answers each request with its own status.
 Run it as ``python -m serving.engine --model NAME --version V --port P``; the supervisor does so
 through :func:`start_engine_process` and stops it with :func:`stop_engine_process` (LitServe
 leaves its worker processes behind on SIGTERM, so the engine runs in its own process group and
 the whole group is stopped: :mod:`kiln.processes`).
 
 Routes: ``POST /predict`` (the wire format), ``GET /health`` (200 once the model is loaded and
-warmed up: the engine's readiness), ``GET /stats`` (served, expired, failed... counters).
+warmed up: the engine's readiness), ``GET /stats`` (served, expired, failed... counters),
+``GET /channel`` (``{"endpoints": ["host:port", ...]}``: where each inference worker listens for
+the gateway's frames, :mod:`serving.channel`; the gateway's requests take that path, and
+``/predict`` stays for direct callers).
 
 This module deliberately has no ``from __future__ import annotations``: LitServe reads
 ``decode_request``'s and ``encode_response``'s annotations at run time to build the FastAPI
@@ -43,9 +48,18 @@ from kiln.errors import DeadlineExceeded, InferenceFailed, InvalidInput, KilnErr
 from kiln.faults import EngineFaults
 from kiln.processes import signal_group, start_group, stop_group
 from serving import heap
+from serving.channel import ChannelServer
 from serving.config import ServingSettings
 from serving.loader import LoadedModel, ModelCache, load_version, warm_up
-from serving.wire import decode_tensor, encode_tensor
+from serving.wire import (
+    FrameError,
+    decode_tensor,
+    encode_tensor,
+    frame,
+    read_header,
+    read_tensors,
+    tensor_entries,
+)
 
 log = logging.getLogger("kiln.engine")
 STATS_LOG_INTERVAL_S = 60.0
@@ -83,6 +97,28 @@ class EngineStats:
     def snapshot(self) -> dict[str, int]:
         with self._values.get_lock():
             return dict(zip(self.FIELDS, self._values[:], strict=True))
+
+
+class ChannelPorts:
+    """The channel port of each inference worker (:mod:`serving.channel`), written by the
+    workers once their model is warm and read by the API server's ``GET /channel``. Shared
+    memory from the ``spawn`` context, travelling to the workers inside the LitAPI."""
+
+    SLOTS = 64
+
+    def __init__(self) -> None:
+        self._ports = mp.get_context("spawn").Array("i", self.SLOTS)
+
+    def add(self, port: int) -> None:
+        with self._ports.get_lock():
+            slot = next((i for i in range(self.SLOTS) if self._ports[i] == 0), None)
+            if slot is None:
+                raise RuntimeError(f"more than {self.SLOTS} inference workers in one engine")
+            self._ports[slot] = port
+
+    def ports(self) -> list[int]:
+        with self._ports.get_lock():
+            return [p for p in self._ports[:] if p]
 
 
 # --------------------------------------------------------------------------- requests
@@ -145,19 +181,84 @@ def _decode(request: Any) -> Job:
     if error is not None:
         job.fail(InvalidInput(error))
         return job
+    _address(job, request)
+    try:
+        _add_inputs(job, [decode_tensor(doc) for doc in request["inputs"]])
+    except ValueError as exc:
+        job.fail(InvalidInput(str(exc)))
+    return job
+
+
+def _address(job: Job, request: dict[str, Any]) -> None:
+    """A checked request's model, version, wanted outputs and deadline onto ``job``."""
     job.model, job.version = request["model"], request.get("version") or ""
     job.wanted = request.get("outputs")
     deadline = request.get("deadline")
     job.deadline = float(deadline) if deadline is not None else None
-    try:
-        for doc in request["inputs"]:
-            name, array = decode_tensor(doc)
-            if name in job.inputs:
-                raise ValueError(f"input {name!r} is given twice")
-            job.inputs[name] = array
-    except ValueError as exc:
-        job.fail(InvalidInput(str(exc)))
-    return job
+
+
+def _add_inputs(job: Job, tensors: list[tuple[str, np.ndarray]]) -> None:
+    for name, array in tensors:
+        if name in job.inputs:
+            raise ValueError(f"input {name!r} is given twice")
+        job.inputs[name] = array
+
+
+def _frame_jobs(header: dict[str, Any], tail: memoryview) -> list[Job]:
+    """The Jobs of a channel frame (:mod:`serving.wire`); a malformed job becomes a 400 Job,
+    the others are unaffected (each job says how many tensor bytes are its own)."""
+    docs = header.get("jobs")
+    if not isinstance(docs, list):
+        raise FrameError("a request frame needs a 'jobs' list")
+    jobs, offset = [], 0
+    for doc in docs:
+        job = Job()
+        jobs.append(job)
+        nbytes = doc.get("nbytes") if isinstance(doc, dict) else None
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise FrameError("each job of a frame needs its 'nbytes'")
+        start, offset = offset, offset + nbytes
+        error = _request_error(doc)
+        if error is not None:
+            job.fail(InvalidInput(error))
+            continue
+        _address(job, doc)
+        try:
+            tensors, end = read_tensors(doc["inputs"], tail[:offset], start)
+            if end != offset:
+                raise ValueError(f"{offset - end} tensor bytes are not accounted for")
+            _add_inputs(job, tensors)
+        except ValueError as exc:
+            job.fail(InvalidInput(str(exc)))
+    return jobs
+
+
+def _answer_frame(frame_id: Any, jobs: list[Job]) -> list[bytes]:
+    """The answer frame: each Job's status and outputs (or detail), in the frame's order."""
+    answers: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for job in jobs:
+        if job.status == 200 and job.outputs is not None:
+            try:
+                entries, data = tensor_entries(job.outputs)
+            except (TypeError, ValueError):  # an output dtype the wire format has no name for
+                log.exception("cannot encode the outputs of %s@%s", job.model, job.version)
+                answers.append(
+                    {"status": 500, "detail": "the model's outputs could not be encoded"}
+                )
+                continue
+            answers.append(
+                {
+                    "status": 200,
+                    "outputs": entries,
+                    "batch_size": job.batch_size,
+                    "engine_ms": round(job.engine_ms, 3),
+                }
+            )
+            chunks += data
+        else:
+            answers.append({"status": job.status or 500, "detail": job.detail or "internal error"})
+    return frame({"id": frame_id, "answers": answers}, chunks)
 
 
 def _encode(job: Job) -> Response:
@@ -279,6 +380,8 @@ class KilnEngine(ls.LitAPI):
         stats: EngineStats | None = None,
         *,
         loader: ModelLoader | None = None,
+        channel_host: str | None = None,
+        channel_ports: ChannelPorts | None = None,
     ) -> None:
         super().__init__(
             max_batch_size=serving.max_batch_size,
@@ -290,6 +393,10 @@ class KilnEngine(ls.LitAPI):
         self.serving = serving
         self.stats = stats
         self.loader = loader
+        self.channel_host = channel_host
+        self.channel_ports = channel_ports
+        self.channel: ChannelServer | None = None
+        self._lock: threading.Lock | None = None  # one batch at a time (LitServe's or a frame)
         self.cache: ModelCache | None = None
         self.faults: EngineFaults | None = None
         self._last_stats_log = 0.0
@@ -328,6 +435,12 @@ class KilnEngine(ls.LitAPI):
             device,
         )
         self._last_stats_log = time.monotonic()
+        self._lock = threading.Lock()
+        if self.channel_host is not None:
+            self.channel = ChannelServer(self.channel_host, self.answer_frame).start()
+            if self.channel_ports is not None:
+                self.channel_ports.add(self.channel.port)
+            log.info("channel for %s@%s on %s", self.name, self.version, self.channel.endpoint)
         heap.freeze("engine worker")  # the loaded model and imports live until exit
 
     # --- per request
@@ -346,6 +459,24 @@ class KilnEngine(ls.LitAPI):
         return inputs
 
     def predict(self, x: list[Job]) -> list[Job]:
+        assert self._lock is not None
+        with self._lock:
+            return self._predict(x)
+
+    def answer_frame(self, body: bytes, head: int) -> list[bytes]:
+        """One channel frame (:mod:`serving.channel`) in, its answer frame out: the same
+        checks, grouping and model calls as a LitServe batch."""
+        header, tail = read_header(body, head)
+        jobs = _frame_jobs(header, tail)
+        for job in jobs:
+            if not job.status and not job.version and job.model == self.name:
+                job.version = self.version
+            elif not job.status and not job.version:
+                job.fail(InvalidInput(f"'version' is required for model {job.model!r}"))
+        self.predict(jobs)
+        return _answer_frame(header.get("id"), jobs)
+
+    def _predict(self, x: list[Job]) -> list[Job]:
         groups: dict[tuple[str, str], list[Job]] = {}
         for job in x:
             if not job.status:
@@ -534,7 +665,12 @@ def resolve_device(device: str, backend: str) -> str:
 
 
 def build_server(
-    name: str, version: str, *, device: str = "auto", stats: EngineStats | None = None
+    name: str,
+    version: str,
+    *,
+    device: str = "auto",
+    stats: EngineStats | None = None,
+    channel_host: str | None = None,
 ) -> ls.LitServer:
     """The LitServer for ``name@version`` with the model's batching settings (not started).
 
@@ -551,7 +687,14 @@ def build_server(
         record.artifact.path, record.artifact.sha256
     )
     serving = record.serving
-    api = KilnEngine(name, version, serving, stats)
+    api = KilnEngine(
+        name,
+        version,
+        serving,
+        stats,
+        channel_host=channel_host,
+        channel_ports=ChannelPorts() if channel_host is not None else None,
+    )
     server = lit_server(api, accelerator=resolve_device(device, record.artifact.backend))
     log.info(
         "engine for %s@%s: backend %s/%s, max_batch_size %d, batch_timeout %.3f s, workers %d",
@@ -569,10 +712,10 @@ def build_server(
 def lit_server(
     api: KilnEngine, *, accelerator: str, devices: int | str = "auto"
 ) -> "KilnLitServer":
-    """The LitServer around ``api`` (not started): Kiln's queues, no gzip, and ``/stats`` when
-    the engine counts (``api.stats``). ``devices``: LitServe's (``auto``: every GPU that
-    ``nvidia-smi`` lists)."""
-    name, version, stats = api.name, api.version, api.stats
+    """The LitServer around ``api`` (not started): Kiln's queues, no gzip, ``/stats`` when
+    the engine counts (``api.stats``) and ``/channel`` when its workers listen for the
+    gateway's frames. ``devices``: LitServe's (``auto``: every GPU that ``nvidia-smi`` lists)."""
+    name, version, stats, ports = api.name, api.version, api.stats, api.channel_ports
     server = KilnLitServer(
         api,
         accelerator=accelerator,
@@ -597,6 +740,14 @@ def lit_server(
             )
 
         server.app.add_api_route("/stats", engine_stats, methods=["GET"])
+    if ports is not None:
+        host = api.channel_host
+
+        async def channel_endpoints() -> Response:
+            endpoints = [f"{host}:{port}" for port in ports.ports()]
+            return Response(orjson.dumps({"endpoints": endpoints}), media_type=JSON)
+
+        server.app.add_api_route("/channel", channel_endpoints, methods=["GET"])
     return server
 
 
@@ -678,7 +829,13 @@ def main(argv: list[str] | None = None) -> int:
     _watch_parent()
     code = 0
     try:
-        server = build_server(args.model, args.version, device=args.device, stats=EngineStats())
+        server = build_server(
+            args.model,
+            args.version,
+            device=args.device,
+            stats=EngineStats(),
+            channel_host=args.host,
+        )
         heap.freeze("engine")  # imports and the server object live until exit
         # One API server, as a thread: no fork of a process that already runs threads, one
         # process fewer, and (measured) no slower than a forked API server process.

@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-import aiohttp
 import numpy as np
 import orjson
 from tenacity import (
@@ -59,10 +58,10 @@ from kiln.settings import Settings
 from kiln.spec import TensorSpec
 from serving import heap, oip
 from serving.auth import KeyStore, Principal, RateLimiter, authorize
+from serving.channel import Channel, ChannelBroken, WireJob
 from serving.inference_log import InferenceLog
 from serving.metrics import GatewayMetrics
 from serving.state import Replica, RoutingState, ServedModel
-from serving.wire import decode_tensor, encode_tensor
 
 log = logging.getLogger("kiln.gateway")
 Scope = dict[str, Any]
@@ -77,6 +76,7 @@ MAX_ATTEMPTS = 4  # engine calls per candidate version (first try + retries)
 _STATS_PATH = re.compile(r"^/kiln/models/([^/]+)/stats$")
 INFERENCE_LOG_FLUSH_S = 10.0  # at shutdown, the inference log's writer gets this long
 MAX_SHADOW_INFLIGHT = 64  # mirrored requests in flight at most; more are not mirrored
+MAX_CHANNELS = 64  # connections to engine workers kept; idle ones of gone engines are dropped
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
 # a full queue, no served version or no engine yet: come back in a second
 RETRY_SHORTLY: Mapping[str, str] = {"Retry-After": "1"}
@@ -170,17 +170,12 @@ class Gateway:
         self.supervise = supervise
         self.supervisor: Any = None
         self.alerts: Any = None  # serving.alerts.AlertMonitor, started with the supervisor
-        self.client: aiohttp.ClientSession | None = None
+        self.channels: dict[str, Channel] = {}  # engine worker endpoint -> its connection
         self._shadows: set[asyncio.Task[None]] = set()
         self.inference_log = InferenceLog(settings, self.metrics)  # sampled requests
 
     # --- lifespan
     async def startup(self) -> None:
-        self.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, force_close=False),
-            skip_auto_headers=("User-Agent",),
-            auto_decompress=False,
-        )
         self.inference_log.start()
         if self.supervise:
             from serving.supervisor import Supervisor
@@ -201,8 +196,7 @@ class Gateway:
             await self.alerts.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
-        if self.client is not None:
-            await self.client.close()
+        await asyncio.gather(*(c.close() for c in self.channels.values()))
         # last: requests answered while the engines drained are logged too
         await asyncio.to_thread(self.inference_log.stop, INFERENCE_LOG_FLUSH_S)
 
@@ -623,14 +617,13 @@ class Gateway:
         self, model: str, version: str, req: oip.InferRequest, deadline: float
     ) -> EngineAnswer:
         """Call one replica of ``model@version``; on failure retry another, within the deadline."""
-        payload = orjson.dumps(
-            {
-                "model": model,
-                "version": version,
-                "deadline": time.time() + (deadline - time.monotonic()),
-                "inputs": [encode_tensor(n, a) for n, a in req.inputs.items()],
-                "outputs": req.outputs,
-            }
+        job = WireJob(
+            model=model,
+            version=version,
+            deadline=time.time() + (deadline - time.monotonic()),
+            inputs=req.inputs,
+            outputs=req.outputs,
+            rows=req.rows,
         )
         tried: set[int] = set()
 
@@ -641,7 +634,7 @@ class Gateway:
             if replica is None:
                 raise EngineUnavailable(f"no ready engine for {model}@{version}")
             tried.add(id(replica))
-            return await self._call_replica(replica, payload, deadline)
+            return await self._call_replica(replica, job, deadline)
 
         try:  # the common case: the first replica answers (no retry machinery built)
             return await attempt_once()
@@ -663,42 +656,54 @@ class Gateway:
                 return await attempt_once()
         raise EngineUnavailable(f"no ready engine for {model}@{version}")  # pragma: no cover
 
-    async def _call_replica(
-        self, replica: Replica, payload: bytes, deadline: float
-    ) -> EngineAnswer:
-        assert self.client is not None
+    def _channel(self, replica: Replica) -> Channel:
+        """The connection to the least busy worker of ``replica`` (made on first use), sending
+        up to the model's ``max_batch_size`` rows per frame."""
+        served = self.state.models.get(replica.model)
+        max_rows = served.settings.max_batch_size if served is not None else 1
+        best: Channel | None = None
+        for endpoint in replica.channels:
+            channel = self.channels.get(endpoint)
+            if channel is None or channel.closed:
+                if len(self.channels) >= MAX_CHANNELS:
+                    self._forget_idle_channels()
+                channel = self.channels[endpoint] = Channel(endpoint, max_rows=max_rows)
+            channel.max_rows = max_rows
+            if best is None or channel.busy < best.busy:
+                best = channel
+        if best is None:
+            raise EngineUnavailable(f"engine {replica.url} names no channel endpoint")
+        return best
+
+    def _forget_idle_channels(self) -> None:
+        """Endpoints of engines long gone: drop the unconnected, idle ones."""
+        for endpoint, channel in list(self.channels.items()):
+            if not channel.connected and not channel.busy:
+                del self.channels[endpoint]
+
+    async def _call_replica(self, replica: Replica, job: WireJob, deadline: float) -> EngineAnswer:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(DEADLINE_BEFORE_ENGINE)
+        channel = self._channel(replica)
         replica.outstanding += 1
         try:
-            async with self.client.post(
-                replica.url + "/predict",
-                data=payload,
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=remaining),
-            ) as resp:
-                status = resp.status
-                body = await resp.read()
+            answer = await asyncio.wait_for(channel.call(job), remaining)
         except TimeoutError:
             raise DeadlineExceeded("deadline passed while the engine was working") from None
-        except aiohttp.ClientError as exc:
+        except ChannelBroken as exc:
             replica.failed(time.monotonic())
-            raise EngineUnavailable(f"engine {replica.url} failed: {type(exc).__name__}") from None
+            raise EngineUnavailable(str(exc)) from None
         finally:
             replica.outstanding -= 1
-        if status in (502, 503):
+        if answer.status in (502, 503):
             replica.failed(time.monotonic())
-            raise EngineUnavailable(f"engine {replica.url} answered {status}")
+            raise EngineUnavailable(f"engine {replica.url} answered {answer.status}")
         replica.succeeded()
-        if status != 200:
-            raise _engine_error(status, _detail(body))
-        doc = orjson.loads(body)
-        outputs = dict(decode_tensor(t) for t in doc["outputs"])
+        if answer.status != 200:
+            raise _engine_error(answer.status, answer.detail[:500])
         return EngineAnswer(
-            outputs=outputs,
-            batch_size=int(doc.get("batch_size", 0)),
-            engine_ms=float(doc.get("engine_ms", 0.0)),
+            outputs=answer.outputs, batch_size=answer.batch_size, engine_ms=answer.engine_ms
         )
 
     async def _answer(
@@ -783,14 +788,6 @@ def _engine_error(status: int, detail: str) -> KilnError:
         return InferenceFailed(f"the model failed on this request: {detail}")
     known = _ENGINE_REFUSALS.get(status)
     return known(detail) if known is not None else EngineRefused(status, detail)
-
-
-def _detail(body: bytes) -> str:
-    try:
-        doc = orjson.loads(body)
-        return str(doc.get("detail") or doc.get("error") or doc)[:500]
-    except Exception:
-        return body[:200].decode("utf-8", "replace")
 
 
 def _cache_key(version: str, inputs: dict[str, np.ndarray]) -> str:

@@ -28,6 +28,7 @@ class Replica:
     version: str
     url: str  # http://127.0.0.1:PORT
     pid: int = 0
+    channels: list[str] = field(default_factory=list)  # its workers' host:port (serving.channel)
     ready: bool = False  # passed its health check after warm-up
     draining: bool = False  # being stopped: finish what it has, take nothing new
     outstanding: int = 0  # requests the gateway has sent it and not had back

@@ -3,7 +3,7 @@
 Lifecycle: ``start()`` -> every ``reconcile_interval_s``: read the registry (desired state) ->
 start missing replicas (each an engine process in its own process group on a free 127.0.0.1
 port) -> health-check them (a replica is routed only after ``/health`` answers 200, i.e. after
-warm-up) -> restart a replica that died or keeps failing (with backoff, so a version that cannot
+warm-up, and ``/channel`` has named where its workers take the gateway's frames) -> restart a replica that died or keeps failing (with backoff, so a version that cannot
 load does not spin) -> scale between the model's min and max replicas by outstanding requests
 per replica (Ray Serve's autoscaling rule: target ongoing requests per replica) -> drain and stop
 replicas no deployment wants (no new requests; stop when their in-flight ones are answered or the
@@ -400,7 +400,12 @@ class Supervisor:
         try:
             async with self._client.get(engine.replica.url + "/health") as resp:
                 ok = resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+            if ok and not engine.replica.channels:  # where its workers take the gateway's frames
+                async with self._client.get(engine.replica.url + "/channel") as resp:
+                    doc = await resp.json() if resp.status == 200 else {}
+                engine.replica.channels = [str(e) for e in doc.get("endpoints", [])]
+                ok = bool(engine.replica.channels)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             ok = False
         if ok:
             engine.health_failures = 0

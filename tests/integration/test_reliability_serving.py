@@ -1010,20 +1010,24 @@ def test_scenario_9_deadline_504_on_time_and_expired_requests_never_run(slow: Se
         return first, list(late)
 
     first, late = asyncio.run(queued())
-    after = _wait_engine(s, "requests", snap["requests"] + 1 + len(late))
+    after = _wait_engine(s, "requests", snap["requests"] + 1)  # the blocker, at least
     assert first.status == 200, first
     assert all(r.status == 504 for r in late), late
     errors = [abs(r.seconds - 1.0) for r in [alone, *late]]
     assert max(errors) <= 0.1, [round(r.seconds, 3) for r in [alone, *late]]
-    assert after["requests"] - snap["requests"] == 1 + len(late), (snap, after)
+    # the late requests wait in the gateway's queue for the busy worker (serving/channel.py):
+    # one whose deadline passes there is never sent; one that reached the engine is dropped
+    # there (expired). Either way none runs.
+    reached = after["requests"] - snap["requests"] - 1
     expired = after["expired"] - snap["expired"]
     wasted = (after["model_rows"] - snap["model_rows"]) - 1  # the blocker's row ran, rightly
-    assert expired == len(late) and wasted == 0, (snap, after)
+    assert 0 <= reached == expired and wasted == 0, (snap, after)
     print(
         f"FIGURE scenario 9: model 3 s, deadline 1 s: 504 after "
         f"{', '.join(f'{r.seconds:.3f}' for r in [alone, *late])} s (timing error max "
-        f"{max(errors) * 1000:.0f} ms); queued past their deadline: {expired}/{len(late)} "
-        f"dropped by the engine, wasted runs = {wasted}"
+        f"{max(errors) * 1000:.0f} ms); queued past their deadline: "
+        f"{len(late) - reached}/{len(late)} dropped in the gateway's queue (never sent), "
+        f"{expired} by the engine; wasted runs = {wasted}"
     )
 
 
