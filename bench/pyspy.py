@@ -144,10 +144,10 @@ def record(
     subprocesses: bool,
     log: Path,
     native: bool = True,
-) -> Iterator[None]:
+) -> Iterator[dict[str, int]]:
     """``py-spy record --idle [--native]`` of ``pid`` into ``output`` (``fmt``: flamegraph or
     raw), from once it samples until the block ends (then SIGINT: py-spy writes its file and
-    exits)."""
+    exits). Yields a dict that then holds py-spy's own count of ``samples`` and ``errors``."""
     command = [spy, "record", "--pid", str(pid), "--rate", str(rate), "--idle"]
     command += ["--format", fmt, "--output", str(output)]
     if native:
@@ -164,8 +164,9 @@ def record(
             proc.wait()
             raise PySpyError(f"py-spy did not start sampling pid {pid}: {_tail(log)}")
         time.sleep(0.1)
+    counts: dict[str, int] = {}
     try:
-        yield
+        yield counts
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -175,6 +176,8 @@ def record(
             proc.wait()
     if proc.returncode != 0 or not output.exists():
         raise PySpyError(f"py-spy record of pid {pid} failed ({proc.returncode}): {_tail(log)}")
+    if m := re.search(r"Samples: (\d+) Errors: (\d+)", log.read_text(errors="replace")):
+        counts.update(samples=int(m[1]), errors=int(m[2]))
 
 
 def _tail(log: Path) -> str:

@@ -33,15 +33,17 @@ results.json); ``log-overhead`` measures the inference log's cost: the gateway's
 ``KILN_INFERENCE_LOG_SAMPLE`` 1 against 0, medians of ``--log-runs`` alternating runs
 (``log_overhead``); ``idle`` measures what ``kiln serve`` with digits deployed costs with no
 traffic at all: the CPU of its whole process tree over ``--idle-seconds`` (30), in percent of
-one core (``idle``).
+one core (``idle``; run first, while digits is the only model deployed in the KILN_HOME).
 
 Not run by default: ``profile`` (``--sections profile --models digits``; needs py-spy, ``make
 bench-deps``) puts wrk at 64 connections on ``kiln`` for digits and records the gateway process
 and the engine (its root process and its LitServe workers: ``py-spy record --subprocesses``)
-with py-spy for the run: flame graphs ``profiles/{gateway,engine}-digits.svg``, then, in a
-second run as long, their collapsed stacks ``profiles/{gateway,engine}-digits.txt`` and
-``profiles/summary.md``: per process, the functions with the largest inclusive and self shares
-of the samples, idle waits marked (``--profile-duration``; the folder is under ``--out``).
+with py-spy (``--idle --native``) for the run: flame graphs
+``profiles/{gateway,engine}-digits.svg``, then, in a second run as long, their collapsed stacks
+``profiles/{gateway,engine}-digits.txt`` and ``profiles/summary.md``: per process, the
+functions with the largest inclusive and self shares of the samples, idle waits (epoll, poll,
+read, sleeps, lock waits) marked (``bench/pyspy.py``; ``--profile-duration``,
+``--profile-rate``; the folder is under ``--out``).
 
     python bench/serve_bench.py [--duration 20] [--concurrency 1,16,64] [--models digits,minilm]
                                 [--systems naive-fastapi,naive-same-artifact,litserve-plain,
@@ -199,7 +201,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """A server in its own process group (stopped as a group), logging to ``log``."""
     return processes.start_group(command, cwd=ROOT, env={**os.environ, **(env or {})}, log_path=log)
 
@@ -217,7 +221,7 @@ def family(root: int) -> list[psutil.Process]:
 
 def _alive(proc: psutil.Process) -> bool:
     try:
-        return proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
@@ -232,7 +236,7 @@ def rss_mb(procs: list[psutil.Process]) -> float:
     return round(total / 2**20, 1)
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """Stop the server's group (SIGTERM, then SIGKILL after ``timeout``), then SIGKILL the
     groups of its descendants that live in their own (engines the supervisor left behind)."""
     others = [p for p in family(proc.pid) if _pgid(p.pid) not in (None, proc.pid)]
@@ -255,7 +259,7 @@ def _pgid(pid: int) -> int | None:
 
 
 def wait_ready(
-    proc: subprocess.Popen,
+    proc: subprocess.Popen[bytes],
     url: str,
     log: Path,
     *,
@@ -379,7 +383,7 @@ def to_row(system: str, model: str, connections: int, doc: dict[str, Any]) -> di
 
 
 # ------------------------------------------------------------------------------- systems
-def group_memory(proc: subprocess.Popen) -> Callable[[], dict[str, float]]:
+def group_memory(proc: subprocess.Popen[bytes]) -> Callable[[], dict[str, float]]:
     return lambda: {"rss_mb": rss_mb(family(proc.pid))}
 
 
@@ -607,7 +611,8 @@ def kiln_cli(args: list[str], env: dict[str, str], timeout: float = 1800) -> dic
             f"`kiln {' '.join(args)}` failed ({proc.returncode}): "
             f"{proc.stderr.strip()[-400:] or proc.stdout.strip()[-400:]}"
         )
-    return json.loads(proc.stdout)
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
 
 
 def has_command(command: list[str]) -> str | None:
@@ -1369,6 +1374,13 @@ def profile_summary(doc: dict[str, Any], files: dict[str, Path]) -> str:
             + ", ".join(f"`{files[p].with_suffix('.svg').name}`" for p in PROFILED)
             + f". Collapsed stacks and these tables, from the next ({figures(runs['raw'])}): "
             + ", ".join(f"`{files[p].name}`" for p in PROFILED)
+            + " (py-spy's samples and errors: "
+            + "; ".join(
+                f"{fmt} {part} {c.get('samples', '?')}/{c.get('errors', '?')}"
+                for fmt in ("flamegraph", "raw")
+                for part, c in runs[fmt]["py_spy"].items()
+            )
+            + ")"
             + ". The sampler stops a process for each sample, so under it the system runs "
             "slower and its threads wait more than without."
         ),
@@ -1383,7 +1395,7 @@ def profile_summary(doc: dict[str, Any], files: dict[str, Path]) -> str:
     ]
     for part in PROFILED:
         lines += ["", f"## {part} (pid {doc['pids'][part]})"]
-        lines += pyspy.summary_tables(files[part], f"{part} (pid {doc['pids'][part]})")
+        lines += pyspy.summary_tables(files[part], f"the {part} process, all its threads")
     return "\n".join(lines) + "\n"
 
 
@@ -1415,8 +1427,8 @@ def run_profile(ctx: Bench, out: Path) -> dict[str, Any]:
 
     def recorded(fmt: str, suffix: str) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
-            for part in PROFILED:
-                stack.enter_context(
+            counts = {
+                part: stack.enter_context(
                     pyspy.record(
                         spy,
                         pids[part],
@@ -1428,7 +1440,10 @@ def run_profile(ctx: Bench, out: Path) -> dict[str, Any]:
                         log=ctx.log(f"py-spy-{part}-{fmt}", model),
                     )
                 )
-            return load()
+                for part in PROFILED
+            }
+            run = load()
+        return {**run, "py_spy": counts}  # filled in once the recorders stopped
 
     with kiln_gateway(model, ctx) as gateway:
         assert gateway.pid is not None
@@ -1692,11 +1707,21 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     ok = True
-    # serve, gateway-overhead, idle and profile share one KILN_HOME (--reuse-home, else a
-    # temporary one), so the models are optimized once (idle moves to a home of its own where
-    # other models are deployed too); log-overhead starts from a fresh one unless reused
+    # idle, serve, gateway-overhead and profile share one KILN_HOME (--reuse-home, else a
+    # temporary one), so the models are optimized once; idle goes first, while digits is the
+    # only model deployed there (serve deploys minilm too, and nothing undeploys; a reused home
+    # that serves more sends idle to one of its own); log-overhead starts from a fresh one
+    # unless reused
     with tempfile.TemporaryDirectory(prefix="kiln-bench-home-") as shared:
         home = args.reuse_home or Path(shared) / "kiln-home"
+        if "idle" in args.sections:
+            ok &= section(
+                args,
+                "idle",
+                IDLE_MARKER,
+                idle_markdown,
+                lambda work: run_idle(Bench(args, work, home)),
+            )
         if "serve" in args.sections:
             rows, skipped = run(args, home)
             table = markdown(rows, skipped, args)
@@ -1709,14 +1734,6 @@ def main(argv: list[str] | None = None) -> int:
                 GAP_MARKER,
                 gap_markdown,
                 lambda work: run_gateway_overhead(Bench(args, work, home)),
-            )
-        if "idle" in args.sections:
-            ok &= section(
-                args,
-                "idle",
-                IDLE_MARKER,
-                idle_markdown,
-                lambda work: run_idle(Bench(args, work, home)),
             )
         if "profile" in args.sections:
             try:
