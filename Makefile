@@ -57,8 +57,9 @@ screenshots: setup  ## headless-Chromium captures of the Prefect UI's deploy run
 	command -v chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PY) bench/screenshots.py
 
-bench-deps:  ## the serve benchmark's load generator (wrk, from Debian's packages)
+bench-deps:  ## the serve benchmark's load generator (wrk, from Debian's packages) and py-spy (its profile section)
 	command -v wrk || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(VENV)/bin/py-spy --version || $(PY) -m pip install -q py-spy
 
 # GPU check (bench/README-gpu.md). Builds bench/gpu-carry/
 # (git-ignored, ~49 MiB: the models from data/, and the wheels Kiln's engine needs there, from

@@ -705,21 +705,23 @@ def _serving_markdown(section: dict[str, Any]) -> list[str]:
             f"{section['max_batch_size']}, batch_timeout 0), each sent {section['warmup']} "
             f"warm-up then {section['requests']} timed single-row requests, "
             f"{section['concurrency']} at a time (http.client, keep-alive). Mean batch: "
-            "rows per model call during the burst (engine /stats); check: answers against "
-            "the eager model's on the same rows."
+            "rows per model call during the burst (engine /stats); CPU ms/req: user + system "
+            "CPU of the engine's processes (its root and LitServe workers, not the client) "
+            "during the burst, per answer; check: answers against the eager model's on the "
+            "same rows."
         ),
         "",
         (
             "| model | variant | requests | concurrency | p50 ms | p99 ms | requests/s | "
-            "mean batch | max batch | errors | check |"
+            "mean batch | max batch | CPU ms/req | errors | check |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in section["rows"]:
         if r.get("p50_ms") is None:
             lines.append(
                 f"| {r['model']} | {r['variant']} | {r.get('requests', '')} | "
-                f"{r.get('concurrency', '')} | | | | | | {r['status']} | "
+                f"{r.get('concurrency', '')} | | | | | | | {r['status']} | "
                 f"{r['reason'].replace('|', '/')} |"
             )
             continue
@@ -733,7 +735,8 @@ def _serving_markdown(section: dict[str, Any]) -> list[str]:
             f"| {r['model']} | {r['variant']} | {r['requests']} | "
             f"{r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['requests_per_s']:.0f} | {r['mean_batch']} | "
-            f"{r.get('max_batch_seen', '')} | {r['errors']} | {check} |"
+            f"{r.get('max_batch_seen', '')} | {r.get('cpu_ms_per_request') or '-'} | "
+            f"{r['errors']} | {check} |"
         )
     lines += [f"- **{error}**" for error in section["errors"]]
     wheels = ", ".join(" ".join(w.split("-")[:2]) for w in section.get("wheels", []))

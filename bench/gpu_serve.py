@@ -47,9 +47,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # kiln.processes (standard library only) from this checkout
+if str(ROOT) not in sys.path:  # kiln.processes and bench.cpu (standard library only) from here
     sys.path.insert(0, str(ROOT))
 
+from bench.cpu import TreeCpu
 from kiln.processes import start_group, stop_groups
 
 PARENT_ENV = "KILN_ENGINE_PARENT_PID"  # serving.engine: the engine stops when this pid is gone
@@ -380,7 +381,11 @@ def measure(engine: Engine, s: ServeSettings) -> dict[str, Any]:
             f"{bad[0].status} {bad[0].body[:200].decode(errors='replace')}",
         )
     before = stats(engine.port)
+    assert engine.proc is not None
+    meter = TreeCpu(engine.proc.pid)  # the engine's root, its LitServe workers: not this client
+    meter.start()
     answers, wall = burst(engine.port, target.bodies, s.requests, s.concurrency)
+    cpu = meter.stop()
     after = stats(engine.port)
     delta = {k: after[k] - before.get(k, 0) for k in after}
 
@@ -405,6 +410,10 @@ def measure(engine: Engine, s: ServeSettings) -> dict[str, Any]:
         "ready_s": engine.ready_s,
         "max_batch_size": s.max_batch_size,
         "engine_stats": delta,
+        # user + system CPU of the engine's whole process tree during the burst, per answer
+        "cpu_ms_per_request": cpu.ms_per_request(len(ok)),
+        "cpu_s": round(cpu.seconds, 3),
+        "cpu_processes": cpu.processes,
     }
     if ok:
         ms = np.array([a.ms for a in ok])

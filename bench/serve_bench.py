@@ -1,4 +1,4 @@
-"""`make bench` (serve part): four serving systems, one load generator, the same requests.
+"""`make bench` (serve part): five serving systems, one load generator, the same requests.
 
 Each system serves the same example model (``digits``: one 8x8 image per request; ``minilm``:
 one sentence per request) and ``wrk`` (a compiled load generator, Lua body script
@@ -6,6 +6,10 @@ one sentence per request) and ``wrk`` (a compiled load generator, Lua body scrip
 
 - ``naive-fastapi``: FastAPI + uvicorn, eager fp32 PyTorch, one forward per request
   (``bench/servers/naive_fastapi.py``);
+- ``naive-same-artifact``: the same thin FastAPI + uvicorn server, one model call per request,
+  serving the very artifact Kiln selected (the one the ``kiln`` system's engine serves, from the
+  same KILN_HOME) through the same backend, loaded as the engine loads it
+  (``serving.loader.load_version``; ``bench/servers/naive_same_artifact.py``);
 - ``litserve-plain``: LitServe as its docs teach, the same eager fp32 model, ``max_batch_size``
   32 and ``fast_queue``, at the best ``batch_timeout`` of 0, 1 and 5 ms (tried at concurrency
   64 first; ``bench/servers/litserve_plain.py``);
@@ -13,21 +17,40 @@ one sentence per request) and ``wrk`` (a compiled load generator, Lua body scrip
   gateway's wire format;
 - ``kiln``: the gateway + engine (``kiln serve``), Open Inference Protocol v2 JSON with a key.
 
-The Kiln systems serve what ``kiln optimize`` selected in a private KILN_HOME (prepared here with
-the real CLI, or ``--reuse-home DIR``). A system that cannot run (its command missing, its server
-failing) is skipped with the reason printed; no number is ever filled in for it. Rows go into
+The Kiln systems (and ``naive-same-artifact``) serve what ``kiln optimize`` selected in a
+private KILN_HOME (prepared here with the real CLI, or ``--reuse-home DIR``). A system that
+cannot run (its command missing, its server failing) is skipped with the reason printed; no
+number is ever filled in for it. Every row has ``cpu_ms_per_request``: the CPU seconds (user +
+system) that all of the system's server processes used during the wrk run (its whole process
+tree: for ``kiln`` the gateway/supervisor and every engine's process group with LitServe's
+workers; ``bench/cpu.py``), per request answered; never the load generator's. Rows go into
 ``bench/results.json`` (``serve``; the ``machine`` and ``optimize`` parts are kept) and a table
 into ``bench/results.md``.
 
-Two more sections, each with its own table: ``gateway-overhead`` times the gateway against the
+More sections, each with its own table: ``gateway-overhead`` times the gateway against the
 very engine it routes to, in alternating pairs of concurrency-1 runs (``gateway_overhead`` in
 results.json); ``log-overhead`` measures the inference log's cost: the gateway's p99 with
 ``KILN_INFERENCE_LOG_SAMPLE`` 1 against 0, medians of ``--log-runs`` alternating runs
-(``log_overhead``).
+(``log_overhead``); ``idle`` measures what ``kiln serve`` with digits deployed costs with no
+traffic at all: the CPU of its whole process tree over ``--idle-seconds`` (30), in percent of
+one core (``idle``; run first, while digits is the only model deployed in the KILN_HOME).
+
+Not run by default: ``profile`` (``--sections profile --models digits``; needs py-spy, ``make
+bench-deps``) puts wrk at 64 connections on ``kiln`` for digits and records the gateway process
+and the engine (its root process and its LitServe workers: ``py-spy record --subprocesses``)
+with py-spy (``--idle --native``) for the run: flame graphs
+``profiles/{gateway,engine}-digits.svg``, then, in a second run as long, their collapsed stacks
+``profiles/{gateway,engine}-digits.txt`` and ``profiles/summary.md``: per process, the
+functions with the largest inclusive and self shares of the samples, idle waits (epoll, poll,
+read, sleeps, lock waits) marked (``bench/pyspy.py``; ``--profile-duration``,
+``--profile-rate``; the folder is under ``--out``).
 
     python bench/serve_bench.py [--duration 20] [--concurrency 1,16,64] [--models digits,minilm]
-                                [--systems naive-fastapi,litserve-plain,kiln-engine,kiln]
+                                [--systems naive-fastapi,naive-same-artifact,litserve-plain,
+                                           kiln-engine,kiln]
+                                [--sections serve,gateway-overhead,log-overhead,idle]
                                 [--reuse-home DIR] [--out bench]
+    python bench/serve_bench.py --sections profile --models digits --reuse-home DIR
 """
 
 from __future__ import annotations
@@ -54,20 +77,26 @@ import httpx
 import numpy as np
 import psutil
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench.cpu (and kiln) from this checkout
+    sys.path.insert(0, str(ROOT))
+
+from bench import pyspy
+from bench.cpu import CpuUse, TreeCpu, tree
 from kiln import processes
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ROOT / "bench" / "servers"
 LUA = SERVERS / "post_bodies.lua"
 PY = sys.executable
 KILN = str(Path(PY).with_name("kiln"))
-SYSTEMS = ("naive-fastapi", "litserve-plain", "kiln-engine", "kiln")
+SYSTEMS = ("naive-fastapi", "naive-same-artifact", "litserve-plain", "kiln-engine", "kiln")
 BATCH_TIMEOUTS = (0.0, 0.001, 0.005)
 TUNE_CONCURRENCY = 64
 N_BODIES = 64  # distinct requests each system cycles through (the same ones for every system)
 READY_TIMEOUT_S = 300.0
 SERVE_MARKER = "<!-- serve-bench -->"
-SECTIONS = ("serve", "gateway-overhead", "log-overhead")
+SECTIONS = ("serve", "gateway-overhead", "log-overhead", "idle", "profile")
+DEFAULT_SECTIONS = ("serve", "gateway-overhead", "log-overhead", "idle")
 
 
 @dataclass(frozen=True)
@@ -103,14 +132,18 @@ class KilnModel:
 
 @dataclass
 class Target:
-    """A running server under test: where wrk sends what, and whose memory to count."""
+    """A running server under test: where wrk sends what, and whose memory and CPU to count."""
 
     url: str
     bodies: list[str]
     headers: dict[str, str] = field(default_factory=dict)
     memory: Callable[[], dict[str, float]] = dict
     info: dict[str, Any] = field(default_factory=dict)  # extra keys for the rows
-    pid: int | None = None  # the server's process (kiln: the gateway, whose group holds engines)
+    # the server's root process: its whole tree (kiln: the gateway, the engines it started, their
+    # workers) is what the CPU columns count; None: no CPU figures (a target inside another)
+    pid: int | None = None
+    # the CPU of a run split into the system's parts (kiln: gateway, this model's engine, ...)
+    cpu_parts: Callable[[CpuUse], dict[str, Any]] | None = None
 
 
 # ------------------------------------------------------------------------------ requests
@@ -168,30 +201,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """A server in its own process group (stopped as a group), logging to ``log``."""
     return processes.start_group(command, cwd=ROOT, env={**os.environ, **(env or {})}, log_path=log)
 
 
 def family(root: int) -> list[psutil.Process]:
-    """``root``'s process group and every descendant (engines the supervisor starts live in
-    groups of their own)."""
-    found: dict[int, psutil.Process] = {}
-    try:
-        for child in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
-            found[child.pid] = child
-    except psutil.NoSuchProcess:
-        pass
-    for pid in processes.group_members(root):
-        if pid not in found:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                found[pid] = psutil.Process(pid)
-    return [p for p in found.values() if _alive(p)]
+    """``root``'s process tree (:func:`bench.cpu.tree`): its process group, every descendant
+    and the groups they lead (engines the supervisor starts live in groups of their own, their
+    LitServe workers in the engine's). The same processes the CPU columns count."""
+    found = []
+    for proc in tree(root):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.append(psutil.Process(proc.pid))
+    return [p for p in found if _alive(p)]
 
 
 def _alive(proc: psutil.Process) -> bool:
     try:
-        return proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
@@ -206,7 +236,7 @@ def rss_mb(procs: list[psutil.Process]) -> float:
     return round(total / 2**20, 1)
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """Stop the server's group (SIGTERM, then SIGKILL after ``timeout``), then SIGKILL the
     groups of its descendants that live in their own (engines the supervisor left behind)."""
     others = [p for p in family(proc.pid) if _pgid(p.pid) not in (None, proc.pid)]
@@ -229,7 +259,7 @@ def _pgid(pid: int) -> int | None:
 
 
 def wait_ready(
-    proc: subprocess.Popen,
+    proc: subprocess.Popen[bytes],
     url: str,
     log: Path,
     *,
@@ -300,13 +330,22 @@ def run_wrk(
     for name, value in target.headers.items():
         command += ["-H", f"{name}: {value}"]
     command += [target.url, "--", str(bodies)]
+    meter = TreeCpu(target.pid) if target.pid is not None else None
+    if meter is not None:
+        meter.start()
     proc = subprocess.run(
         command, check=False, capture_output=True, text=True, timeout=duration + 60
     )
+    cpu = meter.stop() if meter is not None else None  # before the drain: wrk's run only
     drain(target)
     for line in proc.stdout.splitlines():
         if line.startswith("KILN_WRK "):
-            return json.loads(line.removeprefix("KILN_WRK "))
+            doc: dict[str, Any] = json.loads(line.removeprefix("KILN_WRK "))
+            if cpu is not None:
+                doc["cpu"] = cpu
+                if target.cpu_parts is not None:
+                    doc["cpu_parts"] = target.cpu_parts(cpu)
+            return doc
     raise Skip(f"wrk printed no result (exit {proc.returncode}): {proc.stderr.strip()[:300]}")
 
 
@@ -314,7 +353,7 @@ def to_row(system: str, model: str, connections: int, doc: dict[str, Any]) -> di
     seconds = doc["duration_us"] / 1e6
     ok = doc["requests"] - doc["errors"]["status"]
     lat = doc["latency_us"]
-    return {
+    row = {
         "system": system,
         "model": model,
         "concurrency": connections,
@@ -328,10 +367,23 @@ def to_row(system: str, model: str, connections: int, doc: dict[str, Any]) -> di
         "duration_s": round(seconds, 2),
         "error_kinds": doc["errors"],
     }
+    cpu: CpuUse | None = doc.get("cpu")
+    if cpu is not None:  # the server's whole process tree over the wrk run, per answer below 400
+        row |= {
+            "cpu_ms_per_request": cpu.ms_per_request(ok),
+            "cpu_s": round(cpu.seconds, 3),
+            "cpu_cores": round(cpu.seconds / cpu.wall_s, 2) if cpu.wall_s else None,
+            "cpu_processes": cpu.processes,
+        }
+        for part, seconds_used in doc.get("cpu_parts", {}).items():
+            row[f"cpu_{part}_ms_per_request"] = (
+                round(seconds_used * 1000 / ok, 3) if ok > 0 else None
+            )
+    return row
 
 
 # ------------------------------------------------------------------------------- systems
-def group_memory(proc: subprocess.Popen) -> Callable[[], dict[str, float]]:
+def group_memory(proc: subprocess.Popen[bytes]) -> Callable[[], dict[str, float]]:
     return lambda: {"rss_mb": rss_mb(family(proc.pid))}
 
 
@@ -357,6 +409,39 @@ def naive_fastapi(model: str, ctx: Bench) -> Iterator[Target]:
             f"http://127.0.0.1:{port}/predict",
             [dumps(plain_body(model, s)) for s in ctx.samples[model]],
             memory=group_memory(proc),
+            pid=proc.pid,
+        )
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def naive_same_artifact(model: str, ctx: Bench) -> Iterator[Target]:
+    """The naive server on the artifact the ``kiln`` system serves (the same KILN_HOME)."""
+    km = ctx.kiln_model(model)
+    port, log = free_port(), ctx.log("naive-same-artifact", model)
+    proc = spawn(
+        [
+            PY,
+            str(SERVERS / "naive_same_artifact.py"),
+            "--model",
+            model,
+            "--version",
+            km.version,
+            "--port",
+            str(port),
+        ],
+        log,
+        env=ctx.kiln_env(),
+    )
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
+        yield Target(
+            f"http://127.0.0.1:{port}/predict",
+            [dumps(plain_body(model, s)) for s in ctx.samples[model]],
+            memory=group_memory(proc),
+            info={"served": km.selected, "version": km.version},
+            pid=proc.pid,
         )
     finally:
         stop(proc)
@@ -389,6 +474,7 @@ def litserve_plain(model: str, ctx: Bench, batch_timeout: float) -> Iterator[Tar
             [dumps(plain_body(model, s)) for s in ctx.samples[model]],
             memory=group_memory(proc),
             info={"batch_timeout_s": batch_timeout, "max_batch_size": 32},
+            pid=proc.pid,
         )
     finally:
         stop(proc)
@@ -423,6 +509,7 @@ def kiln_engine(model: str, ctx: Bench) -> Iterator[Target]:
                 "rss_engine_mb": rss_mb(family(proc.pid)),
             },
             info={"served": km.selected, "version": km.version},
+            pid=proc.pid,
         )
     finally:
         stop(proc)
@@ -465,6 +552,18 @@ def kiln_gateway(model: str, ctx: Bench) -> Iterator[Target]:
                 "engine_replicas": len({_pgid(p.pid) for p in mine} - {None}),
             }
 
+        def cpu_parts(use: CpuUse) -> dict[str, float]:
+            """The gateway's group, this model's engines, any other model's engines."""
+            parts = {"gateway": 0.0, "engine": 0.0, "other_engines": 0.0}
+            for group, seconds in use.by_group().items():
+                if group == proc.pid:
+                    parts["gateway"] += seconds
+                elif _leads_engine_of(group, model):
+                    parts["engine"] += seconds
+                else:
+                    parts["other_engines"] += seconds
+            return parts
+
         yield Target(
             f"{base}/v2/models/{model}/infer",
             [dumps(oip_body(model, km, s)) for s in ctx.samples[model]],
@@ -472,6 +571,7 @@ def kiln_gateway(model: str, ctx: Bench) -> Iterator[Target]:
             memory=memory,
             info={"served": km.selected, "version": km.version},
             pid=proc.pid,
+            cpu_parts=cpu_parts,
         )
     finally:
         stop(proc)
@@ -480,9 +580,16 @@ def kiln_gateway(model: str, ctx: Bench) -> Iterator[Target]:
 def _serves(proc: psutil.Process, model: str) -> bool:
     """Whether ``proc`` belongs to an engine of ``model`` (its group leader's command line)."""
     try:
-        leader = psutil.Process(os.getpgid(proc.pid))
-        args = leader.cmdline()
-    except (ProcessLookupError, psutil.Error):
+        return _leads_engine_of(os.getpgid(proc.pid), model)
+    except ProcessLookupError:
+        return False
+
+
+def _leads_engine_of(pid: int, model: str) -> bool:
+    """Whether process ``pid`` is an engine serving ``model`` (by its command line)."""
+    try:
+        args = psutil.Process(pid).cmdline()
+    except psutil.Error:
         return False
     return "--model" in args and args[args.index("--model") + 1 :][:1] == [model]
 
@@ -504,7 +611,8 @@ def kiln_cli(args: list[str], env: dict[str, str], timeout: float = 1800) -> dic
             f"`kiln {' '.join(args)}` failed ({proc.returncode}): "
             f"{proc.stderr.strip()[-400:] or proc.stdout.strip()[-400:]}"
         )
-    return json.loads(proc.stdout)
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
 
 
 def has_command(command: list[str]) -> str | None:
@@ -633,10 +741,12 @@ def measure(system: str, model: str, target: Target, ctx: Bench) -> list[dict[st
             workdir=ctx.workdir,
         )
         row = {**to_row(system, model, connections, doc), **target.info}
+        cpu = row.get("cpu_ms_per_request")
         print(
-            f"[serve] {system:15} {model:7} c={connections:<3} {row['rps']:9.1f} rps  "
+            f"[serve] {system:19} {model:7} c={connections:<3} {row['rps']:9.1f} rps  "
             f"p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  "
-            f"errors {row['errors']}",
+            f"errors {row['errors']}  CPU {'-' if cpu is None else f'{cpu:.3f}'} ms/req "
+            f"({row.get('cpu_processes', '-')} processes)",
             file=sys.stderr,
         )
         rows.append(row)
@@ -723,6 +833,7 @@ def run(
                     else:
                         starter = {
                             "naive-fastapi": naive_fastapi,
+                            "naive-same-artifact": naive_same_artifact,
                             "kiln-engine": kiln_engine,
                             "kiln": kiln_gateway,
                         }[system]
@@ -974,18 +1085,28 @@ GAP_MARKER = "<!-- gateway-overhead -->"
 GAP_TARGET_MS = 1.0
 
 
-def engine_target(gateway: Target, model: str, ctx: Bench) -> Target:
-    """The engine that ``gateway``'s supervisor started for ``model``, called directly."""
-    km = ctx.kiln_model(model)
-    ports = []
+def engines_of(gateway: Target, model: str) -> dict[int, int]:
+    """The engines ``gateway``'s supervisor started for ``model``: root pid -> port (found by
+    their command lines in the gateway's process tree; an engine leads its process group, and
+    LitServe forks children with the same command line into it)."""
+    found = {}
     for proc in family(gateway.pid or 0):
         try:
             args = proc.cmdline()
         except psutil.Error:
             continue
+        if _pgid(proc.pid) != proc.pid:
+            continue
         if "serving.engine" in args and "--port" in args and _serves(proc, model):
-            ports.append(int(args[args.index("--port") + 1]))
-    if len(set(ports)) != 1:
+            found[proc.pid] = int(args[args.index("--port") + 1])
+    return found
+
+
+def engine_target(gateway: Target, model: str, ctx: Bench) -> Target:
+    """The engine that ``gateway``'s supervisor started for ``model``, called directly."""
+    km = ctx.kiln_model(model)
+    ports = sorted(set(engines_of(gateway, model).values()))
+    if len(ports) != 1:
         raise Skip(f"expected one engine serving {model} under the gateway, found ports {ports}")
     return Target(
         f"http://127.0.0.1:{ports[0]}/predict",
@@ -1084,6 +1205,293 @@ def gap_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------- idle
+# What serving costs with nothing to serve: `kiln serve` with digits deployed (the only model),
+# ready, then no request at all for --idle-seconds; the CPU of its whole process tree (gateway
+# and supervisor, the engine and its LitServe workers) over that window.
+IDLE_MARKER = "<!-- idle -->"
+IDLE_SETTLE_S = 5.0  # after the model answered ready, before the window opens
+
+
+def digits_only_home(home: Path) -> Path:
+    """``home`` when no model but digits is deployed there (``kiln serve`` would start every
+    deployed model's engines, and there is no undeploy), else a home of its own beside it
+    (``HOME-idle``: prepared once, kept with ``--reuse-home``)."""
+    env = {"KILN_HOME": str(home), "KILN_GATEWAY_PORT": str(free_port())}  # no gateway there
+    home.mkdir(parents=True, exist_ok=True)
+    deployed = {m["name"] for m in kiln_cli(["status", "--json"], env)["models"]}
+    if deployed <= {"digits"}:
+        return home
+    own = home.with_name(f"{home.name}-idle")
+    print(
+        f"[idle] {home} also serves {', '.join(sorted(deployed - {'digits'}))}: digits alone in "
+        f"{own}",
+        file=sys.stderr,
+    )
+    return own
+
+
+def roles(use: CpuUse, root: int) -> list[dict[str, Any]]:
+    """Each process of a measured tree, most CPU first: its role, command line, CPU."""
+    rows = []
+    for pid, seconds in sorted(use.by_pid.items(), key=lambda kv: -kv[1]):
+        group = use.pgid[pid]
+        role = (
+            "gateway"
+            if pid == root
+            else "gateway's child"
+            if group == root
+            else "engine"
+            if pid == group
+            else "engine's child"
+        )
+        try:  # programs in a bin folder (the venv's python, kiln) by their names
+            args = psutil.Process(pid).cmdline()
+            command = " ".join(
+                Path(a).name if a.startswith("/") and Path(a).parent.name == "bin" else a
+                for a in args
+            )
+        except psutil.Error:
+            command = "(exited)"
+        rows.append(
+            {
+                "pid": pid,
+                "role": role,
+                "command": command[:120],
+                "cpu_s": round(seconds, 3),
+                "cpu_percent_of_one_core": round(100 * seconds / use.wall_s, 2),
+            }
+        )
+    return rows
+
+
+def run_idle(ctx: Bench) -> dict[str, Any]:
+    """``kiln serve`` with digits deployed and ready, then no traffic for ``--idle-seconds``."""
+    args = ctx.args
+    ctx.samples.setdefault("digits", samples("digits"))
+    shared = ctx.home or ctx.workdir / "kiln-home"
+    ctx.home = digits_only_home(shared)
+    with kiln_gateway("digits", ctx) as gateway:
+        assert gateway.pid is not None
+        time.sleep(IDLE_SETTLE_S)
+        meter = TreeCpu(gateway.pid)
+        meter.start()
+        time.sleep(args.idle_seconds)
+        use = meter.stop()
+        by_process = roles(use, gateway.pid)
+        memory = gateway.memory()
+    by_role: dict[str, float] = {}
+    for row in by_process:
+        by_role[row["role"]] = round(
+            by_role.get(row["role"], 0.0) + row["cpu_percent_of_one_core"], 2
+        )
+    doc = {
+        "model": "digits",
+        "served": gateway.info["served"],
+        "seconds": use.wall_s,
+        "settle_s": IDLE_SETTLE_S,
+        "cpu_s": round(use.seconds, 3),
+        "cpu_percent_of_one_core": use.percent_of_one_core(),
+        "processes": use.processes,
+        "appeared": use.appeared,
+        "exited": use.exited,
+        "percent_by_role": by_role,
+        "by_process": by_process,
+        "rss_mb": memory.get("rss_mb"),
+        "home": "shared" if ctx.home == shared else "its own (digits only)",
+        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    print(
+        f"[idle] kiln serve + digits, no traffic: {doc['cpu_percent_of_one_core']:.2f}% of one "
+        f"core over {use.wall_s:.0f} s ({use.processes} processes)",
+        file=sys.stderr,
+    )
+    return doc
+
+
+def idle_markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        IDLE_MARKER,
+        "## Idle cost",
+        "",
+        (
+            f"`kiln serve` with digits deployed (the only model; serves {doc['served']}), no "
+            f"request at all: the user + system CPU time of its whole process tree over "
+            f"{doc['seconds']:.0f} s, from {doc['settle_s']:g} s after the model answered "
+            f"ready ({doc['at']}); {doc['processes']} processes, {doc['rss_mb']} MB RSS."
+        ),
+        "",
+        "| process | role | CPU % of one core |",
+        "|---|---|---|",
+    ]
+    for row in doc["by_process"]:
+        lines.append(
+            f"| `{row['command'][:70]}` | {row['role']} | {row['cpu_percent_of_one_core']:.2f} |"
+        )
+    lines.append(f"| all | | **{doc['cpu_percent_of_one_core']:.2f}** |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- profile
+# Where the CPU goes under load: py-spy samples the gateway process and the engine (its root
+# and, with --subprocesses, its LitServe workers) while wrk drives `kiln serve` at 64
+# connections. py-spy writes one format per recording, and two recorders cannot share a
+# process (each stops it to take a sample), so there are two runs as long: the flame graphs
+# from the first, the collapsed stacks (and the summary) from the second. --idle keeps idle
+# threads' samples: a share is of samples (threads x time), not of CPU; waits are marked
+# (bench/pyspy.py).
+PROFILE_CONCURRENCY = 64
+# samples per second of each thread: with --native every sample stops the process while py-spy
+# unwinds each thread's C stack, and at py-spy's default of 100 that slowed kiln down 5-fold here
+PROFILE_RATE = 25
+PROFILED = ("gateway", "engine")
+
+
+def profile_summary(doc: dict[str, Any], files: dict[str, Path]) -> str:
+    """``summary.md``: the runs, then per process recorded its top functions by inclusive and
+    by self share of the samples (:func:`bench.pyspy.summary_tables`)."""
+    runs = doc["runs"]
+
+    def figures(run: dict[str, Any]) -> str:
+        cpu = run.get("cpu_ms_per_request")
+        return (
+            f"{run['rps']:.0f} req/s, p50 {run['p50_ms']:.2f} ms, "
+            f"{'-' if cpu is None else f'{cpu:.3f}'} CPU ms/req, {run['errors']} errors"
+        )
+
+    native = "`--native` (C frames too), " if doc["native"] else ""
+    lines = [
+        f"# Where `kiln serve` spends its time: {doc['model']} ({doc['served']}), wrk at "
+        f"{doc['concurrency']} connections",
+        "",
+        (
+            f"`python bench/serve_bench.py --sections profile` ({doc['at']}): py-spy "
+            f"{doc['py_spy']}, {doc['rate']} samples/s of every thread, `--idle` (the samples "
+            f"of waiting threads kept: a share is of thread time, not of CPU), {native}"
+            "the gateway process and the engine (`--subprocesses`: its LitServe processes), "
+            f"{doc['duration_s']:g} s runs. Without the sampler: {figures(runs['unprofiled'])}. "
+            f"Flame graphs, from a run under it ({figures(runs['flamegraph'])}): "
+            + ", ".join(f"`{files[p].with_suffix('.svg').name}`" for p in PROFILED)
+            + f". Collapsed stacks and these tables, from the next ({figures(runs['raw'])}): "
+            + ", ".join(f"`{files[p].name}`" for p in PROFILED)
+            + " (py-spy's samples and errors: "
+            + "; ".join(
+                f"{fmt} {part} {c.get('samples', '?')}/{c.get('errors', '?')}"
+                for fmt in ("flamegraph", "raw")
+                for part, c in runs[fmt]["py_spy"].items()
+            )
+            + ")"
+            + ". The sampler stops a process for each sample, so under it the system runs "
+            "slower and its threads wait more than without."
+        ),
+        "",
+        (
+            "Functions are `name (file)` (a C function: `name (library)`), line numbers "
+            "merged; frames py-spy found no symbol for are left out. **idle**: the thread "
+            "was waiting (its C stack below the innermost Python frame is in a libc wait "
+            "such as epoll_wait, poll, read or clock_nanosleep, or in the interpreter's lock "
+            "or GIL wait: `bench/pyspy.py`); % of busy samples leaves the idle ones out."
+        ),
+    ]
+    for part in PROFILED:
+        lines += ["", f"## {part} (pid {doc['pids'][part]})"]
+        lines += pyspy.summary_tables(files[part], f"the {part} process, all its threads")
+    return "\n".join(lines) + "\n"
+
+
+def run_profile(ctx: Bench, out: Path) -> dict[str, Any]:
+    """A wrk run at 64 connections against ``kiln`` for digits without py-spy, then two
+    recorded by py-spy (gateway, engine): the flame graphs, then the collapsed stacks;
+    summary.md from those."""
+    args = ctx.args
+    try:
+        spy = pyspy.find()
+    except pyspy.PySpyError as exc:
+        raise Skip(str(exc)) from None
+    model = "digits"
+    ctx.samples.setdefault(model, samples(model))
+    out.mkdir(parents=True, exist_ok=True)
+    files = {p: out / f"{p}-{model}.txt" for p in PROFILED}
+    runs: dict[str, dict[str, Any]] = {}
+    native = True
+
+    def load() -> dict[str, Any]:
+        doc = run_wrk(
+            gateway,
+            connections=PROFILE_CONCURRENCY,
+            duration=args.profile_duration,
+            threads=args.threads,
+            workdir=ctx.workdir,
+        )
+        return to_row("kiln", model, PROFILE_CONCURRENCY, doc)
+
+    def recorded(fmt: str, suffix: str) -> dict[str, Any]:
+        with contextlib.ExitStack() as stack:
+            counts = {
+                part: stack.enter_context(
+                    pyspy.record(
+                        spy,
+                        pids[part],
+                        files[part].with_suffix(suffix),
+                        fmt,
+                        rate=args.profile_rate,
+                        subprocesses=part == "engine",  # its LitServe processes
+                        native=native,
+                        log=ctx.log(f"py-spy-{part}-{fmt}", model),
+                    )
+                )
+                for part in PROFILED
+            }
+            run = load()
+        return {**run, "py_spy": counts}  # filled in once the recorders stopped
+
+    with kiln_gateway(model, ctx) as gateway:
+        assert gateway.pid is not None
+        check_answers(gateway)
+        if args.warmup > 0:
+            run_wrk(
+                gateway,
+                connections=PROFILE_CONCURRENCY,
+                duration=args.warmup,
+                threads=args.threads,
+                workdir=ctx.workdir,
+            )
+        engines = sorted(engines_of(gateway, model))
+        if len(engines) != 1:
+            raise Skip(f"expected one engine serving {model} under the gateway, found {engines}")
+        pids = {"gateway": gateway.pid, "engine": engines[0]}
+        runs["unprofiled"] = load()
+        for fmt, suffix in (("flamegraph", ".svg"), ("raw", ".txt")):
+            try:
+                runs[fmt] = recorded(fmt, suffix)
+            except pyspy.PySpyError as exc:
+                if not native:
+                    raise Skip(str(exc)) from None
+                print(f"[profile] with --native: {exc}; again without", file=sys.stderr)
+                native = False
+                runs[fmt] = recorded(fmt, suffix)
+        for name, run in runs.items():
+            print(
+                f"[profile] {name} run: {run['rps']:.1f} rps, p50 {run['p50_ms']:.3f} ms, "
+                f"errors {run['errors']}",
+                file=sys.stderr,
+            )
+    result = {
+        "model": model,
+        "served": gateway.info["served"],
+        "concurrency": PROFILE_CONCURRENCY,
+        "duration_s": args.profile_duration,
+        "rate": args.profile_rate,
+        "native": native,
+        "py_spy": pyspy.version(spy),
+        "pids": pids,
+        "runs": runs,
+        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    (out / "summary.md").write_text(profile_summary(result, files))
+    return result
+
+
 # ------------------------------------------------------------------------------- outputs
 def markdown(
     rows: list[dict[str, Any]], skipped: list[dict[str, str]], args: argparse.Namespace
@@ -1095,7 +1503,9 @@ def markdown(
         "thread(s), `--timeout 10s`, on the same machine as the servers; one request is "
         "one digits image or one MiniLM sentence; the same requests for every system. "
         "RSS is read after the runs, summed over each server's processes (kiln: gateway "
-        "+ this model's engine)."
+        "+ this model's engine). CPU ms/req: the user + system CPU time that all the "
+        "server's processes used during the run (its whole process tree: kiln's gateway "
+        "and every engine with its workers), per request answered; wrk's own is not in it."
     )
     lines = [
         SERVE_MARKER,
@@ -1103,8 +1513,11 @@ def markdown(
         "",
         header,
         "",
-        "| model | system | concurrency | req/s | p50 ms | p99 ms | errors | RSS MB | notes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        (
+            "| model | system | concurrency | req/s | p50 ms | p99 ms | errors | CPU ms/req | "
+            "RSS MB | notes |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["model"], r["concurrency"], SYSTEMS.index(r["system"]))):
         notes = []
@@ -1117,9 +1530,19 @@ def markdown(
                 f"gateway {r['rss_gateway_mb']} + {r['engine_replicas']} engine(s) "
                 f"{r['rss_engine_mb']} MB"
             )
+        if r.get("cpu_gateway_ms_per_request") is not None:
+            cpu_note = (
+                f"CPU ms/req: gateway {r['cpu_gateway_ms_per_request']:.3f} + engine "
+                f"{r['cpu_engine_ms_per_request']:.3f}"
+            )
+            if r.get("cpu_other_engines_ms_per_request"):
+                cpu_note += f" + other models' engines {r['cpu_other_engines_ms_per_request']:.3f}"
+            notes.append(cpu_note)
+        cpu = r.get("cpu_ms_per_request")
         lines.append(
             f"| {r['model']} | {r['system']} | {r['concurrency']} | {r['rps']:.1f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+            f"{'-' if cpu is None else f'{cpu:.3f}'} | "
             f"{r.get('rss_mb', '-')} | {'; '.join(notes)} |"
         )
     for r in rows:
@@ -1189,10 +1612,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         type=csv(str, SECTIONS),
-        default=list(SECTIONS),
+        default=list(DEFAULT_SECTIONS),
         help="what to run: the systems' table (serve), the gateway's p50 "
         "cost over its engine (gateway-overhead), the inference log's "
-        "p99 cost (log-overhead); e.g. a smoke check: --sections "
+        "p99 cost (log-overhead), kiln serve's CPU with no traffic (idle); "
+        "not by default: py-spy profiles of kiln under load (profile); "
+        f"default {','.join(DEFAULT_SECTIONS)}; e.g. a smoke check: --sections "
         "log-overhead --duration 3 --warmup 1 --log-runs 2",
     )
     parser.add_argument(
@@ -1218,11 +1643,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--log-concurrency", type=int, default=16, help="log-overhead: connections")
     parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=30.0,
+        help="idle: seconds of no traffic whose CPU is measured",
+    )
+    parser.add_argument(
+        "--profile-duration",
+        type=float,
+        default=None,
+        help="profile: seconds of each of its two recorded wrk runs (default: --duration)",
+    )
+    parser.add_argument(
+        "--profile-rate",
+        type=int,
+        default=PROFILE_RATE,
+        help="profile: py-spy samples per second of each thread",
+    )
+    parser.add_argument(
         "--keep-logs", type=Path, default=None, metavar="DIR", help="copy the servers' logs here"
     )
     args = parser.parse_args(argv)
     if args.reuse_home is not None:
         args.reuse_home = args.reuse_home.resolve()
+    if args.profile_duration is None:
+        args.profile_duration = args.duration
     return args
 
 
@@ -1250,8 +1695,10 @@ def section(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    needed = args.models if {"serve", "gateway-overhead"} & set(args.sections) else ["digits"]
-    for model in needed:
+    needed = set(args.models) if {"serve", "gateway-overhead"} & set(args.sections) else set()
+    if {"log-overhead", "idle", "profile"} & set(args.sections):
+        needed.add("digits")
+    for model in sorted(needed):
         if not (ROOT / MODELS[model].source).exists():
             print(
                 f"[serve] {MODELS[model].source} is missing: run "
@@ -1260,10 +1707,21 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     ok = True
-    # serve and gateway-overhead share one KILN_HOME (--reuse-home, else a temporary one), so
-    # the models are optimized once; log-overhead starts from a fresh one unless reused
+    # idle, serve, gateway-overhead and profile share one KILN_HOME (--reuse-home, else a
+    # temporary one), so the models are optimized once; idle goes first, while digits is the
+    # only model deployed there (serve deploys minilm too, and nothing undeploys; a reused home
+    # that serves more sends idle to one of its own); log-overhead starts from a fresh one
+    # unless reused
     with tempfile.TemporaryDirectory(prefix="kiln-bench-home-") as shared:
         home = args.reuse_home or Path(shared) / "kiln-home"
+        if "idle" in args.sections:
+            ok &= section(
+                args,
+                "idle",
+                IDLE_MARKER,
+                idle_markdown,
+                lambda work: run_idle(Bench(args, work, home)),
+            )
         if "serve" in args.sections:
             rows, skipped = run(args, home)
             table = markdown(rows, skipped, args)
@@ -1277,6 +1735,15 @@ def main(argv: list[str] | None = None) -> int:
                 gap_markdown,
                 lambda work: run_gateway_overhead(Bench(args, work, home)),
             )
+        if "profile" in args.sections:
+            try:
+                with tempfile.TemporaryDirectory(prefix="kiln-profile-") as tmp:
+                    run_profile(Bench(args, Path(tmp), home), args.out / "profiles")
+                print((args.out / "profiles" / "summary.md").read_text())
+                print(f"[profile] written to {args.out / 'profiles'}", file=sys.stderr)
+            except Skip as exc:
+                print(f"[profile] skipped: {exc}", file=sys.stderr)
+                ok = False
     if "log-overhead" in args.sections:
         ok &= section(
             args,
