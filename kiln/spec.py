@@ -52,12 +52,20 @@ _ALIASES: dict[str, str] = {
 
 def datatype_of_numpy(dtype: np.dtype) -> str:
     """OIP datatype name of a numpy dtype (strings and bytes are ``BYTES``)."""
+    known = _DATATYPE_OF_DTYPE.get(dtype)  # every tensor of every request asks: no name lookup
+    if known is not None:
+        return known
     if dtype.kind in ("U", "S", "O"):
         return "BYTES"
     try:
-        return _DATATYPE_OF[np.dtype(dtype).name]
+        name = _DATATYPE_OF[np.dtype(dtype).name]
     except KeyError:
         raise ValueError(f"unsupported dtype {dtype}: use one of {sorted(_DATATYPE_OF)}") from None
+    _DATATYPE_OF_DTYPE[np.dtype(dtype)] = name
+    return name
+
+
+_DATATYPE_OF_DTYPE: dict[np.dtype, str] = {}
 
 
 def numpy_of_datatype(datatype: str) -> np.dtype:

@@ -172,23 +172,30 @@ class Channel:
         """Jobs sent or waiting: how loaded this worker is, as the gateway sees it."""
         return len(self.queue) + sum(len(p) for p in self.inflight.values())
 
-    async def call(self, job: WireJob) -> Answer:
+    async def call(self, job: WireJob, timeout: float | None = None) -> Answer:
         """Send ``job`` (alone now, or with the others waiting once the frame in flight is
-        answered) and wait for its answer. Cancelling the wait drops a job not yet sent."""
+        answered) and wait for its answer, at most ``timeout`` seconds (then TimeoutError).
+        A job that times out or is cancelled before it was sent is never sent."""
         if self.closed:
             raise ChannelBroken(f"channel to {self.endpoint} is closed")
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer] = loop.create_future()
         pending = _Pending(job, future)
         self.queue.append(pending)
+        # a timer on the future, not asyncio.wait_for: no task per request on the hot path
+        timer = loop.call_later(timeout, _expire, future) if timeout is not None else None
         try:
             if self._writer is None:
                 await self._connect()
             self._flush()
             return await future
-        except (asyncio.CancelledError, ChannelBroken):
+        except (asyncio.CancelledError, ChannelBroken, TimeoutError):
             if pending in self.queue:
                 self.queue.remove(pending)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _connect(self) -> None:
         if self._connecting is None:
@@ -295,6 +302,11 @@ class Channel:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
         self._drop(ChannelBroken(f"channel to {self.endpoint} closed"))
+
+
+def _expire(future: asyncio.Future[Answer]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _answers(header: dict[str, Any], tail: memoryview, expected: int) -> list[Answer]:

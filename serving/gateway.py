@@ -688,7 +688,7 @@ class Gateway:
         channel = self._channel(replica)
         replica.outstanding += 1
         try:
-            answer = await asyncio.wait_for(channel.call(job), remaining)
+            answer = await channel.call(job, timeout=remaining)
         except TimeoutError:
             raise DeadlineExceeded("deadline passed while the engine was working") from None
         except ChannelBroken as exc:

@@ -104,6 +104,9 @@ def read_version(settings: Settings, name: str, version: str) -> VersionRecord:
     )
 
 
+PAD_RATIO = 1.25  # a text model's call pads its texts to at most this times the shortest
+
+
 @dataclass
 class LoadedModel:
     """A version ready to run: validates inputs, tokenizes text, runs the backend's runner.
@@ -182,23 +185,60 @@ class LoadedModel:
     def run(self, served: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs (spec order) for checked served inputs; texts are tokenized first."""
         if self.tokenizer is not None:
-            return self.runner(self.tokenize(served[0]))
+            return self._run_texts(served[0])
         return self.runner(served)
 
     def tokenize(self, texts: np.ndarray) -> list[np.ndarray]:
         """Token arrays for the model's inputs, padded to the longest text of the call
         (as :func:`kiln.optimize.pipeline.tokenize` does for validation)."""
+        return self._columns(self._encode(texts), slice(None))
+
+    def _encode(self, texts: np.ndarray) -> list[Any]:
         assert self.tokenizer is not None
-        encoded = self.tokenizer.encode_batch([_text(t) for t in texts.reshape(-1)])
+        return list(self.tokenizer.encode_batch([_text(t) for t in texts.reshape(-1)]))
+
+    def _columns(self, encoded: list[Any], width: slice) -> list[np.ndarray]:
         columns = {
-            "input_ids": [e.ids for e in encoded],
-            "attention_mask": [e.attention_mask for e in encoded],
-            "token_type_ids": [e.type_ids for e in encoded],
+            "input_ids": [e.ids[width] for e in encoded],
+            "attention_mask": [e.attention_mask[width] for e in encoded],
+            "token_type_ids": [e.type_ids[width] for e in encoded],
         }
         return [
             np.asarray(columns[s.name], dtype=numpy_of_datatype(s.datatype))
             for s in self.spec.inputs
         ]
+
+    def _run_texts(self, texts: np.ndarray) -> list[np.ndarray]:
+        """Texts of similar token length run together: a batch padded to its longest text
+        spends most of its compute on padding when lengths vary (measured on MiniLM here: 32
+        texts of 8 to 30 tokens took 1.7x the CPU of the same texts one at a time), so the
+        rows are sorted by length and cut where the longest would exceed ``PAD_RATIO`` times
+        the shortest; each part is one model call, and the outputs go back in row order.
+        Only for outputs of fixed width per row (pooled embeddings, class scores)."""
+        encoded = self._encode(texts)
+        pooled = all(-1 not in o.shape[1:] for o in self.spec.outputs)
+        if len(encoded) <= 1 or not pooled:
+            return self.runner(self._columns(encoded, slice(None)))
+        lengths = np.array([sum(e.attention_mask) for e in encoded])
+        order = np.argsort(lengths, kind="stable")
+        parts: list[np.ndarray] = []
+        start = 0
+        for i in range(1, len(order) + 1):
+            if i == len(order) or lengths[order[i]] > PAD_RATIO * lengths[order[start]]:
+                parts.append(order[start:i])
+                start = i
+        if len(parts) == 1:
+            return self.runner(self._columns(encoded, slice(None)))
+        outputs: list[np.ndarray] | None = None
+        for part in parts:
+            width = slice(0, int(lengths[part].max()))  # padding is on the right
+            got = self.runner(self._columns([encoded[j] for j in part], width))
+            if outputs is None:
+                outputs = [np.empty((len(encoded), *o.shape[1:]), dtype=o.dtype) for o in got]
+            for out, part_out in zip(outputs, got, strict=True):
+                out[part] = part_out
+        assert outputs is not None
+        return outputs
 
     def sample_inputs(self, batch: int) -> list[np.ndarray]:
         """Served inputs of ``batch`` rows (warm-up): short texts, or the spec's sample shapes."""

@@ -220,3 +220,36 @@ def test_a_worker_that_goes_away_fails_what_it_carried_and_the_next_call_reconne
             await channel.close()
 
     asyncio.run(main())
+
+
+def test_a_job_whose_time_runs_out_while_queued_is_never_sent() -> None:
+    """The gateway passes each request's remaining deadline: the caller gets TimeoutError
+    when it passes, and a job still waiting behind a busy worker's frame is dropped, unsent."""
+    seen: list[int] = []
+
+    def slow(body: bytes, head: int) -> list[bytes]:
+        header = read_header(body, head)[0]
+        seen.append(len(header["jobs"]))
+        time.sleep(0.3)
+        answers = [{"status": 504, "detail": "late"} for _ in header["jobs"]]
+        return frame({"id": header["id"], "answers": answers}, [])
+
+    server = ChannelServer("127.0.0.1", slow).start()
+
+    async def main() -> None:
+        channel = Channel(server.endpoint, max_rows=8)
+        try:
+            first = asyncio.create_task(channel.call(job(np.ones((1, 3), np.float32)), 5.0))
+            await asyncio.sleep(0.05)  # the first frame is in flight
+            with pytest.raises(TimeoutError):
+                await channel.call(job(np.ones((1, 3), np.float32)), 0.05)
+            assert (await first).status == 504
+            assert channel.frames_sent == 1 and not channel.queue
+        finally:
+            await channel.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.close()
+    assert seen == [1]
