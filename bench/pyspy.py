@@ -285,9 +285,6 @@ def summary_tables(path: Path, label: str, n: int = 15) -> list[str]:
     waits marked (no tables for a process with under 2% of the recording's samples, or none
     busy)."""
 
-    def pct(part: int, whole: int) -> str:
-        return f"{100 * part / whole:.1f}" if whole else "-"
-
     by_process = read_collapsed(path, label)
     everything = sum(c for stacks in by_process.values() for _, c in stacks)
     lines: list[str] = []
@@ -310,8 +307,7 @@ def summary_tables(path: Path, label: str, n: int = 15) -> list[str]:
         ]
         for key, count in top.inclusive.most_common(n):
             waiting = top.idle_inclusive[key]
-            mark = "**idle**" if waiting == count else f"{pct(waiting, count)}%" if waiting else ""
-            lines.append(f"| `{key}` | {pct(count, top.total)} | {mark} |")
+            lines.append(f"| `{key}` | {pct(count, top.total)} | {_idle_mark(waiting, count)} |")
         working = top.inclusive - top.idle_inclusive  # drops the functions with no busy sample
         lines += ["", "| inclusive, busy samples only: function | % of busy samples |", "|---|---|"]
         for key, count in working.most_common(n):
@@ -325,9 +321,20 @@ def summary_tables(path: Path, label: str, n: int = 15) -> list[str]:
             waiting = top.idle_own[key]
             callers = top.callers.get(key)
             caller = callers.most_common(1)[0][0] if callers else ""
-            mark = "**idle**" if waiting == count else f"{pct(waiting, count)}%" if waiting else ""
+            mark = _idle_mark(waiting, count)
             lines.append(
                 f"| `{key}` | {pct(count, top.total)} | {pct(count - waiting, busy)} | "
                 f"{mark} | {f'`{caller}`' if caller else ''} |"
             )
     return lines
+
+
+def _idle_mark(waiting: int, count: int) -> str:
+    """**idle** when every sample of a function waited, else the waiting share (if any)."""
+    if waiting == count:
+        return "**idle**"
+    return f"{pct(waiting, count)}%" if waiting else ""
+
+
+def pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}" if whole else "-"

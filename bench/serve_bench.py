@@ -388,6 +388,30 @@ def group_memory(proc: subprocess.Popen[bytes]) -> Callable[[], dict[str, float]
 
 
 @contextmanager
+def plain_server(
+    proc: subprocess.Popen[bytes],
+    port: int,
+    log: Path,
+    model: str,
+    ctx: Bench,
+    info: dict[str, Any] | None = None,
+) -> Iterator[Target]:
+    """A started server of the plain ``/predict`` bodies (naive, LitServe) as a Target, once
+    its ``/health`` answers; stopped afterwards."""
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
+        yield Target(
+            f"http://127.0.0.1:{port}/predict",
+            [dumps(plain_body(model, s)) for s in ctx.samples[model]],
+            memory=group_memory(proc),
+            info=info or {},
+            pid=proc.pid,
+        )
+    finally:
+        stop(proc)
+
+
+@contextmanager
 def naive_fastapi(model: str, ctx: Bench) -> Iterator[Target]:
     port, log = free_port(), ctx.log("naive-fastapi", model)
     proc = spawn(
@@ -403,16 +427,8 @@ def naive_fastapi(model: str, ctx: Bench) -> Iterator[Target]:
         ],
         log,
     )
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
-        yield Target(
-            f"http://127.0.0.1:{port}/predict",
-            [dumps(plain_body(model, s)) for s in ctx.samples[model]],
-            memory=group_memory(proc),
-            pid=proc.pid,
-        )
-    finally:
-        stop(proc)
+    with plain_server(proc, port, log, model, ctx) as target:
+        yield target
 
 
 @contextmanager
@@ -434,17 +450,10 @@ def naive_same_artifact(model: str, ctx: Bench) -> Iterator[Target]:
         log,
         env=ctx.kiln_env(),
     )
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
-        yield Target(
-            f"http://127.0.0.1:{port}/predict",
-            [dumps(plain_body(model, s)) for s in ctx.samples[model]],
-            memory=group_memory(proc),
-            info={"served": km.selected, "version": km.version},
-            pid=proc.pid,
-        )
-    finally:
-        stop(proc)
+    with plain_server(
+        proc, port, log, model, ctx, {"served": km.selected, "version": km.version}
+    ) as target:
+        yield target
 
 
 @contextmanager
@@ -467,17 +476,9 @@ def litserve_plain(model: str, ctx: Bench, batch_timeout: float) -> Iterator[Tar
         ],
         log,
     )
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
-        yield Target(
-            f"http://127.0.0.1:{port}/predict",
-            [dumps(plain_body(model, s)) for s in ctx.samples[model]],
-            memory=group_memory(proc),
-            info={"batch_timeout_s": batch_timeout, "max_batch_size": 32},
-            pid=proc.pid,
-        )
-    finally:
-        stop(proc)
+    info = {"batch_timeout_s": batch_timeout, "max_batch_size": 32}
+    with plain_server(proc, port, log, model, ctx, info) as target:
+        yield target
 
 
 @contextmanager
