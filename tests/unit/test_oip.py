@@ -26,6 +26,16 @@ def _json_body(
     ).encode()
 
 
+def _binary_header(
+    shape: list[int], size: int, datatype: str = "FP32", name: str = "image", **extra: object
+) -> bytes:
+    """The JSON header of a binary-extension request: one input of ``size`` raw bytes."""
+    tensor = {"name": name, "datatype": datatype, "shape": shape}
+    return json.dumps(
+        {"inputs": [{**tensor, "parameters": {"binary_data_size": size}}], **extra}
+    ).encode()
+
+
 def test_json_request_decodes_to_the_spec() -> None:
     x = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
     doc, tail = oip.parse(_json_body(x.reshape(-1).tolist(), [2, 1, 8, 8]), None)
@@ -37,19 +47,7 @@ def test_json_request_decodes_to_the_spec() -> None:
 def test_binary_extension_roundtrip_numbers_and_bytes() -> None:
     x = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
     raw = x.tobytes()
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "datatype": "FP32",
-                    "shape": [1, 1, 8, 8],
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
+    header = _binary_header([1, 1, 8, 8], len(raw), parameters={"binary_data_output": True})
     doc, tail = oip.parse(header + raw, str(len(header)))
     req = oip.request(doc, tail, IMAGE, max_rows=4)
     np.testing.assert_array_equal(req.inputs["image"], x)
@@ -57,18 +55,7 @@ def test_binary_extension_roundtrip_numbers_and_bytes() -> None:
 
     texts = [b"hello", b"", "h\u00e9".encode()]
     raw = b"".join(struct.pack("<I", len(t)) + t for t in texts)
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "text",
-                    "datatype": "BYTES",
-                    "shape": [3],
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ]
-        }
-    ).encode()
+    header = _binary_header([3], len(raw), "BYTES", "text")
     doc, tail = oip.parse(header + raw, str(len(header)))
     req = oip.request(doc, tail, TEXT, max_rows=4)
     assert list(req.inputs["text"]) == texts
@@ -123,18 +110,7 @@ def test_non_finite_input_is_refused(bad: float) -> None:
     x = np.zeros((1, 1, 8, 8), dtype=np.float32)
     x[0, 0, 3, 3] = bad
     raw = x.tobytes()
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "datatype": "FP32",
-                    "shape": [1, 1, 8, 8],
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ]
-        }
-    ).encode()
+    header = _binary_header([1, 1, 8, 8], len(raw))
     doc, tail = oip.parse(header + raw, str(len(header)))
     with pytest.raises(oip.BadRequest, match="image.*NaN or infinite"):
         oip.request(doc, tail, IMAGE, max_rows=4)
@@ -143,18 +119,7 @@ def test_non_finite_input_is_refused(bad: float) -> None:
 def test_binary_size_mismatches_are_refused() -> None:
     raw = np.zeros(64, dtype=np.float32).tobytes()
     for size, tail in [(len(raw) + 4, raw), (len(raw), raw + b"xx")]:
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "image",
-                        "datatype": "FP32",
-                        "shape": [1, 1, 8, 8],
-                        "parameters": {"binary_data_size": size},
-                    }
-                ]
-            }
-        ).encode()
+        header = _binary_header([1, 1, 8, 8], size)
         with pytest.raises(oip.BadRequest):
             doc, rest = oip.parse(header + tail, str(len(header)))
             oip.request(doc, rest, IMAGE, max_rows=4)
