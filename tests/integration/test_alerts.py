@@ -32,6 +32,7 @@ from tests.conftest import (
     copy_home,
     deploy,
     digits_rows,
+    infer_request,
     run_kiln,
     set_model_settings,
 )
@@ -74,22 +75,7 @@ class Served:
         )
 
     def engines(self) -> list[psutil.Process]:
-        return _engines(self.gw)
-
-
-def _engines(gw: RunningGateway) -> list[psutil.Process]:
-    """The engine processes (each its own process group) the gateway's supervisor started."""
-    try:
-        children = psutil.Process(gw.proc.pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    return [
-        c
-        for c in children
-        if c.is_running()
-        and c.status() != psutil.STATUS_ZOMBIE
-        and "serving.engine" in " ".join(c.cmdline())
-    ]
+        return self.gw.engines()
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +94,7 @@ def served(
         gw.wait_ready()
         meta = httpx.get(f"{gw.url}/v2/models/digits", headers=gw.headers, timeout=15).json()
         x, _ = digits_rows(examples, 1)
-        body = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": meta["inputs"][0]["name"],
-                        "datatype": "FP32",
-                        "shape": list(x.shape),
-                        "data": x.reshape(-1).tolist(),
-                    }
-                ]
-            }
-        ).encode()
+        body = json.dumps(infer_request(meta["inputs"][0]["name"], x)).encode()
         yield Served(
             gw=gw,
             db_url=f"sqlite:///{home / 'registry.db'}",
@@ -128,7 +103,7 @@ def served(
             version=meta["versions"][0],
         )
     finally:
-        engines = _engines(gw)
+        engines = gw.engines()
         gw.stop()
         dispose_engines()
     # a clean shutdown on SIGTERM (uvicorn re-raises it once it has shut down): the lifespan
