@@ -11,25 +11,7 @@ import pytest
 from kiln.errors import Conflict, IllegalTransition, NotFound
 from kiln.registry import crud
 from kiln.registry.db import session_scope
-from kiln.registry.tables import Task, VersionStatus
-
-
-def _validated(db_url: str, *versions: str) -> None:
-    with session_scope(db_url) as session:
-        model = crud.get_model(session=session, name="m") or crud.create_model(
-            session=session, name="m", task=Task.classification
-        )
-        for version in versions:
-            row = crud.create_version(
-                session=session,
-                model=model,
-                version=version,
-                source_format="pt2",
-                source_sha256=version * 8,
-                spec={},
-            )
-            crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
-            crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
+from tests.conftest import register_validated
 
 
 def _status(db_url: str) -> dict[str, str]:
@@ -78,7 +60,7 @@ def _on_model(db_url: str, op: Callable[..., object], **kwargs: object) -> None:
 
 
 def test_deploy_canary_promote_rollback(db_url: str) -> None:
-    _validated(db_url, "1.0.0", "1.1.0", "1.2.0")
+    register_validated(db_url, "1.0.0", "1.1.0", "1.2.0")
     _make_stable(db_url, "1.0.0")
     _start_canary(db_url, "1.1.0", 0.1)
     assert _deployment(db_url) == ("1.0.0", "1.1.0", 0.1)
@@ -98,7 +80,7 @@ def test_deploy_canary_promote_rollback(db_url: str) -> None:
 
 
 def test_illegal_changes_are_refused_and_change_nothing(db_url: str) -> None:
-    _validated(db_url, "1.0.0")
+    register_validated(db_url, "1.0.0")
     with session_scope(db_url) as session:
         with pytest.raises(NotFound):  # not deployed: nothing to promote
             crud.promote(session=session, model=crud.require_model(session=session, name="m"))
@@ -115,7 +97,7 @@ def test_illegal_changes_are_refused_and_change_nothing(db_url: str) -> None:
 
 
 def test_twenty_concurrent_promotes_have_one_winner(db_url: str) -> None:
-    _validated(db_url, "1.0.0", "2.0.0")
+    register_validated(db_url, "1.0.0", "2.0.0")
     _make_stable(db_url, "1.0.0")
     _start_canary(db_url, "2.0.0", 0.5)
 
