@@ -425,6 +425,16 @@ def infer_request(name: str, x: np.ndarray) -> dict[str, object]:
     return {"inputs": [{**tensor, "data": x.reshape(-1).tolist()}]}
 
 
+def binary_header(
+    shape: list[int], size: int, datatype: str = "FP32", name: str = "image", **extra: object
+) -> bytes:
+    """The JSON header of a binary-extension request: one input of ``size`` raw bytes."""
+    tensor = {"name": name, "datatype": datatype, "shape": shape}
+    return json.dumps(
+        {"inputs": [{**tensor, "parameters": {"binary_data_size": size}}], **extra}
+    ).encode()
+
+
 def deploy(home: Path, ref: str = "digits", *, wait: float = 0) -> dict[str, object]:
     proc = run_kiln(
         "deploy", ref, "--strategy", "direct", "--wait", str(wait), "--json", env=kiln_env(home)

@@ -43,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.http import HttpLimits
 from tests.conftest import (
     RunningGateway,
+    binary_header,
     copy_home,
     deploy,
     digits_rows,
@@ -694,18 +695,7 @@ def test_scenario_4_non_finite_inputs_are_400(shared: Served) -> None:
         x = s.x[:1].copy()
         x.reshape(-1)[5] = value
         raw = x.astype("<f4").tobytes()
-        head = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": s.input,
-                        "datatype": "FP32",
-                        "shape": [1, 1, 8, 8],
-                        "parameters": {"binary_data_size": len(raw)},
-                    }
-                ]
-            }
-        ).encode()
+        head = binary_header([1, 1, 8, 8], len(raw), name=s.input)
         reply = exchange(
             s.port,
             build(
