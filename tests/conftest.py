@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
@@ -135,6 +137,19 @@ def tiny_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def export_linear(path: Path, *, seed: int) -> Path:
+    """A one-layer classifier (4 -> 3, dynamic batch) with ``seed``'s weights, saved as a .pt2:
+    other bytes than ``tiny_pt2``'s, a second, distinct artifact."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (torch.randn(2, 4),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return path
+
+
 def run_kiln(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -162,6 +177,18 @@ def run_data_script(script: str, *args: str | Path) -> None:
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
 
 
+def repo_digits(root: Path, *files: str) -> Path:
+    """``files`` of digits in ``root``: the repo's `dvc repro` outputs when present, else built."""
+    built = REPO / "data" / "digits"
+    if all((built / name).is_file() for name in files):
+        for name in files:
+            shutil.copy2(built / name, root / name)
+    else:
+        run_data_script("prepare_digits.py", "--out", root)
+        run_data_script("train_digits.py", "--data", root, "--out", root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example models and data, built once per session as `dvc repro` builds them.
@@ -175,6 +202,13 @@ def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run_data_script(f"train_{name}.py", "--data", root / name, "--out", root / name)
     run_data_script("build_minilm.py", "--out", root / "minilm")
     return root
+
+
+def upload_digits(digits: Path, env: dict[str, str] | None = None) -> None:
+    """`kiln upload digits` of the folder's model.pt2, with its val.npz as the dataset."""
+    model, dataset = str(digits / "model.pt2"), str(digits / "val.npz")
+    up = run_kiln("upload", "digits", model, "--dataset", dataset, "--json", env=env)
+    assert up.returncode == 0, up.stderr
 
 
 def kiln_env(home: Path, **extra: str) -> dict[str, str]:
@@ -191,17 +225,7 @@ def validated_home(tmp_path_factory: pytest.TempPathFactory, examples: Path) -> 
     deploy. Tests that change it take a copy (:func:`copy_home`)."""
     home = tmp_path_factory.mktemp("validated") / "kiln-home"
     env = kiln_env(home)
-    digits = examples / "digits"
-    up = run_kiln(
-        "upload",
-        "digits",
-        str(digits / "model.pt2"),
-        "--dataset",
-        str(digits / "val.npz"),
-        "--json",
-        env=env,
-    )
-    assert up.returncode == 0, up.stderr
+    upload_digits(examples / "digits", env=env)
     set_model_settings(
         home,
         "digits",
@@ -214,8 +238,6 @@ def validated_home(tmp_path_factory: pytest.TempPathFactory, examples: Path) -> 
 
 def copy_home(home: Path, dest: Path) -> Path:
     """A private copy of a KILN_HOME (registry, objects, DVC cache and remote)."""
-    import shutil
-
     target = dest / "kiln-home"
     shutil.copytree(home, target, symlinks=True)
     return target
@@ -291,6 +313,30 @@ def register_variants(home: Path, variants: list[dict[str, object]]) -> list[str
     return [str(v) for v in versions]
 
 
+def register_validated(db_url: str, *versions: str) -> None:
+    """``versions`` of model ``m`` (made when missing) in ``db_url``'s registry, with no
+    artifact, each marked validated (through optimizing): for tests of deployment changes."""
+    from kiln.registry import crud
+    from kiln.registry.db import session_scope
+    from kiln.registry.tables import Task, VersionStatus
+
+    with session_scope(db_url) as session:
+        model = crud.get_model(session=session, name="m") or crud.create_model(
+            session=session, name="m", task=Task.classification
+        )
+        for version in versions:
+            row = crud.create_version(
+                session=session,
+                model=model,
+                version=version,
+                source_format="pt2",
+                source_sha256=version * 8,
+                spec={},
+            )
+            crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
+            crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
+
+
 def set_model_settings(home: Path, name: str, settings: dict[str, object]) -> None:
     """Merge ``settings`` into a model's settings in ``home``'s registry (a child process, so the
     test process's own settings cache is untouched)."""
@@ -357,6 +403,36 @@ class RunningGateway:
 
     def stop(self) -> None:
         stop_group(self.proc, timeout_s=30)
+
+    def engines(self) -> list[psutil.Process]:
+        """The live engine processes (each its own process-group leader) this gateway started."""
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        return [
+            c
+            for c in children
+            if c.is_running()
+            and c.status() != psutil.STATUS_ZOMBIE
+            and "serving.engine" in " ".join(c.cmdline())
+        ]
+
+
+def infer_request(name: str, x: np.ndarray) -> dict[str, object]:
+    """An OIP v2 JSON request body: the float32 array ``x`` as the one input ``name``."""
+    tensor = {"name": name, "datatype": "FP32", "shape": list(x.shape)}
+    return {"inputs": [{**tensor, "data": x.reshape(-1).tolist()}]}
+
+
+def binary_header(
+    shape: list[int], size: int, datatype: str = "FP32", name: str = "image", **extra: object
+) -> bytes:
+    """The JSON header of a binary-extension request: one input of ``size`` raw bytes."""
+    tensor = {"name": name, "datatype": datatype, "shape": shape}
+    return json.dumps(
+        {"inputs": [{**tensor, "parameters": {"binary_data_size": size}}], **extra}
+    ).encode()
 
 
 def deploy(home: Path, ref: str = "digits", *, wait: float = 0) -> dict[str, object]:

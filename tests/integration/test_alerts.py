@@ -32,6 +32,7 @@ from tests.conftest import (
     copy_home,
     deploy,
     digits_rows,
+    infer_request,
     run_kiln,
     set_model_settings,
 )
@@ -64,6 +65,10 @@ class Served:
     def open_alert(self, kind: str) -> Alert | None:
         return next((a for a in self.alerts(kind) if a.state == "open"), None)
 
+    def resolved(self, alert: Alert) -> list[Alert]:
+        """``alert`` as the registry holds it now, if it is resolved."""
+        return [a for a in self.alerts(alert.kind) if a.id == alert.id and a.state == "resolved"]
+
     def gauge(self, kind: str) -> float:
         text = httpx.get(self.gw.url + "/metrics", headers=self.gw.headers, timeout=10).text
         return sum(
@@ -74,22 +79,7 @@ class Served:
         )
 
     def engines(self) -> list[psutil.Process]:
-        return _engines(self.gw)
-
-
-def _engines(gw: RunningGateway) -> list[psutil.Process]:
-    """The engine processes (each its own process group) the gateway's supervisor started."""
-    try:
-        children = psutil.Process(gw.proc.pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    return [
-        c
-        for c in children
-        if c.is_running()
-        and c.status() != psutil.STATUS_ZOMBIE
-        and "serving.engine" in " ".join(c.cmdline())
-    ]
+        return self.gw.engines()
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +98,7 @@ def served(
         gw.wait_ready()
         meta = httpx.get(f"{gw.url}/v2/models/digits", headers=gw.headers, timeout=15).json()
         x, _ = digits_rows(examples, 1)
-        body = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": meta["inputs"][0]["name"],
-                        "datatype": "FP32",
-                        "shape": list(x.shape),
-                        "data": x.reshape(-1).tolist(),
-                    }
-                ]
-            }
-        ).encode()
+        body = json.dumps(infer_request(meta["inputs"][0]["name"], x)).encode()
         yield Served(
             gw=gw,
             db_url=f"sqlite:///{home / 'registry.db'}",
@@ -128,7 +107,7 @@ def served(
             version=meta["versions"][0],
         )
     finally:
-        engines = _engines(gw)
+        engines = gw.engines()
         gw.stop()
         dispose_engines()
     # a clean shutdown on SIGTERM (uvicorn re-raises it once it has shut down): the lifespan
@@ -176,15 +155,19 @@ class Traffic:
                     self._stop.wait(0.1)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, served: Served) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with the gateway's log."""
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float, served: Served | None, every: float = 0.25
+) -> Any:
+    """Poll ``check`` every ``every`` s until it returns something truthy; fail with the
+    gateway's log when there is one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = check()
         if found:
             return found
-        time.sleep(0.25)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s\n{served.gw.tail()}")
+        time.sleep(every)
+    tail = f"\n{served.gw.tail()}" if served else ""
+    raise AssertionError(f"{what}: not within {timeout:.0f} s{tail}")
 
 
 def test_a_slow_engine_raises_the_p99_alert_and_it_resolves_when_the_slowness_goes(
@@ -198,12 +181,7 @@ def test_a_slow_engine_raises_the_p99_alert_and_it_resolves_when_the_slowness_go
         wait_for("p99 counted in kiln_alerts_open", lambda: served.gauge("p99") == 1, 10, served)
         assert served.open_alert("engine_down") is None  # slow is not down
         served.faults.write_text("")  # the slowness goes; traffic goes on
-        resolved = wait_for(
-            "p99 alert resolved",
-            lambda: [a for a in served.alerts("p99") if a.id == alert.id and a.state == "resolved"],
-            30,
-            served,
-        )
+        resolved = wait_for("p99 alert resolved", lambda: served.resolved(alert), 30, served)
     assert resolved[0].resolved_at is not None
     wait_for("kiln_alerts_open back to 0", lambda: served.gauge("p99") == 0, 10, served)
     assert set(traffic.statuses) == {200}, traffic.statuses
@@ -219,14 +197,7 @@ def test_a_killed_engine_raises_engine_down_and_it_resolves_after_the_restart(
     )
     assert alert.version == served.version
     assert alert.detail.get("restarts", 0) >= 1, alert.detail
-    wait_for(
-        "engine_down alert resolved",
-        lambda: [
-            a for a in served.alerts("engine_down") if a.id == alert.id and a.state == "resolved"
-        ],
-        60,
-        served,
-    )
+    wait_for("engine_down alert resolved", lambda: served.resolved(alert), 60, served)
     (again,) = served.engines()
     assert again.pid != engine.pid
     wait_for("kiln_alerts_open back to 0", lambda: served.gauge("engine_down") == 0, 10, served)
@@ -354,10 +325,12 @@ def test_alert_events_reach_prefect_and_a_drift_alert_starts_reoptimize(tmp_path
             assert resp.status_code == 200, resp.text
             return list(resp.json()["events"])
 
-        seen = _poll(
+        seen = wait_for(
+            "three kiln.alert events on the server",
             lambda: (lambda e: e if len(e) >= 3 else None)(events()),
             30,
-            "three kiln.alert events on the server",
+            None,
+            every=0.5,
         )
         by_name = sorted((e["event"], e["payload"]["kind"]) for e in seen)
         assert by_name == [
@@ -378,17 +351,8 @@ def test_alert_events_reach_prefect_and_a_drift_alert_starts_reoptimize(tmp_path
             assert resp.status_code == 200, resp.text
             return [r for r in resp.json() if r["parameters"] == {"model": "digits"}]
 
-        (run,) = _poll(triggered, 60, "a reoptimize run for digits started by the automation")
+        what = "a reoptimize run for digits started by the automation"
+        (run,) = wait_for(what, triggered, 60, None, every=0.5)
         assert run["deployment_id"] == dep_id
     finally:
         stack.stop()
-
-
-def _poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from kiln.intake.upload import upload
 from kiln.settings import get_settings
-from tests.conftest import _pg_exec, run_kiln
+from tests.conftest import _pg_exec, export_linear, run_kiln
 
 VERSIONS = ("0.1.0", "0.1.1")
 
@@ -53,19 +52,9 @@ def _files(root: Path) -> dict[str, str]:
     }
 
 
-def _export(path: Path, *, seed: int) -> Path:
-    """A tiny classifier with other weights than ``tiny_pt2``: a second, distinct artifact."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(model, (torch.randn(2, 4),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(path))
-    return path
-
-
 def _populate(tiny_pt2: Path, tmp_path: Path) -> dict[str, str]:
     """tiny@0.1.0 and tiny@0.1.1 (other bytes), uploaded in-process; returns version -> sha."""
-    other = _export(tmp_path / "other.pt2", seed=1)
+    other = export_linear(tmp_path / "other.pt2", seed=1)
     shas = {}
     for version, source in zip(VERSIONS, (tiny_pt2, other), strict=True):
         result = upload(
@@ -100,9 +89,17 @@ def _lose_old_bytes(home: Path) -> None:
     shutil.rmtree(home / "objects")
 
 
-def _assert_restored(
-    before_models: dict, before_shown: dict, env: dict[str, str], new_home: Path
+def _restore_and_check(
+    backup_dir: Path, database: str, old_home: Path, before_models: dict, before_shown: dict
 ) -> None:
+    """Restore ``backup_dir`` into old_home's sibling ``new-home``; it must hold what the old
+    home held, its bytes pulled into its own objects, and take a new upload (0.1.2): on
+    PostgreSQL, the restored sequences carry on after the restored ids."""
+    new_home = old_home.parent / "new-home"
+    env = {"KILN_HOME": str(new_home)}
+    restored = _json(run_kiln("restore", str(backup_dir), "--json", env=env))
+    remote = str(old_home / "dvc-remote")
+    assert restored == {"restored": 2, "database": database, "remote": remote}
     assert _json(run_kiln("models", "--json", env=env)) == before_models
     after_shown = _show_all(env)
     for version in VERSIONS:
@@ -112,6 +109,9 @@ def _assert_restored(
         assert path.is_relative_to(new_home / "objects")
         assert path.is_file() and _sha256(path) == artifact["sha256"]
         assert artifact["sha256"] == after_shown[version]["sha256"]
+    third = export_linear(old_home.parent / "third.pt2", seed=3)
+    added = _json(run_kiln("upload", "tiny", str(third), "--json", env=env))
+    assert added["version"] == "0.1.2" and added["created"] is True
 
 
 def _sqlite_rows(home: Path) -> dict[str, list[tuple]]:
@@ -149,20 +149,7 @@ def test_sqlite_round_trip_pulls_every_artifact_from_the_remote(
     assert sorted(a["sha256"] for a in manifest["artifacts"]) == sorted(shas.values())
 
     _lose_old_bytes(kiln_home)
-    new_home = tmp_path / "new-home"
-    env = {"KILN_HOME": str(new_home)}
-    restored = _json(run_kiln("restore", str(backup_dir), "--json", env=env))
-    assert restored == {
-        "restored": 2,
-        "database": "sqlite",
-        "remote": str(kiln_home / "dvc-remote"),
-    }
-    _assert_restored(before_models, before_shown, env, new_home)
-
-    # The restored home is a working one: a new upload lands beside the restored versions.
-    third = _export(tmp_path / "third.pt2", seed=3)
-    added = _json(run_kiln("upload", "tiny", str(third), "--json", env=env))
-    assert added["version"] == "0.1.2" and added["created"] is True
+    _restore_and_check(backup_dir, "sqlite", kiln_home, before_models, before_shown)
 
 
 def test_postgresql_round_trip_restores_the_schema_from_pg_dump(
@@ -193,21 +180,10 @@ def test_postgresql_round_trip_restores_the_schema_from_pg_dump(
 
     _pg_exec(f"DROP SCHEMA {schema} CASCADE; CREATE SCHEMA {schema}")
     _lose_old_bytes(kiln_home)
-    new_home = tmp_path / "new-home"
-    env = {"KILN_HOME": str(new_home)}
     # A command run first migrates the empty schema: its empty tables must not block the restore.
+    env = {"KILN_HOME": str(tmp_path / "new-home")}
     assert _json(run_kiln("models", "--json", env=env)) == {"models": []}
-    restored = _json(run_kiln("restore", str(backup_dir), "--json", env=env))
-    assert restored == {
-        "restored": 2,
-        "database": "postgresql",
-        "remote": str(kiln_home / "dvc-remote"),
-    }
-    _assert_restored(before_models, before_shown, env, new_home)
-    # The restored sequences carry on after the restored ids.
-    third = _export(tmp_path / "third.pt2", seed=3)
-    added = _json(run_kiln("upload", "tiny", str(third), "--json", env=env))
-    assert added["version"] == "0.1.2" and added["created"] is True
+    _restore_and_check(backup_dir, "postgresql", kiln_home, before_models, before_shown)
 
     # Restoring again into the now-populated schema is refused.
     _refused(

@@ -25,6 +25,7 @@ from tests.conftest import (
     copy_home,
     deploy,
     digits_rows,
+    infer_request,
     kiln_env,
     register_variants,
     run_kiln,
@@ -84,16 +85,7 @@ class Client:
         with httpx.Client(headers=self.gateway.headers, timeout=15) as http:
             while not self._stop.is_set():
                 i = rng.randrange(len(self.x))
-                body = {
-                    "inputs": [
-                        {
-                            "name": "x",
-                            "shape": [1, 1, 8, 8],
-                            "datatype": "FP32",
-                            "data": self.x[i].reshape(-1).tolist(),
-                        }
-                    ]
-                }
+                body = infer_request("x", self.x[i : i + 1])
                 status = 0
                 for _attempt in range(3):
                     try:

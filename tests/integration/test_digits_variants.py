@@ -9,29 +9,19 @@ same inputs give the same bytes (the demo re-uploads them on a re-run).
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_data_script
-
-DIGITS = REPO / "data" / "digits"
+from tests.conftest import repo_digits, run_data_script
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model.pt2 and test.npz: the repo's `dvc repro` outputs when present, else built here."""
-    root = tmp_path_factory.mktemp("digits")
-    if (DIGITS / "model.pt2").is_file() and (DIGITS / "test.npz").is_file():
-        for name in ("model.pt2", "test.npz"):
-            shutil.copy2(DIGITS / name, root / name)
-    else:
-        run_data_script("prepare_digits.py", "--out", root)
-        run_data_script("train_digits.py", "--data", root, "--out", root)
-    return root
+    return repo_digits(tmp_path_factory.mktemp("digits"), "model.pt2", "test.npz")
 
 
 @pytest.fixture(scope="module")

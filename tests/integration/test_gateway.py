@@ -20,6 +20,7 @@ from tests.conftest import (
     deploy,
     digits_eager_logits,
     digits_rows,
+    infer_request,
     set_model_settings,
 )
 
@@ -75,17 +76,7 @@ def test_metadata_metrics_and_plain_json(served_digits: RunningGateway, examples
         == 200
     )
     assert httpx.get(f"{url}/v2/models/digits/versions/9.9.9", headers=headers).status_code == 404
-    body = {
-        "id": "r1",
-        "inputs": [
-            {
-                "name": in_name,
-                "datatype": "FP32",
-                "shape": list(x.shape),
-                "data": x.reshape(-1).tolist(),
-            }
-        ],
-    }
+    body = {"id": "r1", **infer_request(in_name, x)}
     resp = httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=headers)
     assert resp.status_code == 200, resp.text
     doc = resp.json()
@@ -121,18 +112,7 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(
             engines = _engine_pids(gateway)
         assert len(engines) == 2, gateway.tail()
         x, _ = digits_rows(examples, 8)
-        body = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "FP32",
-                        "shape": [1, 1, 8, 8],
-                        "data": x[0].reshape(-1).tolist(),
-                    }
-                ]
-            }
-        )
+        body = json.dumps(infer_request("x", x[:1]))
         results: list[int] = []
         stop = threading.Event()
 
@@ -187,17 +167,7 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(
 
 def _engine_pids(gateway: RunningGateway) -> list[int]:
     """Process-group leaders of the engines this gateway started (its direct children)."""
-    try:
-        children = psutil.Process(gateway.proc.pid).children()
-    except psutil.NoSuchProcess:
-        children = []
-    return [
-        c.pid
-        for c in children
-        if c.is_running()
-        and c.status() != psutil.STATUS_ZOMBIE
-        and "serving.engine" in " ".join(c.cmdline())
-    ]
+    return [p.pid for p in gateway.engines()]
 
 
 def test_engines_stop_when_the_supervisor_is_killed(served_digits: RunningGateway) -> None:

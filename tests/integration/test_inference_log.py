@@ -35,7 +35,7 @@ from kiln.registry.tables import InferenceRecord
 from kiln.settings import Settings, get_settings
 from serving.inference_log import FRAME, InferenceLog, Pending, pack, to_row, unpack
 from serving.metrics import GatewayMetrics
-from tests.conftest import RunningGateway, copy_home, deploy, digits_rows
+from tests.conftest import RunningGateway, copy_home, deploy, digits_rows, infer_request
 
 QUEUE = 32
 
@@ -56,17 +56,8 @@ class Logged:
     def db_url(self) -> str:
         return f"sqlite:///{self.home / 'registry.db'}"
 
-    def body(self, x: np.ndarray) -> dict[str, Any]:
-        return {
-            "inputs": [
-                {
-                    "name": self.input,
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "data": x.reshape(-1).tolist(),
-                }
-            ]
-        }
+    def body(self, x: np.ndarray) -> dict[str, object]:
+        return infer_request(self.input, x)
 
     def infer(self, x: np.ndarray, headers: dict[str, str] | None = None) -> httpx.Response:
         return self.client.post(

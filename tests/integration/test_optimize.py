@@ -11,7 +11,7 @@ import numpy as np
 from kiln.registry import crud
 from kiln.registry.db import session_scope
 from kiln.settings import get_settings
-from tests.conftest import run_kiln
+from tests.conftest import run_kiln, upload_digits
 
 VARIANT_KEYS = {
     "backend",
@@ -38,16 +38,7 @@ def _status(name: str) -> str:
 
 
 def test_optimize_digits_selects_a_faster_passing_variant(kiln_home: Path, examples: Path) -> None:
-    digits = examples / "digits"
-    up = run_kiln(
-        "upload",
-        "digits",
-        str(digits / "model.pt2"),
-        "--dataset",
-        str(digits / "val.npz"),
-        "--json",
-    )
-    assert up.returncode == 0, up.stderr
+    upload_digits(examples / "digits")
     proc = run_kiln("optimize", "digits", "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)

@@ -23,7 +23,7 @@ import yaml
 
 from flows.up import WORK_POOL, Stack, UpSettings, still_running
 from serving.supervisor import free_port
-from tests.conftest import REPO, copy_home, digits_rows, kiln_env, run_kiln
+from tests.conftest import REPO, copy_home, digits_rows, infer_request, kiln_env, run_kiln
 
 # What the Prefect UI posts for Run > Custom run (ui-v2 QuickRunParametersDialog).
 UI_RUN_STATE = {
@@ -198,16 +198,7 @@ def test_deploy_model_from_the_run_button(
             f"{stack.gateway_url}/v2/models/digits/infer",
             timeout=60,
             headers=auth,
-            json={
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "FP32",
-                        "shape": list(x.shape),
-                        "data": x.ravel().tolist(),
-                    }
-                ]
-            },
+            json=infer_request("x", x),
         )
         timings["first infer"] = round(time.monotonic() - t_infer, 2)
         assert resp.status_code == 200, resp.text + _diagnostics(stack, run_id)

@@ -52,13 +52,15 @@ from sqlalchemy import create_engine, text
 
 from kiln.registry import crud
 from kiln.registry.db import dispose_engines, session_scope
-from kiln.registry.tables import Task, VersionStatus
+from kiln.registry.tables import VersionStatus
 from kiln.settings import Settings
 from tests.conftest import (
     RunningGateway,
     copy_home,
     deploy,
     digits_rows,
+    infer_request,
+    register_validated,
     register_variants,
 )
 from tests.integration.test_reliability_serving import metric_sum, percentile
@@ -86,19 +88,7 @@ class Rollout:
     refs: dict[str, np.ndarray] = field(default_factory=dict)  # version -> [ROWS, 10] logits
 
     def body(self, rows: slice) -> bytes:
-        x = self.x[rows]
-        return json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "FP32",
-                        "shape": list(x.shape),
-                        "data": x.reshape(-1).tolist(),
-                    }
-                ]
-            }
-        ).encode()
+        return json.dumps(infer_request("x", self.x[rows])).encode()
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.gw.url + path, headers=self.gw.headers, timeout=15)
@@ -587,19 +577,7 @@ def test_scenario_21_a_rollout_step_killed_inside_its_transaction_leaves_nothing
     """Each step is SIGKILLed at a failpoint inside its transaction (after its first write,
     or after its last one, before the commit); then the registry must be exactly as before and
     consistent, and the same step, retried, must succeed."""
-    with session_scope(db_url) as session:
-        model = crud.create_model(session=session, name="m", task=Task.classification)
-        for version in ("1.0.0", "2.0.0", "3.0.0", "4.0.0"):
-            row = crud.create_version(
-                session=session,
-                model=model,
-                version=version,
-                source_format="pt2",
-                source_sha256=version * 8,
-                spec={},
-            )
-            crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
-            crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
+    register_validated(db_url, "1.0.0", "2.0.0", "3.0.0", "4.0.0")
     _do(db_url, "deploy", "1.0.0")
     _do(db_url, "canary", "2.0.0")
     # (failpoint, step, version, retried: what the registry holds after the retry)

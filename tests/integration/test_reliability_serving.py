@@ -43,9 +43,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.http import HttpLimits
 from tests.conftest import (
     RunningGateway,
+    binary_header,
     copy_home,
     deploy,
     digits_rows,
+    infer_request,
     require_service,
     run_kiln,
     set_model_settings,
@@ -222,29 +224,22 @@ class Served:
         return ("Authorization", f"Bearer {self.gw.key}")
 
     def body(self, rows: int = 1) -> bytes:
-        x = self.x[:rows]
-        return json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": self.input,
-                        "datatype": "FP32",
-                        "shape": list(x.shape),
-                        "data": x.reshape(-1).tolist(),
-                    }
-                ]
-            }
-        ).encode()
+        return json.dumps(infer_request(self.input, self.x[:rows])).encode()
 
     def infer(
-        self, rows: int = 1, headers: Sequence[tuple[str, str]] = (), key: str | None = None
+        self,
+        rows: int = 1,
+        headers: Sequence[tuple[str, str]] = (),
+        key: str | None = None,
+        body: bytes | None = None,
     ) -> bytes:
+        """A JSON infer request: of ``rows`` rows, or of ``body`` when given."""
         auth = ("Authorization", f"Bearer {key}") if key else self.auth
         return build(
             "POST",
             "/v2/models/digits/infer",
             [auth, ("Content-Type", "application/json"), *headers],
-            self.body(rows),
+            self.body(rows) if body is None else body,
         )
 
     def get(self, path: str) -> httpx.Response:
@@ -255,23 +250,9 @@ class Served:
         assert resp.status_code == 200, resp.text
         return resp.text
 
-    def engines(self) -> list[psutil.Process]:
-        """The engine processes (group leaders) this gateway started."""
-        try:
-            children = psutil.Process(self.gw.proc.pid).children()
-        except psutil.NoSuchProcess:
-            return []
-        return [
-            c
-            for c in children
-            if c.is_running()
-            and c.status() != psutil.STATUS_ZOMBIE
-            and "serving.engine" in " ".join(c.cmdline())
-        ]
-
     def engine_stats(self) -> dict[str, Any]:
         """The (only) engine's counters from its ``GET /stats``."""
-        (engine,) = self.engines()
+        (engine,) = self.gw.engines()
         cmdline = engine.cmdline()
         port = cmdline[cmdline.index("--port") + 1]
         doc = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
@@ -647,7 +628,7 @@ def bad_requests(draw: st.DrawFn, name: str) -> tuple[str, dict[str, str], bytes
 
 def test_scenario_3_property_based_bad_requests_get_a_4xx_naming_the_field(shared: Served) -> None:
     s = shared
-    pids = sorted(p.pid for p in s.engines())
+    pids = sorted(p.pid for p in s.gw.engines())
     restarts_before = s.restarts()
     seen: list[tuple[str, int]] = []
     client = httpx.Client(base_url=s.gw.url, headers=s.gw.headers, timeout=15)
@@ -676,7 +657,7 @@ def test_scenario_3_property_based_bad_requests_get_a_4xx_naming_the_field(share
         # a good request still works, and no engine died on the way
         good = exchange(s.port, s.infer(3)).status
         restarts = s.restarts() - restarts_before
-        same = sorted(p.pid for p in s.engines()) == pids
+        same = sorted(p.pid for p in s.gw.engines()) == pids
         share = sum(400 <= code < 500 for _, code in seen) / max(1, len(seen))
         fives = sum(code >= 500 for _, code in seen)
         print(
@@ -700,15 +681,7 @@ def test_scenario_4_non_finite_inputs_are_400(shared: Served) -> None:
             '{"inputs": [{"name": %s, "datatype": "FP32", "shape": [1, 1, 8, 8], '
             '"data": [%s]}]}' % (json.dumps(s.input), ", ".join(data))
         ).encode()
-        reply = exchange(
-            s.port,
-            build(
-                "POST",
-                "/v2/models/digits/infer",
-                [s.auth, ("Content-Type", "application/json")],
-                body,
-            ),
-        )
+        reply = exchange(s.port, s.infer(body=body))
         statuses[f"JSON {token}"] = reply.status
         assert reply.status == 400, (token, reply)
         message = reply.error()
@@ -722,18 +695,7 @@ def test_scenario_4_non_finite_inputs_are_400(shared: Served) -> None:
         x = s.x[:1].copy()
         x.reshape(-1)[5] = value
         raw = x.astype("<f4").tobytes()
-        head = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": s.input,
-                        "datatype": "FP32",
-                        "shape": [1, 1, 8, 8],
-                        "parameters": {"binary_data_size": len(raw)},
-                    }
-                ]
-            }
-        ).encode()
+        head = binary_header([1, 1, 8, 8], len(raw), name=s.input)
         reply = exchange(
             s.port,
             build(
@@ -847,7 +809,7 @@ def _fuzzed_lines(rng: random.Random, paths: list[str], count: int) -> list[byte
 
 def test_scenario_5_oversized_heads_and_fuzzed_request_lines(shared: Served) -> None:
     s = shared
-    pid, engines = s.gw.proc.pid, sorted(p.pid for p in s.engines())
+    pid, engines = s.gw.proc.pid, sorted(p.pid for p in s.gw.engines())
     routes = [_route(s, m, p) for m, p in PROBES + ROUTES]
     counts: dict[str, int] = {}
 
@@ -917,7 +879,7 @@ def test_scenario_5_oversized_heads_and_fuzzed_request_lines(shared: Served) -> 
         by_status[code] = by_status.get(code, 0) + 1
     crashes = sum(code >= 500 or code < 0 for code in statuses)
     assert live.status == 200
-    assert psutil.pid_exists(pid) and sorted(p.pid for p in s.engines()) == engines
+    assert psutil.pid_exists(pid) and sorted(p.pid for p in s.gw.engines()) == engines
     assert crashes == 0, by_status
     malformed = by_status.get(400, 0) + by_status.get(414, 0) + by_status.get(431, 0)
     assert malformed >= len(lines) // 3, by_status  # the fuzz did produce broken requests

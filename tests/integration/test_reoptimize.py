@@ -9,7 +9,6 @@ are exactly as before it.
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -23,12 +22,12 @@ from tests.conftest import (
     RunningGateway,
     deploy,
     kiln_env,
-    run_data_script,
+    repo_digits,
     run_kiln,
     set_model_settings,
+    upload_digits,
 )
 
-DIGITS = REPO / "data" / "digits"
 # short steps; the extra time a step may wait for enough requests is generous, because on a
 # loaded CI host the eager stable answers slowly and a 10 % step needs 200 canary requests
 FAST_ROLLOUT = {"rollout": {"step_seconds": 3, "max_extra_s": 150, "replay_concurrency": 4}}
@@ -48,14 +47,7 @@ TABLES = (
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model.pt2 and val.npz: the repo's `dvc repro` outputs when present, else built here."""
-    root = tmp_path_factory.mktemp("digits")
-    if (DIGITS / "model.pt2").is_file() and (DIGITS / "val.npz").is_file():
-        for name in ("model.pt2", "val.npz"):
-            shutil.copy2(DIGITS / name, root / name)
-    else:
-        run_data_script("prepare_digits.py", "--out", root)
-        run_data_script("train_digits.py", "--data", root, "--out", root)
-    return root
+    return repo_digits(tmp_path_factory.mktemp("digits"), "model.pt2", "val.npz")
 
 
 @pytest.fixture
@@ -63,16 +55,7 @@ def weak_home(digits: Path, tmp_path: Path) -> Path:
     """digits 0.1.0 in production serving its fp32 eager baseline (no optimization built)."""
     home = tmp_path / "kiln-home"
     env = kiln_env(home)
-    up = run_kiln(
-        "upload",
-        "digits",
-        str(digits / "model.pt2"),
-        "--dataset",
-        str(digits / "val.npz"),
-        "--json",
-        env=env,
-    )
-    assert up.returncode == 0, up.stderr
+    upload_digits(digits, env=env)
     set_model_settings(home, "digits", {**EAGER_ONLY, **FAST_ROLLOUT})
     opt = run_kiln("optimize", "digits", "--json", env=env, timeout=900)
     assert opt.returncode == 0, opt.stderr[-3000:]

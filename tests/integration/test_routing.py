@@ -22,6 +22,7 @@ from tests.conftest import (
     copy_home,
     deploy,
     digits_rows,
+    infer_request,
     kiln_env,
     register_variants,
     set_model_settings,
@@ -68,18 +69,7 @@ def routed(
 
 def _body(examples: Path, row: int) -> bytes:
     x, _ = digits_rows(examples, row + 1)
-    return json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "datatype": "FP32",
-                    "shape": [1, 1, 8, 8],
-                    "data": x[row].reshape(-1).tolist(),
-                }
-            ]
-        }
-    ).encode()
+    return json.dumps(infer_request("x", x[row : row + 1])).encode()
 
 
 def _metric(gateway: RunningGateway, name: str, **labels: str) -> float:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import run_kiln
+from tests.conftest import export_linear, run_kiln
 
 
 def _files(root: Path) -> list[str]:
@@ -105,7 +105,7 @@ def test_same_content_is_a_noop_and_new_content_bumps_the_patch(
     again = _json(run_kiln("upload", "tiny", str(tiny_pt2), "--json"))
     assert again["version"] == "0.1.0" and again["created"] is False
     assert snapshot(kiln_home) == before
-    other = _export(tmp_path / "other.pt2", seed=1)
+    other = export_linear(tmp_path / "other.pt2", seed=1)
     bumped = _json(run_kiln("upload", "tiny", str(other), "--json"))
     assert bumped["version"] == "0.1.1" and bumped["created"] is True
 
@@ -114,20 +114,11 @@ def test_same_version_other_content_is_refused(
     registered: dict, kiln_home: Path, tmp_path: Path
 ) -> None:
     before = snapshot(kiln_home)
-    other = _export(tmp_path / "other.pt2", seed=2)
+    other = export_linear(tmp_path / "other.pt2", seed=2)
     _refused(
         run_kiln("upload", "tiny", str(other), "--version", "0.1.0"), code=4, match="immutable"
     )
     assert snapshot(kiln_home) == before
-
-
-def _export(path: Path, *, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(model, (torch.randn(2, 4),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(path))
-    return path
 
 
 # ---------------------------------------------------------------- refusals (RELIABILITY 15-19)

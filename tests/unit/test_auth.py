@@ -107,12 +107,7 @@ def test_authenticate_live_key_any_scheme_case(settings: Settings) -> None:
         ]
 
     found = asyncio.run(run())
-    expected = Principal(
-        prefix=prefix,
-        scopes=frozenset({"infer"}),
-        models=frozenset({"digits"}),
-        rate_per_second=5.0,
-    )
+    expected = principal(prefix, models=("digits",), rate=5.0)
     assert found == [expected, expected, expected, None, None]
 
 

@@ -108,13 +108,7 @@ def test_below_the_minimum_is_not_enough_data(
     splits: dict[str, np.ndarray], reference: Any, tmp_path: Path
 ) -> None:
     html = tmp_path / "report.html"
-    result = drift.detect(
-        drift.feature_frame(splits["test"][:99], DIGITS),
-        reference,
-        method=drift.METHOD_IMAGE,
-        settings=drift.DriftSettings(),
-        html=html,
-    )
+    result = _verdict(splits["test"][:99], reference, html)
     assert result.drift_detected is None and result.drift_share is None
     assert result.samples == 99 and drift.NOT_ENOUGH in result.reason
     assert not html.exists()  # nothing ran

@@ -4,6 +4,7 @@ deciding on ``judge``'s structured verdict rather than on its words."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -158,22 +159,14 @@ def test_reoptimization_compares_with_production_by_the_same_rule() -> None:
         }
 
     production = {**candidate(0.99), "selected_sha256": "production"}
+    against = functools.partial(
+        compare, task="classification", model_settings={}, production=production, min_speedup=0.5
+    )
     for metric in (0.99, 0.986, 0.985, 0.984):
-        result = compare(
-            task="classification",
-            model_settings={},
-            production=production,
-            candidate=candidate(metric),
-            min_speedup=0.5,
-        )
+        result = against(candidate=candidate(metric))
         assert result["better"] == within(0.99 - metric, GATES.max_accuracy_drop), metric
-    assert compare(
-        task="classification",
-        model_settings={},
-        production=production,
-        candidate=candidate(0.985),
-        min_speedup=0.5,
-    )["better"]  # exactly half a point below: within, as judge would say
+    # exactly half a point below: within, as judge would say
+    assert against(candidate=candidate(0.985))["better"]
 
 
 def test_the_champion_gate_defaults_to_the_optimize_gates_allowance() -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from kiln.spec import TensorSpec
 from serving import oip
 from serving.gateway import normalise_path
+from tests.conftest import binary_header
 
 IMAGE = [TensorSpec(name="image", datatype="FP32", shape=[-1, 1, 8, 8])]
 TEXT = [TensorSpec(name="text", datatype="BYTES", shape=[-1])]
@@ -37,19 +38,7 @@ def test_json_request_decodes_to_the_spec() -> None:
 def test_binary_extension_roundtrip_numbers_and_bytes() -> None:
     x = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
     raw = x.tobytes()
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "datatype": "FP32",
-                    "shape": [1, 1, 8, 8],
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
+    header = binary_header([1, 1, 8, 8], len(raw), parameters={"binary_data_output": True})
     doc, tail = oip.parse(header + raw, str(len(header)))
     req = oip.request(doc, tail, IMAGE, max_rows=4)
     np.testing.assert_array_equal(req.inputs["image"], x)
@@ -57,18 +46,7 @@ def test_binary_extension_roundtrip_numbers_and_bytes() -> None:
 
     texts = [b"hello", b"", "h\u00e9".encode()]
     raw = b"".join(struct.pack("<I", len(t)) + t for t in texts)
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "text",
-                    "datatype": "BYTES",
-                    "shape": [3],
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ]
-        }
-    ).encode()
+    header = binary_header([3], len(raw), "BYTES", "text")
     doc, tail = oip.parse(header + raw, str(len(header)))
     req = oip.request(doc, tail, TEXT, max_rows=4)
     assert list(req.inputs["text"]) == texts
@@ -123,18 +101,7 @@ def test_non_finite_input_is_refused(bad: float) -> None:
     x = np.zeros((1, 1, 8, 8), dtype=np.float32)
     x[0, 0, 3, 3] = bad
     raw = x.tobytes()
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "datatype": "FP32",
-                    "shape": [1, 1, 8, 8],
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ]
-        }
-    ).encode()
+    header = binary_header([1, 1, 8, 8], len(raw))
     doc, tail = oip.parse(header + raw, str(len(header)))
     with pytest.raises(oip.BadRequest, match="image.*NaN or infinite"):
         oip.request(doc, tail, IMAGE, max_rows=4)
@@ -143,18 +110,7 @@ def test_non_finite_input_is_refused(bad: float) -> None:
 def test_binary_size_mismatches_are_refused() -> None:
     raw = np.zeros(64, dtype=np.float32).tobytes()
     for size, tail in [(len(raw) + 4, raw), (len(raw), raw + b"xx")]:
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "image",
-                        "datatype": "FP32",
-                        "shape": [1, 1, 8, 8],
-                        "parameters": {"binary_data_size": size},
-                    }
-                ]
-            }
-        ).encode()
+        header = binary_header([1, 1, 8, 8], size)
         with pytest.raises(oip.BadRequest):
             doc, rest = oip.parse(header + tail, str(len(header)))
             oip.request(doc, rest, IMAGE, max_rows=4)

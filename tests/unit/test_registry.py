@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -193,25 +194,12 @@ def test_api_keys_are_stored_hashed(db_url: str) -> None:
 
 def test_alerts_open_once_refresh_and_resolve(db_url: str) -> None:
     with session_scope(db_url) as session:
-        first = crud.raise_alert(
-            session=session,
-            model="m",
-            kind="p99",
-            version="0.1.0",
-            message="p99 120 ms over 50 ms",
-            value=120,
-            threshold=50,
+        p99 = functools.partial(
+            crud.raise_alert, session=session, model="m", kind="p99", version="0.1.0", threshold=50
         )
+        first = p99(message="p99 120 ms over 50 ms", value=120)
         assert first.opened
-        again = crud.raise_alert(
-            session=session,
-            model="m",
-            kind="p99",
-            version="0.1.0",
-            message="p99 130 ms over 50 ms",
-            value=130,
-            threshold=50,
-        )
+        again = p99(message="p99 130 ms over 50 ms", value=130)
         assert not again.opened and again.alert.id == first.alert.id and again.alert.value == 130
         other = crud.raise_alert(
             session=session, model="m", kind="engine_down", version="0.1.0", message="no engine"

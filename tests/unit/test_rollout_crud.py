@@ -3,6 +3,7 @@ concurrency, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,25 +11,7 @@ import pytest
 from kiln.errors import Conflict, IllegalTransition, NotFound
 from kiln.registry import crud
 from kiln.registry.db import session_scope
-from kiln.registry.tables import Task, VersionStatus
-
-
-def _validated(db_url: str, *versions: str) -> None:
-    with session_scope(db_url) as session:
-        model = crud.get_model(session=session, name="m") or crud.create_model(
-            session=session, name="m", task=Task.classification
-        )
-        for version in versions:
-            row = crud.create_version(
-                session=session,
-                model=model,
-                version=version,
-                source_format="pt2",
-                source_sha256=version * 8,
-                spec={},
-            )
-            crud.set_version_status(session=session, version=row, status=VersionStatus.optimizing)
-            crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
+from tests.conftest import register_validated
 
 
 def _status(db_url: str) -> dict[str, str]:
@@ -46,66 +29,62 @@ def _deployment(db_url: str) -> tuple[str | None, str | None, float]:
         return (name.get(dep.stable_version_id), name.get(dep.canary_version_id), dep.canary_weight)
 
 
-def test_deploy_canary_promote_rollback(db_url: str) -> None:
-    _validated(db_url, "1.0.0", "1.1.0", "1.2.0")
+def _make_stable(db_url: str, version: str) -> None:
     with session_scope(db_url) as session:
         crud.make_stable(
             session=session,
-            version=crud.require_version(session=session, name="m", version="1.0.0"),
+            version=crud.require_version(session=session, name="m", version=version),
         )
+
+
+def _start_canary(db_url: str, version: str, weight: float) -> None:
     with session_scope(db_url) as session:
         crud.start_canary(
             session=session,
-            weight=0.1,
-            version=crud.require_version(session=session, name="m", version="1.1.0"),
+            weight=weight,
+            version=crud.require_version(session=session, name="m", version=version),
         )
-    assert _deployment(db_url) == ("1.0.0", "1.1.0", 0.1)
-    with session_scope(db_url) as session:
-        crud.set_canary_weight(
-            session=session,
-            model=crud.require_model(session=session, name="m"),
-            weight=0.5,
-            reason="step",
-        )
-    with session_scope(db_url) as session:
-        crud.promote(session=session, model=crud.require_model(session=session, name="m"))
-    assert _deployment(db_url) == ("1.1.0", None, 0.0)
-    assert _status(db_url) == {"1.0.0": "retired", "1.1.0": "production", "1.2.0": "validated"}
-    with session_scope(db_url) as session:  # a canary that fails its guardrails
-        crud.start_canary(
-            session=session,
-            weight=0.1,
-            version=crud.require_version(session=session, name="m", version="1.2.0"),
-        )
-    with session_scope(db_url) as session:
-        crud.rollback(
-            session=session,
-            model=crud.require_model(session=session, name="m"),
-            reason="p99 over 1.2x stable",
-        )
-    assert _deployment(db_url) == ("1.1.0", None, 0.0)
-    assert _status(db_url)["1.2.0"] == "rolled_back"
-    with session_scope(db_url) as session:  # back to an earlier production version
-        crud.rollback(session=session, model=crud.require_model(session=session, name="m"))
-    assert _deployment(db_url) == ("1.0.0", None, 0.0)
-    assert _status(db_url) == {"1.0.0": "production", "1.1.0": "retired", "1.2.0": "rolled_back"}
+
+
+def _event_kinds(db_url: str) -> list[str]:
     with session_scope(db_url) as session:
         model = crud.require_model(session=session, name="m")
         dep = crud.get_deployment(session=session, model=model)
-        kinds = [e.kind for e in crud.list_deployment_events(session=session, deployment=dep)]
+        return [e.kind for e in crud.list_deployment_events(session=session, deployment=dep)]
+
+
+def _on_model(db_url: str, op: Callable[..., object], **kwargs: object) -> None:
+    """``op`` (a crud function of ``session`` and ``model``) on m, in a transaction of its own."""
+    with session_scope(db_url) as session:
+        op(session=session, model=crud.require_model(session=session, name="m"), **kwargs)
+
+
+def test_deploy_canary_promote_rollback(db_url: str) -> None:
+    register_validated(db_url, "1.0.0", "1.1.0", "1.2.0")
+    _make_stable(db_url, "1.0.0")
+    _start_canary(db_url, "1.1.0", 0.1)
+    assert _deployment(db_url) == ("1.0.0", "1.1.0", 0.1)
+    _on_model(db_url, crud.set_canary_weight, weight=0.5, reason="step")
+    _on_model(db_url, crud.promote)
+    assert _deployment(db_url) == ("1.1.0", None, 0.0)
+    assert _status(db_url) == {"1.0.0": "retired", "1.1.0": "production", "1.2.0": "validated"}
+    _start_canary(db_url, "1.2.0", 0.1)  # a canary that fails its guardrails
+    _on_model(db_url, crud.rollback, reason="p99 over 1.2x stable")
+    assert _deployment(db_url) == ("1.1.0", None, 0.0)
+    assert _status(db_url)["1.2.0"] == "rolled_back"
+    _on_model(db_url, crud.rollback)  # back to an earlier production version
+    assert _deployment(db_url) == ("1.0.0", None, 0.0)
+    assert _status(db_url) == {"1.0.0": "production", "1.1.0": "retired", "1.2.0": "rolled_back"}
+    kinds = _event_kinds(db_url)
     assert kinds == ["deploy", "canary", "weight", "promote", "canary", "rollback", "rollback"]
 
 
 def test_illegal_changes_are_refused_and_change_nothing(db_url: str) -> None:
-    _validated(db_url, "1.0.0")
+    register_validated(db_url, "1.0.0")
     with session_scope(db_url) as session:
         with pytest.raises(NotFound):  # not deployed: nothing to promote
             crud.promote(session=session, model=crud.require_model(session=session, name="m"))
-    with session_scope(db_url) as session:
-        crud.make_stable(
-            session=session,
-            version=crud.require_version(session=session, name="m", version="1.0.0"),
-        )
+    _make_stable(db_url, "1.0.0")
     with session_scope(db_url) as session, pytest.raises(Conflict, match="no canary"):
         crud.promote(session=session, model=crud.require_model(session=session, name="m"))
     with session_scope(db_url) as session, pytest.raises(IllegalTransition):
@@ -118,23 +97,13 @@ def test_illegal_changes_are_refused_and_change_nothing(db_url: str) -> None:
 
 
 def test_twenty_concurrent_promotes_have_one_winner(db_url: str) -> None:
-    _validated(db_url, "1.0.0", "2.0.0")
-    with session_scope(db_url) as session:
-        crud.make_stable(
-            session=session,
-            version=crud.require_version(session=session, name="m", version="1.0.0"),
-        )
-    with session_scope(db_url) as session:
-        crud.start_canary(
-            session=session,
-            weight=0.5,
-            version=crud.require_version(session=session, name="m", version="2.0.0"),
-        )
+    register_validated(db_url, "1.0.0", "2.0.0")
+    _make_stable(db_url, "1.0.0")
+    _start_canary(db_url, "2.0.0", 0.5)
 
     def promote(_: int) -> str:
         try:
-            with session_scope(db_url) as session:
-                crud.promote(session=session, model=crud.require_model(session=session, name="m"))
+            _on_model(db_url, crud.promote)
             return "won"
         except Conflict:
             return "409"
@@ -145,8 +114,4 @@ def test_twenty_concurrent_promotes_have_one_winner(db_url: str) -> None:
     assert outcomes.count("won") == 1 and outcomes.count("409") == 19
     assert _deployment(db_url) == ("2.0.0", None, 0.0)
     assert _status(db_url) == {"1.0.0": "retired", "2.0.0": "production"}
-    with session_scope(db_url) as session:
-        model = crud.require_model(session=session, name="m")
-        dep = crud.get_deployment(session=session, model=model)
-        events = crud.list_deployment_events(session=session, deployment=dep)
-    assert [e.kind for e in events].count("promote") == 1
+    assert _event_kinds(db_url).count("promote") == 1
