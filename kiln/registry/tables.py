@@ -228,3 +228,12 @@ class ApiKey(SQLModel, table=True):
     rate_per_second: float | None = None
     revoked: bool = False
     created_at: datetime = _ts()
+
+
+# --- Lease: who holds a named lease (the reconciler's), by the database's clock.
+class Lease(SQLModel, table=True):
+    name: str = Field(primary_key=True, max_length=64)
+    holder: str = Field(max_length=255)
+    token: int  # the fencing token: one more at every change of holder
+    since: float  # epoch seconds (database clock) when this holder took it
+    expires_at: float  # epoch seconds (database clock); renewals push it on
