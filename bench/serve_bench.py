@@ -28,8 +28,9 @@ workers; ``bench/cpu.py``), per request answered; never the load generator's. Ro
 into ``bench/results.md``.
 
 More sections, each with its own table: ``gateway-overhead`` times the gateway against the
-very engine worker it routes to, reached over the same channel the gateway uses, in alternating
-pairs of concurrency-1 runs (``gateway_overhead`` in results.json); ``log-overhead`` measures the inference log's cost: the gateway's p99 with
+very engine worker it routes to, reached over the same channel the gateway uses, in
+alternating pairs of concurrency-1 runs (``gateway_overhead`` in results.json);
+``log-overhead`` measures the inference log's cost: the gateway's p99 with
 ``KILN_INFERENCE_LOG_SAMPLE`` 1 against 0, medians of ``--log-runs`` alternating runs
 (``log_overhead``); ``idle`` measures what ``kiln serve`` with digits deployed costs with no
 traffic at all: the CPU of its whole process tree over ``--idle-seconds`` (30), in percent of

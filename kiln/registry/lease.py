@@ -10,8 +10,8 @@ longer current. On PostgreSQL it takes the row ``FOR SHARE``, so a successor's t
 for writes in flight to commit, and every later write of the old holder is refused; SQLite has
 one writer at a time, so the same check in the write's transaction is enough there.
 
-A holder must also stop acting on its own once ``expires_at`` has passed by its last renewal's
-renewal (:meth:`Held.valid_for`), before anyone else can take the lease: that, not the token, is
+A holder must also stop acting on its own once its last renewal's term has run out by its own
+clock (:meth:`Held.valid_for`), before anyone else can take the lease: that, not the token, is
 what keeps a partitioned holder from acting while it cannot reach the database at all.
 """
 
@@ -56,9 +56,13 @@ class Held:
         return self.sent_at + self.ttl_s - (time.monotonic() if now is None else now)
 
 
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def db_now(session: Session) -> ColumnElement[Any]:
     """The database's clock in epoch seconds, as a SQL expression."""
-    if session.get_bind().dialect.name == "postgresql":
+    if _postgres(session):
         return func.extract("epoch", func.clock_timestamp())
     return (func.julianday("now") - 2440587.5) * 86400.0
 
@@ -67,7 +71,7 @@ def _insert(session: Session) -> Any:
     """The dialect's INSERT (both have ON CONFLICT ... DO UPDATE ... WHERE)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
-    if session.get_bind().dialect.name == "postgresql":
+    if _postgres(session):
         return postgresql.insert
     return sqlite.insert
 
@@ -75,7 +79,9 @@ def _insert(session: Session) -> Any:
 def acquire(*, session: Session, name: str, holder: str, ttl_s: float) -> Held | None:
     """Take ``name`` for ``holder`` for ``ttl_s`` seconds if it is free, expired or already
     ``holder``'s (a renewal); None while another holder's lease runs. A change of holder, or a
-    holder taking back its own expired lease, raises the token by one."""
+    holder taking back its own expired lease, raises the token by one. Like every CRUD call it
+    leaves the commit to the caller's ``session_scope``: commit at once, so the row lock is not
+    held."""
     sent_at = time.monotonic()
     now = db_now(session)
     mine_and_live = (_TABLE.c.holder == holder) & (_TABLE.c.expires_at > now)
@@ -95,7 +101,6 @@ def acquire(*, session: Session, name: str, holder: str, ttl_s: float) -> Held |
         .returning(_TABLE.c.token, _TABLE.c.since, _TABLE.c.expires_at)
     )
     row = session.execute(statement).first()
-    session.commit()
     if row is None:
         return None
     return Held(
@@ -120,7 +125,6 @@ def release(*, session: Session, held: Held) -> None:
         )
         .values(expires_at=db_now(session))
     )
-    session.commit()
 
 
 def fence(*, session: Session, held: Held) -> None:
@@ -129,7 +133,7 @@ def fence(*, session: Session, held: Held) -> None:
     query = select(_TABLE.c.holder, _TABLE.c.token, _TABLE.c.expires_at > db_now(session)).where(
         _TABLE.c.name == held.name
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if _postgres(session):
         query = query.with_for_update(read=True)
     row = session.execute(query).first()
     if row is None or row[0] != held.holder or row[1] != held.token or not row[2]:

@@ -15,7 +15,7 @@ from kiln.registry.lease import LeaseLost
 
 def _acquire(url: str, holder: str, ttl_s: float = 5.0) -> lease.Held | None:
     with session_scope(url) as session:
-        return lease.acquire(session=session, name="reconciler", holder=holder, ttl_s=ttl_s)
+        return lease.acquire(session=session, name=lease.RECONCILER, holder=holder, ttl_s=ttl_s)
 
 
 def _fence(url: str, held: lease.Held) -> None:
@@ -33,7 +33,7 @@ def test_one_holder_at_a_time_and_renewal_keeps_the_token(db_url: str) -> None:
     assert renewed.expires_at >= a.expires_at
     _fence(db_url, renewed)
     with session_scope(db_url) as session:
-        now = lease.current(session=session, name="reconciler")
+        now = lease.current(session=session, name=lease.RECONCILER)
     assert now is not None and now["holder"] == "host-a" and now["token"] == 1
     assert 0 < now["expires_in_s"] <= 5
 
@@ -71,7 +71,7 @@ def test_release_lets_a_successor_in_at_once(db_url: str) -> None:
     assert a is not None
     with session_scope(db_url) as session:
         lease.release(session=session, held=a)
-        assert lease.current(session=session, name="reconciler") is None
+        assert lease.current(session=session, name=lease.RECONCILER) is None
     b = _acquire(db_url, "host-b")
     assert b is not None and b.token == 2
 
