@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
-from kiln.settings import Settings, apply_privacy_env, get_settings
+from kiln.settings import Settings, apply_privacy_env, get_settings, redact_url
 
 # The example data and models, and the demo's flawed digits versions (dvc.yaml stages).
 DEMO_STAGES = ("train_digits", "train_breast_cancer", "build_minilm", "build_digits_variants")
@@ -357,7 +357,7 @@ class Demo:
         path.write_text(json.dumps(doc, indent=2) + "\n")
         self.out.print(f"{seconds:.0f} s; summary: {path}")
         self.out.print(
-            f"registry: {self.settings.db_url}   artifacts: {self.settings.home / 'objects'}"
+            f"registry: {redact_url(self.settings.db_url)}   artifacts: {self.settings.home / 'objects'}"
         )
         self.out.print("try: .venv/bin/kiln models, .venv/bin/kiln show digits@0.3.0 --json")
         if failed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,24 @@ DRIFT_WINDOW_HOURS = 24.0  # logged requests a drift run judges (flows/monitor.p
 DRIFT_MIN_SAMPLES = 100  # kiln.monitor.drift.DriftSettings.min_samples
 
 
+class ServeRole(StrEnum):
+    """What one ``kiln serve`` does (serving/supervisor.py)."""
+
+    all = "all"  # route, and contend for the reconciler lease (one machine: today's behaviour)
+    gateway = "gateway"  # route only, by the acting reconciler's routing table
+    reconciler = "reconciler"  # contend for the lease and run engines; route nothing
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user part (``scheme://user:PASSWORD@host``) replaced by
+    ``***``: what a log line or a message may show of a database or Redis URL."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 def apply_privacy_env() -> None:
     """Turn off the telemetry of every tool Kiln drives (user-set values win)."""
     for key, value in PRIVACY_ENV.items():
@@ -61,6 +80,9 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=0.5, gt=0, description="supervisor period")
     health_interval_s: float = Field(default=1.0, gt=0, description="engine health checks")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="wait for in-flight work")
+    # the reconciler lease (kiln/registry/lease.py): how long one term lasts without a renewal;
+    # a successor takes over at most this long after its holder died
+    lease_ttl_s: float = Field(default=5.0, ge=1.0, le=300.0, description="reconciler lease term")
     inference_log_sample: float = Field(default=0.1, ge=0.0, le=1.0)
     # the gateway's inference log (serving/inference_log.py): a bounded queue, a writer thread
     inference_log_queue: int = Field(

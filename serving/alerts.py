@@ -32,8 +32,12 @@ from serving.state import RoutingState
 log = logging.getLogger("kiln.monitor.alerts")
 
 P99, ERROR_RATE, ENGINE_DOWN, GPU_UTIL = "p99", "error_rate", "engine_down", "gpu_util"
-MONITORED = (P99, ERROR_RATE, ENGINE_DOWN, GPU_UTIL)  # kiln.monitor.alerts.KINDS less "drift"
-Key = tuple[str, str, str | None]  # (model, kind, version); GPU alerts have no version
+RATE_LIMIT_LOCAL = "rate_limit_local"  # a gateway counting per-key limits alone (Redis down)
+MONITORED = (P99, ERROR_RATE, ENGINE_DOWN, GPU_UTIL, RATE_LIMIT_LOCAL)  # KINDS less "drift"
+# (model, kind, version); GPU alerts have no version; a gateway's own alerts (RATE_LIMIT_LOCAL)
+# stand under the model ANY_MODEL with the gateway's address in the version's place
+Key = tuple[str, str, str | None]
+ANY_MODEL = "*"
 
 
 @dataclass(frozen=True)
@@ -191,8 +195,12 @@ class AlertMonitor:
         *,
         gpu_reader: Callable[[], list[float] | None] | None = None,
         describe: Callable[[], list[dict[str, Any]]] | None = None,
+        limiter: Any = None,
+        gateway: str | None = None,
     ) -> None:
         self.settings = settings
+        self.limiter = limiter  # serving.auth.RateLimiter: shared limits degraded to local ones
+        self.gateway = gateway or "gateway"  # this gateway's address, in its own alerts
         self.state = state
         self.metrics = metrics
         self.gpu_reader = gpu_reader if gpu_reader is not None else metrics.gpu.utilization
@@ -244,7 +252,8 @@ class AlertMonitor:
     def decide(self, view: RegistryView, now: float, wall: float) -> list[Action]:
         served = {(m.name, v): m for m in self.state.models.values() for v in m.versions()}
         for key in view.open:
-            if key[1] in MONITORED:  # drift: the drift flow's to resolve
+            # drift: the drift flow's to resolve; another gateway's own alerts: that gateway's
+            if key[1] in MONITORED and (key[0] != ANY_MODEL or key[2] == self.gateway):
                 self.hysteresis.adopt(key)
         actions: list[Action] = []
         findings: dict[Key, Finding] = {}
@@ -261,6 +270,8 @@ class AlertMonitor:
             gpu_finding = evaluate_gpu(list(self.gpu_samples), alerts, now) if gpu else None
             if gpu_finding is not None:
                 findings[(name, GPU_UTIL, None)] = gpu_finding
+        if self.limiter is not None and self.limiter.shared:
+            findings[(ANY_MODEL, RATE_LIMIT_LOCAL, self.gateway)] = self._limits_finding()
         for key, finding in findings.items():
             step = self.hysteresis.step(key, finding.holds)
             if step in ("open", "hold"):
@@ -312,6 +323,19 @@ class AlertMonitor:
             p99_ms=doc.get("p99_ms"),
             unready_s=unready,
             ever_ready=ready_at is not None,
+        )
+
+    def _limits_finding(self) -> Finding:
+        since = self.limiter.degraded_since
+        if since is None:
+            return Finding(RATE_LIMIT_LOCAL, False)
+        return Finding(
+            RATE_LIMIT_LOCAL,
+            True,
+            round(time.time() - since, 1),
+            message=f"gateway {self.gateway} counts per-key rate limits alone: the shared "
+            f"storage does not answer ({self.limiter.last_error}); each gateway admits a key's "
+            "whole rate until it does",
         )
 
     def _read_gpu(self, now: float) -> bool:

@@ -202,9 +202,13 @@ class RateLimiter:
     Lifecycle: built once per gateway from ``settings.rate_limit_storage`` (``memory://`` in the
     process, or ``redis://...`` shared by every gateway replica; no connection is made until the
     first hit) and ``settings.rate_limit_strategy``; :meth:`hit` per request; :meth:`check` for a
-    readiness probe. If the storage fails, requests are admitted (fail open, logged): a rate limit
-    outage must not become a serving outage.
+    readiness probe. If a shared storage fails, this gateway counts on local limits (each key's
+    whole rate, in its own memory) until a probe every ``PROBE_S`` finds the storage answering
+    again (:attr:`degraded_since`, the ``kiln_rate_limit_local_fallback`` gauge and an alert say so): a
+    Redis outage must become neither a serving outage nor unlimited keys.
     """
+
+    PROBE_S = 2.0  # while on local limits: how often the shared storage is tried again
 
     def __init__(self, settings: Settings, *, namespace: str = "kiln") -> None:
         uri = _async_uri(settings.rate_limit_storage)
@@ -215,12 +219,19 @@ class RateLimiter:
         storage = storage_from_string(uri, **options)
         assert isinstance(storage, Storage)
         self.storage: Storage = storage
+        self.shared = not uri.startswith("async+memory")
         self.strategy_name = settings.rate_limit_strategy
         self.strategy: Strategy = STRATEGIES[settings.rate_limit_strategy](storage)
+        local = storage_from_string("async+memory://")
+        assert isinstance(local, Storage)
+        self.local: Strategy = STRATEGIES[settings.rate_limit_strategy](local)
         self.default_rate = settings.default_rate_per_second
         self.namespace = namespace
+        self.degraded_since: float | None = None  # wall time the shared storage last failed
+        self.last_error = ""
         self._items: dict[float, tuple[RateLimitItem, ...]] = {}
-        self._last_error_log = 0.0
+        self._probe: asyncio.Task[None] | None = None
+        self._last_probe = 0.0
 
     def rate_of(self, principal: Principal) -> float | None:
         """The key's own rate, else the default; None is unlimited."""
@@ -229,6 +240,11 @@ class RateLimiter:
             if principal.rate_per_second is not None
             else self.default_rate
         )
+
+    @property
+    def counting_shared(self) -> bool:
+        """Whether hits are counted in the shared storage now (False: memory://, or degraded)."""
+        return self.shared and self.degraded_since is None
 
     async def hit(self, principal: Principal) -> float | None:
         """Count one request for ``principal``: None when admitted, else the whole seconds
@@ -239,13 +255,48 @@ class RateLimiter:
         items = self._items.get(rate)
         if items is None:
             items = self._items[rate] = limits_for(rate, self.strategy_name)
+        if self.degraded_since is not None:
+            self._maybe_probe()
+            return await self._hit(self.local, items, principal.prefix)
         try:
-            for item in items:
-                if not await self.strategy.hit(item, self.namespace, principal.prefix):
-                    return await self._retry_after(item, principal.prefix)
+            return await self._hit(self.strategy, items, principal.prefix)
         except StorageError as exc:
-            self._log_storage_error(exc)
+            self._degrade(exc)
+            return await self._hit(self.local, items, principal.prefix)
+
+    async def _hit(
+        self, strategy: Strategy, items: tuple[RateLimitItem, ...], prefix: str
+    ) -> float | None:
+        for item in items:
+            if not await strategy.hit(item, self.namespace, prefix):
+                stats = await strategy.get_window_stats(item, self.namespace, prefix)
+                wait = stats.reset_time - time.time()
+                return float(min(item.get_expiry(), max(1, math.ceil(wait))))
         return None
+
+    def _degrade(self, exc: Exception) -> None:
+        self.degraded_since = time.time()
+        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self._last_probe = time.monotonic()
+        # the error's text is the client's (host and port); a URL's password never reaches it
+        log.error(
+            "rate-limit storage failed (%s): counting each key's rate on this gateway alone "
+            "until it answers again",
+            self.last_error[:200],
+        )
+
+    def _maybe_probe(self) -> None:
+        now = time.monotonic()
+        if now - self._last_probe < self.PROBE_S or (self._probe and not self._probe.done()):
+            return
+        self._last_probe = now
+        self._probe = asyncio.get_running_loop().create_task(self._try_shared())
+
+    async def _try_shared(self) -> None:
+        if await self.storage.check():
+            log.warning("rate-limit storage answers again: shared limits resume")
+            self.degraded_since = None
+            self.last_error = ""
 
     async def clear(self, principal: Principal) -> None:
         """Reset ``principal``'s windows (tests, and an operator lifting a block)."""
@@ -253,18 +304,8 @@ class RateLimiter:
         if rate is not None:
             for item in limits_for(rate, self.strategy_name):
                 await self.strategy.clear(item, self.namespace, principal.prefix)
+                await self.local.clear(item, self.namespace, principal.prefix)
 
     async def check(self) -> bool:
         """Whether the storage answers (a PING for Redis; never raises)."""
         return await self.storage.check()
-
-    async def _retry_after(self, item: RateLimitItem, prefix: str) -> float:
-        stats = await self.strategy.get_window_stats(item, self.namespace, prefix)
-        wait = stats.reset_time - time.time()
-        return float(min(item.get_expiry(), max(1, math.ceil(wait))))
-
-    def _log_storage_error(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_error_log > 10.0:  # once per 10 s, not once per request
-            self._last_error_log = now
-            log.error("rate-limit storage failed, admitting requests unlimited: %s", exc)

@@ -161,12 +161,19 @@ class Gateway:
         keys: KeyStore | None = None,
         limiter: RateLimiter | None = None,
         supervise: bool = True,
+        role: str = "all",
+        address: str | None = None,
     ) -> None:
         self.settings = settings
+        self.role = role  # kiln serve --role: all, gateway or reconciler (serving.supervisor)
+        self.address = address
         self.state = state or RoutingState()
         self.metrics = GatewayMetrics()
         self.keys = keys or KeyStore(settings)
         self.limiter = limiter or RateLimiter(settings)
+        self.metrics.rate_limit_local.set_function(
+            lambda: float(self.limiter.degraded_since is not None)
+        )
         self.supervise = supervise
         self.supervisor: Any = None
         self.alerts: Any = None  # serving.alerts.AlertMonitor, started with the supervisor
@@ -180,13 +187,20 @@ class Gateway:
         if self.supervise:
             from serving.supervisor import Supervisor
 
-            self.supervisor = Supervisor(self.settings, self.state, self.metrics)
+            self.supervisor = Supervisor(
+                self.settings, self.state, self.metrics, role=self.role, address=self.address
+            )
             self.metrics.watch_engines(self.supervisor.engine_rows)
             await self.supervisor.start()
             from serving.alerts import AlertMonitor
 
             self.alerts = AlertMonitor(
-                self.settings, self.state, self.metrics, describe=self.supervisor.describe
+                self.settings,
+                self.state,
+                self.metrics,
+                describe=self.supervisor.describe,
+                limiter=self.limiter,
+                gateway=self.address,
             )
             await self.alerts.start()
         heap.freeze("gateway")  # what startup built lives until exit (serving/heap.py)
@@ -280,6 +294,11 @@ class Gateway:
         match = _MODEL_PATH.match(path)
         if match is None:
             raise NotFound(f"no route {path}: see the Open Inference Protocol v2 routes")
+        if self.role == "reconciler":
+            raise NotFound(
+                f"no route {path} on a reconciler (kiln serve --role reconciler): "
+                "send model requests to a gateway"
+            )
         name, version, action = match.group(1), match.group(2), match.group(3)
         self._authorize(principal, "infer", name)
         served = self._served(name, version)
@@ -816,17 +835,21 @@ def create_app(settings: Settings, **kwargs: Any) -> Gateway:
     return Gateway(settings, **kwargs)
 
 
-def serve(settings: Settings, *, port: int | None = None, host: str | None = None) -> None:
+def serve(
+    settings: Settings, *, port: int | None = None, host: str | None = None, role: str = "all"
+) -> None:
     """Run the gateway (and its supervisor) under uvicorn until SIGINT/SIGTERM."""
     import uvicorn
 
     from serving.http import HttpLimits, guarded_protocol
 
-    app = create_app(settings)
+    bind = host or settings.gateway_host
+    port = settings.gateway_port if port is None else port
+    app = create_app(settings, role=role, address=f"{bind}:{port}")
     config = uvicorn.Config(
         app,
-        host=host or settings.gateway_host,
-        port=settings.gateway_port if port is None else port,
+        host=bind,
+        port=port,
         http=guarded_protocol(HttpLimits(max_body_bytes=settings.max_body_bytes)),
         loop="uvloop",
         lifespan="on",

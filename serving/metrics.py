@@ -173,6 +173,12 @@ class GatewayMetrics:
             "kiln_auth_failures_total", "401 and 403 answers", ["code"], registry=r
         )
         self.rate_limited = Counter("kiln_rate_limited_total", "429 answers", registry=r)
+        self.rate_limit_local = Gauge(
+            "kiln_rate_limit_local_fallback",
+            "1 while this gateway counts per-key limits alone because their shared storage "
+            "(Redis) does not answer; 0 otherwise",
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "kiln_engine_restarts_total",
             "engine replicas restarted after dying or failing health",

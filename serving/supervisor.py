@@ -9,6 +9,16 @@ per replica (Ray Serve's autoscaling rule: target ongoing requests per replica) 
 replicas no deployment wants (no new requests; stop when their in-flight ones are answered or the
 drain timeout passes) -> ``stop()`` stops every engine it started.
 
+Roles (``kiln serve --role``): only the holder of the reconciler lease in the registry's database
+(:mod:`kiln.registry.lease`) acts, i.e. starts and stops engines; ``all`` (the default) and
+``reconciler`` contend for it, ``gateway`` never does. The acting one renews its lease every fifth
+of its term and publishes its replicas to the routing table (:mod:`kiln.registry.endpoints`), each
+write fenced by the lease's token; every process that does not act follows that table instead.
+One that loses its lease (another holds it, its term ran out by its own clock without a renewal,
+or a fenced write was refused) steps down at once: it stops every engine it started and follows.
+Engines outlive no reconciler: each watches its parent and stops when it is gone
+(``serving.engine``).
+
 The gateway routes by the same :class:`~serving.state.RoutingState` this writes, in the same
 process and event loop.
 """
@@ -26,8 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from sqlalchemy.exc import SQLAlchemyError
 
-from kiln.registry import crud
+from kiln.registry import crud, endpoints, lease
 from kiln.registry.db import session_scope
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
@@ -40,6 +51,8 @@ SCALE_UP_COOLDOWN_S = 5.0
 SCALE_DOWN_AFTER_S = 30.0  # load under a quarter of the target for this long: one replica fewer
 HEALTH_FAILURES = 3  # failed health checks in a row before a ready replica is restarted
 MAX_BACKOFF_S = 30.0
+RENEW_AFTER = 0.2  # share of the lease's term after which the holder renews it
+DB_ERROR_LOG_S = 10.0  # one log line per this long while the database does not answer
 
 
 def free_port() -> int:
@@ -86,11 +99,19 @@ class Supervisor:
         metrics: GatewayMetrics,
         *,
         env: dict[str, str] | None = None,
+        role: str = "all",
+        address: str | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
         self.metrics = metrics
         self.env = env
+        self.role = role
+        where = f"{socket.gethostname()} pid {os.getpid()}"
+        self.holder = f"{address} ({where})" if address else where
+        self.held: lease.Held | None = None
+        self._published: list[endpoints.Endpoint] | None = None
+        self._last_db_error_log = 0.0
         self.plans: dict[tuple[str, str], VersionPlan] = {}
         self.retiring: list[EngineProc] = []
         self._task: asyncio.Task[None] | None = None
@@ -112,12 +133,21 @@ class Supervisor:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await self._stop_engines()
+        held, self.held = self.held, None
+        if held is not None:  # the successor need not wait for the term to run out
+            try:
+                await asyncio.to_thread(self._resign, held)
+            except SQLAlchemyError as exc:
+                log.warning("could not release the reconciler lease: %s", _one_line(exc))
+        if self._client is not None:
+            await self._client.close()
+
+    async def _stop_engines(self) -> None:
         everything = [e for plan in self.plans.values() for e in plan.engines] + self.retiring
         await asyncio.gather(*(asyncio.to_thread(self._kill, e) for e in everything))
         self.plans.clear()
         self.retiring.clear()
-        if self._client is not None:
-            await self._client.close()
 
     async def _loop(self) -> None:
         last_health = 0.0
@@ -176,6 +206,10 @@ class Supervisor:
         return models
 
     async def reconcile(self) -> None:
+        if self.role != "gateway":
+            await self._keep_lease()
+        if not self.acting:
+            await self._follow()
         changed = await asyncio.to_thread(self._read_if_changed)
         if changed is not None:
             self._hand_over(self.state.models, changed)
@@ -183,6 +217,8 @@ class Supervisor:
         models = self.state.models
         self._end_handovers(models)
         self.state.loaded_at = time.monotonic()
+        if not self.acting:
+            return
         wanted = {
             (m.name, v): m.settings
             for m in models.values()
@@ -207,6 +243,126 @@ class Supervisor:
             self._converge(plan)
         await self._finish_drains()
         self._publish()
+        await self._publish_table()
+
+    # --- the reconciler lease
+    @property
+    def acting(self) -> bool:
+        """Whether this process holds the reconciler lease (it starts and stops engines)."""
+        return self.held is not None
+
+    def _take_lease(self) -> lease.Held | None:
+        with session_scope(self.settings.db_url) as session:
+            return lease.acquire(
+                session=session,
+                name=lease.RECONCILER,
+                holder=self.holder,
+                ttl_s=self.settings.lease_ttl_s,
+            )
+
+    async def _keep_lease(self) -> None:
+        """Take the lease when it is free, renew it once a fifth of its term has passed; step
+        down when another process holds it or its term ran out without a renewal."""
+        held = self.held
+        if held is not None and held.valid_for() > self.settings.lease_ttl_s * (1 - RENEW_AFTER):
+            return
+        try:
+            taken = await asyncio.to_thread(self._take_lease)
+        except SQLAlchemyError as exc:
+            self._db_error("could not renew the reconciler lease", exc)
+            if held is not None and held.valid_for() <= 0:
+                await self._step_down("its lease ran out without a renewal")
+            return
+        if held is not None and (taken is None or taken.token != held.token):
+            await self._step_down("another process holds the reconciler lease")
+        if taken is not None and self.held is None:
+            log.info("took the reconciler lease as %s (token %d)", self.holder, taken.token)
+            self._published = None
+        self.held = taken
+
+    async def _step_down(self, why: str) -> None:
+        """Stop acting at once: stop every engine this process started, then follow the
+        routing table like any gateway."""
+        engines = sum(len(p.engines) for p in self.plans.values()) + len(self.retiring)
+        log.warning("no longer the reconciler: %s; stopping its %d engines", why, engines)
+        self.held = None
+        self._published = None
+        self.state.replicas = {}
+        await self._stop_engines()
+
+    def _resign(self, held: lease.Held) -> None:
+        with session_scope(self.settings.db_url) as session:
+            endpoints.publish(session=session, held=held, endpoints=[])
+            lease.release(session=session, held=held)
+
+    # --- the routing table (kiln.registry.endpoints)
+    def _write_table(self, held: lease.Held, table: list[endpoints.Endpoint]) -> None:
+        with session_scope(self.settings.db_url) as session:
+            endpoints.publish(session=session, held=held, endpoints=table)
+
+    async def _publish_table(self) -> None:
+        """Publish this reconciler's replicas when they changed, fenced by its lease."""
+        held = self.held
+        if held is None:
+            return
+        if held.valid_for() <= 0:
+            await self._step_down("its lease ran out without a renewal")
+            return
+        table = [
+            endpoints.Endpoint(
+                model=r.model,
+                version=r.version,
+                url=r.url,
+                channels=tuple(r.channels),
+                ready=r.ready,
+                draining=r.draining,
+                pid=r.pid,
+            )
+            for replicas in self.state.replicas.values()
+            for r in replicas
+        ]
+        if table == self._published:
+            return
+        try:
+            await asyncio.to_thread(self._write_table, held, table)
+        except lease.LeaseLost:
+            await self._step_down("a write under its lease was refused (fenced)")
+            return
+        except SQLAlchemyError as exc:  # published again next pass
+            self._db_error("could not publish the routing table", exc)
+            return
+        self._published = table
+
+    def _read_table(self) -> list[endpoints.Endpoint]:
+        with session_scope(self.settings.db_url) as session:
+            return endpoints.routable(session=session)
+
+    async def _follow(self) -> None:
+        """Route by the acting reconciler's table; keep the last one while the database does
+        not answer. A replica seen before keeps its gateway-side state (requests in flight,
+        circuit breaker)."""
+        try:
+            table = await asyncio.to_thread(self._read_table)
+        except SQLAlchemyError as exc:
+            self._db_error("could not read the routing table (routing on the last one)", exc)
+            return
+        known = {(r.model, r.version, r.url): r for rs in self.state.replicas.values() for r in rs}
+        replicas: dict[tuple[str, str], list[Replica]] = {}
+        for e in table:
+            replica = known.get((e.model, e.version, e.url)) or Replica(
+                model=e.model, version=e.version, url=e.url, pid=e.pid
+            )
+            replica.channels = list(e.channels)
+            replica.ready = e.ready
+            replica.draining = e.draining
+            replicas.setdefault((e.model, e.version), []).append(replica)
+        self.state.replicas = replicas
+
+    def _db_error(self, what: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_db_error_log >= DB_ERROR_LOG_S:
+            self._last_db_error_log = now
+            log.warning("%s: %s", what, _one_line(exc))
 
     # --- make-before-break
     def _hand_over(self, before: dict[str, ServedModel], after: dict[str, ServedModel]) -> None:
@@ -391,9 +547,12 @@ class Supervisor:
 
     # --- health
     async def check_health(self) -> None:
+        if not self.acting:
+            return
         engines = [e for p in self.plans.values() for e in p.engines if e.proc.poll() is None]
         await asyncio.gather(*(self._probe(e) for e in engines))
         self._publish()
+        await self._publish_table()
 
     async def _probe(self, engine: EngineProc) -> None:
         assert self._client is not None
@@ -483,3 +642,10 @@ def _group_rss(psutil: Any, pid: int) -> int:
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
     except psutil.Error:
         return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as one short line: a driver's message without its SQL and parameters, and
+    never a URL's password (SQLAlchemy renders URLs without it)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

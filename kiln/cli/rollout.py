@@ -18,7 +18,7 @@ from kiln.cli._common import (
     handled,
     out,
 )
-from kiln.settings import CANARY_STEP_SECONDS, READY_TIMEOUT_S, Settings
+from kiln.settings import CANARY_STEP_SECONDS, READY_TIMEOUT_S, ServeRole, Settings, redact_url
 
 # what `kiln serve` binds to without --port and --host (the environment's KILN_* aside)
 _DEFAULT_PORT = Settings.model_fields["gateway_port"].default
@@ -200,6 +200,13 @@ def status(as_json: JsonOpt = False) -> None:
                 f"{'@' + a['version'] if a['version'] else ''} {a['kind']}: {a['message']}",
                 highlight=False,
             )
+    held = doc.get("reconciler")
+    out.print(
+        f"reconciler: {held['holder']}"
+        if held
+        else "reconciler: none (no `kiln serve` holds the lease)",
+        highlight=False,
+    )
     if not doc.get("gateway"):
         out.print(f"no gateway answers at {doc['gateway_url']}: live figures need `kiln serve`")
 
@@ -214,6 +221,14 @@ def serve(
     host: Annotated[
         str | None, typer.Option(help=f"Bind address (default {_DEFAULT_HOST}).")
     ] = None,
+    role: Annotated[
+        ServeRole,
+        typer.Option(
+            help="all: route and contend for the reconciler lease (one machine); gateway: "
+            "route only, by the acting reconciler's table; reconciler: contend for the lease "
+            "and run engines, route nothing."
+        ),
+    ] = ServeRole.all,
 ) -> None:
     """Run the gateway and the supervisor that keeps engines matched to the deployments."""
     import logging
@@ -226,8 +241,8 @@ def serve(
     )
     bind = host or settings.gateway_host
     err.print(
-        f"kiln gateway on http://{bind}:{settings.gateway_port if port is None else port} "
-        f"(registry {settings.db_url})",
+        f"kiln serve --role {role.value} on http://{bind}:"
+        f"{settings.gateway_port if port is None else port} (registry {redact_url(settings.db_url)})",
         highlight=False,
     )
-    run_gateway(settings, port=port, host=host)
+    run_gateway(settings, port=port, host=host, role=role.value)

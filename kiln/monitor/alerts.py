@@ -30,7 +30,7 @@ from kiln.registry.tables import Alert
 
 log = logging.getLogger(__name__)
 
-KINDS = ("p99", "error_rate", "engine_down", "gpu_util", "drift")
+KINDS = ("p99", "error_rate", "engine_down", "gpu_util", "rate_limit_local", "drift")
 
 
 def prefect_reachable() -> bool:

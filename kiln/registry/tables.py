@@ -237,3 +237,16 @@ class Lease(SQLModel, table=True):
     token: int  # the fencing token: one more at every change of holder
     since: float  # epoch seconds (database clock) when this holder took it
     expires_at: float  # epoch seconds (database clock); renewals push it on
+
+
+# --- EngineEndpoint: the routing table the acting reconciler publishes for every gateway.
+class EngineEndpoint(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    model: str = Field(max_length=255)
+    version: str = Field(max_length=64)
+    url: str = Field(max_length=255)  # the engine's HTTP address (health, stats)
+    channels: list[str] = Field(default_factory=list, sa_type=JSON)  # its workers' host:port
+    ready: bool = False
+    draining: bool = False
+    pid: int = 0
+    token: int  # the reconciler lease's fencing token it was published under

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from kiln.errors import ExternalToolError
-from kiln.registry import crud
+from kiln.registry import crud, lease
 from kiln.registry.db import session_scope
 from kiln.rollout.client import GatewayClient, gateway_url
 from kiln.settings import Settings
@@ -141,7 +141,8 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
 def status_view(settings: Settings) -> dict[str, Any]:
     """``kiln status --json``: deployments from the registry, live figures from the gateway
     (the last minute), or nulls when no gateway answers; the last drift report and the open
-    alerts from the registry."""
+    alerts from the registry; who holds the reconciler lease (``reconciler``: holder and since,
+    epoch seconds; null when no ``kiln serve`` reconciles)."""
     with session_scope(settings.db_url) as session:
         rows = [
             (
@@ -153,6 +154,8 @@ def status_view(settings: Settings) -> dict[str, Any]:
             for d in crud.served_versions(session=session)
         ]
         watch = {name: _watch(session, name) for name, *_ in rows}
+        held = lease.current(session=session, name=lease.RECONCILER)
+        reconciler = None if held is None else {"holder": held["holder"], "since": held["since"]}
         key = None
         if rows:
             from kiln.rollout.service import service_key
@@ -190,7 +193,7 @@ def status_view(settings: Settings) -> dict[str, Any]:
     finally:
         if gateway is not None:
             gateway.close()
-    return {"models": models, "gateway": reachable, "gateway_url": url}
+    return {"models": models, "gateway": reachable, "gateway_url": url, "reconciler": reconciler}
 
 
 def _watch(session: Any, name: str) -> dict[str, Any]:

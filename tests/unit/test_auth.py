@@ -313,18 +313,25 @@ def test_fractional_rate_bounds_the_minute(kiln_home: Path) -> None:
     assert results[4] is not None and 55 <= results[4] <= 60  # the minute's window
 
 
-def test_storage_failure_admits(kiln_home: Path) -> None:
+def test_storage_failure_counts_on_local_limits(kiln_home: Path) -> None:
+    """A shared storage that does not answer: the key's rate still holds, counted by this
+    gateway alone, and the limiter says it is degraded (the gauge and the alert read that)."""
     import socket
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    limiter = RateLimiter(Settings(rate_limit_storage=f"redis://127.0.0.1:{port}/0"))
+    limiter = RateLimiter(Settings(rate_limit_storage=f"redis://:s3cret@127.0.0.1:{port}/0"))
+    assert limiter.shared and limiter.counting_shared
 
-    async def run() -> tuple[float | None, bool]:
-        return await limiter.hit(principal("kiln_ffffffff", rate=1)), await limiter.check()
+    async def run() -> tuple[list[float | None], bool]:
+        key = principal("kiln_ffffffff", rate=1)
+        return [await limiter.hit(key) for _ in range(3)], await limiter.check()
 
-    assert asyncio.run(run()) == (None, False)
+    hits, answers = asyncio.run(run())
+    assert hits[0] is None and hits[1] == 1.0 and hits[2] == 1.0  # one per second, locally
+    assert not answers and not limiter.counting_shared and limiter.degraded_since is not None
+    assert "s3cret" not in limiter.last_error and limiter.last_error
 
 
 def test_settings_refuse_unknown_storage(kiln_home: Path) -> None:
