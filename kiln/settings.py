@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Everything Kiln drives stays off the network: no telemetry, no hub downloads.
@@ -46,6 +47,16 @@ class ServeRole(StrEnum):
     reconciler = "reconciler"  # contend for the lease and run engines; route nothing
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: other machines may resolve it
+        return False
+
+
 def redact_url(url: str) -> str:
     """``url`` with the password of its user part (``scheme://user:PASSWORD@host``) replaced by
     ``***``: what a log line or a message may show of a database or Redis URL."""
@@ -77,6 +88,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024**2, gt=0, description="gateway request cap")
     gateway_max_connections: int = Field(default=1000, ge=1, description="open connections")
     engine_start_timeout_s: float = Field(default=120.0, gt=0, description="engine warm-up")
+    # where the engines a reconciler starts listen, and what gateways on other hosts reach them
+    # by; an address other machines reach needs engine_secret (serving/channel.py)
+    engine_host: str = Field(default="127.0.0.1", description="engines' bind and address")
+    engine_secret: SecretStr | None = Field(
+        default=None, description="shared by every gateway and engine: proves channel clients"
+    )
     reconcile_interval_s: float = Field(default=0.5, gt=0, description="supervisor period")
     health_interval_s: float = Field(default=1.0, gt=0, description="engine health checks")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="wait for in-flight work")
@@ -128,6 +145,15 @@ class Settings(BaseSettings):
                 "memory:// or redis://HOST:PORT/DB (also rediss://, redis+unix://)"
             )
         return uri
+
+    @model_validator(mode="after")
+    def _engines_reachable_only_with_a_secret(self) -> Settings:
+        if not is_loopback(self.engine_host) and self.engine_secret is None:
+            raise ValueError(
+                f"engine_host {self.engine_host} is reachable from other machines: set "
+                "KILN_ENGINE_SECRET (the same secret on every gateway and reconciler host)"
+            )
+        return self
 
     @field_validator("home")
     @classmethod

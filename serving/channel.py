@@ -16,13 +16,21 @@ answer (status, rows) back. A connection that breaks fails what it carried with
 :class:`~serving.gateway.EngineUnavailable`-like errors the gateway retries on another replica.
 
 Frames are :mod:`serving.wire`'s (JSON header + raw tensor bytes; nothing pickled), over plain
-TCP, so the worker may be on another machine: it binds the address the engine was given.
+TCP, so the worker may be on another machine: it binds the address the engine was given. With a
+shared secret (``KILN_ENGINE_SECRET``, required for an address other machines reach) a
+connection starts with a challenge: the worker sends 16 random bytes, the gateway answers their
+HMAC-SHA256 under the secret, and a wrong or late answer closes the connection before any frame
+is read. The secret itself never crosses the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 import socket
 import threading
 from collections import deque
@@ -44,6 +52,23 @@ from serving.wire import (
 
 log = logging.getLogger("kiln.channel")
 CONNECT_TIMEOUT_S = 2.0
+NONCE_BYTES = 16  # the worker's challenge; the answer is an HMAC-SHA256 (32 bytes)
+
+
+SECRET_ENV = "KILN_ENGINE_SECRET"  # kiln.settings.Settings.engine_secret
+
+
+def secret_from_env() -> bytes | None:
+    """The channel secret of this process (an engine worker reads it here, not from
+    ``kiln.settings``, which it does not import when a loader is given)."""
+    raw = os.environ.get(SECRET_ENV)
+    return raw.encode() if raw else None
+
+
+def _proof(secret: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, nonce, hashlib.sha256).digest()
+
+
 FramedHandler = Callable[[bytes, int], list[bytes]]
 
 
@@ -53,8 +78,11 @@ class ChannelServer:
     reads a frame, hands it to ``handler`` (which returns the answer frame's pieces) and writes
     the answer, in order. A broken frame closes that connection only."""
 
-    def __init__(self, host: str, handler: FramedHandler, port: int = 0) -> None:
+    def __init__(
+        self, host: str, handler: FramedHandler, port: int = 0, *, secret: bytes | None = None
+    ) -> None:
         self.handler = handler
+        self.secret = secret
         self.sock = socket.create_server((host, port), backlog=64)
         self.host, self.port = self.sock.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept, name="kiln-channel", daemon=True)
@@ -82,6 +110,9 @@ class ChannelServer:
         prefix = bytearray(FRAME_HEAD.size)
         with conn:
             try:
+                if self.secret is not None and not self._challenge(conn):
+                    log.warning("refused a channel from %s: wrong or missing proof", peer)
+                    return
                 while _read_exactly(conn, prefix):
                     length, head = frame_length(bytes(prefix))
                     body = bytearray(length)
@@ -94,6 +125,19 @@ class ChannelServer:
                 return
             except Exception:  # a bug: the gateway sees the connection close and retries
                 log.exception("closing the channel from %s", peer)
+
+    def _challenge(self, conn: socket.socket) -> bool:
+        assert self.secret is not None
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        conn.settimeout(CONNECT_TIMEOUT_S)
+        conn.sendall(nonce)
+        answer = bytearray(hashlib.sha256().digest_size)
+        try:
+            got = _read_exactly(conn, answer)
+        except (OSError, TimeoutError):
+            return False
+        conn.settimeout(None)
+        return got and hmac.compare_digest(bytes(answer), _proof(self.secret, nonce))
 
     def close(self) -> None:
         self.sock.close()
@@ -149,8 +193,9 @@ class _Pending:
 class Channel:
     """The gateway's connection to one worker (``host:port``), coalescing concurrent jobs."""
 
-    def __init__(self, endpoint: str, *, max_rows: int) -> None:
+    def __init__(self, endpoint: str, *, max_rows: int, secret: bytes | None = None) -> None:
         host, _, port = endpoint.rpartition(":")
+        self.secret = secret  # answer the worker's challenge with it (ChannelServer)
         self.endpoint = endpoint
         self.host, self.port = host, int(port)
         self.max_rows = max_rows
@@ -204,7 +249,16 @@ class Channel:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S
                 )
-            except (OSError, TimeoutError) as exc:
+                if self.secret is not None:
+                    try:
+                        nonce = await asyncio.wait_for(
+                            reader.readexactly(NONCE_BYTES), CONNECT_TIMEOUT_S
+                        )
+                    except (asyncio.IncompleteReadError, OSError, TimeoutError):
+                        writer.close()
+                        raise
+                    writer.write(_proof(self.secret, nonce))
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 error = ChannelBroken(f"cannot connect to {self.endpoint}: {type(exc).__name__}")
                 self._connecting.set_exception(error)
                 self._connecting.exception()  # retrieved: the other waiters raise it themselves

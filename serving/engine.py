@@ -47,8 +47,9 @@ from starlette.responses import Response
 from kiln.errors import DeadlineExceeded, InferenceFailed, InvalidInput, KilnError, NotFound
 from kiln.faults import EngineFaults
 from kiln.processes import signal_group, start_group, stop_group
+from kiln.settings import is_loopback
 from serving import heap
-from serving.channel import ChannelServer
+from serving.channel import SECRET_ENV, ChannelServer, secret_from_env
 from serving.config import ServingSettings
 from serving.loader import LoadedModel, ModelCache, load_version, warm_up
 from serving.wire import (
@@ -437,7 +438,9 @@ class KilnEngine(ls.LitAPI):
         self._last_stats_log = time.monotonic()
         self._lock = threading.Lock()
         if self.channel_host is not None:
-            self.channel = ChannelServer(self.channel_host, self.answer_frame).start()
+            self.channel = ChannelServer(
+                self.channel_host, self.answer_frame, secret=secret_from_env()
+            ).start()
             if self.channel_ports is not None:
                 self.channel_ports.add(self.channel.port)
             log.info("channel for %s@%s on %s", self.name, self.version, self.channel.endpoint)
@@ -813,8 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
-        choices=["127.0.0.1"],
-        help="interface to bind (loopback only: the gateway is the front door)",
+        help="address to bind and advertise (not loopback: only with KILN_ENGINE_SECRET set, "
+        "which the gateway's channel must prove and LitServe's /predict asks for as X-API-Key)",
     )
     parser.add_argument(
         "--device",
@@ -823,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         help="where the model runs (auto: CUDA when usable)",
     )
     args = parser.parse_args(argv)
+    if not is_loopback(args.host) and secret_from_env() is None:
+        parser.error(f"--host {args.host} is reachable from other machines: set {SECRET_ENV}")
     configure_logging()
     # SIGTERM takes LitServe's Ctrl-C path, which stops its worker processes too.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -913,6 +918,7 @@ def start_engine_process(
     env: dict[str, str],
     log_path: Path | None = None,
     device: str = "auto",
+    host: str = "127.0.0.1",
 ) -> "subprocess.Popen[bytes]":
     """Start an engine in its own process group (so :func:`stop_engine_process` can stop its
     LitServe workers too), logging to ``log_path`` (appended) or inheriting our output."""
@@ -928,7 +934,12 @@ def start_engine_process(
         str(port),
         "--device",
         device,
+        "--host",
+        host,
     ]
+    secret = env.get(SECRET_ENV)
+    if secret:  # LitServe's own check on /predict (the channel checks its challenge)
+        env = {**env, "LIT_SERVER_API_KEY": secret}
     return start_group(command, env={**env, PARENT_ENV: str(os.getpid())}, log_path=log_path)
 
 

@@ -178,6 +178,8 @@ class Gateway:
         self.supervisor: Any = None
         self.alerts: Any = None  # serving.alerts.AlertMonitor, started with the supervisor
         self.channels: dict[str, Channel] = {}  # engine worker endpoint -> its connection
+        secret = settings.engine_secret
+        self._channel_secret = secret.get_secret_value().encode() if secret else None
         self._shadows: set[asyncio.Task[None]] = set()
         self.inference_log = InferenceLog(settings, self.metrics)  # sampled requests
 
@@ -686,7 +688,9 @@ class Gateway:
             if channel is None or channel.closed:
                 if len(self.channels) >= MAX_CHANNELS:
                     self._forget_idle_channels()
-                channel = self.channels[endpoint] = Channel(endpoint, max_rows=max_rows)
+                channel = self.channels[endpoint] = Channel(
+                    endpoint, max_rows=max_rows, secret=self._channel_secret
+                )
             channel.max_rows = max_rows
             if best is None or channel.busy < best.busy:
                 best = channel

@@ -42,6 +42,7 @@ from kiln.registry import crud, endpoints, lease
 from kiln.registry.db import session_scope
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
+from serving.channel import SECRET_ENV
 from serving.config import ServingSettings
 from serving.metrics import GatewayMetrics
 from serving.state import Replica, RoutingState, ServedModel
@@ -55,9 +56,9 @@ RENEW_AFTER = 0.2  # share of the lease's term after which the holder renews it
 DB_ERROR_LOG_S = 10.0  # one log line per this long while the database does not answer
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -413,14 +414,19 @@ class Supervisor:
     def _spawn(self, plan: VersionPlan) -> None:
         from serving.engine import start_engine_process
 
-        port = free_port()
+        host = self.settings.engine_host
+        port = free_port(host)
         log_path = self._log_dir / f"engine-{plan.model}-{plan.version}-{port}.log"
         env = {**os.environ, **(self.env or {}), "KILN_HOME": str(self.settings.home)}
         if self.settings.database_url:
             env["KILN_DATABASE_URL"] = self.settings.database_url
-        proc = start_engine_process(plan.model, plan.version, port, env=env, log_path=log_path)
+        if self.settings.engine_secret is not None:
+            env[SECRET_ENV] = self.settings.engine_secret.get_secret_value()
+        proc = start_engine_process(
+            plan.model, plan.version, port, env=env, log_path=log_path, host=host
+        )
         replica = Replica(
-            model=plan.model, version=plan.version, url=f"http://127.0.0.1:{port}", pid=proc.pid
+            model=plan.model, version=plan.version, url=f"http://{host}:{port}", pid=proc.pid
         )
         plan.engines.append(EngineProc(replica=replica, proc=proc, started=time.monotonic()))
         log.info(

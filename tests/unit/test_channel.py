@@ -253,3 +253,41 @@ def test_a_job_whose_time_runs_out_while_queued_is_never_sent() -> None:
     finally:
         server.close()
     assert seen == [1]
+
+
+def test_a_worker_with_a_secret_answers_only_callers_that_prove_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KILN_ENGINE_SECRET: the worker's challenge is answered with an HMAC of it; a caller
+    with another secret, or none, is cut off before any frame of its is run."""
+    monkeypatch.setenv("KILN_ENGINE_SECRET", "s3cret-shared")
+    api = KilnEngine(
+        "m",
+        "1.0.0",
+        ServingSettings(max_batch_size=16),
+        loader=load_numpy_model,
+        channel_host="127.0.0.1",
+        channel_ports=ChannelPorts(),
+    )
+    api.setup("cpu")
+    assert api.channel is not None and api.channel.secret == b"s3cret-shared"
+    CALLS.clear()
+
+    async def call(secret: bytes | None) -> np.ndarray:
+        assert api.channel is not None
+        channel = Channel(api.channel.endpoint, max_rows=4, secret=secret)
+        try:
+            answer = await channel.call(job(np.ones((1, 3), np.float32)), 5.0)
+            assert answer.status == 200, answer.detail
+            return answer.outputs["y"]
+        finally:
+            await channel.close()
+
+    try:
+        assert asyncio.run(call(b"s3cret-shared")).tolist() == [[2.0, 2.0, 2.0]]
+        for wrong in (b"another", None):
+            with pytest.raises(ChannelBroken):
+                asyncio.run(call(wrong))
+    finally:
+        api.channel.close()
+    assert CALLS == [1]  # the refused callers' frames never reached the model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.settings import PRIVACY_ENV, Settings, get_settings
+from kiln.settings import PRIVACY_ENV, Settings, get_settings, redact_url
 from kiln.spec import ModelSpec, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +33,25 @@ def test_invalid_values_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KILN_INFERENCE_LOG_SAMPLE", "1.5")
     with pytest.raises(ValueError, match="inference_log_sample"):
         Settings()
+
+
+def test_engines_other_machines_reach_need_the_channel_secret() -> None:
+    for host in ("127.0.0.4", "::1", "localhost"):
+        assert Settings(engine_host=host).engine_secret is None
+    with pytest.raises(ValueError, match="engine_host 10.0.0.5 is reachable.*KILN_ENGINE_SECRET"):
+        Settings(engine_host="10.0.0.5")
+    settings = Settings(engine_host="10.0.0.5", engine_secret="s3cret")
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
+
+
+def test_urls_lose_their_password_in_messages() -> None:
+    assert (
+        redact_url("postgresql+psycopg://kiln:pa:ss@db.internal:5432/kiln")
+        == "postgresql+psycopg://kiln:***@db.internal:5432/kiln"
+    )
+    assert redact_url("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    for plain in ("sqlite:////tmp/k/registry.db", "redis://127.0.0.1:6379/0"):
+        assert redact_url(plain) == plain
 
 
 def test_get_settings_is_cached_and_turns_telemetry_off(
