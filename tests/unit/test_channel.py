@@ -44,8 +44,8 @@ def load_numpy_model(name: str, version: str, *, device: str, threads: int | Non
     return LoadedModel(name=name, version=version, spec=SPEC, runner=run_model, memory_bytes=1)
 
 
-@pytest.fixture
-def engine() -> KilnEngine:
+def numpy_engine() -> KilnEngine:
+    """The numpy model's engine, set up as a worker sets it up, listening on its channel."""
     api = KilnEngine(
         "m",
         "1.0.0",
@@ -55,6 +55,12 @@ def engine() -> KilnEngine:
         channel_ports=ChannelPorts(),
     )
     api.setup("cpu")
+    return api
+
+
+@pytest.fixture
+def engine() -> KilnEngine:
+    api = numpy_engine()
     yield api
     assert api.channel is not None
     api.channel.close()
@@ -261,15 +267,7 @@ def test_a_worker_with_a_secret_answers_only_callers_that_prove_it(
     """KILN_ENGINE_SECRET: the worker's challenge is answered with an HMAC of it; a caller
     with another secret, or none, is cut off before any frame of its is run."""
     monkeypatch.setenv("KILN_ENGINE_SECRET", "s3cret-shared")
-    api = KilnEngine(
-        "m",
-        "1.0.0",
-        ServingSettings(max_batch_size=16),
-        loader=load_numpy_model,
-        channel_host="127.0.0.1",
-        channel_ports=ChannelPorts(),
-    )
-    api.setup("cpu")
+    api = numpy_engine()
     assert api.channel is not None and api.channel.secret == b"s3cret-shared"
     CALLS.clear()
 
