@@ -816,8 +816,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind and advertise (not loopback: only with KILN_ENGINE_SECRET set, "
-        "which the gateway's channel must prove and LitServe's /predict asks for as X-API-Key)",
+        help="address the workers' channels bind and advertise, for gateways on any host (not "
+        "loopback: only with KILN_ENGINE_SECRET set, which a channel's caller must prove); the "
+        "HTTP API (/health, /stats, /channel, /predict) is for this host's reconciler and stays "
+        "on 127.0.0.1",
     )
     parser.add_argument(
         "--device",
@@ -845,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         # One API server, as a thread: no fork of a process that already runs threads, one
         # process fewer, and (measured) no slower than a forked API server process.
         server.run(
-            host=args.host,
+            host="127.0.0.1",
             port=args.port,
             num_api_servers=1,
             log_level="warning",
@@ -937,9 +939,6 @@ def start_engine_process(
         "--host",
         host,
     ]
-    secret = env.get(SECRET_ENV)
-    if secret:  # LitServe's own check on /predict (the channel checks its challenge)
-        env = {**env, "LIT_SERVER_API_KEY": secret}
     return start_group(command, env={**env, PARENT_ENV: str(os.getpid())}, log_path=log_path)
 
 

@@ -414,8 +414,8 @@ class Supervisor:
     def _spawn(self, plan: VersionPlan) -> None:
         from serving.engine import start_engine_process
 
-        host = self.settings.engine_host
-        port = free_port(host)
+        host = self.settings.engine_host  # the channels'; the HTTP API is this host's own
+        port = free_port()
         log_path = self._log_dir / f"engine-{plan.model}-{plan.version}-{port}.log"
         env = {**os.environ, **(self.env or {}), "KILN_HOME": str(self.settings.home)}
         if self.settings.database_url:
@@ -426,7 +426,7 @@ class Supervisor:
             plan.model, plan.version, port, env=env, log_path=log_path, host=host
         )
         replica = Replica(
-            model=plan.model, version=plan.version, url=f"http://{host}:{port}", pid=proc.pid
+            model=plan.model, version=plan.version, url=f"http://127.0.0.1:{port}", pid=proc.pid
         )
         plan.engines.append(EngineProc(replica=replica, proc=proc, started=time.monotonic()))
         log.info(

@@ -296,13 +296,15 @@ print(json.dumps(made))
 """
 
 
-def register_variants(home: Path, variants: list[dict[str, object]]) -> list[str]:
+def register_variants(
+    home: Path, variants: list[dict[str, object]], *, env: dict[str, str] | None = None
+) -> list[str]:
     """Register digits variants in ``home`` (see ``_VARIANTS``): validated ONNX Runtime
     versions whose answers differ from the first version's by their bias change. For tests
     whose subject is deploying, not optimizing: seconds instead of an optimizer run each."""
     made = subprocess.run(
         [sys.executable, "-c", _VARIANTS, json.dumps(variants)],
-        env=kiln_env(home),
+        env=env or kiln_env(home),
         capture_output=True,
         text=True,
         timeout=600,
@@ -337,9 +339,11 @@ def register_validated(db_url: str, *versions: str) -> None:
             crud.set_version_status(session=session, version=row, status=VersionStatus.validated)
 
 
-def set_model_settings(home: Path, name: str, settings: dict[str, object]) -> None:
+def set_model_settings(
+    home: Path, name: str, settings: dict[str, object], *, env: dict[str, str] | None = None
+) -> None:
     """Merge ``settings`` into a model's settings in ``home``'s registry (a child process, so the
-    test process's own settings cache is untouched)."""
+    test process's own settings cache is untouched); ``env``: another registry's."""
     code = (
         "import json,sys; from kiln.registry import crud; from kiln.registry.db import session_scope; "
         "from kiln.settings import get_settings\n"
@@ -350,7 +354,7 @@ def set_model_settings(home: Path, name: str, settings: dict[str, object]) -> No
     )
     subprocess.run(
         [sys.executable, "-c", code, name, json.dumps(settings)],
-        env=kiln_env(home),
+        env=env or kiln_env(home),
         check=True,
         timeout=120,
     )
@@ -360,22 +364,39 @@ class RunningGateway:
     """`kiln serve` in its own process group on a free port, with an API key."""
 
     def __init__(
-        self, home: Path, *, env: dict[str, str] | None = None, scopes: tuple[str, ...] = ("admin",)
+        self,
+        home: Path,
+        *,
+        env: dict[str, str] | None = None,
+        scopes: tuple[str, ...] = ("admin",),
+        host: str = "127.0.0.1",
+        role: str | None = None,
+        key: str | None = None,
     ) -> None:
+        """``host``: a loopback address standing for a machine of its own (127.0.0.2, ...);
+        ``role``: ``kiln serve --role``; ``key``: one made before (several gateways on one
+        registry), else a key with ``scopes`` is created."""
         self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
         self.env = kiln_env(home, KILN_GATEWAY_PORT=str(self.port), **(env or {}))
-        created = run_kiln(
-            "keys", "create", *[a for s in scopes for a in ("--scope", s)], "--json", env=self.env
-        )
-        assert created.returncode == 0, created.stderr
-        self.key = json.loads(created.stdout)["key"]
+        if key is None:
+            created = run_kiln(
+                "keys",
+                "create",
+                *[a for s in scopes for a in ("--scope", s)],
+                "--json",
+                env=self.env,
+            )
+            assert created.returncode == 0, created.stderr
+            key = str(json.loads(created.stdout)["key"])
+        self.key = key
         self.headers = {"Authorization": f"Bearer {self.key}"}
         self.log_path = home / "gateway.log"
         kiln = Path(sys.executable).with_name("kiln")
+        command = [str(kiln), "serve", "--host", host, "--port", str(self.port)]
         self.proc = start_group(
-            [str(kiln), "serve", "--port", str(self.port)], env=self.env, log_path=self.log_path
+            command + (["--role", role] if role else []), env=self.env, log_path=self.log_path
         )
 
     def __enter__(self) -> RunningGateway:
