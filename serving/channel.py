@@ -53,9 +53,8 @@ from serving.wire import (
 log = logging.getLogger("kiln.channel")
 CONNECT_TIMEOUT_S = 2.0
 NONCE_BYTES = 16  # the worker's challenge; the answer is an HMAC-SHA256 (32 bytes)
-
-
 SECRET_ENV = "KILN_ENGINE_SECRET"  # kiln.settings.Settings.engine_secret
+FramedHandler = Callable[[bytes, int], list[bytes]]
 
 
 def secret_from_env() -> bytes | None:
@@ -67,9 +66,6 @@ def secret_from_env() -> bytes | None:
 
 def _proof(secret: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, nonce, hashlib.sha256).digest()
-
-
-FramedHandler = Callable[[bytes, int], list[bytes]]
 
 
 # ------------------------------------------------------------------------ engine side
