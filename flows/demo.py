@@ -38,7 +38,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
-from kiln.settings import Settings, apply_privacy_env, get_settings, redact_url
+from kiln.net import redact_url
+from kiln.settings import Settings, apply_privacy_env, get_settings
 
 # The example data and models, and the demo's flawed digits versions (dvc.yaml stages).
 DEMO_STAGES = ("train_digits", "train_breast_cancer", "build_minilm", "build_digits_variants")

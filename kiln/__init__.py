@@ -6,8 +6,9 @@ Layout (docs/architecture.md explains the journey through it):
   ``errors`` (the domain exceptions, each naming its HTTP status and exit code), ``spec`` (tensor
   and model specs, OIP datatypes), ``faults`` (failpoints for the reliability tests),
   ``examples`` (the example models' code, which the ``data/`` stages and the GPU check import),
-  ``gate`` (a quality gate's drop arithmetic, one comparison for every gate) and ``processes``
-  (children in their own process group: start, wait until ready, stop);
+  ``gate`` (a quality gate's drop arithmetic, one comparison for every gate), ``net`` (addresses
+  and URLs, standard library only) and ``processes`` (children in their own process group: start,
+  wait until ready, stop);
 - ``store``: the DVC artifact store; ``registry``: tables, CRUD, migrations, backup, views;
 - ``intake``: uploads, source formats, the sandboxed probe, datasets;
 - ``backends``: one module per inference backend, with the ONNX graph tools they build on;

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from enum import StrEnum
 from functools import lru_cache
@@ -11,6 +10,8 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiln.net import is_loopback
 
 # Everything Kiln drives stays off the network: no telemetry, no hub downloads.
 PRIVACY_ENV: dict[str, str] = {
@@ -47,26 +48,6 @@ class ServeRole(StrEnum):
     reconciler = "reconciler"  # contend for the lease and run engines; route nothing
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: other machines may resolve it
-        return False
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the password of its user part (``scheme://user:PASSWORD@host``) replaced by
-    ``***``: what a log line or a message may show of a database or Redis URL."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
-
-
 def apply_privacy_env() -> None:
     """Turn off the telemetry of every tool Kiln drives (user-set values win)."""
     for key, value in PRIVACY_ENV.items():
@@ -80,7 +61,14 @@ class Settings(BaseSettings):
 
     home: Path = Field(default=Path(".kiln"), description="Kiln's data: registry, artifacts, DVC")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in home")
-    dvc_remote: str | None = Field(default=None, description="DVC remote URL; home/dvc-remote")
+    dvc_remote: str | None = Field(
+        default=None,
+        description="DVC remote: a folder, or s3://BUCKET/PREFIX (credentials from the AWS_* "
+        "variables or ~/.aws, never from here); default home/dvc-remote",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="an S3-compatible server for an s3:// dvc_remote (SeaweedFS...)"
+    )
     max_upload_bytes: int = Field(default=4 * 1024**3, gt=0, description="largest accepted file")
     load_timeout_s: float = Field(default=300.0, gt=0, description="model load + sample run")
     gateway_host: str = "127.0.0.1"
@@ -145,6 +133,24 @@ class Settings(BaseSettings):
                 "memory:// or redis://HOST:PORT/DB (also rediss://, redis+unix://)"
             )
         return uri
+
+    @field_validator("dvc_remote")
+    @classmethod
+    def _known_remote(cls, url: str | None) -> str | None:
+        if url is None or "://" not in url:
+            return url
+        scheme, _, rest = url.partition("://")
+        if scheme != "s3" or not rest.split("/", 1)[0]:
+            raise ValueError(
+                f"dvc_remote scheme {scheme!r} is not supported: use a folder or "
+                "s3://BUCKET/PREFIX (with KILN_S3_ENDPOINT_URL for an S3-compatible server)"
+            )
+        if "@" in rest.split("/", 1)[0]:
+            raise ValueError(
+                "dvc_remote must not carry credentials: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY instead"
+            )
+        return url
 
     @model_validator(mode="after")
     def _engines_reachable_only_with_a_secret(self) -> Settings:

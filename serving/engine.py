@@ -47,7 +47,7 @@ from starlette.responses import Response
 from kiln.errors import DeadlineExceeded, InferenceFailed, InvalidInput, KilnError, NotFound
 from kiln.faults import EngineFaults
 from kiln.processes import signal_group, start_group, stop_group
-from kiln.settings import is_loopback
+from kiln.net import is_loopback
 from serving import heap
 from serving.channel import SECRET_ENV, ChannelServer, secret_from_env
 from serving.config import ServingSettings

@@ -18,7 +18,8 @@ from kiln.cli._common import (
     handled,
     out,
 )
-from kiln.settings import CANARY_STEP_SECONDS, READY_TIMEOUT_S, ServeRole, Settings, redact_url
+from kiln.net import redact_url
+from kiln.settings import CANARY_STEP_SECONDS, READY_TIMEOUT_S, ServeRole, Settings
 
 # what `kiln serve` binds to without --port and --host (the environment's KILN_* aside)
 _DEFAULT_PORT = Settings.model_fields["gateway_port"].default

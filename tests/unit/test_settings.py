@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.settings import PRIVACY_ENV, Settings, get_settings, redact_url
+from kiln.net import redact_url
+from kiln.settings import PRIVACY_ENV, Settings, get_settings
 from kiln.spec import ModelSpec, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
