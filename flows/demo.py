@@ -37,8 +37,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
 from kiln.net import redact_url
+from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
 from kiln.settings import Settings, apply_privacy_env, get_settings
 
 # The example data and models, and the demo's flawed digits versions (dvc.yaml stages).

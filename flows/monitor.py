@@ -69,7 +69,7 @@ def _one(model: str, hours: float, settings: DriftSettings, version: str | None)
     gathered = t.gather(model, hours, version)
     checked = t.check(gathered)
     kiln_settings = get_settings()
-    store = ArtifactStore(kiln_settings.home, kiln_settings.remote_url).ensure()
+    store = ArtifactStore.of(kiln_settings).ensure()
     with store.staging() as work:
         detection = t.detect(gathered, checked, settings, work)
         result = detection.result

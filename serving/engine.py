@@ -46,8 +46,8 @@ from starlette.responses import Response
 
 from kiln.errors import DeadlineExceeded, InferenceFailed, InvalidInput, KilnError, NotFound
 from kiln.faults import EngineFaults
-from kiln.processes import signal_group, start_group, stop_group
 from kiln.net import is_loopback
+from kiln.processes import signal_group, start_group, stop_group
 from serving import heap
 from serving.channel import SECRET_ENV, ChannelServer, secret_from_env
 from serving.config import ServingSettings
@@ -686,9 +686,7 @@ def build_server(
 
     settings = get_settings()
     record = read_version(settings, name, version)
-    ArtifactStore(settings.home, settings.remote_url).verified_path(
-        record.artifact.path, record.artifact.sha256
-    )
+    ArtifactStore.of(settings).fetch(record.artifact)  # pulled here if this host lacks it
     serving = record.serving
     api = KilnEngine(
         name,

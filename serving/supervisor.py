@@ -14,8 +14,11 @@ Roles (``kiln serve --role``): only the holder of the reconciler lease in the re
 ``reconciler`` contend for it, ``gateway`` never does. The acting one renews its lease every fifth
 of its term and publishes its replicas to the routing table (:mod:`kiln.registry.endpoints`), each
 write fenced by the lease's token; every process that does not act follows that table instead.
-One that loses its lease (another holds it, its term ran out by its own clock without a renewal,
-or a fenced write was refused) steps down at once: it stops every engine it started and follows.
+One whose term ran out by its own clock without a renewal (a slow or unreachable database), or
+whose fenced write was refused, stops acting at once but keeps its engines serving, and takes its
+lease back when the database answers again (the token goes up by one; nobody acted meanwhile
+unless another process took the lease). One that finds another process holding the lease steps
+down: it stops every engine it started and follows the new holder's table.
 Engines outlive no reconciler: each watches its parent and stops when it is gone
 (``serving.engine``).
 
@@ -110,7 +113,8 @@ class Supervisor:
         self.role = role
         where = f"{socket.gethostname()} pid {os.getpid()}"
         self.holder = f"{address} ({where})" if address else where
-        self.held: lease.Held | None = None
+        self.held: lease.Held | None = None  # the lease it acts under; None: it follows
+        self._lapsed = False  # held, but not renewed in time: not acting until it renews
         self._published: list[endpoints.Endpoint] | None = None
         self._last_db_error_log = 0.0
         self.plans: dict[tuple[str, str], VersionPlan] = {}
@@ -139,7 +143,7 @@ class Supervisor:
         if held is not None:  # the successor need not wait for the term to run out
             try:
                 await asyncio.to_thread(self._resign, held)
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, lease.LeaseLost) as exc:
                 log.warning("could not release the reconciler lease: %s", _one_line(exc))
         if self._client is not None:
             await self._client.close()
@@ -209,7 +213,7 @@ class Supervisor:
     async def reconcile(self) -> None:
         if self.role != "gateway":
             await self._keep_lease()
-        if not self.acting:
+        if self.held is None:
             await self._follow()
         changed = await asyncio.to_thread(self._read_if_changed)
         if changed is not None:
@@ -249,8 +253,9 @@ class Supervisor:
     # --- the reconciler lease
     @property
     def acting(self) -> bool:
-        """Whether this process holds the reconciler lease (it starts and stops engines)."""
-        return self.held is not None
+        """Whether this process holds the reconciler lease now (it starts and stops engines)."""
+        held = self.held
+        return held is not None and not self._lapsed and held.valid_for() > 0
 
     def _take_lease(self) -> lease.Held | None:
         with session_scope(self.settings.db_url) as session:
@@ -265,28 +270,45 @@ class Supervisor:
         """Take the lease when it is free, renew it once a fifth of its term has passed; step
         down when another process holds it or its term ran out without a renewal."""
         held = self.held
-        if held is not None and held.valid_for() > self.settings.lease_ttl_s * (1 - RENEW_AFTER):
+        fresh = held is not None and held.valid_for() > self.settings.lease_ttl_s * (1 - RENEW_AFTER)
+        if fresh and not self._lapsed:
             return
         try:
             taken = await asyncio.to_thread(self._take_lease)
         except SQLAlchemyError as exc:
             self._db_error("could not renew the reconciler lease", exc)
             if held is not None and held.valid_for() <= 0:
-                await self._step_down("its lease ran out without a renewal")
+                self._lapse("its lease ran out without a renewal")
             return
-        if held is not None and (taken is None or taken.token != held.token):
-            await self._step_down("another process holds the reconciler lease")
-        if taken is not None and self.held is None:
+        if taken is None:
+            if held is not None:
+                await self._step_down("another process holds the reconciler lease")
+            return
+        if held is None:
             log.info("took the reconciler lease as %s (token %d)", self.holder, taken.token)
-            self._published = None
-        self.held = taken
+        elif taken.token != held.token:
+            log.warning(
+                "took the reconciler lease back (token %d -> %d); its engines kept serving",
+                held.token,
+                taken.token,
+            )
+        if held is None or taken.token != held.token:
+            self._published = None  # the table is published again under the new token
+        self.held, self._lapsed = taken, False
+
+    def _lapse(self, why: str) -> None:
+        """Stop acting, keep the engines: until the lease is renewed (or another holds it)."""
+        if not self._lapsed:
+            engines = sum(len(p.engines) for p in self.plans.values())
+            log.warning("not acting: %s; its %d engines keep serving", why, engines)
+        self._lapsed = True
 
     async def _step_down(self, why: str) -> None:
         """Stop acting at once: stop every engine this process started, then follow the
         routing table like any gateway."""
         engines = sum(len(p.engines) for p in self.plans.values()) + len(self.retiring)
         log.warning("no longer the reconciler: %s; stopping its %d engines", why, engines)
-        self.held = None
+        self.held, self._lapsed = None, False
         self._published = None
         self.state.replicas = {}
         await self._stop_engines()
@@ -304,10 +326,7 @@ class Supervisor:
     async def _publish_table(self) -> None:
         """Publish this reconciler's replicas when they changed, fenced by its lease."""
         held = self.held
-        if held is None:
-            return
-        if held.valid_for() <= 0:
-            await self._step_down("its lease ran out without a renewal")
+        if held is None or not self.acting:
             return
         table = [
             endpoints.Endpoint(
@@ -326,8 +345,8 @@ class Supervisor:
             return
         try:
             await asyncio.to_thread(self._write_table, held, table)
-        except lease.LeaseLost:
-            await self._step_down("a write under its lease was refused (fenced)")
+        except lease.LeaseLost:  # the next pass finds out whether another process holds it
+            self._lapse("a write under its lease was refused (fenced)")
             return
         except SQLAlchemyError as exc:  # published again next pass
             self._db_error("could not publish the routing table", exc)
@@ -553,7 +572,7 @@ class Supervisor:
 
     # --- health
     async def check_health(self) -> None:
-        if not self.acting:
+        if self.held is None:  # its own engines only (still probed while it is not acting)
             return
         engines = [e for p in self.plans.values() for e in p.engines if e.proc.poll() is None]
         await asyncio.gather(*(self._probe(e) for e in engines))

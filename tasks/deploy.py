@@ -78,7 +78,7 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
     """
     from kiln.intake.datasets import load_dataset
     from kiln.optimize.validate import quality
-    from kiln.store.artifacts import ArtifactStore
+    from kiln.store.artifacts import ArtifactStore, ObjectRef
     from serving.loader import load_version
 
     result: dict[str, Any] = {
@@ -92,15 +92,15 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=st.model, version=st.version)
         dataset = crud.dataset_for(session=session, version=row)
-        data_ref = (dataset.path, dataset.sha256, dataset.name) if dataset else None
+        data_ref = (ObjectRef.of(dataset), dataset.name) if dataset else None
     if data_ref is None:
         return {
             **result,
             "passed": True,
             "reason": "no registered dataset: nothing to compare the versions on",
         }
-    store = ArtifactStore(settings.home, settings.remote_url)
-    data = load_dataset(store.verified_path(data_ref[0], data_ref[1]))
+    store = ArtifactStore.of(settings)
+    data = load_dataset(store.fetch(data_ref[0]))
     outputs = {}
     for version in (st.stable, st.version):
         loaded = load_version(settings, st.model, version)
@@ -112,7 +112,7 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
         outputs[version] = np.concatenate(parts)
     task_kind = Task(st.task)
     labels = data.labels
-    result["dataset"] = data_ref[2]
+    result["dataset"] = data_ref[1]
     result["rows"] = len(data.inputs)
     if labels is None or task_kind is Task.embedding:
         agreement = quality(task_kind, outputs[st.version], outputs[st.stable], None)
@@ -137,7 +137,7 @@ def champion_gate(st: Standing, rollout: RolloutSettings) -> dict[str, Any]:
     verb = "is not worse than" if result["passed"] else "is worse than"
     result["reason"] = (
         f"{st.model}@{st.version} {verb} production {st.stable} on "
-        f"{data_ref[2]}: {metric} {candidate:.4f} against {champion:.4f} "
+        f"{data_ref[1]}: {metric} {candidate:.4f} against {champion:.4f} "
         f"(drop {drop:+.4f}, allowed {rollout.champion_max_drop:g})"
     )
     return result
@@ -253,20 +253,20 @@ def _dataset_bodies(st: Standing, spec: ModelSpec, limit: int) -> list[bytes]:
     """The candidate's validation dataset, one row per request (sample inputs without one)."""
     from kiln.intake.datasets import load_dataset
     from kiln.rollout.replay import replay_bodies
-    from kiln.store.artifacts import ArtifactStore
+    from kiln.store.artifacts import ArtifactStore, ObjectRef
 
     settings = get_settings()
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=st.model, version=st.version)
         dataset = crud.dataset_for(session=session, version=row)
-        ref = (dataset.path, dataset.sha256) if dataset else None
+        ref = ObjectRef.of(dataset) if dataset else None
     if ref is None:
         from kiln.intake.probe import SAMPLE_DYNAMIC, SAMPLE_ROWS, sample_inputs
 
         tensors = sample_inputs(spec.inputs, batch=SAMPLE_ROWS, dynamic=SAMPLE_DYNAMIC)
         return replay_bodies(spec, [t.numpy() for t in tensors], limit)
-    store = ArtifactStore(settings.home, settings.remote_url)
-    data = load_dataset(store.verified_path(*ref))
+    store = ArtifactStore.of(settings)
+    data = load_dataset(store.fetch(ref))
     return replay_bodies(spec, data.inputs, limit)
 
 

@@ -25,7 +25,7 @@ from kiln.registry.db import session_scope
 from kiln.registry.tables import DriftReport, utcnow
 from kiln.settings import get_settings
 from kiln.spec import ModelSpec, TensorSpec
-from kiln.store.artifacts import ArtifactStore
+from kiln.store.artifacts import ArtifactStore, ObjectRef
 
 #: the newest logged requests a run reads at most (each may carry a batch of rows)
 MAX_RECORDS = 20_000
@@ -97,7 +97,7 @@ def gather_inputs(model: str, hours: float, version: str | None) -> Gathered:
                 "there is nothing to compare traffic with: register one with "
                 f"`kiln upload {name} SOURCE --dataset PATH`"
             )
-        ds_path, ds_sha, ds_name = dataset.path, dataset.sha256, dataset.name
+        ds_ref, ds_name = ObjectRef.of(dataset), dataset.name
         records = crud.recent_inferences(
             session=session, model=name, since=since, version=version, status=200, limit=MAX_RECORDS
         )
@@ -112,8 +112,8 @@ def gather_inputs(model: str, hours: float, version: str | None) -> Gathered:
         if served.datatype == "BYTES":
             outs = core.stack_rows(core.records_tensor([outputs], output))
             embeddings.extend(outs if len(outs) == len(batch) else [None] * len(batch))
-    store = ArtifactStore(settings.home, settings.remote_url)
-    reference = load_dataset(store.verified_path(ds_path, ds_sha)).inputs
+    store = ArtifactStore.of(settings)
+    reference = load_dataset(store.fetch(ds_ref)).inputs
     return Gathered(
         model=name,
         version=ref_version,
@@ -208,7 +208,7 @@ def record_report(
     settings = get_settings()
     stored_path: str | None = None
     if html is not None:
-        store = ArtifactStore(settings.home, settings.remote_url).ensure()
+        store = ArtifactStore.of(settings).ensure()
         with store.locked():
             stored_path = store.put(html, suffix=".html").path
     detail = {

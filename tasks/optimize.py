@@ -204,7 +204,7 @@ def _accuracy_aware(
 
 def _store(prepared: stages.Prepared, report: VariantReport, path: Path) -> int:
     settings = get_settings()
-    store = ArtifactStore(settings.home, settings.remote_url)
+    store = ArtifactStore.of(settings)
     with store.locked(), session_scope(settings.db_url) as session:
         stored = store.put(path, suffix=path.suffix or ".bin")
         kind = (

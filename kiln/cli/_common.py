@@ -12,9 +12,10 @@ from functools import wraps
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
-from kiln.errors import KilnError
+from kiln.errors import InvalidInput, KilnError
 from kiln.settings import Settings, apply_privacy_env, get_settings
 
 app = typer.Typer(
@@ -50,8 +51,18 @@ def handled(func: F) -> F:
 
 
 def _settings() -> Settings:
+    """The process's settings; a bad ``KILN_*`` variable is an InvalidInput naming it, without
+    the value (pydantic's own message repeats it, and a URL may carry a password)."""
     apply_privacy_env()
-    return get_settings()
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = [
+            f"KILN_{'_'.join(str(part) for part in e['loc']).upper() or 'SETTINGS'}: "
+            + str(e["msg"]).removeprefix("Value error, ")
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise InvalidInput("; ".join(problems)) from None
 
 
 @dataclass(frozen=True)

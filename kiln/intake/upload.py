@@ -59,7 +59,7 @@ class UploadResult(BaseModel):
 
 def open_store(settings: Settings) -> ArtifactStore:
     """The artifact store, created if needed, with a killed operation's leftovers swept."""
-    store = ArtifactStore(settings.home, settings.remote_url).ensure()
+    store = ArtifactStore.of(settings).ensure()
     with session_scope(settings.db_url) as session:
         referenced = crud.stored_paths(session=session)
     store.sweep(referenced)
@@ -287,6 +287,7 @@ def _commit(
                     path=data_file.path,
                     sha256=data_file.sha256,
                     size=data_file.size,
+                    dvc_hash=data_file.dvc_hash,
                     rows=check.rows,
                     check_passed=check.success,
                     check=check.model_dump(mode="json"),

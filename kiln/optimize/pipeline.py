@@ -30,7 +30,7 @@ from kiln.registry.db import session_scope
 from kiln.registry.tables import ArtifactKind, OptimizationJob, Task, VersionStatus
 from kiln.settings import Settings
 from kiln.spec import ModelSpec
-from kiln.store.artifacts import ArtifactStore
+from kiln.store.artifacts import ArtifactStore, Recorded
 
 CALIBRATION_ROWS = 128
 
@@ -109,7 +109,7 @@ def start(
     flow_run_id: str | None = None,
 ) -> Prepared:
     """Mark the version ``optimizing``, open the run's job, and resolve its data."""
-    store = ArtifactStore(settings.home, settings.remote_url).ensure()
+    store = ArtifactStore.of(settings).ensure()
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=name, version=version)
         model = crud.require_model(session=session, name=name)
@@ -131,10 +131,8 @@ def start(
         crud.update_job(session=session, job=job, status="running", flow_run_id=flow_run_id)
         spec = ModelSpec.model_validate(row.spec)
         opt = OptimizeSettings.for_model(model.settings)
-        prepared_source = _copy_source(
-            store, source.path, source.sha256, row.source_format, work_dir
-        )
-        data_path = store.verified_path(dataset.path, dataset.sha256) if dataset else None
+        prepared_source = _copy_source(store, source, row.source_format, work_dir)
+        data_path = store.fetch(dataset) if dataset else None
         # a stored version, and a job the flush above just inserted: both have their ids
         assert row.id is not None and job.id is not None
         ids = (row.id, job.id, str(model.task), row.version, row.source_format)
@@ -171,8 +169,8 @@ def start(
     )
 
 
-def _copy_source(store: ArtifactStore, rel: str, sha: str, fmt: str, work_dir: Path) -> Path:
-    path = store.verified_path(rel, sha)
+def _copy_source(store: ArtifactStore, source: Recorded, fmt: str, work_dir: Path) -> Path:
+    path = store.fetch(source)
     if fmt == "kiln":
         return unpack_folder(path, work_dir / "source")
     dest = work_dir / f"source.{fmt}"
@@ -488,7 +486,7 @@ def finish(
     table = markdown_table(
         prepared.name, prepared.version, base, reports, selected, reason, prepared.skipped
     )
-    store = ArtifactStore(settings.home, settings.remote_url)
+    store = ArtifactStore.of(settings)
     with store.locked(), session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=prepared.name, version=prepared.version)
         stored_chart = store.put(figure, suffix=".png")

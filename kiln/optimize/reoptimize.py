@@ -72,7 +72,7 @@ def register_candidate(settings: Settings, production: Production) -> str:
     """A new patch version (after the model's highest) with the production version's source,
     spec and metadata plus ``reoptimized_from``; returns its version number. Nothing is copied:
     the source artifact row points at the stored object the production version uses."""
-    store = ArtifactStore(settings.home, settings.remote_url).ensure()
+    store = ArtifactStore.of(settings).ensure()
     with store.locked(), session_scope(settings.db_url) as session:
         model = crud.require_model(session=session, name=production.model)
         prod = crud.require_version(
@@ -90,7 +90,7 @@ def register_candidate(settings: Settings, production: Production) -> str:
             raise NotFound(
                 f"{production.model}@{production.version} has no source artifact to re-optimize"
             )
-        store.verified_path(source.path, source.sha256)  # present and intact, or refused
+        store.fetch(source)  # present and intact (pulled if this host lacks it), or refused
         number = crud.next_version(session=session, model=model)
         row = crud.create_version(
             session=session,
@@ -216,7 +216,7 @@ def discard_candidate(settings: Settings, model: str, version: str) -> list[str]
     """Remove a re-optimization candidate completely: its rows (``crud.delete_version``
     refuses anything that is or was deployed) and then the stored objects no remaining row
     references (file, DVC pointer, DVC cache entry). Returns the store paths removed."""
-    store = ArtifactStore(settings.home, settings.remote_url).ensure()
+    store = ArtifactStore.of(settings).ensure()
     with store.locked():
         with session_scope(settings.db_url) as session:
             row = crud.require_version(session=session, name=model, version=version)

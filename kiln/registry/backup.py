@@ -53,7 +53,7 @@ def backup(settings: Settings, dest: Path) -> dict[str, Any]:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise InvalidInput(f"backup folder {dest} is not empty: pass a new or empty folder")
     dest.mkdir(parents=True, exist_ok=True)
-    store = ArtifactStore(settings.home, settings.remote_url).ensure()
+    store = ArtifactStore.of(settings).ensure()
     url = settings.db_url
     engine = engine_for(url)  # migrated before the snapshot
     with store.locked():  # no upload stores files while the snapshot is taken
@@ -147,7 +147,7 @@ def restore(settings: Settings, src: Path) -> dict[str, Any]:
     if kind == "postgresql" and _is_sqlite(url):
         raise InvalidInput("this backup is of a PostgreSQL registry: set KILN_DATABASE_URL")
     remote = settings.dvc_remote or manifest["remote"]
-    store = ArtifactStore(settings.home, remote).ensure()
+    store = ArtifactStore(settings.home, remote, endpoint_url=settings.s3_endpoint_url).ensure()
     items = [(item["path"], item["sha256"]) for item in manifest["artifacts"]]
     with store.locked():  # no upload into this home while it is being restored
         if not _registry_empty(url):

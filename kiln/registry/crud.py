@@ -267,6 +267,7 @@ def add_artifact(
     backend: str = "torch-eager",
     precision: str = "fp32",
     selected: bool = False,
+    built_on: str = "",
 ) -> Artifact:
     artifact = Artifact(
         version_id=version.id,  # type: ignore[arg-type]
@@ -278,6 +279,7 @@ def add_artifact(
         size=size,
         dvc_hash=dvc_hash,
         selected=selected,
+        built_on=built_on,
     )
     session.add(artifact)
     session.flush()
@@ -321,6 +323,7 @@ def add_dataset(
     check_passed: bool,
     check: dict[str, Any],
     version: ModelVersion | None = None,
+    dvc_hash: str = "",
 ) -> Dataset:
     dataset = Dataset(
         model_id=model.id,  # type: ignore[arg-type]
@@ -329,6 +332,7 @@ def add_dataset(
         path=path,
         sha256=sha256,
         size=size,
+        dvc_hash=dvc_hash,
         rows=rows,
         check_passed=check_passed,
         check=check,

@@ -64,7 +64,7 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
     artifact is checked first, and pulled from the DVC remote when missing or corrupt here,
     so the engine never gets a rollback it cannot load."""
     from kiln.errors import IntegrityError
-    from kiln.store.artifacts import ArtifactStore
+    from kiln.store.artifacts import ArtifactStore, ObjectRef
 
     with session_scope(settings.db_url) as session:
         model = crud.require_model(session=session, name=name)
@@ -81,7 +81,7 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
             target = retired[-1] if retired else None
         selected = (
             [
-                (a.path, a.sha256)
+                ObjectRef.of(a)
                 for a in crud.list_artifacts(session=session, version=target)
                 if a.selected
             ]
@@ -90,11 +90,11 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
         )
     restored = False
     if selected:
-        store = ArtifactStore(settings.home, settings.remote_url)
+        store = ArtifactStore.of(settings)
         try:
-            store.verified_path(*selected[0])
-        except IntegrityError:
-            store.restore(selected)
+            store.fetch(selected[0])  # pulled from the remote if this host lacks it
+        except IntegrityError:  # a corrupt copy here, or one without a recorded md5
+            store.restore([(a.path, a.sha256) for a in selected])
             restored = True
     with session_scope(settings.db_url) as session:
         model = crud.require_model(session=session, name=name)

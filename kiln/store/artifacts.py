@@ -2,9 +2,14 @@
 
 Lifecycle of a file: ``put`` hashes it (sha256), writes it atomically (temp file, fsync, rename)
 to ``objects/<sha[:2]>/<sha><suffix>`` (a path only the store generates), ``dvc add``s it and
-pushes it to the remote. ``verified_path`` re-hashes before anything is served, ``restore``
+pushes it to the remote. ``verified_path`` re-hashes before anything is served, ``fetch`` pulls
+one artifact the registry knows onto a host whose cache lacks it (another machine of a
+cluster: the registry row holds DVC's md5, so the pointer is rebuilt from it), ``restore``
 pulls files back from the remote onto an empty cache, ``sweep`` removes what a killed upload
-left behind. ``KILN_HOME`` is its own DVC repository (``dvc init --no-scm``).
+left behind. ``KILN_HOME`` is its own DVC repository (``dvc init --no-scm``) and the cache of
+this host; the remote (a folder, or ``s3://`` with an endpoint) is what the hosts share.
+Credentials for S3 come from the AWS variables or files boto reads; the store never writes
+them anywhere.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from filelock import FileLock, Timeout
 
 from kiln.errors import ExternalToolError, IntegrityError, InvalidInput, NotFound
 from kiln.faults import failpoint
+
+if TYPE_CHECKING:
+    from kiln.settings import Settings
 
 OBJECTS = "objects"
 STAGING = "tmp"
@@ -48,6 +56,33 @@ def _fsync_dir(path: Path) -> None:
 
 
 @dataclass(frozen=True)
+class ObjectRef:
+    """A registry row's record of a stored file, kept past its session (``Recorded``)."""
+
+    path: str
+    sha256: str
+    size: int
+    dvc_hash: str
+
+    @classmethod
+    def of(cls, row: Recorded) -> ObjectRef:
+        return cls(row.path, row.sha256, row.size, row.dvc_hash)
+
+
+class Recorded(Protocol):
+    """What the registry records of an artifact (an ``Artifact`` row, serving's ``ArtifactRef``)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def dvc_hash(self) -> str: ...
+
+
+@dataclass(frozen=True)
 class StoredFile:
     path: str  # relative to KILN_HOME
     sha256: str
@@ -59,10 +94,16 @@ class StoredFile:
 class ArtifactStore:
     """Kiln's artifact store in ``home`` with the DVC remote at ``remote_url``."""
 
-    def __init__(self, home: Path, remote_url: str) -> None:
+    def __init__(self, home: Path, remote_url: str, *, endpoint_url: str | None = None) -> None:
         self.home = home
         self.remote_url = remote_url
+        self.endpoint_url = endpoint_url
         self._lock = FileLock(str(home / "store.lock"))
+
+    @classmethod
+    def of(cls, settings: Settings) -> ArtifactStore:
+        """The store ``settings`` describe: ``KILN_HOME``, ``KILN_DVC_REMOTE``, its endpoint."""
+        return cls(settings.home, settings.remote_url, endpoint_url=settings.s3_endpoint_url)
 
     # ------------------------------------------------------------------ setup
     def ensure(self) -> ArtifactStore:
@@ -73,14 +114,35 @@ class ArtifactStore:
             with self._lock:
                 if not (self.home / ".dvc").is_dir():
                     self._dvc_init()
+        elif self._remote_config() != self._configured():
+            with self._lock:
+                self._set_remote()
         return self
+
+    def _remote_config(self) -> dict[str, str]:
+        """The DVC remote this home's repository pushes to and pulls from."""
+        return {"url": self.remote_url} | (
+            {"endpointurl": self.endpoint_url} if self.endpoint_url else {}
+        )
+
+    def _configured(self) -> dict[str, str]:
+        import configobj  # DVC's own config parser
+
+        conf = configobj.ConfigObj(str(self.home / ".dvc" / "config"))
+        return dict(conf.get('remote "kiln"', {}))
+
+    def _set_remote(self) -> None:
+        """Point the repository at this store's remote (the settings changed since init)."""
+        with self._repo().config.edit() as conf:
+            conf["remote"]["kiln"] = self._remote_config()
+            conf["core"]["remote"] = "kiln"
 
     def _dvc_init(self) -> None:
         Repo = _dvc_repo_class()
         with redirect_stdout(sys.stderr):  # DVC prints; Kiln's stdout is for --json
             repo = Repo.init(str(self.home), no_scm=True, force=True)
         with repo.config.edit() as conf:
-            conf["remote"]["kiln"] = {"url": self.remote_url}
+            conf["remote"]["kiln"] = self._remote_config()
             conf["core"]["remote"] = "kiln"
         # The registry, staging and lock files are not artifacts.
         (self.home / ".dvcignore").write_text(
@@ -224,6 +286,61 @@ class ArtifactStore:
                 f"{sha256[:12]}...): restore it from the DVC remote"
             )
         return path
+
+    def fetch(self, artifact: Recorded) -> Path:
+        """``artifact``'s path on this host after checking its sha256, pulled from the remote
+        first when this host's cache lacks it: exactly that one object, rebuilt from the md5 the
+        registry recorded. A copy that does not match the sha256, or a pull that fails, leaves
+        nothing behind (no file, no pointer, no DVC cache entry) and raises IntegrityError or
+        ExternalToolError naming the artifact and its sha256."""
+        path = self.resolve(artifact.path)
+        if path.is_file() or not artifact.dvc_hash:
+            return self.verified_path(artifact.path, artifact.sha256)
+        self.ensure()
+        with self._lock:
+            if not path.is_file():  # another process may have pulled it meanwhile
+                self._pull_one(artifact, path)
+        return self.verified_path(artifact.path, artifact.sha256)
+
+    def _pull_one(self, artifact: Recorded, path: Path) -> None:
+        pointer = Path(f"{path}.dvc")
+        wrote_pointer = not pointer.is_file()
+        if wrote_pointer:
+            import yaml
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = {"md5": artifact.dvc_hash, "size": artifact.size, "hash": "md5"}
+            pointer.write_text(yaml.safe_dump({"outs": [out | {"path": path.name}]}))
+        what = f"artifact {artifact.path} (sha256 {artifact.sha256})"
+        try:
+            failpoint("store.before_pull")
+            with redirect_stdout(sys.stderr):
+                self._repo().pull(targets=[str(pointer)])
+        except Exception as exc:
+            self._forget(path, pointer if wrote_pointer else None, artifact.dvc_hash)
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ExternalToolError(
+                f"could not pull {what} from the DVC remote {self.remote_url}: {reason}; "
+                "check that the remote is reachable and holds it (`dvc push` on the host "
+                "that recorded it)"
+            ) from None
+        actual = sha256_file(path) if path.is_file() else "nothing"
+        if actual != artifact.sha256:
+            self._forget(path, pointer if wrote_pointer else None, artifact.dvc_hash)
+            raise IntegrityError(
+                f"{what}: the copy pulled from the DVC remote {self.remote_url} has sha256 "
+                f"{actual}; refused and removed, the remote's object is damaged: push it "
+                "again from a host whose copy checks out"
+            )
+
+    def _forget(self, path: Path, pointer: Path | None, md5: str) -> None:
+        """Undo a failed pull: the checked-out file, the pointer it wrote, the cache entry."""
+        path.unlink(missing_ok=True)
+        if pointer is not None:
+            pointer.unlink(missing_ok=True)
+        entry = self.home / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+        entry.unlink(missing_ok=True)
+        _remove_empty(path.parent, stop=self.home / OBJECTS)
 
     def restore(self, items: Iterable[tuple[str, str]]) -> list[Path]:
         """Pull ``(path, sha256)`` files from the DVC remote, then check every hash."""

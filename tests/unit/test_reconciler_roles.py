@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from kiln.registry import endpoints, lease
 from kiln.registry.db import engine_for, session_scope
@@ -105,14 +106,13 @@ def test_a_reconciler_whose_lease_was_taken_stops_acting(db_url: str, tmp_path: 
         a.held = dataclasses.replace(stale, sent_at=time.monotonic())
         a.state.replicas = {("digits", "1.0.0"): [_replica(9201)]}
         await a._publish_table()
-        assert not a.acting and a.state.replicas == {}  # stepped down
+        assert not a.acting  # refused: a acts no more
         with session_scope(db_url) as session:
             table = endpoints.routable(session=session)
         assert [e.url for e in table] == ["http://127.0.0.1:9101"]  # b's table, untouched
-        await a.reconcile()  # b's lease runs: a only follows
-        assert not a.acting and [r.url for rs in a.state.replicas.values() for r in rs] == [
-            "http://127.0.0.1:9101"
-        ]
+        await a.reconcile()  # b's lease runs: a steps down (stops its engines) and follows
+        assert not a.acting and a.held is None
+        assert [r.url for rs in a.state.replicas.values() for r in rs] == ["http://127.0.0.1:9101"]
         await b.stop()
         await a.stop()
 
@@ -135,6 +135,47 @@ def test_a_reconciler_stops_acting_when_its_own_term_ran_out(db_url: str, tmp_pa
         assert not a.acting
         with session_scope(db_url) as session:
             assert endpoints.routable(session=session) == []
+        await a.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_late_renewal_takes_the_lease_back_and_keeps_the_engines(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A database that answers late (a busy SQLite file, PostgreSQL restarting): the holder
+    stops acting when its term runs out by its own clock, but its engines keep serving, and it
+    takes its lease back (token + 1, nobody acted between) when the database answers again."""
+    engine_for(db_url)
+
+    async def scenario() -> None:
+        a = _supervisor(db_url, tmp_path / "a", "all", "a")
+        await a.reconcile()
+        first = a.held
+        assert first is not None and a.acting
+        a.state.replicas = {("digits", "1.0.0"): [_replica(9001)]}
+        await a._publish_table()
+        take = a._take_lease
+
+        def unreachable() -> lease.Held | None:
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+        a._take_lease = unreachable  # type: ignore[method-assign]
+        await asyncio.sleep(1.2)  # the term (1 s) runs out while the database does not answer
+        await a.reconcile()
+        assert not a.acting and a.held is not None  # not acting, still the last holder
+        assert [r.url for rs in a.state.replicas.values() for r in rs] == ["http://127.0.0.1:9001"]
+        with session_scope(db_url) as session:
+            assert endpoints.routable(session=session) == []  # its rows count no more
+        a._take_lease = take  # type: ignore[method-assign]
+        await a._keep_lease()  # the lease part of a pass (no plan here owns those replicas)
+        await a._publish_table()
+        assert a.acting and a.held is not None and a.held.token == first.token + 1
+        assert [r.url for rs in a.state.replicas.values() for r in rs] == ["http://127.0.0.1:9001"]
+        with session_scope(db_url) as session:  # published again under the new token
+            assert [e.url for e in endpoints.routable(session=session)] == [
+                "http://127.0.0.1:9001"
+            ]
         await a.stop()
 
     asyncio.run(scenario())
