@@ -79,6 +79,7 @@ def deploy_model(
     rollout = RolloutSettings.for_model(
         st.model_settings, steps=canary_steps, step_seconds=step_seconds
     )
+    t.check_pullable(st)  # the remote holds what every serving host will pull, or stop here
     if st.status != VersionStatus.canary:  # a resumed canary passed the gate already
         gate = t.champion_gate(st, rollout)
         result["gate"] = gate

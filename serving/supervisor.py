@@ -270,7 +270,9 @@ class Supervisor:
         """Take the lease when it is free, renew it once a fifth of its term has passed; step
         down when another process holds it or its term ran out without a renewal."""
         held = self.held
-        fresh = held is not None and held.valid_for() > self.settings.lease_ttl_s * (1 - RENEW_AFTER)
+        fresh = held is not None and held.valid_for() > self.settings.lease_ttl_s * (
+            1 - RENEW_AFTER
+        )
         if fresh and not self._lapsed:
             return
         try:

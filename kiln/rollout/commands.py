@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from kiln.errors import ExternalToolError
+from kiln.errors import ExternalToolError, NotFound
 from kiln.registry import crud, lease
 from kiln.registry.db import session_scope
 from kiln.rollout.client import GatewayClient, gateway_url
@@ -22,8 +22,30 @@ from kiln.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def require_pullable(settings: Settings, *, name: str, version: str | None) -> None:
+    """Refuse to deploy ``name@version`` unless the DVC remote holds what it serves: every
+    host that will run it pulls it from there (``ArtifactStore.fetch``). Raises NotFound (a
+    missing object) or ExternalToolError (the remote does not answer) before anything changes."""
+    from kiln.store.artifacts import ArtifactStore, ObjectRef
+
+    with session_scope(settings.db_url) as session:
+        row = crud.require_version(session=session, name=name, version=version)
+        served = [
+            ObjectRef.of(a) for a in crud.list_artifacts(session=session, version=row) if a.selected
+        ]
+    missing = ArtifactStore.of(settings).missing_remotely(served)
+    if missing:
+        raise NotFound(
+            f"{name}@{row.version} cannot be deployed: the DVC remote {settings.remote_url} "
+            f"holds no copy of {missing[0].path} (sha256 {missing[0].sha256}); push it from "
+            "the host that recorded it (`dvc push` in its KILN_HOME) and deploy again"
+        )
+
+
 def deploy_direct(settings: Settings, *, name: str, version: str | None) -> dict[str, Any]:
-    """Make ``name@version`` (default: newest) the stable version now, without a canary."""
+    """Make ``name@version`` (default: newest) the stable version now, without a canary, once
+    the DVC remote is known to hold what it serves."""
+    require_pullable(settings, name=name, version=version)
     with session_scope(settings.db_url) as session:
         row = crud.require_version(session=session, name=name, version=version)
         dep = crud.make_stable(session=session, version=row)

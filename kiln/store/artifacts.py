@@ -224,6 +224,7 @@ class ArtifactStore:
         final = self.resolve(rel)
         for path in (final, Path(f"{final}.dvc"), final.parent / ".gitignore"):
             path.unlink(missing_ok=True)
+        _remove_empty(final.parent, stop=self.home / OBJECTS)
 
     def purge(self, rels: Iterable[str]) -> list[str]:
         """Remove stored files completely: the file, its .dvc pointer, its DVC cache entry and,
@@ -317,12 +318,18 @@ class ArtifactStore:
             with redirect_stdout(sys.stderr):
                 self._repo().pull(targets=[str(pointer)])
         except Exception as exc:
+            from dvc.exceptions import CheckoutError
+
             self._forget(path, pointer if wrote_pointer else None, artifact.dvc_hash)
+            if isinstance(exc, CheckoutError):  # the download found nothing to fetch
+                raise NotFound(
+                    f"the DVC remote {self.remote_url} holds no copy of {what}: push it "
+                    "from a host that has it (`dvc push` in that host's KILN_HOME)"
+                ) from None
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise ExternalToolError(
-                f"could not pull {what} from the DVC remote {self.remote_url}: {reason}; "
-                "check that the remote is reachable and holds it (`dvc push` on the host "
-                "that recorded it)"
+                f"could not pull {what} from the DVC remote {self.remote_url} ({reason}): "
+                "check that the remote answers and this host's credentials for it"
             ) from None
         actual = sha256_file(path) if path.is_file() else "nothing"
         if actual != artifact.sha256:
@@ -338,9 +345,28 @@ class ArtifactStore:
         path.unlink(missing_ok=True)
         if pointer is not None:
             pointer.unlink(missing_ok=True)
-        entry = self.home / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
-        entry.unlink(missing_ok=True)
+        cache = self.home / ".dvc" / "cache" / "files" / "md5"
+        (cache / md5[:2] / md5[2:]).unlink(missing_ok=True)
+        _remove_empty(cache / md5[:2], stop=cache)
         _remove_empty(path.parent, stop=self.home / OBJECTS)
+
+    def missing_remotely(self, artifacts: Iterable[Recorded]) -> list[Recorded]:
+        """Those of ``artifacts`` the remote does not hold (by their recorded md5; a row without
+        one, from before md5s were recorded, cannot be asked about and is left out); raises
+        ExternalToolError when the remote does not answer. What a deploy checks before it
+        changes anything: every host that will serve a version must be able to pull it."""
+        artifacts = list(artifacts)
+        self.ensure()
+        try:
+            with redirect_stdout(sys.stderr):
+                odb = self._repo().cloud.get_remote_odb(command="status")
+                return [a for a in artifacts if a.dvc_hash and not _holds(odb, a.dvc_hash)]
+        except Exception as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ExternalToolError(
+                f"the DVC remote {self.remote_url} does not answer ({reason}): nothing was "
+                "changed; try again when it is back"
+            ) from None
 
     def restore(self, items: Iterable[tuple[str, str]]) -> list[Path]:
         """Pull ``(path, sha256)`` files from the DVC remote, then check every hash."""
@@ -393,6 +419,16 @@ class ArtifactStore:
         finally:
             self._lock.release()
         return removed
+
+
+def _holds(odb: Any, md5: str) -> bool:
+    """Whether DVC's object database ``odb`` has ``md5``: False when it answers that it has
+    not, an error when it does not answer (``exists`` would say False to both)."""
+    try:
+        odb.fs.info(odb.oid_to_path(md5))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _dvc_repo_class() -> Any:

@@ -173,9 +173,7 @@ def test_a_late_renewal_takes_the_lease_back_and_keeps_the_engines(
         assert a.acting and a.held is not None and a.held.token == first.token + 1
         assert [r.url for rs in a.state.replicas.values() for r in rs] == ["http://127.0.0.1:9001"]
         with session_scope(db_url) as session:  # published again under the new token
-            assert [e.url for e in endpoints.routable(session=session)] == [
-                "http://127.0.0.1:9001"
-            ]
+            assert [e.url for e in endpoints.routable(session=session)] == ["http://127.0.0.1:9001"]
         await a.stop()
 
     asyncio.run(scenario())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import IntegrityError, InvalidInput, NotFound
-from kiln.store.artifacts import ArtifactStore
+from kiln.store.artifacts import ArtifactStore, ObjectRef
 
 
 @pytest.fixture
@@ -135,3 +135,54 @@ def test_sweep_waits_for_a_running_operation(store: ArtifactStore, blob: Path) -
         )
         assert child.stdout.strip() == "[]"
         assert (store.home / stored.path).is_file()
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_another_host_fetches_exactly_the_one_object_it_needs(
+    store: ArtifactStore, blob: Path, tmp_path: Path
+) -> None:
+    """Two homes sharing one remote: the second, empty, pulls one artifact by the registry's
+    record (path, sha256, size, md5) and nothing else."""
+    wanted = ObjectRef.of(store.put(blob, suffix=".bin"))
+    other = tmp_path / "other.bin"
+    other.write_bytes(os.urandom(10_000))
+    store.put(other, suffix=".bin")
+    host_b = ArtifactStore(tmp_path / "host-b", store.remote_url)
+    path = host_b.fetch(wanted)
+    assert path.read_bytes() == blob.read_bytes()
+    assert [p for p in _tree(host_b.home / "objects") if not p.endswith(".dvc")] == [
+        wanted.path[8:]
+    ]
+    assert host_b.fetch(wanted) == path  # present now: no second pull
+
+
+def test_a_damaged_remote_object_is_refused_and_leaves_nothing(
+    store: ArtifactStore, blob: Path, tmp_path: Path
+) -> None:
+    wanted = ObjectRef.of(store.put(blob, suffix=".bin"))
+    md5 = wanted.dvc_hash
+    (Path(store.remote_url) / "files" / "md5" / md5[:2] / md5[2:]).write_bytes(b"tampered")
+    host_b = ArtifactStore(tmp_path / "host-b", store.remote_url)
+    with pytest.raises(IntegrityError, match=f"sha256 {wanted.sha256}") as caught:
+        host_b.fetch(wanted)
+    assert "refused and removed" in str(caught.value)
+    assert _tree(host_b.home / "objects") == []  # no file, no pointer
+    assert not (host_b.home / ".dvc" / "cache" / "files" / "md5" / md5[:2]).exists()
+    (Path(store.remote_url) / "files" / "md5" / md5[:2] / md5[2:]).unlink()
+    with pytest.raises(NotFound, match=f"holds no copy of .*sha256 {wanted.sha256}"):
+        host_b.fetch(wanted)
+    assert _tree(host_b.home / "objects") == []
+    assert host_b.missing_remotely([wanted]) == [wanted]
+
+
+def test_the_remote_is_what_the_settings_say(tmp_path: Path) -> None:
+    """A home initialised with one remote follows a changed KILN_DVC_REMOTE and endpoint."""
+    home = tmp_path / "home"
+    ArtifactStore(home, str(tmp_path / "r1")).ensure()
+    ArtifactStore(home, "s3://bucket/kiln", endpoint_url="http://127.0.0.1:9").ensure()
+    config = (home / ".dvc" / "config").read_text()
+    assert "s3://bucket/kiln" in config and "endpointurl = http://127.0.0.1:9" in config
+    assert "r1" not in config
