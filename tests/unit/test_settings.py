@@ -11,6 +11,7 @@ import pytest
 from kiln.net import redact_url
 from kiln.settings import PRIVACY_ENV, Settings, get_settings
 from kiln.spec import ModelSpec, TensorSpec
+from tests.conftest import kiln_env, run_kiln
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,3 +107,19 @@ def test_defaults_shared_with_the_cli_are_the_records_own() -> None:
     assert (rollout.step_seconds, rollout.ready_timeout_s) == (CANARY_STEP_SECONDS, READY_TIMEOUT_S)
     assert DriftSettings().min_samples == DRIFT_MIN_SAMPLES == 100
     assert HttpLimits().max_body_bytes == Settings.model_fields["max_body_bytes"].default
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KILN_DVC_REMOTE", "ftp://kiln:hunter2@files.internal/kiln"),
+        ("KILN_DVC_REMOTE", "s3://kiln:hunter2@bucket/kiln"),
+        ("KILN_RATE_LIMIT_STORAGE", "memcached://:hunter2@cache.internal:11211"),
+    ],
+)
+def test_a_bad_setting_is_named_without_its_value(tmp_path: Path, name: str, value: str) -> None:
+    """pydantic's own message repeats the input; the CLI's names the variable only."""
+    proc = run_kiln("status", env=kiln_env(tmp_path / "home", **{name: value}))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {name}: ") and "hunter2" not in proc.stderr + proc.stdout
