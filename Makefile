@@ -45,8 +45,12 @@ demo: setup  ## the journey so far, end to end on the embedded defaults
 # deployments of prefect.yaml, a process worker, the gateway (`kiln serve`) and an admin key.
 # Ctrl-C stops everything it started. Other ports:
 #   make up UP_ARGS="--prefect-port 4300 --gateway-port 8100"
-up: setup  ## Prefect server + UI, deployments, worker and gateway until Ctrl-C
-	$(PY) -m flows.up $(UP_ARGS)
+# The cluster form (docs/cluster.md): Prefect on PostgreSQL, the *-cluster deployments on the
+# kiln-cluster pool (concurrency limit KILN_POOL_CONCURRENCY, default 2), KILN_DATABASE_URL on
+# PostgreSQL; other machines run only a worker and `kiln serve --role ...`:
+#   KILN_PREFECT_DATABASE_URL=postgresql+asyncpg://... make up CLUSTER=1 UP_ARGS="--workers 2"
+up: setup  ## Prefect server + UI, deployments, worker and gateway until Ctrl-C (CLUSTER=1: docs/cluster.md)
+	$(PY) -m flows.up $(if $(CLUSTER),--cluster) $(UP_ARGS)
 
 bench: setup bench-deps  ## optimize + serve benchmarks of digits and MiniLM -> bench/results.{json,md}
 	$(VENV)/bin/dvc repro train_digits build_minilm

@@ -1,9 +1,15 @@
 """`make up`: Kiln as a local service, a Prefect server with its UI, a process worker and the
 gateway, all on 127.0.0.1, stopped together on Ctrl-C.
 
-Run it as ``python -m flows.up [--prefect-port P] [--gateway-port P] [--no-ui]``. The deployments
-come from the checkout's ``prefect.yaml`` (``prefect deploy --all``), so what the UI's Run button
-starts is exactly what that file declares.
+Run it as ``python -m flows.up [--prefect-port P] [--gateway-port P] [--no-ui] [--cluster]``.
+The deployments come from the checkout's ``prefect.yaml``, so what the UI's Run button starts is
+exactly what that file declares.
+
+The cluster form (``--cluster``, ``make up CLUSTER=1``; docs/cluster.md) keeps Prefect's state
+in PostgreSQL (``KILN_PREFECT_DATABASE_URL``, given to the server only), needs the registry in
+PostgreSQL too (``KILN_DATABASE_URL``), and registers the ``*-cluster`` deployments on the
+``kiln-cluster`` pool with a concurrency limit; its workers (``--workers N`` here, and one on
+every other machine) take runs from that pool.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ from typing import Annotated, Any, Self
 import httpx
 import psutil
 import typer
-from pydantic import Field
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kiln.errors import Conflict, ExternalToolError, KilnError
+from kiln.errors import Conflict, ExternalToolError, InvalidInput, KilnError
+from kiln.net import redact_url
 from kiln.processes import ExitedEarly, ReadyTimeout, http_ok, start_group, stop_group, wait_ready
 from kiln.settings import PRIVACY_ENV, Settings, get_settings
 
@@ -34,8 +41,17 @@ from kiln.settings import PRIVACY_ENV, Settings, get_settings
 # prefect.yaml lives and where the worker's flow runs import flows/ from.
 PROJECT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-# The work pool prefect.yaml's deployments name (a test checks that the two agree).
+# The work pools prefect.yaml's deployments name (a test checks that they agree).
 WORK_POOL = "kiln-process"
+CLUSTER_POOL = "kiln-cluster"
+# What each form registers of prefect.yaml (the cluster form: the same flows on CLUSTER_POOL).
+DEPLOYMENTS = ("deploy-model", "reoptimize", "monitor-drift")
+CLUSTER_DEPLOYMENTS = (
+    "deploy-model-cluster",
+    "optimize-model-cluster",
+    "reoptimize-cluster",
+    "monitor-drift-cluster",
+)
 
 
 class UpSettings(BaseSettings):
@@ -51,6 +67,19 @@ class UpSettings(BaseSettings):
     worker_poll_s: float = Field(default=2.0, gt=0, description="worker's query interval")
     start_timeout_s: float = Field(default=180.0, gt=0, description="per component")
     stop_timeout_s: float = Field(default=30.0, gt=0, description="per child, then SIGKILL")
+    cluster: bool = Field(default=False, description="the cluster form (docs/cluster.md)")
+    prefect_database_url: SecretStr | None = Field(
+        default=None,
+        description="Prefect's own PostgreSQL database, postgresql+asyncpg://USER[:PW]@HOST/DB "
+        "(the cluster form's Prefect state; given to the server process only)",
+    )
+    prefect_host: str = Field(
+        default=HOST, description="the address the Prefect server binds (other machines' workers)"
+    )
+    workers: int = Field(default=1, ge=1, le=16, description="process workers started here")
+    pool_concurrency: int = Field(
+        default=2, ge=1, description="flow runs the cluster pool runs at once, on all machines"
+    )
 
 
 class Child:
@@ -173,7 +202,7 @@ class Stack:
         self.gateway_host = kiln.gateway_host
         self.gateway_port = kiln.gateway_port if gateway_port is None else gateway_port
         base = dict(os.environ if base_env is None else base_env)
-        self.prefect_url = f"http://{HOST}:{self.up.prefect_port}"
+        self.prefect_url = f"http://{self.up.prefect_host}:{self.up.prefect_port}"
         self.api_url = self.prefect_url + "/api"
         self.gateway_url = f"http://{self.gateway_host}:{self.gateway_port}"
         self.logs = self.home / "logs"
@@ -192,6 +221,7 @@ class Stack:
             "PREFECT_CLI_COLORS": "false",
             "PREFECT_CLI_WRAP_LINES": "false",
         }
+        self.pool = CLUSTER_POOL if self.up.cluster else WORK_POOL
         self.children: list[Child] = []
         self.admin_key: str | None = None
         self.timings: dict[str, float] = {}
@@ -211,7 +241,9 @@ class Stack:
         self.stop()
 
     def start(self, *, admin_key: bool = True) -> None:
-        """Start everything; raise Conflict (a port is taken) or ExternalToolError."""
+        """Start everything; raise Conflict (a port is taken), InvalidInput (the cluster form
+        without PostgreSQL) or ExternalToolError."""
+        self.check_cluster()
         self.check_ports()
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.home / "prefect").mkdir(parents=True, exist_ok=True)
@@ -223,9 +255,26 @@ class Stack:
         if admin_key:
             self._timed("admin key", self.create_admin_key)
 
+    def check_cluster(self) -> None:
+        """The cluster form shares state through PostgreSQL only: refuse it on SQLite."""
+        if not self.up.cluster:
+            return
+        prefect_db = self.up.prefect_database_url
+        if prefect_db is None or not prefect_db.get_secret_value().startswith("postgresql"):
+            raise InvalidInput(
+                "the cluster form keeps Prefect's state in PostgreSQL: set "
+                "KILN_PREFECT_DATABASE_URL=postgresql+asyncpg://USER@HOST/DB (a database of "
+                "Prefect's own)"
+            )
+        if not self.env.get("KILN_DATABASE_URL", "").startswith("postgresql"):
+            raise InvalidInput(
+                "the cluster form needs the registry every machine shares: set "
+                "KILN_DATABASE_URL=postgresql+psycopg://USER@HOST/DB"
+            )
+
     def check_ports(self) -> None:
         for what, host, port, option in (
-            ("Prefect", HOST, self.up.prefect_port, "--prefect-port"),
+            ("Prefect", self.up.prefect_host, self.up.prefect_port, "--prefect-port"),
             ("gateway", self.gateway_host, self.gateway_port, "--gateway-port"),
         ):
             if port_in_use(host, port):
@@ -235,9 +284,17 @@ class Stack:
                 )
 
     def start_server(self) -> None:
-        self._say(
-            f"starting the Prefect server on {self.prefect_url} "
-            f"(PREFECT_HOME {self.env['PREFECT_HOME']})"
+        database = self.up.prefect_database_url
+        where = (
+            f"database {redact_url(database.get_secret_value())}"
+            if database is not None and self.up.cluster
+            else f"PREFECT_HOME {self.env['PREFECT_HOME']}"
+        )
+        self._say(f"starting the Prefect server on {self.prefect_url} ({where})")
+        extra = (
+            {"PREFECT_API_DATABASE_CONNECTION_URL": database.get_secret_value()}
+            if database is not None and self.up.cluster
+            else {}
         )
         server = self._spawn(
             "prefect-server",
@@ -246,37 +303,43 @@ class Stack:
                 "server",
                 "start",
                 "--host",
-                HOST,
+                self.up.prefect_host,
                 "--port",
                 str(self.up.prefect_port),
             ],
+            env=extra,
         )
         self._wait_http(server, self.api_url + "/health")
 
     def ensure_work_pool(self) -> None:
-        resp = httpx.get(f"{self.api_url}/work_pools/{WORK_POOL}", timeout=10)
-        if resp.status_code == 200:
-            return
-        self._cli(
-            "work pool",
-            "prefect",
-            "--no-prompt",
-            "work-pool",
-            "create",
-            WORK_POOL,
-            "--type",
-            "process",
-        )
+        resp = httpx.get(f"{self.api_url}/work_pools/{self.pool}", timeout=10)
+        if resp.status_code != 200:
+            self._cli(
+                "work pool",
+                "prefect",
+                "--no-prompt",
+                "work-pool",
+                "create",
+                self.pool,
+                "--type",
+                "process",
+            )
+        if self.up.cluster:
+            limit = str(self.up.pool_concurrency)
+            self._cli(
+                "work pool limit", "prefect", "work-pool", "set-concurrency-limit", self.pool, limit
+            )
 
     def register_deployments(self) -> None:
-        self._say(f"registering the deployments of {self.up.prefect_file}")
+        names = CLUSTER_DEPLOYMENTS if self.up.cluster else DEPLOYMENTS
+        self._say(f"registering {', '.join(names)} of {self.up.prefect_file}")
         # prefect.yaml's pull step is `set_working_directory: {{ $PWD }}`, resolved here.
         self._cli(
             "deployments",
             "prefect",
             "--no-prompt",
             "deploy",
-            "--all",
+            *(arg for name in names for arg in ("--name", name)),
             "--prefect-file",
             self.up.prefect_file,
             cwd=self.up.project,
@@ -284,31 +347,41 @@ class Stack:
         )
 
     def start_worker(self) -> None:
-        self._say(f"starting a process worker on the {WORK_POOL} pool")
-        worker = self._spawn(
-            "prefect-worker",
-            [
-                self._tool("prefect"),
-                "worker",
-                "start",
-                "--pool",
-                WORK_POOL,
-                "--type",
-                "process",
-                "--name",
-                f"kiln-{socket.gethostname()}-{os.getpid()}",
-                "--install-policy",
-                "never",
-                "--no-create-pool-if-not-found",
-            ],
-        )
+        count = self.up.workers
+        self._say(f"starting {count} process worker(s) on the {self.pool} pool")
+        names = [f"kiln-{socket.gethostname()}-{os.getpid()}-{i}" for i in range(count)]
+        workers = [
+            self._spawn(
+                "prefect-worker" if count == 1 else f"prefect-worker-{i}",
+                [
+                    self._tool("prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    self.pool,
+                    "--type",
+                    "process",
+                    "--name",
+                    name,
+                    "--install-policy",
+                    "never",
+                    "--no-create-pool-if-not-found",
+                ],
+            )
+            for i, name in enumerate(names)
+        ]
 
-        # Ready once it has reported to the server (the pool turns READY).
+        # Ready once each has reported to the server (its heartbeat: ONLINE).
         def reported() -> bool:
-            pool = httpx.get(f"{self.api_url}/work_pools/{WORK_POOL}", timeout=10).json()
-            return bool(pool.get("status") == "READY")
+            resp = httpx.post(f"{self.api_url}/work_pools/{self.pool}/workers/filter", timeout=10)
+            online = {w["name"] for w in resp.json() if w.get("status") == "ONLINE"}
+            return online >= set(names)
 
-        worker.wait_ready(reported, self.up.start_timeout_s, "the Prefect worker did not report")
+        workers[0].wait_ready(
+            reported, self.up.start_timeout_s, "the Prefect worker(s) did not report"
+        )
+        for worker in workers:
+            worker.check_alive()
 
     def start_gateway(self) -> None:
         self._say(f"starting the gateway (kiln serve) on {self.gateway_url}")
@@ -353,9 +426,11 @@ class Stack:
     def _tool(self, name: str) -> str:
         return str(self._bin / name)
 
-    def _spawn(self, name: str, argv: list[str]) -> Child:
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Child:
         log_path = self.logs / f"{name}.log"
-        proc = start_group(argv, env=self.env, cwd=self.up.project, log_path=log_path)
+        proc = start_group(
+            argv, env={**self.env, **(env or {})}, cwd=self.up.project, log_path=log_path
+        )
         child = Child(name, proc, log_path)
         self.children.append(child)
         return child
@@ -403,6 +478,8 @@ def banner(stack: Stack) -> str:
     if stack.admin_key:
         lines.append(f"  admin key    {stack.admin_key}   (shown once: keep it)")
     lines += [
+        f"  work pool    {stack.pool}"
+        + (f" (at most {stack.up.pool_concurrency} runs at once)" if stack.up.cluster else ""),
         f"  logs         {stack.logs}",
         f"  registry     {stack.home}",
         "  deploy: UI > Deployments > deploy-model > Run > Custom run, "
@@ -425,13 +502,32 @@ def up(
         int | None, typer.Option(help=f"Gateway port (default KILN_GATEWAY_PORT, {_GATEWAY_PORT}).")
     ] = None,
     ui: Annotated[bool, typer.Option(help="Serve Prefect's UI.")] = True,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            help="The cluster form: Prefect on PostgreSQL (KILN_PREFECT_DATABASE_URL), the "
+            "*-cluster deployments on the kiln-cluster pool (docs/cluster.md)."
+        ),
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Process workers to start here (default 1).")
+    ] = None,
 ) -> None:
     """Start the Prefect server + UI, the deployments of prefect.yaml, a process worker and
     the gateway; print their addresses and an admin key; stop them all on Ctrl-C."""
     overrides: dict[str, Any] = {"prefect_ui": ui}
+    if cluster:
+        overrides["cluster"] = True
+    if workers is not None:
+        overrides["workers"] = workers
     if prefect_port is not None:
         overrides["prefect_port"] = prefect_port
-    stack = Stack(UpSettings(**overrides), gateway_port=gateway_port)
+    try:
+        stack = Stack(UpSettings(**overrides), gateway_port=gateway_port)
+    except ValidationError as exc:  # a KILN_* value: named, never echoed (it may be a URL)
+        fields = ", ".join("KILN_" + "_".join(map(str, e["loc"])).upper() for e in exc.errors())
+        print(f"error: invalid {fields}: see `python -m flows.up --help`", file=sys.stderr)
+        raise typer.Exit(2) from None
     # SIGTERM stops us as Ctrl-C does; children are in their own sessions, so only we get the
     # terminal's SIGINT and we stop them. Installing a handler also means the children start
     # with SIGINT at its default even when we inherited it ignored (`nohup`, `cmd &` in a

@@ -21,9 +21,30 @@ import numpy as np
 import pytest
 import yaml
 
-from flows.up import WORK_POOL, Stack, UpSettings, still_running
+from flows.up import (
+    CLUSTER_DEPLOYMENTS,
+    CLUSTER_POOL,
+    DEPLOYMENTS,
+    WORK_POOL,
+    Stack,
+    UpSettings,
+    still_running,
+)
 from serving.supervisor import free_port
-from tests.conftest import REPO, copy_home, digits_rows, infer_request, kiln_env, run_kiln
+from tests.conftest import (
+    REPO,
+    _pg_exec,
+    _pg_schema_url,
+    copy_home,
+    digits_rows,
+    infer_request,
+    kiln_env,
+    pg_available,
+    require_service,
+    run_kiln,
+    set_model_settings,
+    upload_digits,
+)
 
 # What the Prefect UI posts for Run > Custom run (ui-v2 QuickRunParametersDialog).
 UI_RUN_STATE = {
@@ -52,9 +73,10 @@ def test_prefect_yaml_deployments_resolve_to_flows() -> None:
     ]
     assert not doc.get("build") and not doc.get("push")
     deployments = _deployments()
-    assert {"deploy-model", "reoptimize"} <= set(deployments)
+    assert set(deployments) == {*DEPLOYMENTS, *CLUSTER_DEPLOYMENTS}
     for name, dep in deployments.items():
-        assert dep["work_pool"]["name"] == WORK_POOL, name
+        pool = CLUSTER_POOL if name in CLUSTER_DEPLOYMENTS else WORK_POOL
+        assert dep["work_pool"]["name"] == pool, name
         path, _, func = dep["entrypoint"].partition(":")
         assert (REPO / path).is_file(), f"{name}: {path} does not exist"
         flow = load_flow_from_entrypoint(f"{REPO / path}:{func}")
@@ -66,6 +88,10 @@ def test_prefect_yaml_deployments_resolve_to_flows() -> None:
     assert deploy.parameters.required == ["model"]
     assert not deployments["deploy-model"].get("schedules")  # on demand
     assert [s["cron"] for s in deployments["reoptimize"]["schedules"]] == ["0 3 * * *"]
+    for name in DEPLOYMENTS:  # the cluster form runs the same flows, on the same schedules
+        twin = deployments[f"{name}-cluster"]
+        assert twin["entrypoint"] == deployments[name]["entrypoint"], name
+        assert twin.get("schedules") == deployments[name].get("schedules"), name
 
 
 @pytest.mark.parametrize("taken", ["prefect", "gateway"])
@@ -118,6 +144,33 @@ def _diagnostics(stack: Stack, run_id: str | None) -> str:
     if run_id:
         parts.append(f"--- flow run {run_id}:\n{_flow_run_logs(stack.api_url, run_id)}")
     return "\n".join(parts)
+
+
+def _serves_digits(stack: Stack, examples: Path, run_id: str | None) -> dict[str, float]:
+    """Wait until the stack's gateway has digits ready, then check its answers on 32 rows;
+    the seconds each took."""
+    auth = {"Authorization": f"Bearer {stack.admin_key}"}
+    t_ready = time.monotonic()
+    while time.monotonic() < t_ready + 120:
+        ready = httpx.get(f"{stack.gateway_url}/v2/models/digits/ready", headers=auth, timeout=10)
+        if ready.status_code == 200:
+            break
+        time.sleep(0.25)
+    waited = round(time.monotonic() - t_ready, 2)
+    x, labels = digits_rows(examples, 32)
+    t_infer = time.monotonic()
+    resp = httpx.post(
+        f"{stack.gateway_url}/v2/models/digits/infer",
+        timeout=60,
+        headers=auth,
+        json=infer_request("x", x),
+    )
+    took = round(time.monotonic() - t_infer, 2)
+    assert resp.status_code == 200, resp.text + _diagnostics(stack, run_id)
+    out = resp.json()["outputs"][0]
+    logits = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    assert (logits.argmax(axis=1) == labels).mean() >= 0.9
+    return {"engine ready after the run": waited, "first infer": took}
 
 
 def test_deploy_model_from_the_run_button(
@@ -179,32 +232,9 @@ def test_deploy_model_from_the_run_button(
         shown = run_kiln("show", "digits", "--json", env=stack.env)
         assert shown.returncode == 0, shown.stderr
         assert json.loads(shown.stdout)["status"] == "production"
-        auth = {"Authorization": f"Bearer {stack.admin_key}"}
         # The flow returns once the registry says production; the supervisor may still be
         # warming the engine (it reconciles within a second), so a client waits for ready.
-        t_ready = time.monotonic()
-        ready_deadline = t_ready + 120
-        while time.monotonic() < ready_deadline:
-            ready = httpx.get(
-                f"{stack.gateway_url}/v2/models/digits/ready", headers=auth, timeout=10
-            )
-            if ready.status_code == 200:
-                break
-            time.sleep(0.25)
-        timings["engine ready after the run"] = round(time.monotonic() - t_ready, 2)
-        x, labels = digits_rows(examples, 32)
-        t_infer = time.monotonic()
-        resp = httpx.post(
-            f"{stack.gateway_url}/v2/models/digits/infer",
-            timeout=60,
-            headers=auth,
-            json=infer_request("x", x),
-        )
-        timings["first infer"] = round(time.monotonic() - t_infer, 2)
-        assert resp.status_code == 200, resp.text + _diagnostics(stack, run_id)
-        out = resp.json()["outputs"][0]
-        logits = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-        assert (logits.argmax(axis=1) == labels).mean() >= 0.9
+        timings.update(_serves_digits(stack, examples, run_id))
     except BaseException:
         print(_diagnostics(stack, run_id))
         raise
@@ -219,3 +249,117 @@ def test_deploy_model_from_the_run_button(
     assert processes, "the stack started no process"
     assert not [p for p in processes if still_running(p)], "a process outlived stop()"
     assert os.environ.get("PREFECT_API_URL") != stack.api_url  # the test process untouched
+
+
+def test_the_cluster_form_refuses_sqlite(tmp_path: Path) -> None:
+    """`make up CLUSTER=1` without PostgreSQL: one line naming the variable, nothing started."""
+    home = tmp_path / "kiln-home"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.up", "--cluster", "--no-ui"],
+        env=kiln_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "KILN_PREFECT_DATABASE_URL=postgresql+asyncpg://" in line
+    assert not home.exists()
+
+
+def _prefect_rows(url: str, run_id: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url.replace("+asyncpg", "+psycopg"))
+    try:
+        with engine.connect() as conn:
+            query = text("SELECT count(*) FROM flow_run WHERE id = CAST(:id AS uuid)")
+            return int(conn.execute(query, {"id": run_id}).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_the_cluster_form_on_postgresql_with_two_workers(
+    examples: Path, tmp_path: Path, record_property: Any
+) -> None:
+    """Prefect's server on PostgreSQL, the kiln-cluster pool with a concurrency limit and two
+    process workers (each standing for a machine), the registry in PostgreSQL: a run of the
+    deploy-model-cluster deployment is picked up by one worker, optimizes digits (uploaded
+    only) and deploys it, and `kiln serve` serves it."""
+    require_service(pg_available())
+    suffix = os.urandom(5).hex()
+    _pg_exec(f"CREATE DATABASE prefect_{suffix}")
+    _pg_exec(f"CREATE SCHEMA kiln_{suffix}")
+    prefect_db = f"postgresql+asyncpg://postgres@127.0.0.1:5432/prefect_{suffix}"
+    home = tmp_path / "kiln-home"
+    env = kiln_env(home, KILN_DATABASE_URL=_pg_schema_url(f"kiln_{suffix}"))
+    upload_digits(examples / "digits", env=env)
+    optimize = {"optimize": {"backends": ["onnxruntime"], "precisions": {"onnxruntime": ["fp32"]}}}
+    set_model_settings(home, "digits", optimize, env=env)
+    up = UpSettings(
+        prefect_port=free_port(),
+        worker_poll_s=1.0,
+        prefect_ui=False,
+        cluster=True,
+        prefect_database_url=prefect_db,
+        workers=2,
+        pool_concurrency=2,
+    )
+    stack = Stack(up, home=home, gateway_port=free_port(), base_env=env)
+    run_id: str | None = None
+    timings: dict[str, float] = {}
+    try:
+        stack.start()
+        timings.update({f"start {k}": v for k, v in stack.timings.items()})
+        api = stack.api_url
+        pool = httpx.get(f"{api}/work_pools/{CLUSTER_POOL}", timeout=10).json()
+        assert pool["concurrency_limit"] == 2 and pool["type"] == "process"
+        workers = httpx.post(f"{api}/work_pools/{CLUSTER_POOL}/workers/filter", timeout=10)
+        online = [w["name"] for w in workers.json() if w["status"] == "ONLINE"]
+        assert len(online) == 2, workers.json()
+        # only the cluster deployments are registered, on the cluster pool
+        assert httpx.get(f"{api}/deployments/name/deploy-model/deploy-model").status_code == 404
+        dep = httpx.get(f"{api}/deployments/name/deploy-model/deploy-model-cluster").json()
+        assert dep["work_pool_name"] == CLUSTER_POOL
+        t_run = time.monotonic()
+        created = httpx.post(
+            f"{api}/deployments/{dep['id']}/create_flow_run",
+            timeout=10,
+            json={"state": UI_RUN_STATE, "parameters": {"model": "digits"}},
+        )
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+        run: dict[str, Any] = {}
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+            if run["state_type"] in TERMINAL:
+                break
+            time.sleep(0.5)
+        timings["flow run terminal"] = round(time.monotonic() - t_run, 2)
+        assert run.get("state_type") == "COMPLETED", _diagnostics(stack, run_id)
+        assert run["work_pool_name"] == CLUSTER_POOL
+        # Prefect's state is in PostgreSQL: the run is a row of its database
+        assert _prefect_rows(prefect_db, run_id) == 1
+        # exactly one of the two workers picked it up
+        picked = [
+            c.name
+            for c in stack.children
+            if c.name.startswith("prefect-worker") and run_id in c.tail(10**6)
+        ]
+        assert len(picked) == 1, picked
+        shown = run_kiln("show", "digits", "--json", env=stack.env)
+        assert json.loads(shown.stdout)["status"] == "production", shown.stderr
+        timings.update(_serves_digits(stack, examples, run_id))
+    except BaseException:
+        print(_diagnostics(stack, run_id))
+        raise
+    finally:
+        processes = stack.processes()
+        stack.stop()
+        print("FIGURE cluster-form timings:", json.dumps(timings))
+        record_property("timings", json.dumps(timings))
+        _pg_exec(f"DROP SCHEMA IF EXISTS kiln_{suffix} CASCADE")
+        _pg_exec(f"DROP DATABASE IF EXISTS prefect_{suffix} WITH (FORCE)")
+    assert not [p for p in processes if still_running(p)], "a process outlived stop()"
