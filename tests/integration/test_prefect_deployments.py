@@ -94,6 +94,18 @@ def test_prefect_yaml_deployments_resolve_to_flows() -> None:
         assert twin.get("schedules") == deployments[name].get("schedules"), name
 
 
+def _up(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m flows.up ARGS --no-ui` on ``home``, expected to refuse before starting."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.up", *args, "--no-ui"],
+        env=kiln_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+
+
 @pytest.mark.parametrize("taken", ["prefect", "gateway"])
 def test_up_refuses_a_taken_port(taken: str, tmp_path: Path) -> None:
     import socket
@@ -105,23 +117,7 @@ def test_up_refuses_a_taken_port(taken: str, tmp_path: Path) -> None:
         port = holder.getsockname()[1]
         other = free_port()
         prefect_port, gateway_port = (port, other) if taken == "prefect" else (other, port)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flows.up",
-                "--prefect-port",
-                str(prefect_port),
-                "--gateway-port",
-                str(gateway_port),
-                "--no-ui",
-            ],
-            env=kiln_env(home),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO,
-        )
+        proc = _up(home, "--prefect-port", str(prefect_port), "--gateway-port", str(gateway_port))
     assert proc.returncode == 4, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -254,14 +250,7 @@ def test_deploy_model_from_the_run_button(
 def test_the_cluster_form_refuses_sqlite(tmp_path: Path) -> None:
     """`make up CLUSTER=1` without PostgreSQL: one line naming the variable, nothing started."""
     home = tmp_path / "kiln-home"
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.up", "--cluster", "--no-ui"],
-        env=kiln_env(home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    proc = _up(home, "--cluster")
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert "KILN_PREFECT_DATABASE_URL=postgresql+asyncpg://" in line
