@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     # the reconciler lease (kiln/registry/lease.py): how long one term lasts without a renewal;
     # a successor takes over at most this long after its holder died
     lease_ttl_s: float = Field(default=5.0, ge=1.0, le=300.0, description="reconciler lease term")
+    ray_address: str | None = Field(
+        default=None,
+        description="a Ray cluster (HOST:PORT) the optimize flow builds its variants on, one "
+        "Ray task each (prefect-ray); unset: in the flow's own process",
+    )
     inference_log_sample: float = Field(default=0.1, ge=0.0, le=1.0)
     # the gateway's inference log (serving/inference_log.py): a bounded queue, a writer thread
     inference_log_queue: int = Field(

@@ -86,6 +86,21 @@ def _update_job(job_id: int, **changes: Any) -> None:
         crud.update_job(session=session, job=job, **changes)
 
 
+def builder() -> str:
+    """The machine this process runs on: ``ray:<node id> <node ip>`` inside a Ray task (a
+    variant built on a Ray cluster), else the host name."""
+    import socket
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            node = ray.get_runtime_context().get_node_id()
+            return f"ray:{node[:16]} {ray.util.get_node_ip_address()}"  # type: ignore[no-untyped-call]
+    return socket.gethostname()
+
+
 @task(name="build-and-validate-variant", cache_policy=NO_CACHE)
 def variant(
     prepared: stages.Prepared,
@@ -204,7 +219,7 @@ def _accuracy_aware(
 
 def _store(prepared: stages.Prepared, report: VariantReport, path: Path) -> int:
     settings = get_settings()
-    store = ArtifactStore.of(settings)
+    store = ArtifactStore.of(settings).ensure()  # a Ray node's home may be new
     with store.locked(), session_scope(settings.db_url) as session:
         stored = store.put(path, suffix=path.suffix or ".bin")
         kind = (
@@ -225,7 +240,9 @@ def _store(prepared: stages.Prepared, report: VariantReport, path: Path) -> int:
             sha256=stored.sha256,
             size=stored.size,
             dvc_hash=stored.dvc_hash,
+            built_on=builder(),
         )
+        report.meta["built_on"] = row.built_on
         report.meta["path"] = stored.path
         report.meta["sha256"] = stored.sha256
         return row.id  # type: ignore[return-value]

@@ -66,6 +66,7 @@ class Backend(ABC):
 
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]  # what this backend can build on a capable host
+    needs_gpu: ClassVar[bool] = False  # builds and runs on an NVIDIA GPU only
 
     @abstractmethod
     def available(self) -> Availability:

@@ -47,6 +47,7 @@ class TensorRTBackend(Backend):
     arguments for ``torch_tensorrt.dynamo.compile``)."""
 
     name: ClassVar[str] = "tensorrt"
+    needs_gpu: ClassVar[bool] = True
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "fp8")
 
     def available(self) -> Availability:

@@ -43,6 +43,7 @@ class PlannedVariant:
     backend: str
     precision: str
     label: str | None = None
+    gpu: bool = False  # to run where a GPU is (a Ray task asking for one)
 
     @property
     def shown(self) -> str:
@@ -305,14 +306,24 @@ def prune_stage(prepared: Prepared, extracted: ExtractedModel, work_dir: Path) -
     return Pruned(pruned.model, {**record, "parity": pruned.report["parity"]})
 
 
-def plan(prepared: Prepared) -> list[PlannedVariant]:
-    """The variants this host can build for this model (``PRUNED`` aside)."""
+def plan(prepared: Prepared, *, cluster_gpus: float = 0.0) -> list[PlannedVariant]:
+    """The variants this host can build for this model (``PRUNED`` aside). ``cluster_gpus``:
+    the GPUs a Ray cluster reports; a GPU backend this host cannot run is then planned for a
+    node that has one (``gpu``), at every precision the settings ask of it."""
     from kiln.backends import REGISTRY
 
     wanted = prepared.settings.backends
     variants = []
     for name, backend in REGISTRY.items():
         if name == "torch-eager" or (wanted is not None and name not in wanted):
+            continue
+        if backend.needs_gpu and cluster_gpus >= 1 and not backend.available().ok:
+            variants += [
+                PlannedVariant(name, precision, gpu=True)
+                for precision in prepared.settings.precisions.get(name, [])
+                if precision in backend.precisions
+                and (precision != "int8-static" or prepared.calibration is not None)
+            ]
             continue
         if not (availability := backend.available()).ok:
             prepared.skipped.append(f"{name} skipped: {availability.reason}")
