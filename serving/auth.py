@@ -27,6 +27,7 @@ from limits.aio.strategies import (
 from limits.aio.strategies import RateLimiter as Strategy
 from limits.errors import StorageError
 from limits.storage import storage_from_string
+from sqlalchemy.exc import SQLAlchemyError
 
 from kiln.errors import Forbidden
 from kiln.registry.tables import ApiKey
@@ -45,6 +46,7 @@ GRANTS: dict[str, frozenset[str]] = {
 MAX_TOKEN_CHARS = 256  # Kiln's keys are ~58 characters; longer tokens are refused unhashed
 CACHE_ENTRIES = 10_000  # per cache (known keys, unknown keys)
 DB_LOOKUPS = 4  # concurrent registry lookups; a flood of random keys queues behind these
+STALE_LOG_S = 10.0  # one log line per this long while lookups get stale answers
 # The exact strategy (default) and the cheaper approximation (settings.rate_limit_strategy).
 STRATEGIES: dict[str, type[MovingWindowRateLimiter | SlidingWindowCounterRateLimiter]] = {
     "moving-window": MovingWindowRateLimiter,
@@ -109,8 +111,11 @@ class KeyStore:
     registry lookup in a worker thread (one per key at a time, at most ``DB_LOOKUPS`` at once).
     Known and unknown keys are cached apart, each bounded, so a flood of random keys can neither
     evict live keys nor reach the registry more than once per key and TTL. A key created or
-    revoked while the gateway runs takes effect within ``auth_cache_s``. Registry errors
-    propagate (and are not cached): the gateway answers 500 rather than guess.
+    revoked while the gateway runs takes effect within ``auth_cache_s``. While the registry does
+    not answer (a database error on a lookup), a key looked up before gets the registry's last
+    answer for it (stale-if-error: a key cannot be created or revoked in a database that is
+    down), re-checked every ``auth_cache_s``; the errors of keys never looked up propagate (and
+    are not cached): the gateway answers 500 rather than guess.
     """
 
     def __init__(
@@ -123,6 +128,7 @@ class KeyStore:
         self._unknown: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[Principal | None]] = {}
         self._lookups = asyncio.Semaphore(max_lookups)
+        self._last_stale_log = -math.inf
 
     async def authenticate(self, authorization_header: str | None) -> Principal | None:
         """The live key's :class:`Principal`; None for a missing, malformed, unknown or revoked
@@ -148,7 +154,12 @@ class KeyStore:
     async def _lookup(self, token: str, digest: str) -> Principal | None:
         try:
             async with self._lookups:
-                principal = await asyncio.to_thread(self._find, token)
+                try:
+                    principal = await asyncio.to_thread(self._find, token)
+                except SQLAlchemyError as exc:
+                    if not self._looked_up(digest):
+                        raise
+                    principal = self._stale(digest, exc)
             expires = time.monotonic() + self.ttl
             if self.ttl > 0:
                 if principal is None:
@@ -160,6 +171,24 @@ class KeyStore:
             return principal
         finally:
             self._inflight.pop(digest, None)
+
+    def _looked_up(self, digest: str) -> bool:
+        return digest in self._known or digest in self._unknown
+
+    def _stale(self, digest: str, exc: SQLAlchemyError) -> Principal | None:
+        """The registry's last answer for a key while the registry does not answer."""
+        now = time.monotonic()
+        if now - self._last_stale_log >= STALE_LOG_S:
+            self._last_stale_log = now
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            log.warning(
+                "the registry does not answer key lookups (%s: %s): keys looked up before get "
+                "its last answer until it does",
+                type(exc).__name__,
+                (reason[0] if reason else "")[:200],
+            )
+        known = self._known.get(digest)
+        return None if known is None else known[1]
 
     def _find(self, token: str) -> Principal | None:
         from kiln.registry import crud

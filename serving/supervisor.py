@@ -117,6 +117,7 @@ class Supervisor:
         self._lapsed = False  # held, but not renewed in time: not acting until it renews
         self._published: list[endpoints.Endpoint] | None = None
         self._last_db_error_log = 0.0
+        self._unheld_since: float | None = None  # a follower: when it found the lease unheld
         self.plans: dict[tuple[str, str], VersionPlan] = {}
         self.retiring: list[EngineProc] = []
         self._task: asyncio.Task[None] | None = None
@@ -258,13 +259,18 @@ class Supervisor:
         return held is not None and not self._lapsed and held.valid_for() > 0
 
     def _take_lease(self) -> lease.Held | None:
+        held = self.held
         with session_scope(self.settings.db_url) as session:
-            return lease.acquire(
+            taken = lease.acquire(
                 session=session,
                 name=lease.RECONCILER,
                 holder=self.holder,
                 ttl_s=self.settings.lease_ttl_s,
             )
+            if taken is not None and held is not None and taken.token == held.token + 1:
+                # its own lapsed lease taken back, nobody held it between: the same engines
+                endpoints.carry_over(session=session, token=held.token, held=taken)
+            return taken
 
     async def _keep_lease(self) -> None:
         """Take the lease when it is free, renew it once a fifth of its term has passed; step
@@ -355,19 +361,36 @@ class Supervisor:
             return
         self._published = table
 
-    def _read_table(self) -> list[endpoints.Endpoint]:
+    def _read_table(self) -> list[endpoints.Endpoint] | None:
         with session_scope(self.settings.db_url) as session:
-            return endpoints.routable(session=session)
+            return endpoints.followed(session=session)
 
     async def _follow(self) -> None:
         """Route by the acting reconciler's table; keep the last one while the database does
-        not answer. A replica seen before keeps its gateway-side state (requests in flight,
-        circuit breaker)."""
+        not answer, and for up to a lease term while its holder's lease ran out with nobody
+        holding it since (a holder that could not renew it while the database was away takes it
+        back on its next pass). A replica seen before keeps its gateway-side state (requests in
+        flight, circuit breaker)."""
         try:
             table = await asyncio.to_thread(self._read_table)
         except SQLAlchemyError as exc:
             self._db_error("could not read the routing table (routing on the last one)", exc)
             return
+        if table is None:
+            now = time.monotonic()
+            if self._unheld_since is None:
+                self._unheld_since = now
+                if self.state.replicas:
+                    log.warning(
+                        "the reconciler's lease ran out and nobody holds it: routing on the "
+                        "last table for up to %g s",
+                        self.settings.lease_ttl_s,
+                    )
+            if now - self._unheld_since < self.settings.lease_ttl_s:
+                return
+            table = []
+        else:
+            self._unheld_since = None
         known = {(r.model, r.version, r.url): r for rs in self.state.replicas.values() for r in rs}
         replicas: dict[tuple[str, str], list[Replica]] = {}
         for e in table:

@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from kiln.errors import InvalidInput, KilnError
+from kiln.errors import InvalidInput, KilnError, Unavailable
 from kiln.settings import Settings, apply_privacy_env, get_settings
 
 app = typer.Typer(
@@ -46,8 +46,30 @@ def handled(func: F) -> F:
             message = " ".join(str(exc).split())  # one line, whatever a tool put in it
             err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:
+            unavailable = _registry_unreachable(exc)
+            if unavailable is None:
+                raise
+            message = " ".join(str(unavailable).split())
+            err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(unavailable.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _registry_unreachable(exc: Exception) -> Unavailable | None:
+    """A registry database that does not answer (connection refused, restarting, dropped) as
+    an :class:`Unavailable` (exit 11: retry later), naming the driver's reason without the SQL,
+    its parameters or the URL's password; None for any other error."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # not imported: not SQLAlchemy's error
+    if sa_exc is None or not isinstance(exc, sa_exc.OperationalError):
+        return None
+    reason = str(exc.orig or exc).strip().splitlines()
+    return Unavailable(
+        "the registry database does not answer "
+        f"({type(exc.orig or exc).__name__}: {(reason[0] if reason else '')[:200]}): "
+        "retry once it is back"
+    )
 
 
 def _settings() -> Settings:

@@ -191,6 +191,45 @@ def test_caches_are_bounded(settings: Settings, monkeypatch: pytest.MonkeyPatch)
     assert lookups.count(key) == 1 and len(lookups) == 101
 
 
+def test_registry_down_keys_looked_up_before_get_its_last_answer(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stale-if-error (reliability scenario 29): once their entries expire while the registry
+    does not answer, a live key stays authenticated and an unknown one stays refused, each
+    re-checked once per TTL; a key never looked up gets the error (the gateway's 500). When
+    the registry answers again its answers count (a revocation made then takes effect)."""
+    from sqlalchemy.exc import OperationalError
+
+    key, prefix = make_key(settings, ["infer"])
+    store = KeyStore(settings)
+    find = store._find
+    calls: list[str] = []
+
+    def down(token: str) -> Principal | None:
+        calls.append(token)
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    async def run() -> None:
+        assert await store.authenticate(f"Bearer {key}") == principal(prefix)
+        assert await store.authenticate("Bearer junk.key") is None
+        monkeypatch.setattr(store, "_find", down)
+        await asyncio.sleep(settings.auth_cache_s + 0.1)  # both entries expired
+        for _ in range(20):
+            assert await store.authenticate(f"Bearer {key}") == principal(prefix)
+            assert await store.authenticate("Bearer junk.key") is None
+        assert calls == [key, "junk.key"]  # the stale answers are re-armed for a TTL
+        with pytest.raises(OperationalError):
+            await store.authenticate("Bearer never.seen")
+        with pytest.raises(OperationalError):  # not cached: tried again
+            await store.authenticate("Bearer never.seen")
+        monkeypatch.setattr(store, "_find", find)
+        revoke(settings, prefix)
+        await asyncio.sleep(settings.auth_cache_s + 0.1)
+        assert await store.authenticate(f"Bearer {key}") is None
+
+    asyncio.run(run())
+
+
 # --- authorization
 def test_scopes_imply_and_refuse() -> None:
     infer, deploy, admin = (principal("p", (s,)) for s in ("infer", "deploy", "admin"))

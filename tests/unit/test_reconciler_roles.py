@@ -179,6 +179,58 @@ def test_a_late_renewal_takes_the_lease_back_and_keeps_the_engines(
     asyncio.run(scenario())
 
 
+def test_a_follower_keeps_its_table_while_the_holder_takes_its_lease_back(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Scenario 29 (PostgreSQL restarted): the holder's lease ran out in the database while it
+    could not renew it. A follower that reads the table then keeps what it routes by (for up
+    to a term), and the holder taking its lease back carries its table over in the same
+    transaction, so no follower routes by an empty table meanwhile. A lease nobody takes back
+    empties the followers' tables a term later; a clean stop empties them at once (above)."""
+    engine_for(db_url)
+
+    def urls(s: Supervisor) -> list[str]:
+        return [r.url for rs in s.state.replicas.values() for r in rs]
+
+    def unreachable() -> lease.Held | None:
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    async def scenario() -> None:
+        a = _supervisor(db_url, tmp_path / "a", "all", "a")
+        gw = _supervisor(db_url, tmp_path / "g", "gateway", "g")
+        await a.reconcile()
+        first = a.held
+        assert first is not None
+        a.state.replicas = {("digits", "1.0.0"): [_replica(9001)]}
+        await a._publish_table()
+        await gw.reconcile()
+        assert urls(gw) == ["http://127.0.0.1:9001"]
+        take = a._take_lease
+        a._take_lease = unreachable  # type: ignore[method-assign]
+        await asyncio.sleep(1.2)  # the term (1 s) runs out while a cannot renew it
+        await a.reconcile()
+        await gw.reconcile()  # nobody holds the lease: the last table stands
+        assert not a.acting and urls(gw) == ["http://127.0.0.1:9001"]
+        a._take_lease = take  # type: ignore[method-assign]
+        await a._keep_lease()  # taken back: its rows carried over before any publish
+        assert a.held is not None and a.held.token == first.token + 1
+        with session_scope(db_url) as session:
+            assert [e.url for e in endpoints.routable(session=session)] == ["http://127.0.0.1:9001"]
+        await gw.reconcile()
+        assert urls(gw) == ["http://127.0.0.1:9001"]
+        a._take_lease = unreachable  # type: ignore[method-assign]
+        await asyncio.sleep(1.2)  # a's lease runs out again, and nobody takes it back
+        await gw.reconcile()
+        assert urls(gw) == ["http://127.0.0.1:9001"]
+        await asyncio.sleep(1.1)  # a term after the follower found it unheld
+        await gw.reconcile()
+        assert gw.state.replicas == {}
+        await a.stop()
+        await gw.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_gateway_never_takes_the_lease(db_url: str, tmp_path: Path) -> None:
     engine_for(db_url)
 
