@@ -113,6 +113,7 @@ def rollback_now(settings: Settings, *, name: str, to_version: str | None) -> di
     restored = False
     if selected:
         store = ArtifactStore.of(settings)
+        restored = not store.resolve(selected[0].path).is_file()
         try:
             store.fetch(selected[0])  # pulled from the remote if this host lacks it
         except IntegrityError:  # a corrupt copy here, or one without a recorded md5
